@@ -1,0 +1,366 @@
+//! The store: the only place that speaks SQL. Two real backends, PostgreSQL (the
+//! production store, many relays) and SQLite (embedded, one relay), behind one enum;
+//! the relay and the commands never know which one they talk to.
+
+mod postgres;
+mod sqlite;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+pub use postgres::{Notifications, PgStore, Wake};
+pub use sqlite::{RelayLock, SqliteStore};
+
+/// Which backend a database URL names, or a clear error.
+pub fn check_url(url: &str) -> anyhow::Result<()> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:") {
+        Ok(())
+    } else {
+        bail!("unsupported database URL {}: expected postgres://… or sqlite://…", redact_url(url))
+    }
+}
+
+/// A URL safe to print: scheme, host, port and database, never the password.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("****"));
+            }
+            u.set_query(None);
+            u.to_string()
+        }
+        Err(_) => "<unparseable URL>".to_string(),
+    }
+}
+
+/// One row claimed for delivery under a lease.
+#[derive(Debug, Clone)]
+pub struct ClaimedRow {
+    pub id: i64,
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    /// The payload exactly as stored, serialized straight into the request.
+    pub payload: Box<RawValue>,
+    pub created_at: DateTime<Utc>,
+    /// Attempts already made (charged) before this one.
+    pub attempts: i32,
+    pub ordering_key: Option<String>,
+}
+
+/// A batch claimed in one statement. `token` fences every settle of these rows.
+#[derive(Debug)]
+pub struct Claim {
+    pub token: i64,
+    pub rows: Vec<ClaimedRow>,
+}
+
+/// What went wrong in one attempt, as it is written to the row.
+#[derive(Debug, Clone)]
+pub struct ErrorRecord {
+    pub error_type: String,
+    pub http_status: Option<i32>,
+    pub message: String,
+    pub response_body: Option<String>,
+    /// The attempt-history entry: `{"attempt","at","errorType","httpStatus","message"}`.
+    pub history_entry: serde_json::Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryRow {
+    pub id: i64,
+    pub delay: Duration,
+    pub error: ErrorRecord,
+    /// False while the sink is down as a whole: the attempt is not counted.
+    pub charged: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeadRow {
+    pub id: i64,
+    pub error: ErrorRecord,
+    pub max_attempts: i32,
+}
+
+/// The outcome of one claimed batch, written in one transaction.
+#[derive(Debug, Default)]
+pub struct Settlement {
+    pub token: i64,
+    pub sent: Vec<i64>,
+    pub retries: Vec<RetryRow>,
+    pub dead: Vec<DeadRow>,
+}
+
+/// How many rows each part of a settlement touched. Rows not touched had lost their
+/// lease (another relay holds them now) and were left alone.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SettleReport {
+    pub sent: u64,
+    pub retried: u64,
+    pub dead: u64,
+    pub lost: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Status {
+    pub pending: i64,
+    pub due: i64,
+    pub in_flight: i64,
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub dead_letters: i64,
+    pub dead_letters_by_error_type: BTreeMap<String, i64>,
+    pub sent_last_5m: i64,
+}
+
+/// Backlog figures for the gauges, read on an interval.
+#[derive(Debug, Clone, Default)]
+pub struct Backlog {
+    pub pending_by_entity_type: BTreeMap<String, i64>,
+    pub oldest_pending_age_seconds: f64,
+    pub dead_letters_by_error_type: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub id: i64,
+    pub outbox_id: i64,
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    pub payload: serde_json::Value,
+    pub ordering_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub error_type: String,
+    pub http_status: Option<i32>,
+    pub error_message: String,
+    pub response_body: Option<String>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub attempt_errors: serde_json::Value,
+    pub first_attempt_at: Option<DateTime<Utc>>,
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    pub dead_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DlqFilter {
+    pub error_type: Option<String>,
+    pub entity_type: Option<String>,
+    pub limit: i64,
+}
+
+/// Which dead letters a `requeue` or `purge` applies to.
+#[derive(Debug, Clone)]
+pub enum DlqSelection {
+    Ids(Vec<i64>),
+    All,
+    ErrorType(String),
+    OlderThan(Duration),
+}
+
+/// A row for `enqueue`.
+#[derive(Debug, Clone)]
+pub struct NewRow {
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    pub payload: serde_json::Value,
+    pub ordering_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaState {
+    Current,
+    /// Migrations of this binary not yet applied.
+    Outdated { missing: Vec<i64> },
+    /// The database has migrations this binary does not know (a newer binary ran).
+    Newer { unknown: Vec<i64> },
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+/// The two backends. Each method is a thin match; the SQL lives in the backend files.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Postgres($s) => $call,
+            Store::Sqlite($s) => $call,
+        }
+    };
+}
+
+impl Store {
+    pub async fn connect(url: &SecretString, options: &ConnectOptions) -> anyhow::Result<Store> {
+        let raw = url.expose_secret();
+        check_url(raw)?;
+        let shown = redact_url(raw);
+        let store = if raw.starts_with("sqlite:") {
+            Store::Sqlite(SqliteStore::connect(raw, options).await.with_context(|| format!("cannot open the database {shown}"))?)
+        } else {
+            Store::Postgres(PgStore::connect(raw, options).await.with_context(|| format!("cannot connect to the database {shown}"))?)
+        };
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgres",
+            Store::Sqlite(_) => "sqlite",
+        }
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        delegate!(self, s => s.ping().await)
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        delegate!(self, s => s.migrate().await)
+    }
+
+    pub async fn schema_state(&self) -> anyhow::Result<SchemaState> {
+        delegate!(self, s => s.schema_state().await)
+    }
+
+    /// Refuse an outdated schema with a message that says what to do.
+    pub async fn require_current_schema(&self) -> anyhow::Result<()> {
+        match self.schema_state().await? {
+            SchemaState::Current => Ok(()),
+            SchemaState::Outdated { missing } => bail!(
+                "the database schema is outdated ({} migration(s) not applied): run `serversync migrate` \
+                 or pass --migrate",
+                missing.len()
+            ),
+            SchemaState::Newer { unknown } => bail!(
+                "the database schema is newer than this binary (unknown migration(s) {unknown:?}): \
+                 upgrade serversync"
+            ),
+        }
+    }
+
+    /// Take the exclusive relay lock where the backend needs one (SQLite: one relay per
+    /// file). PostgreSQL coordinates any number of relays and needs none.
+    pub fn lock_for_relay(&self) -> anyhow::Result<Option<RelayLock>> {
+        match self {
+            Store::Postgres(_) => Ok(None),
+            Store::Sqlite(s) => s.lock_for_relay().map(Some),
+        }
+    }
+
+    pub async fn set_ordering_rules(&self, rules: &BTreeMap<String, String>) -> anyhow::Result<()> {
+        delegate!(self, s => s.set_ordering_rules(rules).await)
+    }
+
+    pub async fn claim(&self, limit: u32, lease: Duration, owner: &str) -> anyhow::Result<Claim> {
+        let token = new_token();
+        delegate!(self, s => s.claim(token, limit, lease, owner).await)
+    }
+
+    /// Extend the leases of claims still in flight; returns the rows still held.
+    pub async fn renew(&self, tokens: &[i64], lease: Duration) -> anyhow::Result<u64> {
+        if tokens.is_empty() {
+            return Ok(0);
+        }
+        delegate!(self, s => s.renew(tokens, lease).await)
+    }
+
+    /// Give claimed rows back without an outcome (shutdown past the grace).
+    pub async fn release(&self, tokens: &[i64]) -> anyhow::Result<u64> {
+        if tokens.is_empty() {
+            return Ok(0);
+        }
+        delegate!(self, s => s.release(tokens).await)
+    }
+
+    /// Write a batch's outcome in one transaction, fenced on the claim token.
+    pub async fn settle(&self, settlement: &Settlement, keep_sent: bool) -> anyhow::Result<SettleReport> {
+        delegate!(self, s => s.settle(settlement, keep_sent).await)
+    }
+
+    pub async fn status(&self) -> anyhow::Result<Status> {
+        delegate!(self, s => s.status().await)
+    }
+
+    pub async fn backlog(&self) -> anyhow::Result<Backlog> {
+        delegate!(self, s => s.backlog().await)
+    }
+
+    /// Rows due now (for drain's progress total).
+    pub async fn count_due(&self) -> anyhow::Result<i64> {
+        Ok(self.status().await?.due)
+    }
+
+    pub async fn enqueue(&self, row: &NewRow) -> anyhow::Result<i64> {
+        delegate!(self, s => s.enqueue(row).await)
+    }
+
+    pub async fn dlq_list(&self, filter: &DlqFilter) -> anyhow::Result<Vec<DeadLetter>> {
+        delegate!(self, s => s.dlq_list(filter).await)
+    }
+
+    pub async fn dlq_get(&self, id: i64) -> anyhow::Result<Option<DeadLetter>> {
+        delegate!(self, s => s.dlq_get(id).await)
+    }
+
+    /// Move dead letters back to the outbox (same outbox id, attempts reset).
+    pub async fn dlq_requeue(&self, selection: &DlqSelection) -> anyhow::Result<u64> {
+        delegate!(self, s => s.dlq_requeue(selection).await)
+    }
+
+    pub async fn dlq_purge(&self, selection: &DlqSelection) -> anyhow::Result<u64> {
+        delegate!(self, s => s.dlq_purge(selection).await)
+    }
+
+    /// Delete one small batch of delivered records older than `ttl`.
+    pub async fn prune_sent(&self, ttl: Duration, batch: u32) -> anyhow::Result<u64> {
+        delegate!(self, s => s.prune_sent(ttl, batch).await)
+    }
+
+    /// A stream of insert notifications, where the backend has them.
+    pub async fn notifications(&self) -> anyhow::Result<Option<Notifications>> {
+        match self {
+            Store::Postgres(s) => s.notifications().await.map(Some),
+            Store::Sqlite(_) => Ok(None),
+        }
+    }
+}
+
+fn new_token() -> i64 {
+    use rand::Rng;
+    // never 0 and never negative, so a token is easy to read in psql
+    rand::rng().random_range(1..i64::MAX)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Compare the binary's migrations with those applied in the database.
+fn compare_schema(known: impl Iterator<Item = i64>, applied: &[i64]) -> SchemaState {
+    let known: Vec<i64> = known.collect();
+    let unknown: Vec<i64> = applied.iter().copied().filter(|v| !known.contains(v)).collect();
+    if !unknown.is_empty() {
+        return SchemaState::Newer { unknown };
+    }
+    let missing: Vec<i64> = known.into_iter().filter(|v| !applied.contains(v)).collect();
+    if missing.is_empty() {
+        SchemaState::Current
+    } else {
+        SchemaState::Outdated { missing }
+    }
+}

@@ -1,0 +1,461 @@
+//! PostgreSQL backend: claims with `FOR UPDATE SKIP LOCKED` in one short statement,
+//! settles a whole batch in one transaction of at most three array statements.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{
+    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection, NewRow,
+    SchemaState, SettleReport, Settlement, Status,
+};
+
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// The channel the insert trigger notifies.
+const CHANNEL: &str = "sync_outbox";
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+/// Candidates are the oldest due, unleased rows that are the head of their ordering
+/// key (no older row of the same key is still in the outbox, in flight or not).
+/// SKIP LOCKED lets concurrent relays take disjoint batches without waiting.
+const CLAIM_SQL: &str = r#"
+WITH cand AS (
+    SELECT o.id FROM sync_outbox o
+    WHERE o.next_attempt_at <= now()
+      AND (o.lease_until IS NULL OR o.lease_until < now())
+      AND (o.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM sync_outbox p
+            WHERE p.ordering_key = o.ordering_key AND p.id < o.id))
+    ORDER BY o.id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE sync_outbox o
+SET claim_token = $2, lease_owner = $3, lease_until = now() + $4 * interval '1 millisecond'
+FROM cand
+WHERE o.id = cand.id
+RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload, o.created_at, o.attempts, o.ordering_key
+"#;
+
+const SENT_ARCHIVE_SQL: &str = r#"
+WITH d AS (
+    DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2
+    RETURNING id, entity_type, entity_id, created_at, attempts
+)
+INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)
+SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM d
+ON CONFLICT (id) DO UPDATE SET sent_at = excluded.sent_at, attempts = excluded.attempts
+"#;
+
+const SENT_DELETE_SQL: &str = "DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2";
+
+const RETRY_SQL: &str = r#"
+UPDATE sync_outbox o SET
+    attempts = o.attempts + CASE WHEN u.charged THEN 1 ELSE 0 END,
+    next_attempt_at = now() + u.delay_ms * interval '1 millisecond',
+    last_error_type = u.error_type,
+    last_error = u.message,
+    last_http_status = u.http_status,
+    attempt_errors = CASE WHEN u.charged THEN o.attempt_errors || jsonb_build_array(u.entry) ELSE o.attempt_errors END,
+    first_attempt_at = CASE WHEN u.charged THEN COALESCE(o.first_attempt_at, now()) ELSE o.first_attempt_at END,
+    claim_token = NULL, lease_owner = NULL, lease_until = NULL
+FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::bool[], $7::jsonb[])
+    AS u(id, delay_ms, error_type, message, http_status, charged, entry)
+WHERE o.id = u.id AND o.claim_token = $8
+"#;
+
+const DEAD_SQL: &str = r#"
+WITH u AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::jsonb[], $7::int[])
+        AS u(id, error_type, http_status, message, response_body, entry, max_attempts)
+), d AS (
+    DELETE FROM sync_outbox o USING u
+    WHERE o.id = u.id AND o.claim_token = $8
+    RETURNING o.id, o.entity_type, o.entity_id, o.payload, o.ordering_key, o.created_at, o.attempts,
+              o.attempt_errors, o.first_attempt_at,
+              u.error_type, u.http_status, u.message, u.response_body, u.entry, u.max_attempts
+)
+INSERT INTO sync_outbox_dead_letters
+    (outbox_id, entity_type, entity_id, payload, ordering_key, created_at, error_type, http_status,
+     error_message, response_body, attempts, max_attempts, attempt_errors, first_attempt_at, last_attempt_at)
+SELECT id, entity_type, entity_id, payload, ordering_key, created_at, error_type, http_status,
+       message, response_body, attempts + 1, max_attempts, attempt_errors || jsonb_build_array(entry),
+       COALESCE(first_attempt_at, now()), now()
+FROM d
+"#;
+
+const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload, ordering_key, created_at, error_type, \
+    http_status, error_message, response_body, attempts, max_attempts, attempt_errors, first_attempt_at, \
+    last_attempt_at, dead_at";
+
+impl PgStore {
+    pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<PgStore> {
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect(url)
+            .await
+            .map_err(describe_connect_error)?;
+        Ok(PgStore { pool })
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        MIGRATOR.run(&self.pool).await.context("applying migrations")?;
+        Ok(())
+    }
+
+    pub async fn schema_state(&self) -> anyhow::Result<SchemaState> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        let applied: Vec<i64> = if exists {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(super::compare_schema(MIGRATOR.iter().map(|m| m.version), &applied))
+    }
+
+    pub async fn set_ordering_rules(&self, rules: &BTreeMap<String, String>) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let (types, sources): (Vec<String>, Vec<String>) =
+            rules.iter().map(|(k, v)| (k.clone(), v.clone())).unzip();
+        sqlx::query("DELETE FROM sync_outbox_ordering_rules WHERE NOT (entity_type = ANY($1))")
+            .bind(&types)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO sync_outbox_ordering_rules (entity_type, source) \
+             SELECT * FROM unnest($1::text[], $2::text[]) \
+             ON CONFLICT (entity_type) DO UPDATE SET source = excluded.source \
+             WHERE sync_outbox_ordering_rules.source IS DISTINCT FROM excluded.source",
+        )
+        .bind(&types)
+        .bind(&sources)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn claim(&self, token: i64, limit: u32, lease: Duration, owner: &str) -> anyhow::Result<Claim> {
+        let rows = sqlx::query(CLAIM_SQL)
+            .bind(i64::from(limit))
+            .bind(token)
+            .bind(owner)
+            .bind(millis(lease))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let payload: String = row.try_get("payload")?;
+            claimed.push(ClaimedRow {
+                id: row.try_get("id")?,
+                entity_type: row.try_get("entity_type")?,
+                entity_id: row.try_get("entity_id")?,
+                payload: RawValue::from_string(payload)?,
+                created_at: row.try_get("created_at")?,
+                attempts: row.try_get("attempts")?,
+                ordering_key: row.try_get("ordering_key")?,
+            });
+        }
+        claimed.sort_unstable_by_key(|r| r.id);
+        Ok(Claim { token, rows: claimed })
+    }
+
+    pub async fn renew(&self, tokens: &[i64], lease: Duration) -> anyhow::Result<u64> {
+        let done = sqlx::query(
+            "UPDATE sync_outbox SET lease_until = now() + $2 * interval '1 millisecond' \
+             WHERE claim_token = ANY($1)",
+        )
+        .bind(tokens)
+        .bind(millis(lease))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn release(&self, tokens: &[i64]) -> anyhow::Result<u64> {
+        let done = sqlx::query(
+            "UPDATE sync_outbox SET claim_token = NULL, lease_owner = NULL, lease_until = NULL \
+             WHERE claim_token = ANY($1)",
+        )
+        .bind(tokens)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn settle(&self, s: &Settlement, keep_sent: bool) -> anyhow::Result<SettleReport> {
+        let mut report = SettleReport::default();
+        let mut tx = self.pool.begin().await?;
+        if !s.sent.is_empty() {
+            let sql = if keep_sent { SENT_ARCHIVE_SQL } else { SENT_DELETE_SQL };
+            report.sent = sqlx::query(sql).bind(&s.sent).bind(s.token).execute(&mut *tx).await?.rows_affected();
+        }
+        if !s.retries.is_empty() {
+            let r = &s.retries;
+            report.retried = sqlx::query(RETRY_SQL)
+                .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| millis(x.delay)).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.error.error_type.clone()).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.error.message.clone()).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.error.http_status).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.charged).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.error.history_entry.clone()).collect::<Vec<_>>())
+                .bind(s.token)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        if !s.dead.is_empty() {
+            let d = &s.dead;
+            report.dead = sqlx::query(DEAD_SQL)
+                .bind(d.iter().map(|x| x.id).collect::<Vec<_>>())
+                .bind(d.iter().map(|x| x.error.error_type.clone()).collect::<Vec<_>>())
+                .bind(d.iter().map(|x| x.error.http_status).collect::<Vec<_>>())
+                .bind(d.iter().map(|x| x.error.message.clone()).collect::<Vec<_>>())
+                .bind(d.iter().map(|x| x.error.response_body.clone()).collect::<Vec<_>>())
+                .bind(d.iter().map(|x| x.error.history_entry.clone()).collect::<Vec<_>>())
+                .bind(d.iter().map(|x| x.max_attempts).collect::<Vec<_>>())
+                .bind(s.token)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        let expected = (s.sent.len() + s.retries.len() + s.dead.len()) as u64;
+        report.lost = expected.saturating_sub(report.sent + report.retried + report.dead);
+        Ok(report)
+    }
+
+    pub async fn status(&self) -> anyhow::Result<Status> {
+        let row = sqlx::query(
+            "SELECT count(*) AS pending, \
+               count(*) FILTER (WHERE next_attempt_at <= now() AND (lease_until IS NULL OR lease_until < now())) AS due, \
+               count(*) FILTER (WHERE lease_until >= now()) AS in_flight, \
+               EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS oldest \
+             FROM sync_outbox",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let by_type = self.dead_by_type().await?;
+        let sent_last_5m: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sync_outbox_sent WHERE sent_at > now() - interval '5 minutes'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Status {
+            pending: row.try_get("pending")?,
+            due: row.try_get("due")?,
+            in_flight: row.try_get("in_flight")?,
+            oldest_pending_age_seconds: row.try_get::<Option<f64>, _>("oldest")?.map(|a| a.max(0.0)),
+            dead_letters: by_type.values().sum(),
+            dead_letters_by_error_type: by_type,
+            sent_last_5m,
+        })
+    }
+
+    async fn dead_by_type(&self) -> anyhow::Result<BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT error_type, count(*) FROM sync_outbox_dead_letters GROUP BY error_type")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub async fn backlog(&self) -> anyhow::Result<Backlog> {
+        let pending: Vec<(String, i64)> =
+            sqlx::query_as("SELECT entity_type, count(*) FROM sync_outbox GROUP BY entity_type")
+                .fetch_all(&self.pool)
+                .await?;
+        // the oldest row by id is the oldest pending row; an index probe, not a scan
+        let oldest: Option<f64> = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM now() - created_at)::float8 FROM sync_outbox ORDER BY id LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(Backlog {
+            pending_by_entity_type: pending.into_iter().collect(),
+            oldest_pending_age_seconds: oldest.unwrap_or(0.0).max(0.0),
+            dead_letters_by_error_type: self.dead_by_type().await?,
+        })
+    }
+
+    pub async fn enqueue(&self, row: &NewRow) -> anyhow::Result<i64> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key) \
+             VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(&row.entity_type)
+        .bind(row.entity_id)
+        .bind(&row.payload)
+        .bind(&row.ordering_key)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    pub async fn dlq_list(&self, f: &DlqFilter) -> anyhow::Result<Vec<DeadLetter>> {
+        let sql = format!(
+            "SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters \
+             WHERE ($1::text IS NULL OR error_type = $1) AND ($2::text IS NULL OR entity_type = $2) \
+             ORDER BY id LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(&f.error_type)
+            .bind(&f.entity_type)
+            .bind(f.limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(dead_letter_from_row).collect()
+    }
+
+    pub async fn dlq_get(&self, id: i64) -> anyhow::Result<Option<DeadLetter>> {
+        let sql = format!("SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters WHERE id = $1");
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(dead_letter_from_row).transpose()
+    }
+
+    pub async fn dlq_requeue(&self, sel: &DlqSelection) -> anyhow::Result<u64> {
+        let (filter, bind) = selection_filter(sel);
+        let sql = format!(
+            "WITH d AS (DELETE FROM sync_outbox_dead_letters WHERE {filter} \
+                RETURNING outbox_id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
+             INSERT INTO sync_outbox (id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
+             SELECT outbox_id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors FROM d"
+        );
+        let done = bind_selection(sqlx::query(&sql), bind).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn dlq_purge(&self, sel: &DlqSelection) -> anyhow::Result<u64> {
+        let (filter, bind) = selection_filter(sel);
+        let sql = format!("DELETE FROM sync_outbox_dead_letters WHERE {filter}");
+        let done = bind_selection(sqlx::query(&sql), bind).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn prune_sent(&self, ttl: Duration, batch: u32) -> anyhow::Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM sync_outbox_sent WHERE id IN ( \
+                SELECT id FROM sync_outbox_sent \
+                WHERE sent_at < now() - $1 * interval '1 millisecond' \
+                ORDER BY sent_at LIMIT $2)",
+        )
+        .bind(millis(ttl))
+        .bind(i64::from(batch))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn notifications(&self) -> anyhow::Result<Notifications> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(Notifications { listener })
+    }
+}
+
+/// Insert notifications. sqlx reconnects the listener by itself after a dropped
+/// connection; notifications sent meanwhile are lost, which `next` reports.
+pub struct Notifications {
+    listener: PgListener,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A row was committed.
+    Inserted,
+    /// The connection was re-established; notifications may have been missed.
+    Reconnected,
+}
+
+impl Notifications {
+    pub async fn next(&mut self) -> anyhow::Result<Wake> {
+        match self.listener.try_recv().await? {
+            Some(_) => Ok(Wake::Inserted),
+            None => Ok(Wake::Reconnected),
+        }
+    }
+}
+
+enum SelectionBind {
+    Ids(Vec<i64>),
+    None,
+    Text(String),
+    Millis(i64),
+}
+
+fn selection_filter(sel: &DlqSelection) -> (&'static str, SelectionBind) {
+    match sel {
+        DlqSelection::Ids(ids) => ("id = ANY($1)", SelectionBind::Ids(ids.clone())),
+        DlqSelection::All => ("true", SelectionBind::None),
+        DlqSelection::ErrorType(t) => ("error_type = $1", SelectionBind::Text(t.clone())),
+        DlqSelection::OlderThan(d) => {
+            ("dead_at < now() - $1 * interval '1 millisecond'", SelectionBind::Millis(millis(*d)))
+        }
+    }
+}
+
+fn bind_selection<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    bind: SelectionBind,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    match bind {
+        SelectionBind::Ids(ids) => q.bind(ids),
+        SelectionBind::None => q,
+        SelectionBind::Text(t) => q.bind(t),
+        SelectionBind::Millis(m) => q.bind(m),
+    }
+}
+
+fn dead_letter_from_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<DeadLetter> {
+    Ok(DeadLetter {
+        id: row.try_get("id")?,
+        outbox_id: row.try_get("outbox_id")?,
+        entity_type: row.try_get("entity_type")?,
+        entity_id: row.try_get::<Uuid, _>("entity_id")?,
+        payload: row.try_get("payload")?,
+        ordering_key: row.try_get("ordering_key")?,
+        created_at: row.try_get("created_at")?,
+        error_type: row.try_get("error_type")?,
+        http_status: row.try_get("http_status")?,
+        error_message: row.try_get("error_message")?,
+        response_body: row.try_get("response_body")?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        attempt_errors: row.try_get("attempt_errors")?,
+        first_attempt_at: row.try_get::<Option<DateTime<Utc>>, _>("first_attempt_at")?,
+        last_attempt_at: row.try_get::<Option<DateTime<Utc>>, _>("last_attempt_at")?,
+        dead_at: row.try_get("dead_at")?,
+    })
+}
+
+/// sqlx's "error communicating with database: Connection refused (os error 111)" is
+/// clear enough; only name the common cases more plainly.
+fn describe_connect_error(err: sqlx::Error) -> anyhow::Error {
+    match &err {
+        sqlx::Error::PoolTimedOut => anyhow::anyhow!("timed out waiting for a database connection"),
+        _ => anyhow::Error::new(err),
+    }
+}

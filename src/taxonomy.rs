@@ -1,0 +1,215 @@
+//! The error taxonomy of SPEC §4: every delivery failure becomes exactly one
+//! `Failure` with one `ErrorType`, classified here and nowhere else.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorType {
+    Timeout,
+    Connect,
+    Http5xx,
+    Http429,
+    Http4xx,
+    FileMissing,
+    FileUnreadable,
+    PathDenied,
+    PayloadInvalid,
+    UnknownEntityType,
+}
+
+impl ErrorType {
+    pub const ALL: [ErrorType; 10] = [
+        ErrorType::Timeout,
+        ErrorType::Connect,
+        ErrorType::Http5xx,
+        ErrorType::Http429,
+        ErrorType::Http4xx,
+        ErrorType::FileMissing,
+        ErrorType::FileUnreadable,
+        ErrorType::PathDenied,
+        ErrorType::PayloadInvalid,
+        ErrorType::UnknownEntityType,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::Timeout => "timeout",
+            ErrorType::Connect => "connect",
+            ErrorType::Http5xx => "http_5xx",
+            ErrorType::Http429 => "http_429",
+            ErrorType::Http4xx => "http_4xx",
+            ErrorType::FileMissing => "file_missing",
+            ErrorType::FileUnreadable => "file_unreadable",
+            ErrorType::PathDenied => "path_denied",
+            ErrorType::PayloadInvalid => "payload_invalid",
+            ErrorType::UnknownEntityType => "unknown_entity_type",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ErrorType> {
+        ErrorType::ALL.into_iter().find(|t| t.as_str() == text)
+    }
+
+    /// Failures that say "the sink as a whole is unwell" rather than "this row is bad".
+    pub fn is_sink_level(self) -> bool {
+        matches!(self, ErrorType::Timeout | ErrorType::Connect | ErrorType::Http5xx | ErrorType::Http429)
+    }
+}
+
+impl fmt::Display for ErrorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How much of a sink's response body is kept for operators.
+pub const RESPONSE_BODY_LIMIT: usize = 4096;
+
+/// One classified delivery failure.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub error_type: ErrorType,
+    /// Whether another attempt could succeed (before counting attempts).
+    pub retryable: bool,
+    pub http_status: Option<u16>,
+    /// Human-readable, the whole cause chain, never a payload or a secret.
+    pub message: String,
+    /// First 4 KiB of the sink's response body.
+    pub response_body: Option<String>,
+    /// The sink's `Retry-After`, when it sent one.
+    pub retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn new(error_type: ErrorType, retryable: bool, message: impl Into<String>) -> Failure {
+        Failure {
+            error_type,
+            retryable,
+            http_status: None,
+            message: message.into(),
+            response_body: None,
+            retry_after: None,
+        }
+    }
+
+    /// A non-2xx response.
+    pub fn from_status(status: u16, body: Option<String>, retry_after: Option<Duration>) -> Failure {
+        let (error_type, retryable) = match status {
+            429 => (ErrorType::Http429, true),
+            500..=599 => (ErrorType::Http5xx, true),
+            408 => (ErrorType::Http4xx, true),
+            _ => (ErrorType::Http4xx, false),
+        };
+        let reason = reqwest::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        let mut f = Failure::new(error_type, retryable, format!("sink answered HTTP {status} {reason}").trim_end().to_string());
+        f.http_status = Some(status);
+        f.response_body = body;
+        f.retry_after = if matches!(status, 429 | 503) { retry_after } else { None };
+        f
+    }
+
+    /// A request that got no complete response.
+    pub fn from_transport(err: &reqwest::Error) -> Failure {
+        let err_without_url = error_chain(err);
+        let error_type = if err.is_timeout() || chain_has_timeout(err) {
+            ErrorType::Timeout
+        } else {
+            ErrorType::Connect
+        };
+        Failure::new(error_type, true, err_without_url)
+    }
+
+    pub fn file_missing(message: impl Into<String>) -> Failure {
+        Failure::new(ErrorType::FileMissing, true, message)
+    }
+
+    pub fn file_unreadable(message: impl Into<String>) -> Failure {
+        Failure::new(ErrorType::FileUnreadable, true, message)
+    }
+
+    pub fn path_denied(message: impl Into<String>) -> Failure {
+        Failure::new(ErrorType::PathDenied, false, message)
+    }
+
+    pub fn payload_invalid(message: impl Into<String>) -> Failure {
+        Failure::new(ErrorType::PayloadInvalid, false, message)
+    }
+
+    pub fn unknown_entity_type(message: impl Into<String>) -> Failure {
+        Failure::new(ErrorType::UnknownEntityType, false, message)
+    }
+}
+
+/// "outer: cause: root cause" for any error.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+fn chain_has_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_the_taxonomy() {
+        let cases = [
+            (500, ErrorType::Http5xx, true),
+            (503, ErrorType::Http5xx, true),
+            (429, ErrorType::Http429, true),
+            (408, ErrorType::Http4xx, true),
+            (400, ErrorType::Http4xx, false),
+            (404, ErrorType::Http4xx, false),
+            (422, ErrorType::Http4xx, false),
+        ];
+        for (status, error_type, retryable) in cases {
+            let f = Failure::from_status(status, None, None);
+            assert_eq!((f.error_type, f.retryable), (error_type, retryable), "status {status}");
+            assert_eq!(f.http_status, Some(status));
+        }
+    }
+
+    #[test]
+    fn retry_after_is_kept_only_for_429_and_503() {
+        let d = Some(Duration::from_secs(7));
+        assert_eq!(Failure::from_status(429, None, d).retry_after, d);
+        assert_eq!(Failure::from_status(503, None, d).retry_after, d);
+        assert_eq!(Failure::from_status(500, None, d).retry_after, None);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for t in ErrorType::ALL {
+            assert_eq!(ErrorType::parse(t.as_str()), Some(t));
+        }
+        assert_eq!(ErrorType::parse("nope"), None);
+    }
+}
