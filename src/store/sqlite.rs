@@ -1,37 +1,753 @@
-//! SQLite backend (embedded store, one relay per file). TODO: being written.
+//! SQLite backend: the embedded store, one relay per database file. Same tables and
+//! semantics as the PostgreSQL backend. SQLite has a single writer, so a claim needs no
+//! SKIP LOCKED (its `BEGIN IMMEDIATE` transaction is the lock) and a settlement may run
+//! per-row statements, which cost nothing in-process. A file lock keeps a second relay out.
 
 use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
+use anyhow::{bail, Context};
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde_json::value::RawValue;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use uuid::Uuid;
+
 use super::{
-    Backlog, Claim, ConnectOptions, DeadLetter, DlqFilter, DlqSelection, NewRow, SchemaState, SettleReport,
-    Settlement, Status,
+    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection, NewRow,
+    SchemaState, SettleReport, Settlement, Status,
 };
 
-#[derive(Debug, Clone)]
-pub struct SqliteStore {}
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
-/// Held while a relay runs against a SQLite file.
+/// SQLite's clock plus the milliseconds bound to parameter `$ms`, in the schema's one
+/// timestamp format. Every timestamp we compare is written through this fragment (or
+/// the identical column default), so comparing the text compares the times.
+macro_rules! now_plus_ms {
+    ($ms:literal) => {
+        concat!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('%+.3f seconds', ", $ms, " / 1000.0))")
+    };
+}
+
+/// SQLite's clock, through the same fragment so the format cannot drift.
+macro_rules! now {
+    () => {
+        now_plus_ms!("0")
+    };
+}
+
+/// strftime gives NULL past the year 9999, which would break NOT NULL columns; no
+/// lease, delay or age we are given is meaningfully longer than a century.
+const MAX_OFFSET_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
+
+/// Candidates are the oldest due, unleased rows that are the head of their ordering
+/// key (no older row of the same key is still in the outbox, in flight or not).
+const CLAIM_SQL: &str = concat!(
+    "UPDATE sync_outbox SET claim_token = ?2, lease_owner = ?3, lease_until = ",
+    now_plus_ms!("?4"),
+    " WHERE id IN (SELECT o.id FROM sync_outbox o WHERE o.next_attempt_at <= ",
+    now!(),
+    " AND (o.lease_until IS NULL OR o.lease_until < ",
+    now!(),
+    ") AND (o.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM sync_outbox p \
+       WHERE p.ordering_key = o.ordering_key AND p.id < o.id)) \
+     ORDER BY o.id LIMIT ?1) \
+     RETURNING id, entity_type, entity_id, payload, created_at, attempts, ordering_key"
+);
+
+/// `?1` is a JSON array of ids: SQLite has no array parameters, `json_each` stands in.
+const SENT_ARCHIVE_SQL: &str = "INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts) \
+    SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM sync_outbox \
+    WHERE id IN (SELECT value FROM json_each(?1)) AND claim_token = ?2 \
+    ON CONFLICT (id) DO UPDATE SET sent_at = excluded.sent_at, attempts = excluded.attempts";
+
+const SENT_DELETE_SQL: &str =
+    "DELETE FROM sync_outbox WHERE id IN (SELECT value FROM json_each(?1)) AND claim_token = ?2";
+
+/// One retry: ?1 id, ?2 token, ?3 delay ms, ?4 error type, ?5 message, ?6 HTTP status,
+/// ?7 charged, ?8 history entry (JSON text).
+const RETRY_SQL: &str = concat!(
+    "UPDATE sync_outbox SET attempts = attempts + CASE WHEN ?7 THEN 1 ELSE 0 END, next_attempt_at = ",
+    now_plus_ms!("?3"),
+    ", last_error_type = ?4, last_error = ?5, last_http_status = ?6, \
+     attempt_errors = CASE WHEN ?7 THEN json_insert(attempt_errors, '$[#]', json(?8)) ELSE attempt_errors END, \
+     first_attempt_at = CASE WHEN ?7 THEN COALESCE(first_attempt_at, ",
+    now!(),
+    ") ELSE first_attempt_at END, claim_token = NULL, lease_owner = NULL, lease_until = NULL \
+     WHERE id = ?1 AND claim_token = ?2"
+);
+
+/// One dead row: ?1 id, ?2 token, ?3 error type, ?4 HTTP status, ?5 message,
+/// ?6 response body, ?7 history entry (JSON text), ?8 max attempts.
+const DEAD_SQL: &str = concat!(
+    "INSERT INTO sync_outbox_dead_letters (outbox_id, entity_type, entity_id, payload, ordering_key, \
+       created_at, error_type, http_status, error_message, response_body, attempts, max_attempts, \
+       attempt_errors, first_attempt_at, last_attempt_at) \
+     SELECT id, entity_type, entity_id, payload, ordering_key, created_at, ?3, ?4, ?5, ?6, attempts + 1, ?8, \
+       json_insert(attempt_errors, '$[#]', json(?7)), COALESCE(first_attempt_at, ",
+    now!(),
+    "), ",
+    now!(),
+    " FROM sync_outbox WHERE id = ?1 AND claim_token = ?2"
+);
+
+const DELETE_CLAIMED_SQL: &str = "DELETE FROM sync_outbox WHERE id = ?1 AND claim_token = ?2";
+
+const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload, ordering_key, created_at, error_type, \
+    http_status, error_message, response_body, attempts, max_attempts, attempt_errors, first_attempt_at, \
+    last_attempt_at, dead_at";
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// The database file, for the relay lock; `None` for an in-memory database.
+    path: Option<PathBuf>,
+}
+
+/// Held while a relay runs against a SQLite file: an exclusive OS lock on
+/// `<dbfile>.relay.lock`, released when dropped (or when the process dies).
 #[derive(Debug)]
-pub struct RelayLock {}
+pub struct RelayLock {
+    _file: Option<File>,
+}
 
 impl SqliteStore {
-    pub async fn connect(_url: &str, _options: &ConnectOptions) -> anyhow::Result<SqliteStore> { anyhow::bail!("todo") }
-    pub fn lock_for_relay(&self) -> anyhow::Result<RelayLock> { anyhow::bail!("todo") }
-    pub async fn ping(&self) -> anyhow::Result<()> { anyhow::bail!("todo") }
-    pub async fn migrate(&self) -> anyhow::Result<()> { anyhow::bail!("todo") }
-    pub async fn schema_state(&self) -> anyhow::Result<SchemaState> { anyhow::bail!("todo") }
-    pub async fn set_ordering_rules(&self, _rules: &BTreeMap<String, String>) -> anyhow::Result<()> { anyhow::bail!("todo") }
-    pub async fn claim(&self, _token: i64, _limit: u32, _lease: Duration, _owner: &str) -> anyhow::Result<Claim> { anyhow::bail!("todo") }
-    pub async fn renew(&self, _tokens: &[i64], _lease: Duration) -> anyhow::Result<u64> { anyhow::bail!("todo") }
-    pub async fn release(&self, _tokens: &[i64]) -> anyhow::Result<u64> { anyhow::bail!("todo") }
-    pub async fn settle(&self, _s: &Settlement, _keep_sent: bool) -> anyhow::Result<SettleReport> { anyhow::bail!("todo") }
-    pub async fn status(&self) -> anyhow::Result<Status> { anyhow::bail!("todo") }
-    pub async fn backlog(&self) -> anyhow::Result<Backlog> { anyhow::bail!("todo") }
-    pub async fn enqueue(&self, _row: &NewRow) -> anyhow::Result<i64> { anyhow::bail!("todo") }
-    pub async fn dlq_list(&self, _f: &DlqFilter) -> anyhow::Result<Vec<DeadLetter>> { anyhow::bail!("todo") }
-    pub async fn dlq_get(&self, _id: i64) -> anyhow::Result<Option<DeadLetter>> { anyhow::bail!("todo") }
-    pub async fn dlq_requeue(&self, _sel: &DlqSelection) -> anyhow::Result<u64> { anyhow::bail!("todo") }
-    pub async fn dlq_purge(&self, _sel: &DlqSelection) -> anyhow::Result<u64> { anyhow::bail!("todo") }
-    pub async fn prune_sent(&self, _ttl: Duration, _batch: u32) -> anyhow::Result<u64> { anyhow::bail!("todo") }
+    pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<SqliteStore> {
+        let memory = url.contains(":memory:") || url.contains("mode=memory");
+        let mut connect = SqliteConnectOptions::from_str(url)
+            .context("invalid SQLite URL")?
+            .create_if_missing(true)
+            .busy_timeout(Duration::from_secs(5))
+            .synchronous(SqliteSynchronous::Normal);
+        let mut pool = SqlitePoolOptions::new().acquire_timeout(options.acquire_timeout);
+        if memory {
+            // An in-memory database lives as long as one connection to it does, and a
+            // shared cache between connections fails with SQLITE_LOCKED instead of
+            // waiting: keep exactly one connection, forever.
+            pool = pool.max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None);
+        } else {
+            // WAL lets readers (status, metrics) run while the relay writes.
+            connect = connect.journal_mode(SqliteJournalMode::Wal);
+            pool = pool.max_connections(options.max_connections.max(1));
+        }
+        let path = (!memory).then(|| connect.get_filename().to_path_buf());
+        let pool = pool.connect_with(connect).await?;
+        // the file exists now; an absolute path keeps the lock file in place if the
+        // working directory changes
+        let path = path.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+        Ok(SqliteStore { pool, path })
+    }
+
+    /// SQLite has no notion of claims shared between processes that we could rely on
+    /// for a second relay, so one relay per file is enforced with a non-blocking lock.
+    pub fn lock_for_relay(&self) -> anyhow::Result<RelayLock> {
+        let Some(db) = &self.path else {
+            return Ok(RelayLock { _file: None });
+        };
+        let mut lock_path = db.clone().into_os_string();
+        lock_path.push(".relay.lock");
+        let lock_path = PathBuf::from(lock_path);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open the relay lock file {}", lock_path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(RelayLock { _file: Some(file) }),
+            Err(TryLockError::WouldBlock) => bail!(
+                "another serversync relay is already running against {} (SQLite allows one relay \
+                 per database file; use PostgreSQL for several)",
+                db.display()
+            ),
+            Err(TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot lock the relay lock file {}", lock_path.display()))
+            }
+        }
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        MIGRATOR.run(&self.pool).await.context("applying migrations")?;
+        Ok(())
+    }
+
+    pub async fn schema_state(&self) -> anyhow::Result<SchemaState> {
+        let exists: bool = sqlx::query_scalar(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let applied: Vec<i64> = if exists {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(super::compare_schema(MIGRATOR.iter().map(|m| m.version), &applied))
+    }
+
+    /// Every write starts IMMEDIATE: it takes the write lock up front and waits for it
+    /// (busy_timeout), instead of failing with SQLITE_BUSY when a read upgrades.
+    async fn write_tx(&self) -> anyhow::Result<Transaction<'static, Sqlite>> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.context("starting a write transaction")
+    }
+
+    pub async fn set_ordering_rules(&self, rules: &BTreeMap<String, String>) -> anyhow::Result<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query("DELETE FROM sync_outbox_ordering_rules").execute(&mut *tx).await?;
+        for (entity_type, source) in rules {
+            sqlx::query("INSERT INTO sync_outbox_ordering_rules (entity_type, source) VALUES (?1, ?2)")
+                .bind(entity_type)
+                .bind(source)
+                .execute(&mut *tx)
+                .await
+                .with_context(|| format!("ordering rule {entity_type} = {source}"))?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn claim(&self, token: i64, limit: u32, lease: Duration, owner: &str) -> anyhow::Result<Claim> {
+        let mut tx = self.write_tx().await?;
+        let rows = sqlx::query(CLAIM_SQL)
+            .bind(i64::from(limit))
+            .bind(token)
+            .bind(owner)
+            .bind(offset_ms(lease))
+            .fetch_all(&mut *tx)
+            .await
+            .context("claiming rows")?;
+        // decode before committing: a row we cannot read is not left leased
+        let mut claimed = rows.iter().map(claimed_from_row).collect::<anyhow::Result<Vec<_>>>()?;
+        tx.commit().await?;
+        claimed.sort_unstable_by_key(|r| r.id);
+        Ok(Claim { token, rows: claimed })
+    }
+
+    pub async fn renew(&self, tokens: &[i64], lease: Duration) -> anyhow::Result<u64> {
+        let sql = concat!(
+            "UPDATE sync_outbox SET lease_until = ",
+            now_plus_ms!("?2"),
+            " WHERE claim_token IN (SELECT value FROM json_each(?1))"
+        );
+        let mut tx = self.write_tx().await?;
+        let done = sqlx::query(sql)
+            .bind(serde_json::to_string(tokens)?)
+            .bind(offset_ms(lease))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn release(&self, tokens: &[i64]) -> anyhow::Result<u64> {
+        let mut tx = self.write_tx().await?;
+        let done = sqlx::query(
+            "UPDATE sync_outbox SET claim_token = NULL, lease_owner = NULL, lease_until = NULL \
+             WHERE claim_token IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(serde_json::to_string(tokens)?)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn settle(&self, s: &Settlement, keep_sent: bool) -> anyhow::Result<SettleReport> {
+        let mut report = SettleReport::default();
+        let mut tx = self.write_tx().await?;
+        if !s.sent.is_empty() {
+            let ids = serde_json::to_string(&s.sent)?;
+            if keep_sent {
+                sqlx::query(SENT_ARCHIVE_SQL).bind(&ids).bind(s.token).execute(&mut *tx).await?;
+            }
+            report.sent =
+                sqlx::query(SENT_DELETE_SQL).bind(&ids).bind(s.token).execute(&mut *tx).await?.rows_affected();
+        }
+        for r in &s.retries {
+            report.retried += sqlx::query(RETRY_SQL)
+                .bind(r.id)
+                .bind(s.token)
+                .bind(offset_ms(r.delay))
+                .bind(&r.error.error_type)
+                .bind(&r.error.message)
+                .bind(r.error.http_status)
+                .bind(r.charged)
+                .bind(r.error.history_entry.to_string())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        for d in &s.dead {
+            sqlx::query(DEAD_SQL)
+                .bind(d.id)
+                .bind(s.token)
+                .bind(&d.error.error_type)
+                .bind(d.error.http_status)
+                .bind(&d.error.message)
+                .bind(&d.error.response_body)
+                .bind(d.error.history_entry.to_string())
+                .bind(d.max_attempts)
+                .execute(&mut *tx)
+                .await?;
+            report.dead +=
+                sqlx::query(DELETE_CLAIMED_SQL).bind(d.id).bind(s.token).execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        let expected = (s.sent.len() + s.retries.len() + s.dead.len()) as u64;
+        report.lost = expected.saturating_sub(report.sent + report.retried + report.dead);
+        Ok(report)
+    }
+
+    pub async fn status(&self) -> anyhow::Result<Status> {
+        let sql = concat!(
+            "SELECT count(*) AS pending, count(*) FILTER (WHERE next_attempt_at <= ",
+            now!(),
+            " AND (lease_until IS NULL OR lease_until < ",
+            now!(),
+            ")) AS due, count(*) FILTER (WHERE lease_until >= ",
+            now!(),
+            ") AS in_flight, (julianday('now') - julianday(min(created_at))) * 86400.0 AS oldest FROM sync_outbox"
+        );
+        let row = sqlx::query(sql).fetch_one(&self.pool).await?;
+        let by_type = self.dead_by_type().await?;
+        let sent_last_5m: i64 =
+            sqlx::query_scalar(concat!("SELECT count(*) FROM sync_outbox_sent WHERE sent_at > ", now_plus_ms!("?1")))
+                .bind(-300_000_i64)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(Status {
+            pending: row.try_get("pending")?,
+            due: row.try_get("due")?,
+            in_flight: row.try_get("in_flight")?,
+            oldest_pending_age_seconds: row.try_get::<Option<f64>, _>("oldest")?.map(|a| a.max(0.0)),
+            dead_letters: by_type.values().sum(),
+            dead_letters_by_error_type: by_type,
+            sent_last_5m,
+        })
+    }
+
+    async fn dead_by_type(&self) -> anyhow::Result<BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT error_type, count(*) FROM sync_outbox_dead_letters GROUP BY error_type")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub async fn backlog(&self) -> anyhow::Result<Backlog> {
+        let pending: Vec<(String, i64)> =
+            sqlx::query_as("SELECT entity_type, count(*) FROM sync_outbox GROUP BY entity_type")
+                .fetch_all(&self.pool)
+                .await?;
+        // the oldest row by id is the oldest pending row; a primary-key probe, not a scan
+        let oldest: Option<f64> = sqlx::query_scalar(
+            "SELECT (julianday('now') - julianday(created_at)) * 86400.0 FROM sync_outbox ORDER BY id LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(Backlog {
+            pending_by_entity_type: pending.into_iter().collect(),
+            oldest_pending_age_seconds: oldest.unwrap_or(0.0).max(0.0),
+            dead_letters_by_error_type: self.dead_by_type().await?,
+        })
+    }
+
+    /// The entity id is stored as hyphenated text (what producers write, and what the
+    /// ordering trigger copies), never as sqlx's default 16-byte blob.
+    pub async fn enqueue(&self, row: &NewRow) -> anyhow::Result<i64> {
+        let mut tx = self.write_tx().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key) \
+             VALUES (?1, ?2, ?3, ?4) RETURNING id",
+        )
+        .bind(&row.entity_type)
+        .bind(row.entity_id.hyphenated().to_string())
+        .bind(row.payload.to_string())
+        .bind(&row.ordering_key)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    pub async fn dlq_list(&self, f: &DlqFilter) -> anyhow::Result<Vec<DeadLetter>> {
+        let sql = format!(
+            "SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters \
+             WHERE (?1 IS NULL OR error_type = ?1) AND (?2 IS NULL OR entity_type = ?2) \
+             ORDER BY id LIMIT ?3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(&f.error_type)
+            .bind(&f.entity_type)
+            .bind(f.limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(dead_letter_from_row).collect()
+    }
+
+    pub async fn dlq_get(&self, id: i64) -> anyhow::Result<Option<DeadLetter>> {
+        let sql = format!("SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters WHERE id = ?1");
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(dead_letter_from_row).transpose()
+    }
+
+    /// The selection is resolved to ids first, so the copy and the delete see exactly
+    /// the same rows even when the filter reads the clock.
+    pub async fn dlq_requeue(&self, sel: &DlqSelection) -> anyhow::Result<u64> {
+        let (filter, bind) = selection_filter(sel)?;
+        let mut tx = self.write_tx().await?;
+        let select = format!("SELECT id FROM sync_outbox_dead_letters WHERE {filter}");
+        let rows = bind_selection(sqlx::query(&select), bind).fetch_all(&mut *tx).await?;
+        let ids = rows.iter().map(|r| r.try_get::<i64, _>(0)).collect::<Result<Vec<_>, _>>()?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = serde_json::to_string(&ids)?;
+        sqlx::query(
+            "INSERT INTO sync_outbox (id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
+             SELECT outbox_id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors \
+             FROM sync_outbox_dead_letters WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .context("moving dead letters back to the outbox")?;
+        let done = sqlx::query("DELETE FROM sync_outbox_dead_letters WHERE id IN (SELECT value FROM json_each(?1))")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn dlq_purge(&self, sel: &DlqSelection) -> anyhow::Result<u64> {
+        let (filter, bind) = selection_filter(sel)?;
+        let sql = format!("DELETE FROM sync_outbox_dead_letters WHERE {filter}");
+        let mut tx = self.write_tx().await?;
+        let done = bind_selection(sqlx::query(&sql), bind).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn prune_sent(&self, ttl: Duration, batch: u32) -> anyhow::Result<u64> {
+        let sql = concat!(
+            "DELETE FROM sync_outbox_sent WHERE id IN (SELECT id FROM sync_outbox_sent WHERE sent_at < ",
+            now_plus_ms!("?1"),
+            " ORDER BY sent_at LIMIT ?2)"
+        );
+        let mut tx = self.write_tx().await?;
+        let done = sqlx::query(sql).bind(-offset_ms(ttl)).bind(i64::from(batch)).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+}
+
+fn offset_ms(d: Duration) -> i64 {
+    millis(d).min(MAX_OFFSET_MS)
+}
+
+enum SelectionBind {
+    None,
+    Text(String),
+    Millis(i64),
+}
+
+fn selection_filter(sel: &DlqSelection) -> anyhow::Result<(&'static str, SelectionBind)> {
+    Ok(match sel {
+        DlqSelection::Ids(ids) => {
+            ("id IN (SELECT value FROM json_each(?1))", SelectionBind::Text(serde_json::to_string(ids)?))
+        }
+        DlqSelection::All => ("1", SelectionBind::None),
+        DlqSelection::ErrorType(t) => ("error_type = ?1", SelectionBind::Text(t.clone())),
+        DlqSelection::OlderThan(d) => {
+            (concat!("dead_at < ", now_plus_ms!("?1")), SelectionBind::Millis(-offset_ms(*d)))
+        }
+    })
+}
+
+fn bind_selection<'q>(
+    q: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
+    bind: SelectionBind,
+) -> sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>> {
+    match bind {
+        SelectionBind::None => q,
+        SelectionBind::Text(t) => q.bind(t),
+        SelectionBind::Millis(m) => q.bind(m),
+    }
+}
+
+fn claimed_from_row(row: &SqliteRow) -> anyhow::Result<ClaimedRow> {
+    let id: i64 = row.try_get("id")?;
+    let payload: String = row.try_get("payload")?;
+    Ok(ClaimedRow {
+        id,
+        entity_type: row.try_get("entity_type")?,
+        entity_id: get_uuid(row, "entity_id")?,
+        payload: RawValue::from_string(payload).with_context(|| format!("outbox row {id}: payload"))?,
+        created_at: get_time(row, "created_at")?,
+        attempts: row.try_get("attempts")?,
+        ordering_key: row.try_get("ordering_key")?,
+    })
+}
+
+fn dead_letter_from_row(row: &SqliteRow) -> anyhow::Result<DeadLetter> {
+    let id: i64 = row.try_get("id")?;
+    let json = |col: &str| -> anyhow::Result<serde_json::Value> {
+        let text: String = row.try_get(col)?;
+        serde_json::from_str(&text).with_context(|| format!("dead letter {id}: {col} is not JSON"))
+    };
+    Ok(DeadLetter {
+        id,
+        outbox_id: row.try_get("outbox_id")?,
+        entity_type: row.try_get("entity_type")?,
+        entity_id: get_uuid(row, "entity_id")?,
+        payload: json("payload")?,
+        ordering_key: row.try_get("ordering_key")?,
+        created_at: get_time(row, "created_at")?,
+        error_type: row.try_get("error_type")?,
+        http_status: row.try_get("http_status")?,
+        error_message: row.try_get("error_message")?,
+        response_body: row.try_get("response_body")?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        attempt_errors: json("attempt_errors")?,
+        first_attempt_at: get_opt_time(row, "first_attempt_at")?,
+        last_attempt_at: get_opt_time(row, "last_attempt_at")?,
+        dead_at: get_time(row, "dead_at")?,
+    })
+}
+
+fn get_uuid(row: &SqliteRow, col: &str) -> anyhow::Result<Uuid> {
+    let text: String = row.try_get(col)?;
+    Uuid::parse_str(&text).with_context(|| format!("{col} {text:?} is not a UUID"))
+}
+
+fn get_time(row: &SqliteRow, col: &str) -> anyhow::Result<DateTime<Utc>> {
+    let text: String = row.try_get(col)?;
+    parse_time(&text).with_context(|| format!("column {col}"))
+}
+
+fn get_opt_time(row: &SqliteRow, col: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let text: Option<String> = row.try_get(col)?;
+    text.map(|t| parse_time(&t).with_context(|| format!("column {col}"))).transpose()
+}
+
+/// The schema writes RFC 3339 UTC text; a producer that wrote SQLite's own
+/// `datetime('now')` form ("YYYY-MM-DD HH:MM:SS") is read as UTC too.
+fn parse_time(text: &str) -> anyhow::Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+        .map(|t| t.and_utc())
+        .with_context(|| format!("invalid timestamp {text:?} in the database"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{DeadRow, ErrorRecord, RetryRow};
+    use tempfile::TempDir;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    async fn open(dir: &TempDir) -> anyhow::Result<SqliteStore> {
+        let url = format!("sqlite://{}", dir.path().join("outbox.db").display());
+        let options = ConnectOptions { max_connections: 4, acquire_timeout: Duration::from_secs(5) };
+        SqliteStore::connect(&url, &options).await
+    }
+
+    async fn fresh() -> anyhow::Result<(TempDir, SqliteStore)> {
+        let dir = tempfile::tempdir()?;
+        let store = open(&dir).await?;
+        store.migrate().await?;
+        Ok((dir, store))
+    }
+
+    async fn enqueue(store: &SqliteStore, entity_type: &str, id: Uuid, payload: serde_json::Value) -> anyhow::Result<i64> {
+        let row = NewRow { entity_type: entity_type.into(), entity_id: id, payload, ordering_key: None };
+        store.enqueue(&row).await
+    }
+
+    async fn claim_ids(store: &SqliteStore, token: i64) -> anyhow::Result<Vec<i64>> {
+        Ok(store.claim(token, 10, LEASE, "test").await?.rows.iter().map(|r| r.id).collect())
+    }
+
+    fn error(attempt: i32) -> ErrorRecord {
+        ErrorRecord {
+            error_type: "http_5xx".into(),
+            http_status: Some(503),
+            message: "unavailable".into(),
+            response_body: Some("try later".into()),
+            history_entry: serde_json::json!({"attempt": attempt, "errorType": "http_5xx", "httpStatus": 503}),
+        }
+    }
+
+    async fn outbox_history(store: &SqliteStore, id: i64) -> anyhow::Result<(i32, usize)> {
+        let (attempts, errors): (i32, String) =
+            sqlx::query_as("SELECT attempts, attempt_errors FROM sync_outbox WHERE id = ?1")
+                .bind(id)
+                .fetch_one(&store.pool)
+                .await?;
+        let errors: Vec<serde_json::Value> = serde_json::from_str(&errors)?;
+        Ok((attempts, errors.len()))
+    }
+
+    #[tokio::test]
+    async fn migrate_is_idempotent_and_schema_state_follows() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = open(&dir).await?;
+        assert!(matches!(store.schema_state().await?, SchemaState::Outdated { .. }));
+        store.migrate().await?;
+        store.migrate().await?;
+        assert_eq!(store.schema_state().await?, SchemaState::Current);
+        store.ping().await
+    }
+
+    #[tokio::test]
+    async fn claim_returns_the_row_and_leases_it() -> anyhow::Result<()> {
+        let (_dir, store) = fresh().await?;
+        let entity = Uuid::new_v4();
+        let id = enqueue(&store, "note", entity, serde_json::json!({"text": "hi"})).await?;
+        let claim = store.claim(7, 10, LEASE, "test").await?;
+        assert_eq!(claim.rows.len(), 1);
+        let row = &claim.rows[0];
+        assert_eq!((row.id, row.entity_id, row.attempts), (id, entity, 0));
+        assert_eq!(row.payload.get(), r#"{"text":"hi"}"#);
+        assert!(row.created_at <= Utc::now());
+        // leased: not claimable again, counted in flight
+        assert!(claim_ids(&store, 8).await?.is_empty());
+        let status = store.status().await?;
+        assert_eq!((status.pending, status.due, status.in_flight), (1, 0, 1));
+        assert!(status.oldest_pending_age_seconds.is_some());
+        assert_eq!(store.renew(&[7], LEASE).await?, 1);
+        assert_eq!(store.release(&[7]).await?, 1);
+        assert_eq!(claim_ids(&store, 9).await?, vec![id]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn only_the_head_of_an_ordering_key_is_claimed() -> anyhow::Result<()> {
+        let (_dir, store) = fresh().await?;
+        let call = Uuid::new_v4();
+        let first = enqueue(&store, "call_log", call, serde_json::json!({})).await?;
+        let second = enqueue(&store, "recording", Uuid::new_v4(), serde_json::json!({"callLogId": call})).await?;
+        let third = enqueue(&store, "recording", Uuid::new_v4(), serde_json::json!({"callLogId": call})).await?;
+        let claim = store.claim(1, 10, LEASE, "test").await?;
+        assert_eq!(claim.rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![first]);
+        assert_eq!(claim.rows[0].ordering_key, Some(call.to_string()));
+        let done = store.settle(&Settlement { token: 1, sent: vec![first], ..Default::default() }, false).await?;
+        assert_eq!(done, SettleReport { sent: 1, ..Default::default() });
+        assert_eq!(claim_ids(&store, 2).await?, vec![second]);
+        store.settle(&Settlement { token: 2, sent: vec![second], ..Default::default() }, false).await?;
+        assert_eq!(claim_ids(&store, 3).await?, vec![third]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn settle_sent_archives_and_a_wrong_token_is_lost() -> anyhow::Result<()> {
+        let (_dir, store) = fresh().await?;
+        let id = enqueue(&store, "note", Uuid::new_v4(), serde_json::json!({})).await?;
+        claim_ids(&store, 5).await?;
+        let wrong = Settlement { token: 6, sent: vec![id], ..Default::default() };
+        assert_eq!(store.settle(&wrong, true).await?, SettleReport { lost: 1, ..Default::default() });
+        assert_eq!(store.status().await?.pending, 1);
+        let right = Settlement { token: 5, sent: vec![id], ..Default::default() };
+        assert_eq!(store.settle(&right, true).await?, SettleReport { sent: 1, ..Default::default() });
+        let archived: (i64, i32) = sqlx::query_as("SELECT id, attempts FROM sync_outbox_sent").fetch_one(&store.pool).await?;
+        assert_eq!(archived, (id, 1));
+        let status = store.status().await?;
+        assert_eq!((status.pending, status.sent_last_5m), (0, 1));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(store.prune_sent(Duration::ZERO, 100).await?, 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn only_a_charged_retry_counts() -> anyhow::Result<()> {
+        let (_dir, store) = fresh().await?;
+        let id = enqueue(&store, "note", Uuid::new_v4(), serde_json::json!({})).await?;
+        for (token, charged) in [(1, true), (2, false)] {
+            assert_eq!(claim_ids(&store, token).await?, vec![id]);
+            let retry = RetryRow { id, delay: Duration::ZERO, error: error(1), charged };
+            let s = Settlement { token, retries: vec![retry], ..Default::default() };
+            assert_eq!(store.settle(&s, false).await?, SettleReport { retried: 1, ..Default::default() });
+            assert_eq!(outbox_history(&store, id).await?, (1, 1));
+        }
+        // a delayed retry is not due
+        claim_ids(&store, 3).await?;
+        let retry = RetryRow { id, delay: Duration::from_secs(60), error: error(2), charged: true };
+        store.settle(&Settlement { token: 3, retries: vec![retry], ..Default::default() }, false).await?;
+        assert_eq!(outbox_history(&store, id).await?, (2, 2));
+        assert!(claim_ids(&store, 4).await?.is_empty());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn dead_rows_keep_their_history_and_requeue_with_the_same_id() -> anyhow::Result<()> {
+        let (_dir, store) = fresh().await?;
+        let entity = Uuid::new_v4();
+        let id = enqueue(&store, "note", entity, serde_json::json!({"n": 1})).await?;
+        claim_ids(&store, 1).await?;
+        let dead = DeadRow { id, error: error(1), max_attempts: 1 };
+        let s = Settlement { token: 1, dead: vec![dead], ..Default::default() };
+        assert_eq!(store.settle(&s, false).await?, SettleReport { dead: 1, ..Default::default() });
+        assert_eq!(store.status().await?.pending, 0);
+        let list = store.dlq_list(&DlqFilter { limit: 10, ..Default::default() }).await?;
+        assert_eq!(list.len(), 1);
+        let dl = &list[0];
+        assert_eq!((dl.outbox_id, dl.entity_id, dl.attempts, dl.max_attempts), (id, entity, 1, 1));
+        assert_eq!(dl.payload, serde_json::json!({"n": 1}));
+        assert_eq!(dl.attempt_errors.as_array().map(Vec::len), Some(1));
+        assert_eq!((dl.http_status, dl.response_body.as_deref()), (Some(503), Some("try later")));
+        assert!(dl.first_attempt_at.is_some() && dl.last_attempt_at.is_some());
+        assert!(store.dlq_get(dl.id).await?.is_some());
+        assert_eq!(store.backlog().await?.dead_letters_by_error_type.get("http_5xx"), Some(&1));
+        assert_eq!(store.dlq_requeue(&DlqSelection::Ids(vec![dl.id])).await?, 1);
+        assert!(store.dlq_get(dl.id).await?.is_none());
+        let claim = store.claim(2, 10, LEASE, "test").await?;
+        assert_eq!(claim.rows.iter().map(|r| (r.id, r.attempts)).collect::<Vec<_>>(), vec![(id, 0)]);
+        assert_eq!(outbox_history(&store, id).await?, (0, 1));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_second_relay_on_the_same_file_is_refused() -> anyhow::Result<()> {
+        let (dir, store) = fresh().await?;
+        let other = open(&dir).await?;
+        let guard = store.lock_for_relay()?;
+        let Err(refused) = other.lock_for_relay() else {
+            bail!("a second relay lock was granted while the first was held");
+        };
+        assert!(refused.to_string().contains("already running"), "{refused}");
+        drop(guard);
+        other.lock_for_relay()?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_database_works_without_a_lock_file() -> anyhow::Result<()> {
+        let options = ConnectOptions { max_connections: 4, acquire_timeout: Duration::from_secs(5) };
+        let store = SqliteStore::connect("sqlite::memory:", &options).await?;
+        store.migrate().await?;
+        let _guard = store.lock_for_relay()?;
+        let _second = store.lock_for_relay()?;
+        enqueue(&store, "note", Uuid::new_v4(), serde_json::json!({})).await?;
+        assert_eq!(store.status().await?.pending, 1);
+        Ok(())
+    }
 }

@@ -1,0 +1,438 @@
+//! What each command does. `main` parses, `execute` runs; errors come back as one
+//! line each, and `run`/`drain` get their shutdown signal passed in.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::{Cli, Command, DlqCommand};
+use crate::config::{Overrides, Settings};
+use crate::dispatch::Dispatcher;
+use crate::files::RecordingsRoot;
+use crate::metrics::{Health, Metrics};
+use crate::relay::{DrainEnd, Mode, Relay, RelayParts, Summary};
+use crate::store::{ConnectOptions, DlqFilter, DlqSelection, NewRow, SchemaState, Store};
+
+/// Exit code of a drain that dead-lettered rows or left some for a retry.
+pub const EXIT_INCOMPLETE: u8 = 3;
+
+pub fn overrides(cli: &Cli) -> Overrides {
+    Overrides {
+        database_url: cli.database_url.clone(),
+        ingest_url: cli.ingest_url.clone(),
+        batch_size: cli.batch_size,
+        concurrency: cli.concurrency,
+        metrics_listen: cli.metrics_listen,
+    }
+}
+
+pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Demo { keep } => return crate::demo::run(*keep).await,
+        Command::DevSink { listen, dir } => {
+            crate::devsink::serve_until_signal(*listen, dir.clone()).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    let settings = Arc::new(Settings::load(cli.config.as_deref(), &overrides(&cli))?);
+    match cli.command {
+        Command::Run { migrate } => run(settings, migrate, shutdown_signal()).await,
+        Command::Drain { max_rows, timeout, migrate } => {
+            let summary = drain(settings, DrainOptions { max_rows, timeout, migrate }, shutdown_signal()).await?;
+            Ok(drain_exit_code(&summary))
+        }
+        Command::Migrate => {
+            let store = connect(&settings).await?;
+            store.migrate().await?;
+            apply_ordering_rules(&store, &settings).await?;
+            println!("migrations applied: the schema is current");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => status(&settings, json).await,
+        Command::Dlq { command } => dlq(&settings, command).await,
+        Command::Enqueue { entity_type, entity_id, payload, ordering_key } => {
+            let entity_id = uuid::Uuid::parse_str(&entity_id)
+                .map_err(|e| anyhow::anyhow!("invalid --entity-id {entity_id:?}: {e}"))?;
+            let payload: serde_json::Value =
+                serde_json::from_str(&payload).map_err(|e| anyhow::anyhow!("invalid --payload: not JSON: {e}"))?;
+            if entity_type.trim().is_empty() {
+                bail!("invalid --entity-type: must not be empty");
+            }
+            let store = connect(&settings).await?;
+            store.require_current_schema().await?;
+            let id = store.enqueue(&NewRow { entity_type, entity_id, payload, ordering_key }).await?;
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => check(&settings).await,
+        Command::Demo { .. } | Command::DevSink { .. } => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// SIGTERM or SIGINT, once, as a cancellation token.
+pub fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = term => tracing::info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        }
+        trigger.cancel();
+    });
+    token
+}
+
+pub async fn connect(settings: &Settings) -> anyhow::Result<Store> {
+    let options = ConnectOptions {
+        max_connections: settings.database.max_connections,
+        acquire_timeout: settings.database.acquire_timeout,
+    };
+    Store::connect(settings.database_url()?, &options).await
+}
+
+async fn apply_ordering_rules(store: &Store, settings: &Settings) -> anyhow::Result<()> {
+    let rules = if settings.ordering.enabled { settings.ordering.keys.clone() } else { Default::default() };
+    store.set_ordering_rules(&rules).await.context("writing the ordering rules")
+}
+
+/// Connect, check or apply the schema, and build the relay's parts.
+async fn prepare(settings: &Arc<Settings>, migrate: bool) -> anyhow::Result<(RelayParts, Option<crate::store::RelayLock>)> {
+    let store = connect(settings).await?;
+    if migrate {
+        store.migrate().await?;
+    } else {
+        store.require_current_schema().await?;
+    }
+    let lock = store.lock_for_relay()?;
+    apply_ordering_rules(&store, settings).await?;
+    let metrics = Metrics::new()?;
+    metrics.db_up.set(1);
+    let health = Arc::new(Health::default());
+    health.db_up.store(true, Ordering::Relaxed);
+    health.schema_current.store(true, Ordering::Relaxed);
+    let root = RecordingsRoot::new(settings.storage.recordings_root.clone());
+    let dispatcher = Dispatcher::new(&settings.ingest, root, metrics.clone())?;
+    Ok((RelayParts { store, dispatcher, settings: Arc::clone(settings), metrics, health }, lock))
+}
+
+/// The daemon: deliver until `shutdown`.
+pub async fn run(settings: Arc<Settings>, migrate: bool, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let (parts, _lock) = prepare(&settings, migrate).await?;
+    let aux = TaskTracker::new();
+    let aux_stop = CancellationToken::new();
+    if settings.metrics.enabled {
+        let addr = settings.metrics.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on metrics.listen {addr}"))?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+        let (metrics, health, stop) = (parts.metrics.clone(), Arc::clone(&parts.health), aux_stop.clone());
+        aux.spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, metrics, health, stop).await {
+                tracing::error!(error = %format!("{e:#}"), "metrics server failed");
+            }
+        });
+    }
+    let backend = parts.store.backend();
+    let relay = Relay::new(parts, Mode::Run);
+    aux.spawn(Arc::clone(&relay).renew_leases(aux_stop.clone()));
+    aux.spawn(Arc::clone(&relay).listen(aux_stop.clone()));
+    aux.spawn(Arc::clone(&relay).refresh_gauges(aux_stop.clone()));
+    aux.spawn(Arc::clone(&relay).prune(aux_stop.clone()));
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        aux.spawn(crate::systemd::feed_watchdog(Arc::clone(&relay), interval, aux_stop.clone()));
+    }
+    tracing::info!(
+        backend,
+        ingest = %settings.ingest.base_url,
+        batch_size = settings.dispatch.batch_size,
+        concurrency = settings.dispatch.concurrency,
+        "relay running"
+    );
+    crate::systemd::ready("delivering");
+    let summary = relay.run_workers(shutdown).await;
+    crate::systemd::stopping();
+    aux_stop.cancel();
+    aux.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), aux.wait()).await;
+    tracing::info!(delivered = summary.delivered, retried = summary.retried, dead = summary.dead, "stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DrainOptions {
+    pub max_rows: Option<u64>,
+    pub timeout: Option<Duration>,
+    pub migrate: bool,
+}
+
+/// Deliver everything due now, then return what happened.
+pub async fn drain(settings: Arc<Settings>, options: DrainOptions, shutdown: CancellationToken) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let (parts, _lock) = prepare(&settings, options.migrate).await?;
+    let total = parts.store.count_due().await.unwrap_or(0).max(0) as u64;
+    let total = options.max_rows.map_or(total, |m| total.min(m));
+    let relay = Relay::new(parts, Mode::Drain { max_rows: options.max_rows });
+    let aux = TaskTracker::new();
+    let aux_stop = CancellationToken::new();
+    aux.spawn(Arc::clone(&relay).renew_leases(aux_stop.clone()));
+    aux.spawn(progress(Arc::clone(&relay), total, aux_stop.clone()));
+    let stop = shutdown.child_token();
+    if let Some(timeout) = options.timeout {
+        let stop = stop.clone();
+        aux.spawn(async move {
+            tokio::time::sleep(timeout).await;
+            tracing::warn!(?timeout, "drain --timeout reached: stopping");
+            stop.cancel();
+        });
+    }
+    let summary = relay.run_workers(stop).await;
+    aux_stop.cancel();
+    aux.close();
+    // the timeout task is the only one that ignores aux_stop; do not wait for it
+    let _ = tokio::time::timeout(Duration::from_millis(500), aux.wait()).await;
+    let elapsed = started.elapsed();
+    let rate = summary.delivered as f64 / elapsed.as_secs_f64().max(1e-3);
+    println!(
+        "drain: delivered {}, retried {}, dead {}, left for retry {} in {:.2}s ({:.0} rows/s){}",
+        summary.delivered,
+        summary.retried,
+        summary.dead,
+        summary.left_for_retry,
+        elapsed.as_secs_f64(),
+        rate,
+        match summary.end {
+            DrainEnd::Empty => "",
+            DrainEnd::MaxRows => " — stopped at --max-rows",
+            DrainEnd::SinkDown => " — stopped: the ingest sink is down",
+            DrainEnd::Stopped => " — stopped before the outbox was empty",
+        }
+    );
+    Ok(summary)
+}
+
+pub fn drain_exit_code(summary: &Summary) -> ExitCode {
+    let incomplete = summary.dead > 0
+        || summary.left_for_retry > 0
+        || matches!(summary.end, DrainEnd::SinkDown | DrainEnd::Stopped);
+    if incomplete {
+        ExitCode::from(EXIT_INCOMPLETE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// A progress bar on a terminal; a plain line every 5 s otherwise.
+async fn progress(relay: Arc<Relay>, total: u64, stop: CancellationToken) {
+    let done = |r: &Relay| {
+        r.stats.delivered.load(Ordering::Relaxed) + r.stats.dead.load(Ordering::Relaxed)
+    };
+    if std::io::stdout().is_terminal() {
+        let bar = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows  {per_sec}  ETA {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        loop {
+            let n = done(&relay);
+            if n > bar.length().unwrap_or(0) {
+                bar.set_length(n);
+            }
+            bar.set_position(n);
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        bar.finish_and_clear();
+    } else {
+        let started = Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            let n = done(&relay);
+            let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            eprintln!("drain: {n}/{total} rows settled ({rate:.0} rows/s)");
+        }
+    }
+}
+
+async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+    let store = connect(settings).await?;
+    store.require_current_schema().await?;
+    let s = store.status().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("pending:        {}", s.pending);
+    println!("due now:        {}", s.due);
+    println!("in flight:      {}", s.in_flight);
+    match s.oldest_pending_age_seconds {
+        Some(age) => println!("oldest pending: {}", humantime::format_duration(Duration::from_secs(age as u64))),
+        None => println!("oldest pending: -"),
+    }
+    println!("sent (last 5m): {}", s.sent_last_5m);
+    println!("dead letters:   {}", s.dead_letters);
+    for (error_type, n) in &s.dead_letters_by_error_type {
+        println!("  {error_type:<20} {n}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    let store = connect(settings).await?;
+    store.require_current_schema().await?;
+    match command {
+        DlqCommand::List { error_type, entity_type, limit, json } => {
+            let rows = store.dlq_list(&DlqFilter { error_type, entity_type, limit: limit.max(0) }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:>8} {:>10} {:<16} {:<20} {:>6} {:>8}  {:<24} message", "id", "outbox_id", "entity_type", "error_type", "http", "attempts", "dead_at");
+                for d in rows {
+                    println!(
+                        "{:>8} {:>10} {:<16} {:<20} {:>6} {:>8}  {:<24} {}",
+                        d.id,
+                        d.outbox_id,
+                        d.entity_type,
+                        d.error_type,
+                        d.http_status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                        format!("{}/{}", d.attempts, d.max_attempts),
+                        d.dead_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        one_line(&d.error_message, 100)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show { id, json } => {
+            let Some(d) = store.dlq_get(id).await? else {
+                eprintln!("error: no dead letter with id {id}");
+                return Ok(ExitCode::FAILURE);
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("dead letter {}  (outbox id {})", d.id, d.outbox_id);
+            println!("entity:        {} {}", d.entity_type, d.entity_id);
+            println!("error:         {} (HTTP {})", d.error_type, d.http_status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()));
+            println!("message:       {}", d.error_message);
+            println!("attempts:      {}/{}", d.attempts, d.max_attempts);
+            println!("created:       {}", d.created_at.to_rfc3339());
+            println!("dead since:    {}", d.dead_at.to_rfc3339());
+            if let Some(body) = &d.response_body {
+                println!("response body: {}", one_line(body, 400));
+            }
+            println!("history:");
+            for entry in d.attempt_errors.as_array().into_iter().flatten() {
+                println!(
+                    "  #{} {} {} {} {}",
+                    entry["attempt"],
+                    entry["at"].as_str().unwrap_or("?"),
+                    entry["errorType"].as_str().unwrap_or("?"),
+                    entry["httpStatus"],
+                    entry["message"].as_str().unwrap_or("")
+                );
+            }
+            println!("payload:       {}", d.payload);
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Requeue { ids, all, error_type } => {
+            let n = store.dlq_requeue(&selection(ids, all, error_type.map(DlqSelection::ErrorType))?).await?;
+            println!("requeued {n} dead letter(s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Purge { ids, all, older_than } => {
+            let n = store.dlq_purge(&selection(ids, all, older_than.map(DlqSelection::OlderThan))?).await?;
+            println!("purged {n} dead letter(s)");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn selection(ids: Vec<i64>, all: bool, other: Option<DlqSelection>) -> anyhow::Result<DlqSelection> {
+    match (ids.is_empty(), all, other) {
+        (false, false, None) => Ok(DlqSelection::Ids(ids)),
+        (true, true, None) => Ok(DlqSelection::All),
+        (true, false, Some(sel)) => Ok(sel),
+        _ => bail!("give exactly one of: dead-letter ids, --all, or a filter"),
+    }
+}
+
+fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if flat.chars().count() > max {
+        format!("{}…", flat.chars().take(max).collect::<String>())
+    } else {
+        flat
+    }
+}
+
+async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
+    println!("ok    configuration");
+    let mut healthy = true;
+    match connect(settings).await {
+        Ok(store) => {
+            println!("ok    database reachable ({})", store.backend());
+            match store.schema_state().await {
+                Ok(SchemaState::Current) => println!("ok    schema current"),
+                Ok(SchemaState::Outdated { missing }) => {
+                    healthy = false;
+                    println!("FAIL  schema outdated ({} migration(s) missing): run `serversync migrate`", missing.len());
+                }
+                Ok(SchemaState::Newer { .. }) => {
+                    healthy = false;
+                    println!("FAIL  schema newer than this binary: upgrade serversync");
+                }
+                Err(e) => {
+                    healthy = false;
+                    println!("FAIL  schema: {}", one_line(&format!("{e:#}"), 300));
+                }
+            }
+        }
+        Err(e) => {
+            healthy = false;
+            println!("FAIL  database: {}", one_line(&format!("{e:#}"), 300));
+        }
+    }
+    let dispatcher = Dispatcher::new(
+        &settings.ingest,
+        RecordingsRoot::new(settings.storage.recordings_root.clone()),
+        Metrics::new()?,
+    )?;
+    match dispatcher.probe().await {
+        Ok(status) => println!("ok    ingest {} reachable (HTTP {status})", settings.ingest.base_url),
+        Err(e) => {
+            healthy = false;
+            println!("FAIL  ingest {}: {}", settings.ingest.base_url, one_line(&format!("{e:#}"), 300));
+        }
+    }
+    if settings.storage.recordings_root.is_dir() {
+        println!("ok    recordings root {}", settings.storage.recordings_root.display());
+    } else {
+        println!("warn  recordings root {} does not exist", settings.storage.recordings_root.display());
+    }
+    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,353 @@
+//! HTTP delivery to the Frontend's ingest API (SPEC §2). The only module that knows
+//! reqwest: it builds the requests, and turns every response or transport error into
+//! `Ok(())` or one classified `Failure`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::Engine;
+use chrono::SecondsFormat;
+use hmac::{Hmac, Mac};
+use reqwest::multipart::{Form, Part};
+use reqwest::{Client, Response, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::config::IngestSettings;
+use crate::files::{audio_mime, RecordingsRoot, META_LIMIT};
+use crate::metrics::Metrics;
+use crate::retry::parse_retry_after;
+use crate::store::ClaimedRow;
+use crate::taxonomy::{error_chain, Failure, RESPONSE_BODY_LIMIT};
+
+#[derive(Clone)]
+pub struct Dispatcher {
+    client: Client,
+    sync_url: Url,
+    file_url: Url,
+    auth_token: Option<SecretString>,
+    signing_key: Option<Vec<u8>>,
+    upload_timeout: Duration,
+    root: RecordingsRoot,
+    metrics: Metrics,
+}
+
+/// What a `recording_file` payload asks for (SPEC §2.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileJob {
+    pub call_log_id: String,
+    pub recording_id: String,
+    pub file_path: String,
+    pub meta_path: Option<String>,
+}
+
+impl FileJob {
+    /// Read the payload's fields, or say which one is missing or mistyped.
+    pub fn from_row(row: &ClaimedRow) -> Result<FileJob, Failure> {
+        #[derive(serde::Deserialize)]
+        struct Fields {
+            #[serde(rename = "callLogId")]
+            call_log_id: Option<serde_json::Value>,
+            #[serde(rename = "recordingId")]
+            recording_id: Option<serde_json::Value>,
+            #[serde(rename = "filePath")]
+            file_path: Option<serde_json::Value>,
+            #[serde(rename = "metaPath")]
+            meta_path: Option<serde_json::Value>,
+        }
+        let fields: Fields = serde_json::from_str(row.payload.get())
+            .map_err(|_| Failure::payload_invalid("recording_file payload is not a JSON object"))?;
+        let text = |name: &str, v: Option<serde_json::Value>, required: bool| -> Result<Option<String>, Failure> {
+            match v {
+                None | Some(serde_json::Value::Null) if !required => Ok(None),
+                None | Some(serde_json::Value::Null) => {
+                    Err(Failure::payload_invalid(format!("recording_file payload lacks `{name}`")))
+                }
+                Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(Some(s)),
+                Some(_) => Err(Failure::payload_invalid(format!(
+                    "recording_file payload field `{name}` must be a non-empty string"
+                ))),
+            }
+        };
+        Ok(FileJob {
+            call_log_id: text("callLogId", fields.call_log_id, true)?.unwrap_or_default(),
+            recording_id: text("recordingId", fields.recording_id, false)?
+                .unwrap_or_else(|| row.entity_id.to_string()),
+            file_path: text("filePath", fields.file_path, true)?.unwrap_or_default(),
+            meta_path: text("metaPath", fields.meta_path, false)?,
+        })
+    }
+
+    /// The meta file to send: the explicit one, or `meta.json` beside the audio.
+    fn meta_path(&self) -> (String, bool) {
+        match &self.meta_path {
+            Some(p) => (p.clone(), true),
+            None => {
+                let beside = match self.file_path.rsplit_once('/') {
+                    Some((dir, _)) => format!("{dir}/meta.json"),
+                    None => "meta.json".to_string(),
+                };
+                (beside, false)
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct SyncBody<'a> {
+    entries: Vec<SyncEntry<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SyncEntry<'a> {
+    outbox_id: i64,
+    entity_type: &'a str,
+    entity_id: &'a Uuid,
+    payload: &'a RawValue,
+    created_at: String,
+}
+
+impl Dispatcher {
+    pub fn new(settings: &IngestSettings, root: RecordingsRoot, metrics: Metrics) -> anyhow::Result<Dispatcher> {
+        let base = Url::parse(&settings.base_url).context("invalid value for ingest.base_url")?;
+        let join = |path: &str| -> anyhow::Result<Url> {
+            let mut url = base.clone();
+            let prefix = url.path().trim_end_matches('/').to_string();
+            url.set_path(&format!("{prefix}{path}"));
+            Ok(url)
+        };
+        let client = Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .user_agent(concat!("serversync/", env!("CARGO_PKG_VERSION")))
+            .danger_accept_invalid_certs(settings.danger_accept_invalid_certs)
+            .build()
+            .context("building the HTTP client")?;
+        let signing_key = settings.signing_secret.as_ref().map(|s| signing_key(s.expose_secret()));
+        Ok(Dispatcher {
+            client,
+            sync_url: join("/api/ingest/sync")?,
+            file_url: join("/api/ingest/recording-file")?,
+            auth_token: settings.auth_token.clone(),
+            signing_key,
+            upload_timeout: settings.upload_timeout,
+            root,
+            metrics,
+        })
+    }
+
+    /// POST one batch of JSON entities (in id order) to `/api/ingest/sync`.
+    pub async fn send_json(&self, rows: &[&ClaimedRow]) -> Result<(), Failure> {
+        let body = SyncBody {
+            entries: rows
+                .iter()
+                .map(|r| SyncEntry {
+                    outbox_id: r.id,
+                    entity_type: &r.entity_type,
+                    entity_id: &r.entity_id,
+                    payload: &r.payload,
+                    created_at: r.created_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+                })
+                .collect(),
+        };
+        let bytes = serde_json::to_vec(&body)
+            .map_err(|e| Failure::payload_invalid(format!("cannot serialize the batch: {e}")))?;
+        let key = batch_key(rows.iter().map(|r| r.id));
+        let mut request = self
+            .client
+            .post(self.sync_url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", &key);
+        if let Some(signing_key) = &self.signing_key {
+            for (name, value) in sign(signing_key, &key, chrono::Utc::now().timestamp(), &bytes) {
+                request = request.header(name, value);
+            }
+        }
+        request = self.authorize(request);
+        self.execute(request.body(bytes), "sync").await
+    }
+
+    /// Stream one recording file (and its meta file) to `/api/ingest/recording-file`.
+    /// The file is reopened on every attempt.
+    pub async fn send_file(&self, row: &ClaimedRow, job: &FileJob) -> Result<(), Failure> {
+        let audio = self.root.open(&job.file_path)?;
+        let (meta_path, explicit) = job.meta_path();
+        let meta = if explicit || self.root.exists(&meta_path) {
+            Some(self.read_meta(&meta_path).await?)
+        } else {
+            None
+        };
+        let stream = tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(audio.file), 64 * 1024);
+        let audio_part = Part::stream_with_length(reqwest::Body::wrap_stream(stream), audio.len)
+            .file_name(audio.name.clone())
+            .mime_str(audio_mime(&audio.name))
+            .map_err(|e| Failure::payload_invalid(format!("bad content type: {e}")))?;
+        let mut form = Form::new()
+            .text("callLogId", job.call_log_id.clone())
+            .text("recordingId", job.recording_id.clone())
+            .part("audio", audio_part);
+        if let Some((name, bytes)) = meta {
+            let part = Part::bytes(bytes)
+                .file_name(name)
+                .mime_str("application/json")
+                .map_err(|e| Failure::payload_invalid(format!("bad content type: {e}")))?;
+            form = form.part("meta", part);
+        }
+        let request = self
+            .client
+            .post(self.file_url.clone())
+            .timeout(self.upload_timeout)
+            .header("Idempotency-Key", format!("recording_file:{}", row.id))
+            .multipart(form);
+        self.execute(self.authorize(request), "recording_file").await
+    }
+
+    async fn read_meta(&self, path: &str) -> Result<(String, Vec<u8>), Failure> {
+        let opened = self.root.open(path)?;
+        if opened.len > META_LIMIT {
+            return Err(Failure::file_unreadable(format!("{path}: meta file larger than {META_LIMIT} bytes")));
+        }
+        let name = opened.name.clone();
+        let mut file = tokio::fs::File::from_std(opened.file);
+        let mut bytes = Vec::with_capacity(opened.len as usize);
+        tokio::io::AsyncReadExt::read_to_end(&mut file, &mut bytes)
+            .await
+            .map_err(|e| Failure::file_unreadable(format!("{path}: {e}")))?;
+        Ok((name, bytes))
+    }
+
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth_token {
+            Some(token) => request.bearer_auth(token.expose_secret()),
+            None => request,
+        }
+    }
+
+    async fn execute(&self, request: reqwest::RequestBuilder, endpoint: &str) -> Result<(), Failure> {
+        let started = Instant::now();
+        let result = request.send().await;
+        let outcome = match result {
+            Err(e) => Err(Failure::from_transport(&e.without_url())),
+            Ok(response) if response.status().is_success() => {
+                // drain the body so the connection goes back to the pool
+                let _ = response.bytes().await;
+                Ok(())
+            }
+            Ok(response) => Err(failure_from_response(response).await),
+        };
+        self.metrics
+            .http_duration
+            .with_label_values(&[endpoint])
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// Is anything listening at the base URL? (for `check`)
+    pub async fn probe(&self) -> anyhow::Result<u16> {
+        let mut url = self.sync_url.clone();
+        url.set_path("/");
+        let response = self.client.get(url).send().await.map_err(|e| anyhow::anyhow!(error_chain(&e.without_url())))?;
+        Ok(response.status().as_u16())
+    }
+}
+
+async fn failure_from_response(mut response: Response) -> Failure {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+    let mut body = Vec::new();
+    while body.len() < RESPONSE_BODY_LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(RESPONSE_BODY_LIMIT);
+    let text = if body.is_empty() { None } else { Some(String::from_utf8_lossy(&body).into_owned()) };
+    Failure::from_status(status, text, retry_after)
+}
+
+/// `Idempotency-Key` of a JSON batch: stable for the same set of outbox ids.
+pub fn batch_key(ids: impl Iterator<Item = i64>) -> String {
+    let mut hasher = Sha256::new();
+    for id in ids {
+        hasher.update(id.to_be_bytes());
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("sync:{hex}")
+}
+
+/// Standard Webhooks secrets look like `whsec_<base64>`; anything else is used as is.
+fn signing_key(secret: &str) -> Vec<u8> {
+    secret
+        .strip_prefix("whsec_")
+        .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+        .unwrap_or_else(|| secret.as_bytes().to_vec())
+}
+
+/// Standard Webhooks headers: HMAC-SHA256 over `id.timestamp.body`.
+pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> [(&'static str, String); 3] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    [
+        ("webhook-id", id.to_string()),
+        ("webhook-timestamp", timestamp.to_string()),
+        ("webhook-signature", format!("v1,{signature}")),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(payload: &str) -> ClaimedRow {
+        ClaimedRow {
+            id: 7,
+            entity_type: "recording_file".into(),
+            entity_id: Uuid::nil(),
+            payload: RawValue::from_string(payload.into()).unwrap(),
+            created_at: chrono::Utc::now(),
+            attempts: 0,
+            ordering_key: None,
+        }
+    }
+
+    #[test]
+    fn file_payloads_are_checked() {
+        let job = FileJob::from_row(&row(r#"{"callLogId":"c1","filePath":"c1/mixed.wav"}"#)).unwrap();
+        assert_eq!(job.recording_id, Uuid::nil().to_string());
+        assert_eq!(job.meta_path(), ("c1/meta.json".to_string(), false));
+        for bad in [r#"{"callLogId":"c1"}"#, r#"{"filePath":"a.wav"}"#, r#"{"callLogId":"c1","filePath":5}"#, "[1]"] {
+            let f = FileJob::from_row(&row(bad)).unwrap_err();
+            assert_eq!(f.error_type, crate::taxonomy::ErrorType::PayloadInvalid, "{bad}");
+        }
+    }
+
+    #[test]
+    fn batch_key_is_stable_and_distinct() {
+        assert_eq!(batch_key([1, 2, 3].into_iter()), batch_key([1, 2, 3].into_iter()));
+        assert_ne!(batch_key([1, 2, 3].into_iter()), batch_key([1, 2].into_iter()));
+    }
+
+    #[test]
+    fn signature_matches_the_standard_webhooks_example() {
+        // test vector from the Standard Webhooks specification
+        let key = signing_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let body = br#"{"test": 2432232314}"#;
+        let headers = sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
+        assert_eq!(headers[2].1, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+}

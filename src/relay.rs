@@ -1,0 +1,749 @@
+//! The relay: workers that claim a batch, deliver it, and settle it, in a loop.
+//!
+//! `step` does one claim → deliver → settle and returns what happened; the worker
+//! loop owns sleeping, backoff and shutdown. No transaction or row lock is held
+//! while HTTP is in flight: the claim commits a lease, the settle is fenced on it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::dispatch::{Dispatcher, FileJob};
+use crate::metrics::{Health, Metrics};
+use crate::retry::next_delay;
+use crate::sink_health::{Gate, SinkHealth};
+use crate::store::{Claim, ClaimedRow, DeadRow, ErrorRecord, RetryRow, Settlement, Store};
+use crate::taxonomy::{ErrorType, Failure};
+
+/// What one step did; the loop decides how to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A batch was delivered and settled (whatever the rows' outcomes).
+    Delivered(usize),
+    /// Nothing is due.
+    Idle,
+    /// The sink is down or rate-limiting: do not claim before this instant.
+    Paused(Instant),
+    /// The database did not answer; nothing was claimed.
+    DatabaseUnavailable,
+}
+
+/// How the relay runs: as a daemon, or until nothing is due (`drain`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Run,
+    Drain { max_rows: Option<u64> },
+}
+
+/// Counters of settled rows, for drain's progress and summary.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead: AtomicU64,
+    pub lease_lost: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// Nothing due is left.
+    Empty,
+    /// `--max-rows` rows were claimed.
+    MaxRows,
+    /// The sink is down; what is left waits for it.
+    SinkDown,
+    /// Stopped by a signal or `--timeout`.
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub delivered: u64,
+    pub retried: u64,
+    pub dead: u64,
+    /// Rows this run scheduled for a retry that are still waiting for it.
+    pub left_for_retry: u64,
+    pub end: DrainEnd,
+}
+
+/// Everything the relay needs, built once at start-up.
+pub struct RelayParts {
+    pub store: Store,
+    pub dispatcher: Dispatcher,
+    pub settings: Arc<Settings>,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+}
+
+#[derive(Default)]
+struct DrainState {
+    busy: AtomicUsize,
+    claimed: AtomicU64,
+    max_rows: Option<u64>,
+    left_for_retry: Mutex<HashSet<i64>>,
+    end: Mutex<Option<DrainEnd>>,
+}
+
+pub struct Relay {
+    store: Store,
+    dispatcher: Dispatcher,
+    settings: Arc<Settings>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    sink: SinkHealth,
+    owner: String,
+    wake: watch::Sender<u64>,
+    in_flight: Mutex<HashSet<i64>>,
+    heartbeat: AtomicU64,
+    started: Instant,
+    pub stats: Stats,
+    drain: Option<DrainState>,
+}
+
+enum Attempt {
+    Sent,
+    Failed { failure: Failure, charged: bool },
+}
+
+enum Route {
+    Json,
+    File(FileJob),
+}
+
+impl Relay {
+    pub fn new(parts: RelayParts, mode: Mode) -> Arc<Relay> {
+        let d = &parts.settings.dispatch;
+        let sink = SinkHealth::new(d.outage_threshold, d.probe_interval, d.max_probe_interval, parts.metrics.clone());
+        let drain = match mode {
+            Mode::Run => None,
+            Mode::Drain { max_rows } => Some(DrainState { max_rows, ..Default::default() }),
+        };
+        Arc::new(Relay {
+            store: parts.store,
+            dispatcher: parts.dispatcher,
+            settings: parts.settings,
+            metrics: parts.metrics,
+            health: parts.health,
+            sink,
+            owner: owner_name(),
+            wake: watch::channel(0).0,
+            in_flight: Mutex::new(HashSet::new()),
+            heartbeat: AtomicU64::new(0),
+            started: Instant::now(),
+            stats: Stats::default(),
+            drain,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Wake idle workers (a row was committed, or notifications may have been lost).
+    pub fn wake(&self) {
+        self.wake.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Milliseconds since the worker loop last showed life (for the systemd watchdog).
+    pub fn heartbeat_age(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.heartbeat.load(Ordering::Relaxed)))
+    }
+
+    fn beat(&self) {
+        self.heartbeat.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Run `concurrency` workers until `stop` (or, draining, until nothing is due),
+    /// then wait for in-flight batches up to `shutdown.grace` and release the rest.
+    pub async fn run_workers(self: &Arc<Self>, stop: CancellationToken) -> Summary {
+        let tracker = TaskTracker::new();
+        let finished = stop.child_token();
+        for _ in 0..self.settings.dispatch.concurrency {
+            let relay = Arc::clone(self);
+            let finished = finished.clone();
+            tracker.spawn(async move { relay.worker(finished).await });
+        }
+        tracker.close();
+        // Workers stop claiming on `finished`; a batch in flight is finished and settled.
+        tokio::select! {
+            _ = tracker.wait() => {}
+            _ = finished.cancelled() => {
+                let grace = self.settings.shutdown.grace;
+                if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+                    self.release_in_flight(grace).await;
+                }
+            }
+        }
+        self.summary(stop.is_cancelled())
+    }
+
+    async fn release_in_flight(&self, grace: Duration) {
+        let tokens: Vec<i64> = self.lock_in_flight().iter().copied().collect();
+        match self.store.release(&tokens).await {
+            Ok(n) => tracing::warn!(rows = n, ?grace, "shutdown grace elapsed: released in-flight rows for redelivery"),
+            Err(e) => tracing::warn!(
+                error = %format!("{e:#}"),
+                "shutdown grace elapsed and releasing leases failed: rows return when their lease expires"
+            ),
+        }
+    }
+
+    fn summary(&self, stopped: bool) -> Summary {
+        let (left_for_retry, end) = match &self.drain {
+            Some(d) => {
+                let left = d.left_for_retry.lock().map(|s| s.len()).unwrap_or(0) as u64;
+                let end = d.end.lock().ok().and_then(|e| *e);
+                (left, end.unwrap_or(if stopped { DrainEnd::Stopped } else { DrainEnd::Empty }))
+            }
+            None => (0, DrainEnd::Stopped),
+        };
+        Summary {
+            delivered: self.stats.delivered.load(Ordering::Relaxed),
+            retried: self.stats.retried.load(Ordering::Relaxed),
+            dead: self.stats.dead.load(Ordering::Relaxed),
+            left_for_retry,
+            end: if stopped && end == DrainEnd::Empty { DrainEnd::Stopped } else { end },
+        }
+    }
+
+    fn finish_drain(&self, end: DrainEnd, finished: &CancellationToken) {
+        if let Some(d) = &self.drain {
+            if let Ok(mut slot) = d.end.lock() {
+                slot.get_or_insert(end);
+            }
+        }
+        finished.cancel();
+    }
+
+    async fn worker(self: Arc<Self>, finished: CancellationToken) {
+        let mut wake = self.wake.subscribe();
+        let mut backoff = db_backoff();
+        let poll = self.settings.dispatch.poll_interval;
+        while !finished.is_cancelled() {
+            self.beat();
+            wake.borrow_and_update();
+            match self.step().await {
+                Step::Delivered(_) => backoff = db_backoff(),
+                Step::Idle => {
+                    if let Some(d) = &self.drain {
+                        if d.busy.load(Ordering::SeqCst) == 0 {
+                            let end = if d.max_rows.is_some_and(|m| d.claimed.load(Ordering::SeqCst) >= m) {
+                                DrainEnd::MaxRows
+                            } else {
+                                DrainEnd::Empty
+                            };
+                            self.finish_drain(end, &finished);
+                            break;
+                        }
+                        // another worker's batch may unblock rows of its ordering keys
+                        wait(&finished, Duration::from_millis(10), &mut wake).await;
+                        continue;
+                    }
+                    wait(&finished, poll, &mut wake).await;
+                }
+                Step::Paused(until) => {
+                    if self.drain.is_some() && self.sink.is_down() {
+                        tracing::error!("ingest sink is down: drain stops; rows left wait for the next run");
+                        self.finish_drain(DrainEnd::SinkDown, &finished);
+                        break;
+                    }
+                    let nap = until.saturating_duration_since(Instant::now()).min(poll);
+                    tokio::select! {
+                        _ = finished.cancelled() => {}
+                        _ = tokio::time::sleep(nap) => {}
+                    }
+                }
+                Step::DatabaseUnavailable => {
+                    let nap = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tokio::select! {
+                        _ = finished.cancelled() => {}
+                        _ = tokio::time::sleep(nap) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One claim → deliver → settle.
+    pub async fn step(&self) -> Step {
+        let probing = match self.sink.gate() {
+            Gate::Open => false,
+            Gate::Probe => true,
+            Gate::WaitUntil(until) => return Step::Paused(until),
+        };
+        let d = &self.settings.dispatch;
+        let mut limit = if probing { d.batch_size.min(10) } else { d.batch_size };
+        if let Some(drain) = &self.drain {
+            if let Some(max) = drain.max_rows {
+                let left = max.saturating_sub(drain.claimed.load(Ordering::SeqCst));
+                limit = limit.min(u32::try_from(left).unwrap_or(u32::MAX));
+            }
+            drain.busy.fetch_add(1, Ordering::SeqCst);
+        }
+        let step = if limit == 0 { Step::Idle } else { self.claim_and_deliver(limit, probing).await };
+        if let Some(drain) = &self.drain {
+            drain.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+        if probing && !matches!(step, Step::Delivered(_)) {
+            self.sink.probe_abandoned();
+        }
+        step
+    }
+
+    async fn claim_and_deliver(&self, limit: u32, probing: bool) -> Step {
+        let lease = self.settings.dispatch.lease_duration;
+        let claim = match self.store.claim(limit, lease, &self.owner).await {
+            Ok(claim) => claim,
+            Err(e) => {
+                self.database_down(&e);
+                return Step::DatabaseUnavailable;
+            }
+        };
+        self.database_up();
+        let n = claim.rows.len();
+        if n == 0 {
+            return Step::Idle;
+        }
+        if let Some(drain) = &self.drain {
+            drain.claimed.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        self.metrics.batch_size.observe(n as f64);
+        self.lock_in_flight().insert(claim.token);
+        let attempts = self.with_heartbeat(self.deliver(&claim, probing)).await;
+        let settlement = self.settlement(&claim, attempts);
+        self.settle(&claim, settlement).await;
+        self.lock_in_flight().remove(&claim.token);
+        // rows of the same ordering keys may be due now
+        self.wake();
+        Step::Delivered(n)
+    }
+
+    async fn with_heartbeat<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(fut);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = tick.tick() => self.beat(),
+            }
+        }
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn database_down(&self, e: &anyhow::Error) {
+        if self.health.db_up.swap(false, Ordering::Relaxed) {
+            tracing::error!(error = %format!("{e:#}"), "database unavailable: retrying with backoff");
+        }
+        self.metrics.db_up.set(0);
+    }
+
+    fn database_up(&self) {
+        if !self.health.db_up.swap(true, Ordering::Relaxed) {
+            tracing::info!("database available");
+        }
+        self.metrics.db_up.set(1);
+    }
+
+    /// Deliver every row of a claim: JSON rows in one request (split on rejection),
+    /// file rows as concurrent uploads. Returns one attempt per row id.
+    async fn deliver(&self, claim: &Claim, probing: bool) -> HashMap<i64, Attempt> {
+        let mut attempts = HashMap::with_capacity(claim.rows.len());
+        let mut json = Vec::new();
+        let mut files = Vec::new();
+        for row in &claim.rows {
+            match self.route(row) {
+                Ok(Route::Json) => json.push(row),
+                Ok(Route::File(job)) => files.push((row, job)),
+                Err(failure) => {
+                    attempts.insert(row.id, Attempt::Failed { failure, charged: true });
+                }
+            }
+        }
+        if probing {
+            tracing::info!(rows = claim.rows.len(), "probing the ingest sink with a batch");
+        }
+        self.deliver_json(&json, &mut attempts).await;
+        let mut futures = Vec::with_capacity(files.len());
+        for (row, job) in &files {
+            futures.push(upload(&self.dispatcher, row, job));
+        }
+        let uploads = futures_util::stream::iter(futures)
+            .buffer_unordered(self.settings.dispatch.file_concurrency as usize)
+            .collect::<Vec<_>>()
+            .await;
+        for (id, result) in uploads {
+            let attempt = match result {
+                Ok(()) => {
+                    self.sink.on_answer();
+                    Attempt::Sent
+                }
+                Err(failure) => {
+                    let charged = self.account(&failure);
+                    Attempt::Failed { failure, charged }
+                }
+            };
+            attempts.insert(id, attempt);
+        }
+        attempts
+    }
+
+    /// Send JSON rows; a batch rejected with a non-retryable 4xx is split in halves
+    /// until the offending entries are alone.
+    async fn deliver_json(&self, rows: &[&ClaimedRow], attempts: &mut HashMap<i64, Attempt>) {
+        let mut pending: Vec<&[&ClaimedRow]> = if rows.is_empty() { Vec::new() } else { vec![rows] };
+        while let Some(chunk) = pending.pop() {
+            match self.dispatcher.send_json(chunk).await {
+                Ok(()) => {
+                    self.sink.on_answer();
+                    for row in chunk {
+                        attempts.insert(row.id, Attempt::Sent);
+                    }
+                }
+                Err(f) if f.error_type == ErrorType::Http4xx && !f.retryable && chunk.len() > 1 => {
+                    self.sink.on_answer();
+                    let (left, right) = chunk.split_at(chunk.len() / 2);
+                    tracing::info!(
+                        rows = chunk.len(),
+                        http_status = f.http_status,
+                        "batch rejected: splitting it to isolate the offending entries"
+                    );
+                    pending.push(right);
+                    pending.push(left);
+                }
+                Err(failure) => {
+                    let charged = self.account(&failure);
+                    for row in chunk {
+                        attempts.insert(row.id, Attempt::Failed { failure: failure.clone(), charged });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tell the sink-health tracker about a failure; returns whether it is charged.
+    fn account(&self, failure: &Failure) -> bool {
+        match failure.error_type {
+            t if t.is_sink_level() => self.sink.on_sink_failure(t.as_str(), failure.retry_after),
+            ErrorType::Http4xx => {
+                self.sink.on_answer();
+                true
+            }
+            // the request never left: says nothing about the sink
+            _ => true,
+        }
+    }
+
+    fn route(&self, row: &ClaimedRow) -> Result<Route, Failure> {
+        let d = &self.settings.dispatch;
+        let t = row.entity_type.as_str();
+        let well_formed = !t.is_empty()
+            && t.len() <= 100
+            && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+        if !well_formed {
+            return Err(Failure::unknown_entity_type(format!("entity type {t:?} is not routable")));
+        }
+        if d.file_entity_types.iter().any(|f| f == t) {
+            return FileJob::from_row(row).map(Route::File);
+        }
+        if !d.json_entity_types.is_empty() && !d.json_entity_types.iter().any(|j| j == t) {
+            return Err(Failure::unknown_entity_type(format!(
+                "entity type {t:?} is not in dispatch.json_entity_types or dispatch.file_entity_types"
+            )));
+        }
+        if !row.payload.get().trim_start().starts_with('{') {
+            return Err(Failure::payload_invalid("payload is not a JSON object"));
+        }
+        Ok(Route::Json)
+    }
+
+    /// Decide each row's outcome: sent, retry later (charged or not), or dead.
+    fn settlement(&self, claim: &Claim, mut attempts: HashMap<i64, Attempt>) -> Settlement {
+        let mut s = Settlement { token: claim.token, ..Default::default() };
+        let now = chrono::Utc::now();
+        for row in &claim.rows {
+            let Some(attempt) = attempts.remove(&row.id) else { continue };
+            let (failure, charged) = match attempt {
+                Attempt::Sent => {
+                    s.sent.push(row.id);
+                    continue;
+                }
+                Attempt::Failed { failure, charged } => (failure, charged),
+            };
+            let params = self.settings.retry.for_entity(&row.entity_type);
+            let number = row.attempts.saturating_add(1);
+            let error = ErrorRecord {
+                error_type: failure.error_type.as_str().to_string(),
+                http_status: failure.http_status.map(i32::from),
+                message: failure.message.clone(),
+                response_body: failure.response_body.clone(),
+                history_entry: serde_json::json!({
+                    "attempt": number,
+                    "at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    "errorType": failure.error_type.as_str(),
+                    "httpStatus": failure.http_status,
+                    "message": failure.message,
+                }),
+            };
+            let out_of_attempts = charged && number >= i32::try_from(params.max_attempts).unwrap_or(i32::MAX);
+            if !failure.retryable || out_of_attempts {
+                tracing::warn!(
+                    outbox_id = row.id,
+                    entity_type = %row.entity_type,
+                    attempt = number,
+                    error_type = %failure.error_type,
+                    http_status = failure.http_status,
+                    "dead-lettered: {}",
+                    failure.message
+                );
+                s.dead.push(DeadRow {
+                    id: row.id,
+                    error,
+                    max_attempts: i32::try_from(params.max_attempts).unwrap_or(i32::MAX),
+                });
+                continue;
+            }
+            let delay = if charged {
+                next_delay(&params, number as u32, failure.retry_after)
+            } else {
+                self.sink.until_next_probe().max(failure.retry_after.unwrap_or_default())
+            };
+            if charged {
+                tracing::warn!(
+                    outbox_id = row.id,
+                    entity_type = %row.entity_type,
+                    attempt = number,
+                    error_type = %failure.error_type,
+                    http_status = failure.http_status,
+                    retry_in = ?delay,
+                    "delivery failed: {}",
+                    failure.message
+                );
+            } else {
+                tracing::debug!(
+                    outbox_id = row.id,
+                    entity_type = %row.entity_type,
+                    error_type = %failure.error_type,
+                    "delivery failed while the sink is down (not charged)"
+                );
+            }
+            s.retries.push(RetryRow { id: row.id, delay, error, charged });
+        }
+        s
+    }
+
+    /// Write the outcome; database errors are retried with backoff (they never cost
+    /// a row an attempt), and a lost lease is reported, not overwritten.
+    async fn settle(&self, claim: &Claim, s: Settlement) {
+        let keep_sent = !self.settings.retention.delete_sent;
+        let write = || async { self.store.settle(&s, keep_sent).await };
+        let report = write
+            .retry(db_backoff_builder())
+            .notify(|e: &anyhow::Error, wait: Duration| {
+                self.beat();
+                self.database_down(e);
+                tracing::warn!(?wait, "settling a batch failed; retrying");
+            })
+            .await;
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "settling a batch failed; its rows return when the lease expires");
+                return;
+            }
+        };
+        self.database_up();
+        if report.lost > 0 {
+            self.metrics.lease_lost.inc_by(report.lost);
+            self.stats.lease_lost.fetch_add(report.lost, Ordering::Relaxed);
+            tracing::warn!(
+                rows = report.lost,
+                claim_token = claim.token,
+                "lease lost: another relay took these rows over; left its outcome alone"
+            );
+        }
+        self.record(claim, &s);
+    }
+
+    fn record(&self, claim: &Claim, s: &Settlement) {
+        let by_id: HashMap<i64, &ClaimedRow> = claim.rows.iter().map(|r| (r.id, r)).collect();
+        let now = chrono::Utc::now();
+        for id in &s.sent {
+            if let Some(row) = by_id.get(id) {
+                self.metrics.deliveries.with_label_values(&[row.entity_type.as_str(), "sent"]).inc();
+                let lag = (now - row.created_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                self.metrics.delivery_lag.observe(lag);
+            }
+        }
+        for r in &s.retries {
+            if let Some(row) = by_id.get(&r.id) {
+                self.metrics.deliveries.with_label_values(&[row.entity_type.as_str(), "retry"]).inc();
+            }
+            self.metrics.delivery_errors.with_label_values(&[r.error.error_type.as_str()]).inc();
+        }
+        for d in &s.dead {
+            if let Some(row) = by_id.get(&d.id) {
+                self.metrics.deliveries.with_label_values(&[row.entity_type.as_str(), "dead"]).inc();
+            }
+            self.metrics.delivery_errors.with_label_values(&[d.error.error_type.as_str()]).inc();
+        }
+        self.stats.delivered.fetch_add(s.sent.len() as u64, Ordering::Relaxed);
+        self.stats.retried.fetch_add(s.retries.len() as u64, Ordering::Relaxed);
+        self.stats.dead.fetch_add(s.dead.len() as u64, Ordering::Relaxed);
+        if let Some(drain) = &self.drain {
+            if let Ok(mut left) = drain.left_for_retry.lock() {
+                for id in s.sent.iter().chain(s.dead.iter().map(|d| &d.id)) {
+                    left.remove(id);
+                }
+                left.extend(s.retries.iter().map(|r| r.id));
+            }
+        }
+    }
+
+    /// Extend the leases of batches in flight every third of the lease, so a slow
+    /// sink never makes a live relay lose its rows.
+    pub async fn renew_leases(self: Arc<Self>, stop: CancellationToken) {
+        let lease = self.settings.dispatch.lease_duration;
+        let every = lease / 3;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let tokens: Vec<i64> = self.lock_in_flight().iter().copied().collect();
+            if tokens.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.store.renew(&tokens, lease).await {
+                tracing::warn!(error = %format!("{e:#}"), "renewing leases failed; will retry");
+            }
+        }
+    }
+
+    /// Wake workers on insert notifications; reconnect with backoff when the
+    /// listening connection drops. Polling covers whatever is missed.
+    pub async fn listen(self: Arc<Self>, stop: CancellationToken) {
+        if !self.settings.dispatch.listen {
+            return;
+        }
+        let mut backoff = db_backoff();
+        loop {
+            let mut notifications = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = self.store.notifications() => match n {
+                    Ok(Some(n)) => n,
+                    Ok(None) => return, // this backend has no notifications
+                    Err(e) => {
+                        tracing::debug!(error = %format!("{e:#}"), "LISTEN failed; polling meanwhile");
+                        let nap = backoff.next().unwrap_or(Duration::from_secs(5));
+                        tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(nap) => {} }
+                        continue;
+                    }
+                },
+            };
+            backoff = db_backoff();
+            self.wake();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    n = notifications.next() => match n {
+                        Ok(_) => self.wake(),
+                        Err(e) => {
+                            tracing::debug!(error = %format!("{e:#}"), "LISTEN connection lost");
+                            self.wake();
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    /// Refresh the backlog gauges and the database health on an interval.
+    pub async fn refresh_gauges(self: Arc<Self>, stop: CancellationToken) {
+        let every = self.settings.metrics.refresh_interval;
+        loop {
+            match self.store.backlog().await {
+                Ok(backlog) => {
+                    self.metrics.set_backlog(&backlog);
+                    self.database_up();
+                }
+                Err(e) => self.database_down(&e),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Delete delivered records past `retention.sent_ttl`, a small batch at a time.
+    pub async fn prune(self: Arc<Self>, stop: CancellationToken) {
+        let r = &self.settings.retention;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(r.prune_interval) => {}
+            }
+            for _ in 0..1000 {
+                match self.store.prune_sent(r.sent_ttl, r.prune_batch).await {
+                    Ok(n) if n >= u64::from(r.prune_batch) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "pruning delivered records failed");
+                        break;
+                    }
+                }
+                if stop.is_cancelled() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn upload(dispatcher: &Dispatcher, row: &ClaimedRow, job: &FileJob) -> (i64, Result<(), Failure>) {
+    (row.id, dispatcher.send_file(row, job).await)
+}
+
+async fn wait(stop: &CancellationToken, max: Duration, wake: &mut watch::Receiver<u64>) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(max) => {}
+        _ = wake.changed() => {}
+    }
+}
+
+fn db_backoff_builder() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+}
+
+fn db_backoff() -> backon::ExponentialBackoff {
+    db_backoff_builder().build()
+}
+
+/// `host:pid`, shown as the lease owner.
+fn owner_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}

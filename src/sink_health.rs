@@ -1,0 +1,193 @@
+//! Whether the sink is up, as a whole. After `outage_threshold` consecutive
+//! sink-level failures (connect, timeout, 5xx, 429) the relay stops claiming, lets one
+//! worker probe with a real batch on a doubling interval, and stops charging rows for
+//! failures that are the sink's fault. A 429 with `Retry-After` pauses the relay until
+//! then even before the threshold.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Claim and deliver as usual.
+    Open,
+    /// The sink is down and a probe is due: this caller probes.
+    Probe,
+    /// Do not claim before this instant.
+    WaitUntil(Instant),
+}
+
+#[derive(Debug)]
+struct State {
+    consecutive_failures: u32,
+    down: bool,
+    probing: bool,
+    probe_delay: Duration,
+    /// While down: next probe. While up: end of a Retry-After pause.
+    not_before: Instant,
+}
+
+pub struct SinkHealth {
+    state: Mutex<State>,
+    threshold: u32,
+    probe_base: Duration,
+    probe_max: Duration,
+    metrics: Metrics,
+}
+
+impl SinkHealth {
+    pub fn new(threshold: u32, probe_base: Duration, probe_max: Duration, metrics: Metrics) -> SinkHealth {
+        metrics.sink_up.set(1);
+        SinkHealth {
+            state: Mutex::new(State {
+                consecutive_failures: 0,
+                down: false,
+                probing: false,
+                probe_delay: probe_base,
+                not_before: Instant::now(),
+            }),
+            threshold: threshold.max(1),
+            probe_base,
+            probe_max: probe_max.max(probe_base),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // a panic while holding this lock cannot leave the state inconsistent
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.lock().down
+    }
+
+    pub fn gate(&self) -> Gate {
+        let now = Instant::now();
+        let mut s = self.lock();
+        if !s.down {
+            return if now < s.not_before { Gate::WaitUntil(s.not_before) } else { Gate::Open };
+        }
+        if s.probing || now < s.not_before {
+            let until = if s.not_before > now { s.not_before } else { now + Duration::from_millis(50) };
+            return Gate::WaitUntil(until);
+        }
+        s.probing = true;
+        Gate::Probe
+    }
+
+    /// The probe found nothing to send; another caller may probe later.
+    pub fn probe_abandoned(&self) {
+        self.lock().probing = false;
+    }
+
+    /// The sink answered (2xx, or a 4xx about the request itself).
+    pub fn on_answer(&self) {
+        let mut s = self.lock();
+        s.consecutive_failures = 0;
+        s.probing = false;
+        if s.down {
+            s.down = false;
+            s.probe_delay = self.probe_base;
+            self.metrics.sink_up.set(1);
+            tracing::warn!("ingest sink is answering again: resuming delivery");
+        }
+    }
+
+    /// A sink-level failure. Returns whether the rows involved are charged an
+    /// attempt: only while the sink was not yet taken as down.
+    pub fn on_sink_failure(&self, error_type: &str, retry_after: Option<Duration>) -> bool {
+        let now = Instant::now();
+        let mut s = self.lock();
+        let was_down = s.down;
+        s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+        s.probing = false;
+        if was_down {
+            s.probe_delay = (s.probe_delay * 2).min(self.probe_max);
+            s.not_before = now + s.probe_delay.max(retry_after.unwrap_or_default());
+            tracing::debug!(error_type, next_probe_in = ?s.probe_delay, "probe failed: ingest sink still down");
+        } else if s.consecutive_failures >= self.threshold {
+            s.down = true;
+            s.probe_delay = self.probe_base;
+            s.not_before = now + s.probe_delay.max(retry_after.unwrap_or_default());
+            self.metrics.sink_up.set(0);
+            tracing::error!(
+                error_type,
+                consecutive_failures = s.consecutive_failures,
+                "ingest sink is DOWN: pausing all delivery, probing until it answers; \
+                 rows are not charged attempts while it is down"
+            );
+        } else if let Some(ra) = retry_after {
+            // rate limited: the whole relay waits, not only these rows
+            s.not_before = s.not_before.max(now + ra);
+        }
+        !was_down
+    }
+
+    /// When rows released during an outage should become due again.
+    pub fn until_next_probe(&self) -> Duration {
+        let s = self.lock();
+        s.not_before.saturating_duration_since(Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(threshold: u32) -> SinkHealth {
+        SinkHealth::new(threshold, Duration::from_secs(1), Duration::from_secs(8), Metrics::new().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    fn trips_after_the_threshold_and_stops_charging() {
+        let h = health(3);
+        assert!(h.on_sink_failure("connect", None));
+        assert!(h.on_sink_failure("connect", None));
+        assert_eq!(h.gate(), Gate::Open);
+        assert!(h.on_sink_failure("connect", None), "the tripping failure is still charged");
+        assert!(h.is_down());
+        assert_eq!(h.metrics.sink_up.get(), 0);
+        assert!(!h.on_sink_failure("connect", None), "failures while down are not charged");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_one_at_a_time_with_doubling_delay() {
+        let h = health(1);
+        h.on_sink_failure("http_5xx", None);
+        assert!(matches!(h.gate(), Gate::WaitUntil(_)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(h.gate(), Gate::Probe);
+        assert!(matches!(h.gate(), Gate::WaitUntil(_)), "only one prober");
+        h.on_sink_failure("http_5xx", None);
+        assert_eq!(h.until_next_probe(), Duration::from_secs(2));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(h.gate(), Gate::Probe);
+        h.on_answer();
+        assert!(!h.is_down());
+        assert_eq!(h.gate(), Gate::Open);
+        assert_eq!(h.metrics.sink_up.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_resets_the_count() {
+        let h = health(2);
+        h.on_sink_failure("timeout", None);
+        h.on_answer();
+        h.on_sink_failure("timeout", None);
+        assert!(!h.is_down());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_pauses_everyone() {
+        let h = health(5);
+        h.on_sink_failure("http_429", Some(Duration::from_secs(3)));
+        assert!(matches!(h.gate(), Gate::WaitUntil(_)));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(h.gate(), Gate::Open);
+    }
+}

@@ -1,0 +1,24 @@
+//! Logging through tracing-subscriber: `pretty` for people, `json` for machines.
+//! `RUST_LOG` wins over `--log-level` when set.
+
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => EnvFilter::try_new(spec)?,
+        _ => EnvFilter::try_new(format!("warn,serversync={level}"))
+            .map_err(|e| anyhow::anyhow!("invalid --log-level {level:?}: {e}"))?,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Pretty => builder.compact().try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+}
