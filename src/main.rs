@@ -32,9 +32,25 @@ fn main() -> ExitCode {
     match runtime.block_on(serversync::app::execute(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let line = format!("{e:#}").replace('\n', " ");
+            let line = one_line(&e);
             eprintln!("error: {line}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping causes already quoted by their
+/// parent (sqlx and reqwest errors repeat their source in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line.replace('\n', " ")
 }

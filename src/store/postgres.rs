@@ -8,7 +8,10 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::Connection;
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -102,12 +105,18 @@ const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload, order
 
 impl PgStore {
     pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<PgStore> {
+        let connect_options = PgConnectOptions::from_str(url)?.application_name("serversync");
+        // One direct connection first: a pool would retry until its timeout and
+        // report only "timed out", hiding the cause (refused, auth, unknown db).
+        let probe = tokio::time::timeout(options.acquire_timeout, PgConnection::connect_with(&connect_options))
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out after {:?}", options.acquire_timeout))?
+            .map_err(describe_connect_error)?;
+        let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
-            .connect(url)
-            .await
-            .map_err(describe_connect_error)?;
+            .connect_lazy_with(connect_options);
         Ok(PgStore { pool })
     }
 
