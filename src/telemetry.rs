@@ -15,10 +15,18 @@ pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
         _ => EnvFilter::try_new(format!("warn,serversync={level}"))
             .map_err(|e| anyhow::anyhow!("invalid --log-level {level:?}: {e}"))?,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let result = match format {
         LogFormat::Pretty => builder.compact().try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
 }

@@ -16,8 +16,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection, NewRow,
-    SchemaState, SettleReport, Settlement, Status,
+    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection,
+    NewRow, SchemaState, SettleReport, Settlement, Status,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -108,10 +108,13 @@ impl PgStore {
         let connect_options = PgConnectOptions::from_str(url)?.application_name("serversync");
         // One direct connection first: a pool would retry until its timeout and
         // report only "timed out", hiding the cause (refused, auth, unknown db).
-        let probe = tokio::time::timeout(options.acquire_timeout, PgConnection::connect_with(&connect_options))
-            .await
-            .map_err(|_| anyhow::anyhow!("timed out after {:?}", options.acquire_timeout))?
-            .map_err(describe_connect_error)?;
+        let probe = tokio::time::timeout(
+            options.acquire_timeout,
+            PgConnection::connect_with(&connect_options),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out after {:?}", options.acquire_timeout))?
+        .map_err(describe_connect_error)?;
         let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
@@ -126,7 +129,10 @@ impl PgStore {
     }
 
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        MIGRATOR.run(&self.pool).await.context("applying migrations")?;
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .context("applying migrations")?;
         Ok(())
     }
 
@@ -135,13 +141,18 @@ impl PgStore {
             .fetch_one(&self.pool)
             .await?;
         let applied: Vec<i64> = if exists {
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-                .fetch_all(&self.pool)
-                .await?
+            sqlx::query_scalar(
+                "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+            )
+            .fetch_all(&self.pool)
+            .await?
         } else {
             Vec::new()
         };
-        Ok(super::compare_schema(MIGRATOR.iter().map(|m| m.version), &applied))
+        Ok(super::compare_schema(
+            MIGRATOR.iter().map(|m| m.version),
+            &applied,
+        ))
     }
 
     pub async fn set_ordering_rules(&self, rules: &BTreeMap<String, String>) -> anyhow::Result<()> {
@@ -166,7 +177,13 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn claim(&self, token: i64, limit: u32, lease: Duration, owner: &str) -> anyhow::Result<Claim> {
+    pub async fn claim(
+        &self,
+        token: i64,
+        limit: u32,
+        lease: Duration,
+        owner: &str,
+    ) -> anyhow::Result<Claim> {
         let rows = sqlx::query(CLAIM_SQL)
             .bind(i64::from(limit))
             .bind(token)
@@ -188,7 +205,10 @@ impl PgStore {
             });
         }
         claimed.sort_unstable_by_key(|r| r.id);
-        Ok(Claim { token, rows: claimed })
+        Ok(Claim {
+            token,
+            rows: claimed,
+        })
     }
 
     pub async fn renew(&self, tokens: &[i64], lease: Duration) -> anyhow::Result<u64> {
@@ -214,49 +234,114 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
+    /// One transaction; when only one statement is needed (the common case: every
+    /// row sent) it runs alone, a statement being atomic by itself, which saves the
+    /// BEGIN and COMMIT round trips.
     pub async fn settle(&self, s: &Settlement, keep_sent: bool) -> anyhow::Result<SettleReport> {
-        let mut report = SettleReport::default();
-        let mut tx = self.pool.begin().await?;
-        if !s.sent.is_empty() {
-            let sql = if keep_sent { SENT_ARCHIVE_SQL } else { SENT_DELETE_SQL };
-            report.sent = sqlx::query(sql).bind(&s.sent).bind(s.token).execute(&mut *tx).await?.rows_affected();
-        }
-        if !s.retries.is_empty() {
-            let r = &s.retries;
-            report.retried = sqlx::query(RETRY_SQL)
-                .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
-                .bind(r.iter().map(|x| millis(x.delay)).collect::<Vec<_>>())
-                .bind(r.iter().map(|x| x.error.error_type.clone()).collect::<Vec<_>>())
-                .bind(r.iter().map(|x| x.error.message.clone()).collect::<Vec<_>>())
-                .bind(r.iter().map(|x| x.error.http_status).collect::<Vec<_>>())
-                .bind(r.iter().map(|x| x.charged).collect::<Vec<_>>())
-                .bind(r.iter().map(|x| x.error.history_entry.clone()).collect::<Vec<_>>())
-                .bind(s.token)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        if !s.dead.is_empty() {
-            let d = &s.dead;
-            report.dead = sqlx::query(DEAD_SQL)
-                .bind(d.iter().map(|x| x.id).collect::<Vec<_>>())
-                .bind(d.iter().map(|x| x.error.error_type.clone()).collect::<Vec<_>>())
-                .bind(d.iter().map(|x| x.error.http_status).collect::<Vec<_>>())
-                .bind(d.iter().map(|x| x.error.message.clone()).collect::<Vec<_>>())
-                .bind(d.iter().map(|x| x.error.response_body.clone()).collect::<Vec<_>>())
-                .bind(d.iter().map(|x| x.error.history_entry.clone()).collect::<Vec<_>>())
-                .bind(d.iter().map(|x| x.max_attempts).collect::<Vec<_>>())
-                .bind(s.token)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        tx.commit().await?;
+        let parts = [
+            !s.sent.is_empty(),
+            !s.retries.is_empty(),
+            !s.dead.is_empty(),
+        ]
+        .iter()
+        .filter(|p| **p)
+        .count();
+        let mut report = if parts > 1 {
+            let mut tx = self.pool.begin().await?;
+            let report = write_settlement(&mut tx, s, keep_sent).await?;
+            tx.commit().await?;
+            report
+        } else {
+            let mut conn = self.pool.acquire().await?;
+            write_settlement(&mut conn, s, keep_sent).await?
+        };
         let expected = (s.sent.len() + s.retries.len() + s.dead.len()) as u64;
         report.lost = expected.saturating_sub(report.sent + report.retried + report.dead);
         Ok(report)
     }
+}
 
+async fn write_settlement(
+    conn: &mut sqlx::PgConnection,
+    s: &Settlement,
+    keep_sent: bool,
+) -> anyhow::Result<SettleReport> {
+    let mut report = SettleReport::default();
+    if !s.sent.is_empty() {
+        let sql = if keep_sent {
+            SENT_ARCHIVE_SQL
+        } else {
+            SENT_DELETE_SQL
+        };
+        report.sent = sqlx::query(sql)
+            .bind(&s.sent)
+            .bind(s.token)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    }
+    if !s.retries.is_empty() {
+        let r = &s.retries;
+        report.retried = sqlx::query(RETRY_SQL)
+            .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| millis(x.delay)).collect::<Vec<_>>())
+            .bind(
+                r.iter()
+                    .map(|x| x.error.error_type.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                r.iter()
+                    .map(|x| x.error.message.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(r.iter().map(|x| x.error.http_status).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.charged).collect::<Vec<_>>())
+            .bind(
+                r.iter()
+                    .map(|x| x.error.history_entry.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(s.token)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    }
+    if !s.dead.is_empty() {
+        let d = &s.dead;
+        report.dead = sqlx::query(DEAD_SQL)
+            .bind(d.iter().map(|x| x.id).collect::<Vec<_>>())
+            .bind(
+                d.iter()
+                    .map(|x| x.error.error_type.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(d.iter().map(|x| x.error.http_status).collect::<Vec<_>>())
+            .bind(
+                d.iter()
+                    .map(|x| x.error.message.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|x| x.error.response_body.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|x| x.error.history_entry.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(d.iter().map(|x| x.max_attempts).collect::<Vec<_>>())
+            .bind(s.token)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    }
+    Ok(report)
+}
+
+impl PgStore {
     pub async fn status(&self) -> anyhow::Result<Status> {
         let row = sqlx::query(
             "SELECT count(*) AS pending, \
@@ -277,7 +362,9 @@ impl PgStore {
             pending: row.try_get("pending")?,
             due: row.try_get("due")?,
             in_flight: row.try_get("in_flight")?,
-            oldest_pending_age_seconds: row.try_get::<Option<f64>, _>("oldest")?.map(|a| a.max(0.0)),
+            oldest_pending_age_seconds: row
+                .try_get::<Option<f64>, _>("oldest")?
+                .map(|a| a.max(0.0)),
             dead_letters: by_type.values().sum(),
             dead_letters_by_error_type: by_type,
             sent_last_5m,
@@ -285,10 +372,11 @@ impl PgStore {
     }
 
     async fn dead_by_type(&self) -> anyhow::Result<BTreeMap<String, i64>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT error_type, count(*) FROM sync_outbox_dead_letters GROUP BY error_type")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT error_type, count(*) FROM sync_outbox_dead_letters GROUP BY error_type",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().collect())
     }
 
@@ -341,7 +429,10 @@ impl PgStore {
 
     pub async fn dlq_get(&self, id: i64) -> anyhow::Result<Option<DeadLetter>> {
         let sql = format!("SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(dead_letter_from_row).transpose()
     }
 
@@ -353,14 +444,18 @@ impl PgStore {
              INSERT INTO sync_outbox (id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
              SELECT outbox_id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors FROM d"
         );
-        let done = bind_selection(sqlx::query(&sql), bind).execute(&self.pool).await?;
+        let done = bind_selection(sqlx::query(&sql), bind)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
     pub async fn dlq_purge(&self, sel: &DlqSelection) -> anyhow::Result<u64> {
         let (filter, bind) = selection_filter(sel);
         let sql = format!("DELETE FROM sync_outbox_dead_letters WHERE {filter}");
-        let done = bind_selection(sqlx::query(&sql), bind).execute(&self.pool).await?;
+        let done = bind_selection(sqlx::query(&sql), bind)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -420,9 +515,10 @@ fn selection_filter(sel: &DlqSelection) -> (&'static str, SelectionBind) {
         DlqSelection::Ids(ids) => ("id = ANY($1)", SelectionBind::Ids(ids.clone())),
         DlqSelection::All => ("true", SelectionBind::None),
         DlqSelection::ErrorType(t) => ("error_type = $1", SelectionBind::Text(t.clone())),
-        DlqSelection::OlderThan(d) => {
-            ("dead_at < now() - $1 * interval '1 millisecond'", SelectionBind::Millis(millis(*d)))
-        }
+        DlqSelection::OlderThan(d) => (
+            "dead_at < now() - $1 * interval '1 millisecond'",
+            SelectionBind::Millis(millis(*d)),
+        ),
     }
 }
 
