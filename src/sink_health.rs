@@ -40,7 +40,12 @@ pub struct SinkHealth {
 }
 
 impl SinkHealth {
-    pub fn new(threshold: u32, probe_base: Duration, probe_max: Duration, metrics: Metrics) -> SinkHealth {
+    pub fn new(
+        threshold: u32,
+        probe_base: Duration,
+        probe_max: Duration,
+        metrics: Metrics,
+    ) -> SinkHealth {
         metrics.sink_up.set(1);
         SinkHealth {
             state: Mutex::new(State {
@@ -70,10 +75,18 @@ impl SinkHealth {
         let now = Instant::now();
         let mut s = self.lock();
         if !s.down {
-            return if now < s.not_before { Gate::WaitUntil(s.not_before) } else { Gate::Open };
+            return if now < s.not_before {
+                Gate::WaitUntil(s.not_before)
+            } else {
+                Gate::Open
+            };
         }
         if s.probing || now < s.not_before {
-            let until = if s.not_before > now { s.not_before } else { now + Duration::from_millis(50) };
+            let until = if s.not_before > now {
+                s.not_before
+            } else {
+                now + Duration::from_millis(50)
+            };
             return Gate::WaitUntil(until);
         }
         s.probing = true;
@@ -140,19 +153,30 @@ mod tests {
     use super::*;
 
     fn health(threshold: u32) -> SinkHealth {
-        SinkHealth::new(threshold, Duration::from_secs(1), Duration::from_secs(8), Metrics::new().unwrap())
+        SinkHealth::new(
+            threshold,
+            Duration::from_secs(1),
+            Duration::from_secs(8),
+            Metrics::new().unwrap(),
+        )
     }
 
     #[tokio::test(start_paused = true)]
-    fn trips_after_the_threshold_and_stops_charging() {
+    async fn trips_after_the_threshold_and_stops_charging() {
         let h = health(3);
         assert!(h.on_sink_failure("connect", None));
         assert!(h.on_sink_failure("connect", None));
         assert_eq!(h.gate(), Gate::Open);
-        assert!(h.on_sink_failure("connect", None), "the tripping failure is still charged");
+        assert!(
+            h.on_sink_failure("connect", None),
+            "the tripping failure is still charged"
+        );
         assert!(h.is_down());
         assert_eq!(h.metrics.sink_up.get(), 0);
-        assert!(!h.on_sink_failure("connect", None), "failures while down are not charged");
+        assert!(
+            !h.on_sink_failure("connect", None),
+            "failures while down are not charged"
+        );
     }
 
     #[tokio::test(start_paused = true)]

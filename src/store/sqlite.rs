@@ -14,15 +14,15 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use serde_json::value::RawValue;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
-    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection, NewRow,
-    SchemaState, SettleReport, Settlement, Status,
+    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection,
+    NewRow, SchemaState, SettleReport, Settlement, Status,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -32,7 +32,11 @@ static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 /// the identical column default), so comparing the text compares the times.
 macro_rules! now_plus_ms {
     ($ms:literal) => {
-        concat!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('%+.3f seconds', ", $ms, " / 1000.0))")
+        concat!(
+            "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('%+.3f seconds', ",
+            $ms,
+            " / 1000.0))"
+        )
     };
 }
 
@@ -63,7 +67,8 @@ const CLAIM_SQL: &str = concat!(
 );
 
 /// `?1` is a JSON array of ids: SQLite has no array parameters, `json_each` stands in.
-const SENT_ARCHIVE_SQL: &str = "INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts) \
+const SENT_ARCHIVE_SQL: &str =
+    "INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts) \
     SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM sync_outbox \
     WHERE id IN (SELECT value FROM json_each(?1)) AND claim_token = ?2 \
     ON CONFLICT (id) DO UPDATE SET sent_at = excluded.sent_at, attempts = excluded.attempts";
@@ -131,7 +136,11 @@ impl SqliteStore {
             // An in-memory database lives as long as one connection to it does, and a
             // shared cache between connections fails with SQLITE_LOCKED instead of
             // waiting: keep exactly one connection, forever.
-            pool = pool.max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None);
+            pool = pool
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None);
         } else {
             // WAL lets readers (status, metrics) run while the relay writes.
             connect = connect.journal_mode(SqliteJournalMode::Wal);
@@ -167,9 +176,9 @@ impl SqliteStore {
                  per database file; use PostgreSQL for several)",
                 db.display()
             ),
-            Err(TryLockError::Error(e)) => {
-                Err(e).with_context(|| format!("cannot lock the relay lock file {}", lock_path.display()))
-            }
+            Err(TryLockError::Error(e)) => Err(e).with_context(|| {
+                format!("cannot lock the relay lock file {}", lock_path.display())
+            }),
         }
     }
 
@@ -179,7 +188,10 @@ impl SqliteStore {
     }
 
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        MIGRATOR.run(&self.pool).await.context("applying migrations")?;
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .context("applying migrations")?;
         Ok(())
     }
 
@@ -190,37 +202,55 @@ impl SqliteStore {
         .fetch_one(&self.pool)
         .await?;
         let applied: Vec<i64> = if exists {
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-                .fetch_all(&self.pool)
-                .await?
+            sqlx::query_scalar(
+                "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+            )
+            .fetch_all(&self.pool)
+            .await?
         } else {
             Vec::new()
         };
-        Ok(super::compare_schema(MIGRATOR.iter().map(|m| m.version), &applied))
+        Ok(super::compare_schema(
+            MIGRATOR.iter().map(|m| m.version),
+            &applied,
+        ))
     }
 
     /// Every write starts IMMEDIATE: it takes the write lock up front and waits for it
     /// (busy_timeout), instead of failing with SQLITE_BUSY when a read upgrades.
     async fn write_tx(&self) -> anyhow::Result<Transaction<'static, Sqlite>> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.context("starting a write transaction")
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .context("starting a write transaction")
     }
 
     pub async fn set_ordering_rules(&self, rules: &BTreeMap<String, String>) -> anyhow::Result<()> {
         let mut tx = self.write_tx().await?;
-        sqlx::query("DELETE FROM sync_outbox_ordering_rules").execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM sync_outbox_ordering_rules")
+            .execute(&mut *tx)
+            .await?;
         for (entity_type, source) in rules {
-            sqlx::query("INSERT INTO sync_outbox_ordering_rules (entity_type, source) VALUES (?1, ?2)")
-                .bind(entity_type)
-                .bind(source)
-                .execute(&mut *tx)
-                .await
-                .with_context(|| format!("ordering rule {entity_type} = {source}"))?;
+            sqlx::query(
+                "INSERT INTO sync_outbox_ordering_rules (entity_type, source) VALUES (?1, ?2)",
+            )
+            .bind(entity_type)
+            .bind(source)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("ordering rule {entity_type} = {source}"))?;
         }
         tx.commit().await?;
         Ok(())
     }
 
-    pub async fn claim(&self, token: i64, limit: u32, lease: Duration, owner: &str) -> anyhow::Result<Claim> {
+    pub async fn claim(
+        &self,
+        token: i64,
+        limit: u32,
+        lease: Duration,
+        owner: &str,
+    ) -> anyhow::Result<Claim> {
         let mut tx = self.write_tx().await?;
         let rows = sqlx::query(CLAIM_SQL)
             .bind(i64::from(limit))
@@ -231,10 +261,16 @@ impl SqliteStore {
             .await
             .context("claiming rows")?;
         // decode before committing: a row we cannot read is not left leased
-        let mut claimed = rows.iter().map(claimed_from_row).collect::<anyhow::Result<Vec<_>>>()?;
+        let mut claimed = rows
+            .iter()
+            .map(claimed_from_row)
+            .collect::<anyhow::Result<Vec<_>>>()?;
         tx.commit().await?;
         claimed.sort_unstable_by_key(|r| r.id);
-        Ok(Claim { token, rows: claimed })
+        Ok(Claim {
+            token,
+            rows: claimed,
+        })
     }
 
     pub async fn renew(&self, tokens: &[i64], lease: Duration) -> anyhow::Result<u64> {
@@ -272,10 +308,18 @@ impl SqliteStore {
         if !s.sent.is_empty() {
             let ids = serde_json::to_string(&s.sent)?;
             if keep_sent {
-                sqlx::query(SENT_ARCHIVE_SQL).bind(&ids).bind(s.token).execute(&mut *tx).await?;
+                sqlx::query(SENT_ARCHIVE_SQL)
+                    .bind(&ids)
+                    .bind(s.token)
+                    .execute(&mut *tx)
+                    .await?;
             }
-            report.sent =
-                sqlx::query(SENT_DELETE_SQL).bind(&ids).bind(s.token).execute(&mut *tx).await?.rows_affected();
+            report.sent = sqlx::query(SENT_DELETE_SQL)
+                .bind(&ids)
+                .bind(s.token)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         }
         for r in &s.retries {
             report.retried += sqlx::query(RETRY_SQL)
@@ -303,8 +347,12 @@ impl SqliteStore {
                 .bind(d.max_attempts)
                 .execute(&mut *tx)
                 .await?;
-            report.dead +=
-                sqlx::query(DELETE_CLAIMED_SQL).bind(d.id).bind(s.token).execute(&mut *tx).await?.rows_affected();
+            report.dead += sqlx::query(DELETE_CLAIMED_SQL)
+                .bind(d.id)
+                .bind(s.token)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         }
         tx.commit().await?;
         let expected = (s.sent.len() + s.retries.len() + s.dead.len()) as u64;
@@ -324,16 +372,20 @@ impl SqliteStore {
         );
         let row = sqlx::query(sql).fetch_one(&self.pool).await?;
         let by_type = self.dead_by_type().await?;
-        let sent_last_5m: i64 =
-            sqlx::query_scalar(concat!("SELECT count(*) FROM sync_outbox_sent WHERE sent_at > ", now_plus_ms!("?1")))
-                .bind(-300_000_i64)
-                .fetch_one(&self.pool)
-                .await?;
+        let sent_last_5m: i64 = sqlx::query_scalar(concat!(
+            "SELECT count(*) FROM sync_outbox_sent WHERE sent_at > ",
+            now_plus_ms!("?1")
+        ))
+        .bind(-300_000_i64)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(Status {
             pending: row.try_get("pending")?,
             due: row.try_get("due")?,
             in_flight: row.try_get("in_flight")?,
-            oldest_pending_age_seconds: row.try_get::<Option<f64>, _>("oldest")?.map(|a| a.max(0.0)),
+            oldest_pending_age_seconds: row
+                .try_get::<Option<f64>, _>("oldest")?
+                .map(|a| a.max(0.0)),
             dead_letters: by_type.values().sum(),
             dead_letters_by_error_type: by_type,
             sent_last_5m,
@@ -341,10 +393,11 @@ impl SqliteStore {
     }
 
     async fn dead_by_type(&self) -> anyhow::Result<BTreeMap<String, i64>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT error_type, count(*) FROM sync_outbox_dead_letters GROUP BY error_type")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT error_type, count(*) FROM sync_outbox_dead_letters GROUP BY error_type",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().collect())
     }
 
@@ -401,7 +454,10 @@ impl SqliteStore {
 
     pub async fn dlq_get(&self, id: i64) -> anyhow::Result<Option<DeadLetter>> {
         let sql = format!("SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters WHERE id = ?1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(dead_letter_from_row).transpose()
     }
 
@@ -411,8 +467,13 @@ impl SqliteStore {
         let (filter, bind) = selection_filter(sel)?;
         let mut tx = self.write_tx().await?;
         let select = format!("SELECT id FROM sync_outbox_dead_letters WHERE {filter}");
-        let rows = bind_selection(sqlx::query(&select), bind).fetch_all(&mut *tx).await?;
-        let ids = rows.iter().map(|r| r.try_get::<i64, _>(0)).collect::<Result<Vec<_>, _>>()?;
+        let rows = bind_selection(sqlx::query(&select), bind)
+            .fetch_all(&mut *tx)
+            .await?;
+        let ids = rows
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<Result<Vec<_>, _>>()?;
         if ids.is_empty() {
             return Ok(0);
         }
@@ -426,10 +487,12 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await
         .context("moving dead letters back to the outbox")?;
-        let done = sqlx::query("DELETE FROM sync_outbox_dead_letters WHERE id IN (SELECT value FROM json_each(?1))")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
+        let done = sqlx::query(
+            "DELETE FROM sync_outbox_dead_letters WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(done.rows_affected())
     }
@@ -438,7 +501,9 @@ impl SqliteStore {
         let (filter, bind) = selection_filter(sel)?;
         let sql = format!("DELETE FROM sync_outbox_dead_letters WHERE {filter}");
         let mut tx = self.write_tx().await?;
-        let done = bind_selection(sqlx::query(&sql), bind).execute(&mut *tx).await?;
+        let done = bind_selection(sqlx::query(&sql), bind)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(done.rows_affected())
     }
@@ -450,7 +515,11 @@ impl SqliteStore {
             " ORDER BY sent_at LIMIT ?2)"
         );
         let mut tx = self.write_tx().await?;
-        let done = sqlx::query(sql).bind(-offset_ms(ttl)).bind(i64::from(batch)).execute(&mut *tx).await?;
+        let done = sqlx::query(sql)
+            .bind(-offset_ms(ttl))
+            .bind(i64::from(batch))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(done.rows_affected())
     }
@@ -468,14 +537,16 @@ enum SelectionBind {
 
 fn selection_filter(sel: &DlqSelection) -> anyhow::Result<(&'static str, SelectionBind)> {
     Ok(match sel {
-        DlqSelection::Ids(ids) => {
-            ("id IN (SELECT value FROM json_each(?1))", SelectionBind::Text(serde_json::to_string(ids)?))
-        }
+        DlqSelection::Ids(ids) => (
+            "id IN (SELECT value FROM json_each(?1))",
+            SelectionBind::Text(serde_json::to_string(ids)?),
+        ),
         DlqSelection::All => ("1", SelectionBind::None),
         DlqSelection::ErrorType(t) => ("error_type = ?1", SelectionBind::Text(t.clone())),
-        DlqSelection::OlderThan(d) => {
-            (concat!("dead_at < ", now_plus_ms!("?1")), SelectionBind::Millis(-offset_ms(*d)))
-        }
+        DlqSelection::OlderThan(d) => (
+            concat!("dead_at < ", now_plus_ms!("?1")),
+            SelectionBind::Millis(-offset_ms(*d)),
+        ),
     })
 }
 
@@ -497,7 +568,8 @@ fn claimed_from_row(row: &SqliteRow) -> anyhow::Result<ClaimedRow> {
         id,
         entity_type: row.try_get("entity_type")?,
         entity_id: get_uuid(row, "entity_id")?,
-        payload: RawValue::from_string(payload).with_context(|| format!("outbox row {id}: payload"))?,
+        payload: RawValue::from_string(payload)
+            .with_context(|| format!("outbox row {id}: payload"))?,
         created_at: get_time(row, "created_at")?,
         attempts: row.try_get("attempts")?,
         ordering_key: row.try_get("ordering_key")?,
@@ -543,7 +615,8 @@ fn get_time(row: &SqliteRow, col: &str) -> anyhow::Result<DateTime<Utc>> {
 
 fn get_opt_time(row: &SqliteRow, col: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
     let text: Option<String> = row.try_get(col)?;
-    text.map(|t| parse_time(&t).with_context(|| format!("column {col}"))).transpose()
+    text.map(|t| parse_time(&t).with_context(|| format!("column {col}")))
+        .transpose()
 }
 
 /// The schema writes RFC 3339 UTC text; a producer that wrote SQLite's own
@@ -567,7 +640,10 @@ mod tests {
 
     async fn open(dir: &TempDir) -> anyhow::Result<SqliteStore> {
         let url = format!("sqlite://{}", dir.path().join("outbox.db").display());
-        let options = ConnectOptions { max_connections: 4, acquire_timeout: Duration::from_secs(5) };
+        let options = ConnectOptions {
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(5),
+        };
         SqliteStore::connect(&url, &options).await
     }
 
@@ -578,13 +654,29 @@ mod tests {
         Ok((dir, store))
     }
 
-    async fn enqueue(store: &SqliteStore, entity_type: &str, id: Uuid, payload: serde_json::Value) -> anyhow::Result<i64> {
-        let row = NewRow { entity_type: entity_type.into(), entity_id: id, payload, ordering_key: None };
+    async fn enqueue(
+        store: &SqliteStore,
+        kind: &str,
+        id: Uuid,
+        payload: serde_json::Value,
+    ) -> anyhow::Result<i64> {
+        let row = NewRow {
+            entity_type: kind.into(),
+            entity_id: id,
+            payload,
+            ordering_key: None,
+        };
         store.enqueue(&row).await
     }
 
     async fn claim_ids(store: &SqliteStore, token: i64) -> anyhow::Result<Vec<i64>> {
-        Ok(store.claim(token, 10, LEASE, "test").await?.rows.iter().map(|r| r.id).collect())
+        Ok(store
+            .claim(token, 10, LEASE, "test")
+            .await?
+            .rows
+            .iter()
+            .map(|r| r.id)
+            .collect())
     }
 
     fn error(attempt: i32) -> ErrorRecord {
@@ -611,7 +703,10 @@ mod tests {
     async fn migrate_is_idempotent_and_schema_state_follows() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let store = open(&dir).await?;
-        assert!(matches!(store.schema_state().await?, SchemaState::Outdated { .. }));
+        assert!(matches!(
+            store.schema_state().await?,
+            SchemaState::Outdated { .. }
+        ));
         store.migrate().await?;
         store.migrate().await?;
         assert_eq!(store.schema_state().await?, SchemaState::Current);
@@ -645,15 +740,54 @@ mod tests {
         let (_dir, store) = fresh().await?;
         let call = Uuid::new_v4();
         let first = enqueue(&store, "call_log", call, serde_json::json!({})).await?;
-        let second = enqueue(&store, "recording", Uuid::new_v4(), serde_json::json!({"callLogId": call})).await?;
-        let third = enqueue(&store, "recording", Uuid::new_v4(), serde_json::json!({"callLogId": call})).await?;
+        let second = enqueue(
+            &store,
+            "recording",
+            Uuid::new_v4(),
+            serde_json::json!({"callLogId": call}),
+        )
+        .await?;
+        let third = enqueue(
+            &store,
+            "recording",
+            Uuid::new_v4(),
+            serde_json::json!({"callLogId": call}),
+        )
+        .await?;
         let claim = store.claim(1, 10, LEASE, "test").await?;
-        assert_eq!(claim.rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![first]);
+        assert_eq!(
+            claim.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![first]
+        );
         assert_eq!(claim.rows[0].ordering_key, Some(call.to_string()));
-        let done = store.settle(&Settlement { token: 1, sent: vec![first], ..Default::default() }, false).await?;
-        assert_eq!(done, SettleReport { sent: 1, ..Default::default() });
+        let done = store
+            .settle(
+                &Settlement {
+                    token: 1,
+                    sent: vec![first],
+                    ..Default::default()
+                },
+                false,
+            )
+            .await?;
+        assert_eq!(
+            done,
+            SettleReport {
+                sent: 1,
+                ..Default::default()
+            }
+        );
         assert_eq!(claim_ids(&store, 2).await?, vec![second]);
-        store.settle(&Settlement { token: 2, sent: vec![second], ..Default::default() }, false).await?;
+        store
+            .settle(
+                &Settlement {
+                    token: 2,
+                    sent: vec![second],
+                    ..Default::default()
+                },
+                false,
+            )
+            .await?;
         assert_eq!(claim_ids(&store, 3).await?, vec![third]);
         Ok(())
     }
@@ -663,12 +797,34 @@ mod tests {
         let (_dir, store) = fresh().await?;
         let id = enqueue(&store, "note", Uuid::new_v4(), serde_json::json!({})).await?;
         claim_ids(&store, 5).await?;
-        let wrong = Settlement { token: 6, sent: vec![id], ..Default::default() };
-        assert_eq!(store.settle(&wrong, true).await?, SettleReport { lost: 1, ..Default::default() });
+        let wrong = Settlement {
+            token: 6,
+            sent: vec![id],
+            ..Default::default()
+        };
+        assert_eq!(
+            store.settle(&wrong, true).await?,
+            SettleReport {
+                lost: 1,
+                ..Default::default()
+            }
+        );
         assert_eq!(store.status().await?.pending, 1);
-        let right = Settlement { token: 5, sent: vec![id], ..Default::default() };
-        assert_eq!(store.settle(&right, true).await?, SettleReport { sent: 1, ..Default::default() });
-        let archived: (i64, i32) = sqlx::query_as("SELECT id, attempts FROM sync_outbox_sent").fetch_one(&store.pool).await?;
+        let right = Settlement {
+            token: 5,
+            sent: vec![id],
+            ..Default::default()
+        };
+        assert_eq!(
+            store.settle(&right, true).await?,
+            SettleReport {
+                sent: 1,
+                ..Default::default()
+            }
+        );
+        let archived: (i64, i32) = sqlx::query_as("SELECT id, attempts FROM sync_outbox_sent")
+            .fetch_one(&store.pool)
+            .await?;
         assert_eq!(archived, (id, 1));
         let status = store.status().await?;
         assert_eq!((status.pending, status.sent_last_5m), (0, 1));
@@ -683,15 +839,44 @@ mod tests {
         let id = enqueue(&store, "note", Uuid::new_v4(), serde_json::json!({})).await?;
         for (token, charged) in [(1, true), (2, false)] {
             assert_eq!(claim_ids(&store, token).await?, vec![id]);
-            let retry = RetryRow { id, delay: Duration::ZERO, error: error(1), charged };
-            let s = Settlement { token, retries: vec![retry], ..Default::default() };
-            assert_eq!(store.settle(&s, false).await?, SettleReport { retried: 1, ..Default::default() });
+            let retry = RetryRow {
+                id,
+                delay: Duration::ZERO,
+                error: error(1),
+                charged,
+            };
+            let s = Settlement {
+                token,
+                retries: vec![retry],
+                ..Default::default()
+            };
+            assert_eq!(
+                store.settle(&s, false).await?,
+                SettleReport {
+                    retried: 1,
+                    ..Default::default()
+                }
+            );
             assert_eq!(outbox_history(&store, id).await?, (1, 1));
         }
         // a delayed retry is not due
         claim_ids(&store, 3).await?;
-        let retry = RetryRow { id, delay: Duration::from_secs(60), error: error(2), charged: true };
-        store.settle(&Settlement { token: 3, retries: vec![retry], ..Default::default() }, false).await?;
+        let retry = RetryRow {
+            id,
+            delay: Duration::from_secs(60),
+            error: error(2),
+            charged: true,
+        };
+        store
+            .settle(
+                &Settlement {
+                    token: 3,
+                    retries: vec![retry],
+                    ..Default::default()
+                },
+                false,
+            )
+            .await?;
         assert_eq!(outbox_history(&store, id).await?, (2, 2));
         assert!(claim_ids(&store, 4).await?.is_empty());
         Ok(())
@@ -703,24 +888,63 @@ mod tests {
         let entity = Uuid::new_v4();
         let id = enqueue(&store, "note", entity, serde_json::json!({"n": 1})).await?;
         claim_ids(&store, 1).await?;
-        let dead = DeadRow { id, error: error(1), max_attempts: 1 };
-        let s = Settlement { token: 1, dead: vec![dead], ..Default::default() };
-        assert_eq!(store.settle(&s, false).await?, SettleReport { dead: 1, ..Default::default() });
+        let dead = DeadRow {
+            id,
+            error: error(1),
+            max_attempts: 1,
+        };
+        let s = Settlement {
+            token: 1,
+            dead: vec![dead],
+            ..Default::default()
+        };
+        assert_eq!(
+            store.settle(&s, false).await?,
+            SettleReport {
+                dead: 1,
+                ..Default::default()
+            }
+        );
         assert_eq!(store.status().await?.pending, 0);
-        let list = store.dlq_list(&DlqFilter { limit: 10, ..Default::default() }).await?;
+        let list = store
+            .dlq_list(&DlqFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await?;
         assert_eq!(list.len(), 1);
         let dl = &list[0];
-        assert_eq!((dl.outbox_id, dl.entity_id, dl.attempts, dl.max_attempts), (id, entity, 1, 1));
+        assert_eq!(
+            (dl.outbox_id, dl.entity_id, dl.attempts, dl.max_attempts),
+            (id, entity, 1, 1)
+        );
         assert_eq!(dl.payload, serde_json::json!({"n": 1}));
         assert_eq!(dl.attempt_errors.as_array().map(Vec::len), Some(1));
-        assert_eq!((dl.http_status, dl.response_body.as_deref()), (Some(503), Some("try later")));
+        assert_eq!(
+            (dl.http_status, dl.response_body.as_deref()),
+            (Some(503), Some("try later"))
+        );
         assert!(dl.first_attempt_at.is_some() && dl.last_attempt_at.is_some());
         assert!(store.dlq_get(dl.id).await?.is_some());
-        assert_eq!(store.backlog().await?.dead_letters_by_error_type.get("http_5xx"), Some(&1));
+        assert_eq!(
+            store
+                .backlog()
+                .await?
+                .dead_letters_by_error_type
+                .get("http_5xx"),
+            Some(&1)
+        );
         assert_eq!(store.dlq_requeue(&DlqSelection::Ids(vec![dl.id])).await?, 1);
         assert!(store.dlq_get(dl.id).await?.is_none());
         let claim = store.claim(2, 10, LEASE, "test").await?;
-        assert_eq!(claim.rows.iter().map(|r| (r.id, r.attempts)).collect::<Vec<_>>(), vec![(id, 0)]);
+        assert_eq!(
+            claim
+                .rows
+                .iter()
+                .map(|r| (r.id, r.attempts))
+                .collect::<Vec<_>>(),
+            vec![(id, 0)]
+        );
         assert_eq!(outbox_history(&store, id).await?, (0, 1));
         Ok(())
     }
@@ -741,7 +965,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_in_memory_database_works_without_a_lock_file() -> anyhow::Result<()> {
-        let options = ConnectOptions { max_connections: 4, acquire_timeout: Duration::from_secs(5) };
+        let options = ConnectOptions {
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(5),
+        };
         let store = SqliteStore::connect("sqlite::memory:", &options).await?;
         store.migrate().await?;
         let _guard = store.lock_for_relay()?;
