@@ -44,8 +44,21 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Arc::new(Settings::load(cli.config.as_deref(), &overrides(&cli))?);
     match cli.command {
         Command::Run { migrate } => run(settings, migrate, shutdown_signal()).await,
-        Command::Drain { max_rows, timeout, migrate } => {
-            let summary = drain(settings, DrainOptions { max_rows, timeout, migrate }, shutdown_signal()).await?;
+        Command::Drain {
+            max_rows,
+            timeout,
+            migrate,
+        } => {
+            let summary = drain(
+                settings,
+                DrainOptions {
+                    max_rows,
+                    timeout,
+                    migrate,
+                },
+                shutdown_signal(),
+            )
+            .await?;
             Ok(drain_exit_code(&summary))
         }
         Command::Migrate => {
@@ -57,17 +70,29 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json } => status(&settings, json).await,
         Command::Dlq { command } => dlq(&settings, command).await,
-        Command::Enqueue { entity_type, entity_id, payload, ordering_key } => {
+        Command::Enqueue {
+            entity_type,
+            entity_id,
+            payload,
+            ordering_key,
+        } => {
             let entity_id = uuid::Uuid::parse_str(&entity_id)
                 .map_err(|e| anyhow::anyhow!("invalid --entity-id {entity_id:?}: {e}"))?;
-            let payload: serde_json::Value =
-                serde_json::from_str(&payload).map_err(|e| anyhow::anyhow!("invalid --payload: not JSON: {e}"))?;
+            let payload: serde_json::Value = serde_json::from_str(&payload)
+                .map_err(|e| anyhow::anyhow!("invalid --payload: not JSON: {e}"))?;
             if entity_type.trim().is_empty() {
                 bail!("invalid --entity-type: must not be empty");
             }
             let store = connect(&settings).await?;
             store.require_current_schema().await?;
-            let id = store.enqueue(&NewRow { entity_type, entity_id, payload, ordering_key }).await?;
+            let id = store
+                .enqueue(&NewRow {
+                    entity_type,
+                    entity_id,
+                    payload,
+                    ordering_key,
+                })
+                .await?;
             println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
@@ -107,12 +132,22 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<Store> {
 }
 
 async fn apply_ordering_rules(store: &Store, settings: &Settings) -> anyhow::Result<()> {
-    let rules = if settings.ordering.enabled { settings.ordering.keys.clone() } else { Default::default() };
-    store.set_ordering_rules(&rules).await.context("writing the ordering rules")
+    let rules = if settings.ordering.enabled {
+        settings.ordering.keys.clone()
+    } else {
+        Default::default()
+    };
+    store
+        .set_ordering_rules(&rules)
+        .await
+        .context("writing the ordering rules")
 }
 
 /// Connect, check or apply the schema, and build the relay's parts.
-async fn prepare(settings: &Arc<Settings>, migrate: bool) -> anyhow::Result<(RelayParts, Option<crate::store::RelayLock>)> {
+async fn prepare(
+    settings: &Arc<Settings>,
+    migrate: bool,
+) -> anyhow::Result<(RelayParts, Option<crate::store::RelayLock>)> {
     let store = connect(settings).await?;
     if migrate {
         store.migrate().await?;
@@ -128,11 +163,24 @@ async fn prepare(settings: &Arc<Settings>, migrate: bool) -> anyhow::Result<(Rel
     health.schema_current.store(true, Ordering::Relaxed);
     let root = RecordingsRoot::new(settings.storage.recordings_root.clone());
     let dispatcher = Dispatcher::new(&settings.ingest, root, metrics.clone())?;
-    Ok((RelayParts { store, dispatcher, settings: Arc::clone(settings), metrics, health }, lock))
+    Ok((
+        RelayParts {
+            store,
+            dispatcher,
+            settings: Arc::clone(settings),
+            metrics,
+            health,
+        },
+        lock,
+    ))
 }
 
 /// The daemon: deliver until `shutdown`.
-pub async fn run(settings: Arc<Settings>, migrate: bool, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    settings: Arc<Settings>,
+    migrate: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
     let (parts, _lock) = prepare(&settings, migrate).await?;
     let aux = TaskTracker::new();
     let aux_stop = CancellationToken::new();
@@ -143,7 +191,11 @@ pub async fn run(settings: Arc<Settings>, migrate: bool, shutdown: CancellationT
             .with_context(|| format!("cannot listen on metrics.listen {addr}"))?;
         let bound = listener.local_addr().unwrap_or(addr);
         tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
-        let (metrics, health, stop) = (parts.metrics.clone(), Arc::clone(&parts.health), aux_stop.clone());
+        let (metrics, health, stop) = (
+            parts.metrics.clone(),
+            Arc::clone(&parts.health),
+            aux_stop.clone(),
+        );
         aux.spawn(async move {
             if let Err(e) = crate::metrics::serve(listener, metrics, health, stop).await {
                 tracing::error!(error = %format!("{e:#}"), "metrics server failed");
@@ -157,7 +209,11 @@ pub async fn run(settings: Arc<Settings>, migrate: bool, shutdown: CancellationT
     aux.spawn(Arc::clone(&relay).refresh_gauges(aux_stop.clone()));
     aux.spawn(Arc::clone(&relay).prune(aux_stop.clone()));
     if let Some(interval) = crate::systemd::watchdog_interval() {
-        aux.spawn(crate::systemd::feed_watchdog(Arc::clone(&relay), interval, aux_stop.clone()));
+        aux.spawn(crate::systemd::feed_watchdog(
+            Arc::clone(&relay),
+            interval,
+            aux_stop.clone(),
+        ));
     }
     tracing::info!(
         backend,
@@ -172,7 +228,12 @@ pub async fn run(settings: Arc<Settings>, migrate: bool, shutdown: CancellationT
     aux_stop.cancel();
     aux.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), aux.wait()).await;
-    tracing::info!(delivered = summary.delivered, retried = summary.retried, dead = summary.dead, "stopped");
+    tracing::info!(
+        delivered = summary.delivered,
+        retried = summary.retried,
+        dead = summary.dead,
+        "stopped"
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -184,12 +245,21 @@ pub struct DrainOptions {
 }
 
 /// Deliver everything due now, then return what happened.
-pub async fn drain(settings: Arc<Settings>, options: DrainOptions, shutdown: CancellationToken) -> anyhow::Result<Summary> {
+pub async fn drain(
+    settings: Arc<Settings>,
+    options: DrainOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let (parts, _lock) = prepare(&settings, options.migrate).await?;
     let total = parts.store.count_due().await.unwrap_or(0).max(0) as u64;
     let total = options.max_rows.map_or(total, |m| total.min(m));
-    let relay = Relay::new(parts, Mode::Drain { max_rows: options.max_rows });
+    let relay = Relay::new(
+        parts,
+        Mode::Drain {
+            max_rows: options.max_rows,
+        },
+    );
     let aux = TaskTracker::new();
     let aux_stop = CancellationToken::new();
     aux.spawn(Arc::clone(&relay).renew_leases(aux_stop.clone()));
@@ -289,7 +359,10 @@ async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     println!("due now:        {}", s.due);
     println!("in flight:      {}", s.in_flight);
     match s.oldest_pending_age_seconds {
-        Some(age) => println!("oldest pending: {}", humantime::format_duration(Duration::from_secs(age as u64))),
+        Some(age) => println!(
+            "oldest pending: {}",
+            humantime::format_duration(Duration::from_secs(age as u64))
+        ),
         None => println!("oldest pending: -"),
     }
     println!("sent (last 5m): {}", s.sent_last_5m);
@@ -304,12 +377,26 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
     let store = connect(settings).await?;
     store.require_current_schema().await?;
     match command {
-        DlqCommand::List { error_type, entity_type, limit, json } => {
-            let rows = store.dlq_list(&DlqFilter { error_type, entity_type, limit: limit.max(0) }).await?;
+        DlqCommand::List {
+            error_type,
+            entity_type,
+            limit,
+            json,
+        } => {
+            let rows = store
+                .dlq_list(&DlqFilter {
+                    error_type,
+                    entity_type,
+                    limit: limit.max(0),
+                })
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:>8} {:>10} {:<16} {:<20} {:>6} {:>8}  {:<24} message", "id", "outbox_id", "entity_type", "error_type", "http", "attempts", "dead_at");
+                println!(
+                    "{:>8} {:>10} {:<16} {:<20} {:>6} {:>8}  {:<24} message",
+                    "id", "outbox_id", "entity_type", "error_type", "http", "attempts", "dead_at"
+                );
                 for d in rows {
                     println!(
                         "{:>8} {:>10} {:<16} {:<20} {:>6} {:>8}  {:<24} {}",
@@ -317,7 +404,9 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
                         d.outbox_id,
                         d.entity_type,
                         d.error_type,
-                        d.http_status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                        d.http_status
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         format!("{}/{}", d.attempts, d.max_attempts),
                         d.dead_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                         one_line(&d.error_message, 100)
@@ -337,7 +426,13 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
             }
             println!("dead letter {}  (outbox id {})", d.id, d.outbox_id);
             println!("entity:        {} {}", d.entity_type, d.entity_id);
-            println!("error:         {} (HTTP {})", d.error_type, d.http_status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()));
+            println!(
+                "error:         {} (HTTP {})",
+                d.error_type,
+                d.http_status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into())
+            );
             println!("message:       {}", d.error_message);
             println!("attempts:      {}/{}", d.attempts, d.max_attempts);
             println!("created:       {}", d.created_at.to_rfc3339());
@@ -359,20 +454,44 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
             println!("payload:       {}", d.payload);
             Ok(ExitCode::SUCCESS)
         }
-        DlqCommand::Requeue { ids, all, error_type } => {
-            let n = store.dlq_requeue(&selection(ids, all, error_type.map(DlqSelection::ErrorType))?).await?;
+        DlqCommand::Requeue {
+            ids,
+            all,
+            error_type,
+        } => {
+            let n = store
+                .dlq_requeue(&selection(
+                    ids,
+                    all,
+                    error_type.map(DlqSelection::ErrorType),
+                )?)
+                .await?;
             println!("requeued {n} dead letter(s)");
             Ok(ExitCode::SUCCESS)
         }
-        DlqCommand::Purge { ids, all, older_than } => {
-            let n = store.dlq_purge(&selection(ids, all, older_than.map(DlqSelection::OlderThan))?).await?;
+        DlqCommand::Purge {
+            ids,
+            all,
+            older_than,
+        } => {
+            let n = store
+                .dlq_purge(&selection(
+                    ids,
+                    all,
+                    older_than.map(DlqSelection::OlderThan),
+                )?)
+                .await?;
             println!("purged {n} dead letter(s)");
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-fn selection(ids: Vec<i64>, all: bool, other: Option<DlqSelection>) -> anyhow::Result<DlqSelection> {
+fn selection(
+    ids: Vec<i64>,
+    all: bool,
+    other: Option<DlqSelection>,
+) -> anyhow::Result<DlqSelection> {
     match (ids.is_empty(), all, other) {
         (false, false, None) => Ok(DlqSelection::Ids(ids)),
         (true, true, None) => Ok(DlqSelection::All),
@@ -382,7 +501,10 @@ fn selection(ids: Vec<i64>, all: bool, other: Option<DlqSelection>) -> anyhow::R
 }
 
 fn one_line(text: &str, max: usize) -> String {
-    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if flat.chars().count() > max {
         format!("{}…", flat.chars().take(max).collect::<String>())
     } else {
@@ -400,7 +522,10 @@ async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
                 Ok(SchemaState::Current) => println!("ok    schema current"),
                 Ok(SchemaState::Outdated { missing }) => {
                     healthy = false;
-                    println!("FAIL  schema outdated ({} migration(s) missing): run `serversync migrate`", missing.len());
+                    println!(
+                        "FAIL  schema outdated ({} migration(s) missing): run `serversync migrate`",
+                        missing.len()
+                    );
                 }
                 Ok(SchemaState::Newer { .. }) => {
                     healthy = false;
@@ -423,16 +548,33 @@ async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
         Metrics::new()?,
     )?;
     match dispatcher.probe().await {
-        Ok(status) => println!("ok    ingest {} reachable (HTTP {status})", settings.ingest.base_url),
+        Ok(status) => println!(
+            "ok    ingest {} reachable (HTTP {status})",
+            settings.ingest.base_url
+        ),
         Err(e) => {
             healthy = false;
-            println!("FAIL  ingest {}: {}", settings.ingest.base_url, one_line(&format!("{e:#}"), 300));
+            println!(
+                "FAIL  ingest {}: {}",
+                settings.ingest.base_url,
+                one_line(&format!("{e:#}"), 300)
+            );
         }
     }
     if settings.storage.recordings_root.is_dir() {
-        println!("ok    recordings root {}", settings.storage.recordings_root.display());
+        println!(
+            "ok    recordings root {}",
+            settings.storage.recordings_root.display()
+        );
     } else {
-        println!("warn  recordings root {} does not exist", settings.storage.recordings_root.display());
+        println!(
+            "warn  recordings root {} does not exist",
+            settings.storage.recordings_root.display()
+        );
     }
-    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -9,7 +9,11 @@ use clap::{ArgGroup, Parser, Subcommand};
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
-#[command(name = "serversync", version, about = "Outbox relay: delivers sync_outbox rows to the ingest API")]
+#[command(
+    name = "serversync",
+    version,
+    about = "Outbox relay: delivers sync_outbox rows to the ingest API"
+)]
 pub struct Cli {
     /// Configuration file (default: config/serversync.toml if it exists).
     #[arg(long, global = true, value_name = "FILE")]

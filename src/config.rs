@@ -197,7 +197,10 @@ impl Default for OrderingSettings {
         ];
         Self {
             enabled: true,
-            keys: keys.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            keys: keys
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 }
@@ -210,7 +213,9 @@ pub struct StorageSettings {
 
 impl Default for StorageSettings {
     fn default() -> Self {
-        Self { recordings_root: PathBuf::from("/var/lib/serversync/recordings") }
+        Self {
+            recordings_root: PathBuf::from("/var/lib/serversync/recordings"),
+        }
     }
 }
 
@@ -266,7 +271,9 @@ pub struct ShutdownSettings {
 
 impl Default for ShutdownSettings {
     fn default() -> Self {
-        Self { grace: Duration::from_secs(30) }
+        Self {
+            grace: Duration::from_secs(30),
+        }
     }
 }
 
@@ -319,12 +326,14 @@ impl Settings {
                 if !p.exists() {
                     bail!("config file {} does not exist", p.display());
                 }
-                builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+                builder =
+                    builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
             }
             None => {
                 let p = Path::new(DEFAULT_CONFIG_PATH);
                 if p.exists() {
-                    builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+                    builder =
+                        builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
                 }
             }
         }
@@ -392,8 +401,12 @@ impl Settings {
 
     /// Check values that deserialize but make no sense; the error names the key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let url = reqwest::Url::parse(&self.ingest.base_url)
-            .with_context(|| format!("invalid value for ingest.base_url: {:?}", self.ingest.base_url))?;
+        let url = reqwest::Url::parse(&self.ingest.base_url).with_context(|| {
+            format!(
+                "invalid value for ingest.base_url: {:?}",
+                self.ingest.base_url
+            )
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
             bail!("invalid value for ingest.base_url: scheme must be http or https");
         }
@@ -402,10 +415,30 @@ impl Settings {
         }
         check_range("dispatch.batch_size", self.dispatch.batch_size, 1, 10_000)?;
         check_range("dispatch.concurrency", self.dispatch.concurrency, 1, 256)?;
-        check_range("dispatch.file_concurrency", self.dispatch.file_concurrency, 1, 64)?;
-        check_range("dispatch.outage_threshold", self.dispatch.outage_threshold, 1, 1000)?;
-        check_range("database.max_connections", self.database.max_connections, 1, 1000)?;
-        check_range("retention.prune_batch", self.retention.prune_batch, 1, 1_000_000)?;
+        check_range(
+            "dispatch.file_concurrency",
+            self.dispatch.file_concurrency,
+            1,
+            64,
+        )?;
+        check_range(
+            "dispatch.outage_threshold",
+            self.dispatch.outage_threshold,
+            1,
+            1000,
+        )?;
+        check_range(
+            "database.max_connections",
+            self.database.max_connections,
+            1,
+            1000,
+        )?;
+        check_range(
+            "retention.prune_batch",
+            self.retention.prune_batch,
+            1,
+            1_000_000,
+        )?;
         check_nonzero("dispatch.poll_interval", self.dispatch.poll_interval)?;
         check_nonzero("dispatch.probe_interval", self.dispatch.probe_interval)?;
         check_nonzero("ingest.timeout", self.ingest.timeout)?;
@@ -416,10 +449,17 @@ impl Settings {
         }
         check_retry("retry", &self.retry.for_entity(""))?;
         for (entity_type, _) in &self.retry.overrides {
-            check_retry(&format!("retry.overrides.{entity_type}"), &self.retry.for_entity(entity_type))?;
+            check_retry(
+                &format!("retry.overrides.{entity_type}"),
+                &self.retry.for_entity(entity_type),
+            )?;
         }
         for (entity_type, source) in &self.ordering.keys {
-            if source != "entity_id" && !source.strip_prefix("payload.").is_some_and(|f| !f.is_empty()) {
+            if source != "entity_id"
+                && !source
+                    .strip_prefix("payload.")
+                    .is_some_and(|f| !f.is_empty())
+            {
                 bail!(
                     "invalid value for ordering.keys.{entity_type}: {source:?} \
                      (expected \"entity_id\" or \"payload.<field>\")"
@@ -496,7 +536,8 @@ pub mod duration_str {
     use std::time::Duration;
 
     pub fn parse(text: &str) -> Result<Duration, String> {
-        humantime::parse_duration(text.trim()).map_err(|e| format!("invalid duration {text:?}: {e}"))
+        humantime::parse_duration(text.trim())
+            .map_err(|e| format!("invalid duration {text:?}: {e}"))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -508,7 +549,8 @@ pub mod duration_str {
         use super::*;
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
             let text = Option::<String>::deserialize(d)?;
-            text.map(|t| parse(&t).map_err(serde::de::Error::custom)).transpose()
+            text.map(|t| parse(&t).map_err(serde::de::Error::custom))
+                .transpose()
         }
     }
 }
@@ -522,16 +564,25 @@ mod tests {
         let mut retry = RetrySettings::default();
         retry.overrides.insert(
             "recording_file".into(),
-            RetryOverride { max_attempts: Some(3), ..Default::default() },
+            RetryOverride {
+                max_attempts: Some(3),
+                ..Default::default()
+            },
         );
         assert_eq!(retry.for_entity("recording_file").max_attempts, 3);
-        assert_eq!(retry.for_entity("recording_file").base_delay, retry.base_delay);
+        assert_eq!(
+            retry.for_entity("recording_file").base_delay,
+            retry.base_delay
+        );
         assert_eq!(retry.for_entity("call_log").max_attempts, 10);
     }
 
     #[test]
     fn durations_parse_human_strings() {
-        assert_eq!(duration_str::parse("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            duration_str::parse("250ms").unwrap(),
+            Duration::from_millis(250)
+        );
         assert_eq!(duration_str::parse("5m").unwrap(), Duration::from_secs(300));
         assert!(duration_str::parse("soon").is_err());
     }

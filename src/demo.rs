@@ -19,7 +19,10 @@ use crate::store::{DlqFilter, NewRow, Store};
 const CALLS: usize = 3;
 
 pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
-    let tmp = tempfile::Builder::new().prefix("serversync-demo-").tempdir().context("creating a temporary directory")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("serversync-demo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
     let dir = tmp.path().to_path_buf();
     let recordings = dir.join("recordings");
     let received = dir.join("received");
@@ -30,7 +33,10 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     println!("serversync demo");
     println!("  outbox:        {db_url} (SQLite, temporary)");
     println!("  recordings:    {}", recordings.display());
-    println!("  frontend:      http://{} (stand-in ingest API)", sink.addr);
+    println!(
+        "  frontend:      http://{} (stand-in ingest API)",
+        sink.addr
+    );
     println!();
 
     let mut settings = Settings::default();
@@ -51,11 +57,23 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     let summary = drain(settings, DrainOptions::default(), CancellationToken::new()).await?;
     sink.stop().await;
 
-    let dead = store.dlq_list(&DlqFilter { limit: 100, ..Default::default() }).await?;
+    let dead = store
+        .dlq_list(&DlqFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await?;
     println!();
-    println!("delivered {} rows; {} dead letter(s):", summary.delivered, dead.len());
+    println!(
+        "delivered {} rows; {} dead letter(s):",
+        summary.delivered,
+        dead.len()
+    );
     for d in &dead {
-        println!("  #{} outbox {} {}: {} — {}", d.id, d.outbox_id, d.entity_type, d.error_type, d.error_message);
+        println!(
+            "  #{} outbox {} {}: {} — {}",
+            d.id, d.outbox_id, d.entity_type, d.error_type, d.error_message
+        );
     }
     println!();
     println!("the Frontend stand-in received:");
@@ -63,14 +81,19 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     for call in list_dirs(&received.join("files")) {
         println!("  {}", call.display());
     }
-    let ok = summary.delivered == (seeded - 1) as u64 && dead.len() == 1 && dead[0].error_type == "path_denied";
+    let ok = summary.delivered == (seeded - 1) as u64
+        && dead.len() == 1
+        && dead[0].error_type == "path_denied";
     println!();
     if keep {
         let kept = tmp.keep();
         println!("kept {}; look around with:", kept.display());
         println!("  serversync --database-url {db_url} status");
         println!("  serversync --database-url {db_url} dlq list");
-        println!("  serversync --database-url {db_url} dlq show {}", dead.first().map_or(1, |d| d.id));
+        println!(
+            "  serversync --database-url {db_url} dlq show {}",
+            dead.first().map_or(1, |d| d.id)
+        );
     } else {
         println!("cleaned up (pass --keep to keep the database and the received files, then try");
         println!("  serversync --database-url sqlite://<dir>/outbox.db status   and   … dlq list)");
@@ -94,28 +117,52 @@ async fn seed(store: &Store, recordings: &Path) -> anyhow::Result<usize> {
         let duration = 1 + i as u32;
         let call_dir = recordings.join(call_id.to_string());
         std::fs::create_dir_all(&call_dir)?;
-        std::fs::write(call_dir.join("mixed.wav"), wav(duration, 440.0 + 110.0 * i as f64))?;
+        std::fs::write(
+            call_dir.join("mixed.wav"),
+            wav(duration, 440.0 + 110.0 * i as f64),
+        )?;
         std::fs::write(
             call_dir.join("meta.json"),
-            serde_json::to_vec_pretty(&json!({"callLogId": call_id, "codec": "pcm_s16le", "sampleRate": 8000, "channels": 1}))?,
+            serde_json::to_vec_pretty(
+                &json!({"callLogId": call_id, "codec": "pcm_s16le", "sampleRate": 8000, "channels": 1}),
+            )?,
         )?;
         let begin = started + chrono::Duration::minutes(i as i64);
         let items = [
-            ("call_log", call_id, json!({
-                "id": call_id, "direction": if i % 2 == 0 { "inbound" } else { "outbound" },
-                "from": format!("+4930123456{i}"), "to": "+4940987654", "startedAt": begin,
-                "endedAt": begin + chrono::Duration::seconds(duration as i64), "durationSeconds": duration,
-            })),
-            ("recording", recording_id, json!({
-                "id": recording_id, "callLogId": call_id, "format": "wav", "durationSeconds": duration,
-            })),
-            ("recording_file", recording_id, json!({
-                "callLogId": call_id, "recordingId": recording_id,
-                "filePath": format!("{call_id}/mixed.wav"), "metaPath": format!("{call_id}/meta.json"),
-            })),
+            (
+                "call_log",
+                call_id,
+                json!({
+                    "id": call_id, "direction": if i % 2 == 0 { "inbound" } else { "outbound" },
+                    "from": format!("+4930123456{i}"), "to": "+4940987654", "startedAt": begin,
+                    "endedAt": begin + chrono::Duration::seconds(duration as i64), "durationSeconds": duration,
+                }),
+            ),
+            (
+                "recording",
+                recording_id,
+                json!({
+                    "id": recording_id, "callLogId": call_id, "format": "wav", "durationSeconds": duration,
+                }),
+            ),
+            (
+                "recording_file",
+                recording_id,
+                json!({
+                    "callLogId": call_id, "recordingId": recording_id,
+                    "filePath": format!("{call_id}/mixed.wav"), "metaPath": format!("{call_id}/meta.json"),
+                }),
+            ),
         ];
         for (entity_type, entity_id, payload) in items {
-            store.enqueue(&NewRow { entity_type: entity_type.into(), entity_id, payload, ordering_key: None }).await?;
+            store
+                .enqueue(&NewRow {
+                    entity_type: entity_type.into(),
+                    entity_id,
+                    payload,
+                    ordering_key: None,
+                })
+                .await?;
             rows += 1;
         }
     }
@@ -159,7 +206,12 @@ fn wav(seconds: u32, freq: f64) -> Vec<u8> {
 
 fn list_dirs(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out: Vec<_> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
         .unwrap_or_default();
     out.sort();
     out

@@ -29,7 +29,10 @@ struct Sink {
 type Reply = (StatusCode, Json<Value>);
 
 fn reject(reason: impl Into<String>) -> Reply {
-    (StatusCode::BAD_REQUEST, Json(json!({ "error": reason.into() })))
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "error": reason.into() })),
+    )
 }
 
 /// A running dev sink; dropping the handle does not stop it, `stop` does.
@@ -51,7 +54,11 @@ pub async fn start(listen: SocketAddr, dir: PathBuf) -> anyhow::Result<DevSinkHa
     tokio::fs::create_dir_all(dir.join("files"))
         .await
         .with_context(|| format!("cannot create {}", dir.display()))?;
-    let sink = Sink { dir, seen: Arc::default(), journal: Arc::default() };
+    let sink = Sink {
+        dir,
+        seen: Arc::default(),
+        journal: Arc::default(),
+    };
     let app = Router::new()
         .route("/api/ingest/sync", post(sync))
         .route(
@@ -66,7 +73,10 @@ pub async fn start(listen: SocketAddr, dir: PathBuf) -> anyhow::Result<DevSinkHa
     let stop = CancellationToken::new();
     let shutdown = stop.clone().cancelled_owned();
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!(error = %e, "dev sink failed");
         }
     });
@@ -89,7 +99,10 @@ async fn sync(State(sink): State<Sink>, headers: HeaderMap, body: axum::body::By
     if headers.get("idempotency-key").is_none() {
         return reject("missing Idempotency-Key header");
     }
-    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !content_type.starts_with("application/json") {
         return reject("Content-Type must be application/json");
     }
@@ -112,7 +125,9 @@ async fn sync(State(sink): State<Sink>, headers: HeaderMap, body: axum::body::By
     }
     let mut lines = String::new();
     {
-        let Ok(mut seen) = sink.seen.lock() else { return reject("internal error") };
+        let Ok(mut seen) = sink.seen.lock() else {
+            return reject("internal error");
+        };
         for entry in entries {
             // at-least-once delivery: deduplicate on outboxId
             if seen.insert(entry["outboxId"].as_i64().unwrap_or_default()) {
@@ -122,7 +137,10 @@ async fn sync(State(sink): State<Sink>, headers: HeaderMap, body: axum::body::By
         }
     }
     if let Err(e) = append(&sink, &lines).await {
-        return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() })));
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": e.to_string() })),
+        );
     }
     (StatusCode::OK, Json(json!({ "accepted": entries.len() })))
 }
@@ -133,14 +151,23 @@ fn check_entry(entry: &Value) -> Result<(), String> {
     if let Some(extra) = obj.keys().find(|k| !keys.contains(&k.as_str())) {
         return Err(format!("unexpected key `{extra}`"));
     }
-    entry["outboxId"].as_i64().ok_or("outboxId must be an integer")?;
-    entry["entityType"].as_str().filter(|s| !s.is_empty()).ok_or("entityType must be a string")?;
-    let id = entry["entityId"].as_str().ok_or("entityId must be a string")?;
+    entry["outboxId"]
+        .as_i64()
+        .ok_or("outboxId must be an integer")?;
+    entry["entityType"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .ok_or("entityType must be a string")?;
+    let id = entry["entityId"]
+        .as_str()
+        .ok_or("entityId must be a string")?;
     uuid::Uuid::parse_str(id).map_err(|_| "entityId must be a UUID")?;
     if !entry["payload"].is_object() {
         return Err("payload must be an object".into());
     }
-    let created = entry["createdAt"].as_str().ok_or("createdAt must be a string")?;
+    let created = entry["createdAt"]
+        .as_str()
+        .ok_or("createdAt must be a string")?;
     chrono::DateTime::parse_from_rfc3339(created).map_err(|_| "createdAt must be RFC 3339")?;
     Ok(())
 }
@@ -165,8 +192,15 @@ fn safe_name(name: &str) -> Option<&str> {
     ok.then_some(name)
 }
 
-async fn recording_file(State(sink): State<Sink>, headers: HeaderMap, mut form: Multipart) -> Reply {
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("");
+async fn recording_file(
+    State(sink): State<Sink>,
+    headers: HeaderMap,
+    mut form: Multipart,
+) -> Reply {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !key.starts_with("recording_file:") {
         return reject("Idempotency-Key must be recording_file:<outboxId>");
     }
@@ -174,7 +208,10 @@ async fn recording_file(State(sink): State<Sink>, headers: HeaderMap, mut form: 
     let mut recording_id = None;
     let mut audio: Option<(String, PathBuf, u64)> = None;
     let mut meta: Option<Vec<u8>> = None;
-    let staging = sink.dir.join("files").join(format!(".incoming-{}", uuid::Uuid::new_v4()));
+    let staging = sink
+        .dir
+        .join("files")
+        .join(format!(".incoming-{}", uuid::Uuid::new_v4()));
     loop {
         let field = match form.next_field().await {
             Ok(Some(f)) => f,
@@ -201,7 +238,9 @@ async fn recording_file(State(sink): State<Sink>, headers: HeaderMap, mut form: 
             other => return reject(format!("unexpected part `{other}`")),
         }
     }
-    let (Some(call_log_id), Some(recording_id), Some((name, path, len))) = (call_log_id, recording_id, audio) else {
+    let (Some(call_log_id), Some(recording_id), Some((name, path, len))) =
+        (call_log_id, recording_id, audio)
+    else {
         let _ = tokio::fs::remove_file(&staging).await;
         return reject("parts callLogId, recordingId and audio are required");
     };
@@ -219,16 +258,25 @@ async fn recording_file(State(sink): State<Sink>, headers: HeaderMap, mut form: 
         std::io::Result::Ok(())
     };
     if let Err(e) = stored.await {
-        return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() })));
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": e.to_string() })),
+        );
     }
     let line = json!({"recordingFile": {"callLogId": call_log_id, "recordingId": recording_id, "file": name, "bytes": len, "meta": meta.is_some()}});
     if let Err(e) = append(&sink, &format!("{line}\n")).await {
-        return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() })));
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": e.to_string() })),
+        );
     }
     (StatusCode::OK, Json(json!({ "stored": len })))
 }
 
-async fn stream_to(path: &Path, mut field: axum::extract::multipart::Field<'_>) -> anyhow::Result<u64> {
+async fn stream_to(
+    path: &Path,
+    mut field: axum::extract::multipart::Field<'_>,
+) -> anyhow::Result<u64> {
     let mut file = tokio::fs::File::create(path).await?;
     let mut len = 0u64;
     while let Some(chunk) = field.chunk().await? {

@@ -60,12 +60,15 @@ impl FileJob {
         }
         let fields: Fields = serde_json::from_str(row.payload.get())
             .map_err(|_| Failure::payload_invalid("recording_file payload is not a JSON object"))?;
-        let text = |name: &str, v: Option<serde_json::Value>, required: bool| -> Result<Option<String>, Failure> {
+        let text = |name: &str,
+                    v: Option<serde_json::Value>,
+                    required: bool|
+         -> Result<Option<String>, Failure> {
             match v {
                 None | Some(serde_json::Value::Null) if !required => Ok(None),
-                None | Some(serde_json::Value::Null) => {
-                    Err(Failure::payload_invalid(format!("recording_file payload lacks `{name}`")))
-                }
+                None | Some(serde_json::Value::Null) => Err(Failure::payload_invalid(format!(
+                    "recording_file payload lacks `{name}`"
+                ))),
                 Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(Some(s)),
                 Some(_) => Err(Failure::payload_invalid(format!(
                     "recording_file payload field `{name}` must be a non-empty string"
@@ -112,7 +115,11 @@ struct SyncEntry<'a> {
 }
 
 impl Dispatcher {
-    pub fn new(settings: &IngestSettings, root: RecordingsRoot, metrics: Metrics) -> anyhow::Result<Dispatcher> {
+    pub fn new(
+        settings: &IngestSettings,
+        root: RecordingsRoot,
+        metrics: Metrics,
+    ) -> anyhow::Result<Dispatcher> {
         let base = Url::parse(&settings.base_url).context("invalid value for ingest.base_url")?;
         let join = |path: &str| -> anyhow::Result<Url> {
             let mut url = base.clone();
@@ -130,7 +137,10 @@ impl Dispatcher {
             .danger_accept_invalid_certs(settings.danger_accept_invalid_certs)
             .build()
             .context("building the HTTP client")?;
-        let signing_key = settings.signing_secret.as_ref().map(|s| signing_key(s.expose_secret()));
+        let signing_key = settings
+            .signing_secret
+            .as_ref()
+            .map(|s| signing_key(s.expose_secret()));
         Ok(Dispatcher {
             client,
             sync_url: join("/api/ingest/sync")?,
@@ -184,7 +194,10 @@ impl Dispatcher {
         } else {
             None
         };
-        let stream = tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(audio.file), 64 * 1024);
+        let stream = tokio_util::io::ReaderStream::with_capacity(
+            tokio::fs::File::from_std(audio.file),
+            64 * 1024,
+        );
         let audio_part = Part::stream_with_length(reqwest::Body::wrap_stream(stream), audio.len)
             .file_name(audio.name.clone())
             .mime_str(audio_mime(&audio.name))
@@ -206,13 +219,16 @@ impl Dispatcher {
             .timeout(self.upload_timeout)
             .header("Idempotency-Key", format!("recording_file:{}", row.id))
             .multipart(form);
-        self.execute(self.authorize(request), "recording_file").await
+        self.execute(self.authorize(request), "recording_file")
+            .await
     }
 
     async fn read_meta(&self, path: &str) -> Result<(String, Vec<u8>), Failure> {
         let opened = self.root.open(path)?;
         if opened.len > META_LIMIT {
-            return Err(Failure::file_unreadable(format!("{path}: meta file larger than {META_LIMIT} bytes")));
+            return Err(Failure::file_unreadable(format!(
+                "{path}: meta file larger than {META_LIMIT} bytes"
+            )));
         }
         let name = opened.name.clone();
         let mut file = tokio::fs::File::from_std(opened.file);
@@ -230,7 +246,11 @@ impl Dispatcher {
         }
     }
 
-    async fn execute(&self, request: reqwest::RequestBuilder, endpoint: &str) -> Result<(), Failure> {
+    async fn execute(
+        &self,
+        request: reqwest::RequestBuilder,
+        endpoint: &str,
+    ) -> Result<(), Failure> {
         let started = Instant::now();
         let result = request.send().await;
         let outcome = match result {
@@ -253,7 +273,12 @@ impl Dispatcher {
     pub async fn probe(&self) -> anyhow::Result<u16> {
         let mut url = self.sync_url.clone();
         url.set_path("/");
-        let response = self.client.get(url).send().await.map_err(|e| anyhow::anyhow!(error_chain(&e.without_url())))?;
+        let response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!(error_chain(&e.without_url())))?;
         Ok(response.status().as_u16())
     }
 }
@@ -273,7 +298,11 @@ async fn failure_from_response(mut response: Response) -> Failure {
         }
     }
     body.truncate(RESPONSE_BODY_LIMIT);
-    let text = if body.is_empty() { None } else { Some(String::from_utf8_lossy(&body).into_owned()) };
+    let text = if body.is_empty() {
+        None
+    } else {
+        Some(String::from_utf8_lossy(&body).into_owned())
+    };
     Failure::from_status(status, text, retry_after)
 }
 
@@ -298,7 +327,8 @@ fn signing_key(secret: &str) -> Vec<u8> {
 
 /// Standard Webhooks headers: HMAC-SHA256 over `id.timestamp.body`.
 pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> [(&'static str, String); 3] {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(format!("{id}.{timestamp}.").as_bytes());
     mac.update(body);
     let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
@@ -322,24 +352,41 @@ mod tests {
             created_at: chrono::Utc::now(),
             attempts: 0,
             ordering_key: None,
+            defect: None,
         }
     }
 
     #[test]
     fn file_payloads_are_checked() {
-        let job = FileJob::from_row(&row(r#"{"callLogId":"c1","filePath":"c1/mixed.wav"}"#)).unwrap();
+        let job =
+            FileJob::from_row(&row(r#"{"callLogId":"c1","filePath":"c1/mixed.wav"}"#)).unwrap();
         assert_eq!(job.recording_id, Uuid::nil().to_string());
         assert_eq!(job.meta_path(), ("c1/meta.json".to_string(), false));
-        for bad in [r#"{"callLogId":"c1"}"#, r#"{"filePath":"a.wav"}"#, r#"{"callLogId":"c1","filePath":5}"#, "[1]"] {
+        for bad in [
+            r#"{"callLogId":"c1"}"#,
+            r#"{"filePath":"a.wav"}"#,
+            r#"{"callLogId":"c1","filePath":5}"#,
+            "[1]",
+        ] {
             let f = FileJob::from_row(&row(bad)).unwrap_err();
-            assert_eq!(f.error_type, crate::taxonomy::ErrorType::PayloadInvalid, "{bad}");
+            assert_eq!(
+                f.error_type,
+                crate::taxonomy::ErrorType::PayloadInvalid,
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn batch_key_is_stable_and_distinct() {
-        assert_eq!(batch_key([1, 2, 3].into_iter()), batch_key([1, 2, 3].into_iter()));
-        assert_ne!(batch_key([1, 2, 3].into_iter()), batch_key([1, 2].into_iter()));
+        assert_eq!(
+            batch_key([1, 2, 3].into_iter()),
+            batch_key([1, 2, 3].into_iter())
+        );
+        assert_ne!(
+            batch_key([1, 2, 3].into_iter()),
+            batch_key([1, 2].into_iter())
+        );
     }
 
     #[test]
@@ -348,6 +395,9 @@ mod tests {
         let key = signing_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
         let body = br#"{"test": 2432232314}"#;
         let headers = sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
-        assert_eq!(headers[2].1, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        assert_eq!(
+            headers[2].1,
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
     }
 }

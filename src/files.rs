@@ -50,7 +50,9 @@ impl RecordingsRoot {
             }
         })?;
         self.check_resolves_inside(&relative)?;
-        let file = dir.open(&relative).map_err(|e| self.open_error(path, &relative, e))?;
+        let file = dir
+            .open(&relative)
+            .map_err(|e| self.open_error(path, &relative, e))?;
         let meta = file
             .metadata()
             .map_err(|e| Failure::file_unreadable(format!("{path}: cannot stat: {e}")))?;
@@ -61,20 +63,32 @@ impl RecordingsRoot {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "file".into());
-        Ok(OpenedFile { file: file.into_std(), len: meta.len(), name })
+        Ok(OpenedFile {
+            file: file.into_std(),
+            len: meta.len(),
+            name,
+        })
     }
 
     /// Whether a file exists under the root (for the optional default meta file).
     pub fn exists(&self, path: &str) -> bool {
-        self.relative(path).map(|rel| self.root.join(rel).is_file()).unwrap_or(false)
+        self.relative(path)
+            .map(|rel| self.root.join(rel).is_file())
+            .unwrap_or(false)
     }
 
     /// The path relative to the root; `..`, and absolute paths elsewhere, are denied.
     fn relative(&self, path: &str) -> Result<PathBuf, Failure> {
         let p = Path::new(path);
         let rel = if p.is_absolute() {
-            let canonical_root = self.root.canonicalize().unwrap_or_else(|_| self.root.clone());
-            match p.strip_prefix(&self.root).or_else(|_| p.strip_prefix(&canonical_root)) {
+            let canonical_root = self
+                .root
+                .canonicalize()
+                .unwrap_or_else(|_| self.root.clone());
+            match p
+                .strip_prefix(&self.root)
+                .or_else(|_| p.strip_prefix(&canonical_root))
+            {
                 Ok(rest) => rest.to_path_buf(),
                 Err(_) => {
                     return Err(Failure::path_denied(format!(
@@ -89,7 +103,9 @@ impl RecordingsRoot {
             match component {
                 Component::Normal(_) | Component::CurDir => {}
                 Component::ParentDir => {
-                    return Err(Failure::path_denied(format!("{path}: `..` is not allowed in file paths")))
+                    return Err(Failure::path_denied(format!(
+                        "{path}: `..` is not allowed in file paths"
+                    )))
                 }
                 Component::RootDir | Component::Prefix(_) => {
                     return Err(Failure::path_denied(format!("{path}: not a relative path")))
@@ -104,7 +120,10 @@ impl RecordingsRoot {
 
     /// A symlink that points out of the root is a denial, not a missing file.
     fn check_resolves_inside(&self, relative: &Path) -> Result<(), Failure> {
-        let (Ok(root), Ok(target)) = (self.root.canonicalize(), self.root.join(relative).canonicalize()) else {
+        let (Ok(root), Ok(target)) = (
+            self.root.canonicalize(),
+            self.root.join(relative).canonicalize(),
+        ) else {
             return Ok(()); // missing: the open reports it
         };
         if target.starts_with(&root) {
@@ -120,7 +139,13 @@ impl RecordingsRoot {
     fn open_error(&self, path: &str, relative: &Path, e: io::Error) -> Failure {
         match e.kind() {
             io::ErrorKind::NotFound => Failure::file_missing(format!("{path}: no such file")),
-            io::ErrorKind::PermissionDenied if self.root.join(relative).symlink_metadata().is_ok_and(|m| m.is_symlink()) => {
+            io::ErrorKind::PermissionDenied
+                if self
+                    .root
+                    .join(relative)
+                    .symlink_metadata()
+                    .is_ok_and(|m| m.is_symlink()) =>
+            {
                 Failure::path_denied(format!("{path}: symlink leads outside the recordings root"))
             }
             _ if e.to_string().contains("outside of the filesystem") => {
@@ -133,7 +158,11 @@ impl RecordingsRoot {
 
 /// The MIME type of an audio file, by extension.
 pub fn audio_mime(name: &str) -> &'static str {
-    let ext = Path::new(name).extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     match ext.as_str() {
         "wav" => "audio/wav",
         "mp3" => "audio/mpeg",
@@ -175,9 +204,15 @@ mod tests {
     fn denies_escapes() {
         let (tmp, root) = setup();
         assert_eq!(kind(root.open("../secret.txt")), ErrorType::PathDenied);
-        assert_eq!(kind(root.open("call/../../secret.txt")), ErrorType::PathDenied);
+        assert_eq!(
+            kind(root.open("call/../../secret.txt")),
+            ErrorType::PathDenied
+        );
         let outside = tmp.path().join("secret.txt");
-        assert_eq!(kind(root.open(outside.to_str().unwrap())), ErrorType::PathDenied);
+        assert_eq!(
+            kind(root.open(outside.to_str().unwrap())),
+            ErrorType::PathDenied
+        );
         std::os::unix::fs::symlink(&outside, root.path().join("call/link.wav")).unwrap();
         assert_eq!(kind(root.open("call/link.wav")), ErrorType::PathDenied);
         std::os::unix::fs::symlink("../../secret.txt", root.path().join("call/rel.wav")).unwrap();

@@ -10,8 +10,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -50,7 +50,10 @@ impl Metrics {
     pub fn new() -> anyhow::Result<Metrics> {
         let registry = Registry::new();
         let outbox_pending = GaugeVec::new(
-            Opts::new("serversync_outbox_pending", "Rows in sync_outbox not yet delivered"),
+            Opts::new(
+                "serversync_outbox_pending",
+                "Rows in sync_outbox not yet delivered",
+            ),
             &["entity_type"],
         )?;
         let oldest_pending_age = Gauge::new(
@@ -58,34 +61,53 @@ impl Metrics {
             "Age of the oldest undelivered row (0 when the outbox is empty)",
         )?;
         let dead_letters = GaugeVec::new(
-            Opts::new("serversync_dead_letters", "Rows in sync_outbox_dead_letters"),
+            Opts::new(
+                "serversync_dead_letters",
+                "Rows in sync_outbox_dead_letters",
+            ),
             &["error_type"],
         )?;
         let deliveries = IntCounterVec::new(
-            Opts::new("serversync_deliveries_total", "Settled delivery attempts by outcome (sent / retry / dead)"),
+            Opts::new(
+                "serversync_deliveries_total",
+                "Settled delivery attempts by outcome (sent / retry / dead)",
+            ),
             &["entity_type", "outcome"],
         )?;
         let delivery_errors = IntCounterVec::new(
-            Opts::new("serversync_delivery_errors_total", "Failed row deliveries by error type"),
+            Opts::new(
+                "serversync_delivery_errors_total",
+                "Failed row deliveries by error type",
+            ),
             &["error_type"],
         )?;
         let http_duration = HistogramVec::new(
-            HistogramOpts::new("serversync_http_request_duration_seconds", "Ingest request duration")
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            HistogramOpts::new(
+                "serversync_http_request_duration_seconds",
+                "Ingest request duration",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 300.0,
+            ]),
             &["endpoint"],
         )?;
         let delivery_lag = Histogram::with_opts(
             HistogramOpts::new("serversync_delivery_lag_seconds", "created_at to delivered")
                 .buckets(vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-                    300.0, 600.0, 1800.0, 3600.0,
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
                 ]),
         )?;
         let batch_size = Histogram::with_opts(
-            HistogramOpts::new("serversync_batch_size", "Rows per claimed batch")
-                .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0]),
+            HistogramOpts::new("serversync_batch_size", "Rows per claimed batch").buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0,
+            ]),
         )?;
-        let sink_up = IntGauge::new("serversync_sink_up", "1 while the ingest sink is taken as healthy")?;
+        let sink_up = IntGauge::new(
+            "serversync_sink_up",
+            "1 while the ingest sink is taken as healthy",
+        )?;
         let db_up = IntGauge::new("serversync_db_up", "1 while the database answers")?;
         let lease_lost = IntCounter::new(
             "serversync_lease_lost_total",
@@ -102,7 +124,9 @@ impl Metrics {
         registry.register(Box::new(sink_up.clone()))?;
         registry.register(Box::new(db_up.clone()))?;
         registry.register(Box::new(lease_lost.clone()))?;
-        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         sink_up.set(1);
         Ok(Metrics {
             registry,
@@ -124,15 +148,22 @@ impl Metrics {
     pub fn set_backlog(&self, backlog: &Backlog) {
         self.outbox_pending.reset();
         for (entity_type, n) in &backlog.pending_by_entity_type {
-            self.outbox_pending.with_label_values(&[entity_type.as_str()]).set(*n as f64);
+            self.outbox_pending
+                .with_label_values(&[entity_type.as_str()])
+                .set(*n as f64);
         }
-        self.oldest_pending_age.set(backlog.oldest_pending_age_seconds);
+        self.oldest_pending_age
+            .set(backlog.oldest_pending_age_seconds);
         self.dead_letters.reset();
         for error_type in crate::taxonomy::ErrorType::ALL {
-            self.dead_letters.with_label_values(&[error_type.as_str()]).set(0.0);
+            self.dead_letters
+                .with_label_values(&[error_type.as_str()])
+                .set(0.0);
         }
         for (error_type, n) in &backlog.dead_letters_by_error_type {
-            self.dead_letters.with_label_values(&[error_type.as_str()]).set(*n as f64);
+            self.dead_letters
+                .with_label_values(&[error_type.as_str()])
+                .set(*n as f64);
         }
     }
 
@@ -164,12 +195,17 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(AppState { metrics, health });
-    axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await?;
     Ok(())
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {

@@ -122,10 +122,18 @@ enum Route {
 impl Relay {
     pub fn new(parts: RelayParts, mode: Mode) -> Arc<Relay> {
         let d = &parts.settings.dispatch;
-        let sink = SinkHealth::new(d.outage_threshold, d.probe_interval, d.max_probe_interval, parts.metrics.clone());
+        let sink = SinkHealth::new(
+            d.outage_threshold,
+            d.probe_interval,
+            d.max_probe_interval,
+            parts.metrics.clone(),
+        );
         let drain = match mode {
             Mode::Run => None,
-            Mode::Drain { max_rows } => Some(DrainState { max_rows, ..Default::default() }),
+            Mode::Drain { max_rows } => Some(DrainState {
+                max_rows,
+                ..Default::default()
+            }),
         };
         Arc::new(Relay {
             store: parts.store,
@@ -160,7 +168,8 @@ impl Relay {
     }
 
     fn beat(&self) {
-        self.heartbeat.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.heartbeat
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Run `concurrency` workers until `stop` (or, draining, until nothing is due),
@@ -190,7 +199,11 @@ impl Relay {
     async fn release_in_flight(&self, grace: Duration) {
         let tokens: Vec<i64> = self.lock_in_flight().iter().copied().collect();
         match self.store.release(&tokens).await {
-            Ok(n) => tracing::warn!(rows = n, ?grace, "shutdown grace elapsed: released in-flight rows for redelivery"),
+            Ok(n) => tracing::warn!(
+                rows = n,
+                ?grace,
+                "shutdown grace elapsed: released in-flight rows for redelivery"
+            ),
             Err(e) => tracing::warn!(
                 error = %format!("{e:#}"),
                 "shutdown grace elapsed and releasing leases failed: rows return when their lease expires"
@@ -203,7 +216,14 @@ impl Relay {
             Some(d) => {
                 let left = d.left_for_retry.lock().map(|s| s.len()).unwrap_or(0) as u64;
                 let end = d.end.lock().ok().and_then(|e| *e);
-                (left, end.unwrap_or(if stopped { DrainEnd::Stopped } else { DrainEnd::Empty }))
+                (
+                    left,
+                    end.unwrap_or(if stopped {
+                        DrainEnd::Stopped
+                    } else {
+                        DrainEnd::Empty
+                    }),
+                )
             }
             None => (0, DrainEnd::Stopped),
         };
@@ -212,7 +232,11 @@ impl Relay {
             retried: self.stats.retried.load(Ordering::Relaxed),
             dead: self.stats.dead.load(Ordering::Relaxed),
             left_for_retry,
-            end: if stopped && end == DrainEnd::Empty { DrainEnd::Stopped } else { end },
+            end: if stopped && end == DrainEnd::Empty {
+                DrainEnd::Stopped
+            } else {
+                end
+            },
         }
     }
 
@@ -237,7 +261,10 @@ impl Relay {
                 Step::Idle => {
                     if let Some(d) = &self.drain {
                         if d.busy.load(Ordering::SeqCst) == 0 {
-                            let end = if d.max_rows.is_some_and(|m| d.claimed.load(Ordering::SeqCst) >= m) {
+                            let end = if d
+                                .max_rows
+                                .is_some_and(|m| d.claimed.load(Ordering::SeqCst) >= m)
+                            {
                                 DrainEnd::MaxRows
                             } else {
                                 DrainEnd::Empty
@@ -253,7 +280,9 @@ impl Relay {
                 }
                 Step::Paused(until) => {
                     if self.drain.is_some() && self.sink.is_down() {
-                        tracing::error!("ingest sink is down: drain stops; rows left wait for the next run");
+                        tracing::error!(
+                            "ingest sink is down: drain stops; rows left wait for the next run"
+                        );
                         self.finish_drain(DrainEnd::SinkDown, &finished);
                         break;
                     }
@@ -282,7 +311,11 @@ impl Relay {
             Gate::WaitUntil(until) => return Step::Paused(until),
         };
         let d = &self.settings.dispatch;
-        let mut limit = if probing { d.batch_size.min(10) } else { d.batch_size };
+        let mut limit = if probing {
+            d.batch_size.min(10)
+        } else {
+            d.batch_size
+        };
         if let Some(drain) = &self.drain {
             if let Some(max) = drain.max_rows {
                 let left = max.saturating_sub(drain.claimed.load(Ordering::SeqCst));
@@ -290,7 +323,11 @@ impl Relay {
             }
             drain.busy.fetch_add(1, Ordering::SeqCst);
         }
-        let step = if limit == 0 { Step::Idle } else { self.claim_and_deliver(limit, probing).await };
+        let step = if limit == 0 {
+            Step::Idle
+        } else {
+            self.claim_and_deliver(limit, probing).await
+        };
         if let Some(drain) = &self.drain {
             drain.busy.fetch_sub(1, Ordering::SeqCst);
         }
@@ -368,12 +405,21 @@ impl Relay {
                 Ok(Route::Json) => json.push(row),
                 Ok(Route::File(job)) => files.push((row, job)),
                 Err(failure) => {
-                    attempts.insert(row.id, Attempt::Failed { failure, charged: true });
+                    attempts.insert(
+                        row.id,
+                        Attempt::Failed {
+                            failure,
+                            charged: true,
+                        },
+                    );
                 }
             }
         }
         if probing {
-            tracing::info!(rows = claim.rows.len(), "probing the ingest sink with a batch");
+            tracing::info!(
+                rows = claim.rows.len(),
+                "probing the ingest sink with a batch"
+            );
         }
         self.deliver_json(&json, &mut attempts).await;
         let mut futures = Vec::with_capacity(files.len());
@@ -403,7 +449,11 @@ impl Relay {
     /// Send JSON rows; a batch rejected with a non-retryable 4xx is split in halves
     /// until the offending entries are alone.
     async fn deliver_json(&self, rows: &[&ClaimedRow], attempts: &mut HashMap<i64, Attempt>) {
-        let mut pending: Vec<&[&ClaimedRow]> = if rows.is_empty() { Vec::new() } else { vec![rows] };
+        let mut pending: Vec<&[&ClaimedRow]> = if rows.is_empty() {
+            Vec::new()
+        } else {
+            vec![rows]
+        };
         while let Some(chunk) = pending.pop() {
             match self.dispatcher.send_json(chunk).await {
                 Ok(()) => {
@@ -426,7 +476,13 @@ impl Relay {
                 Err(failure) => {
                     let charged = self.account(&failure);
                     for row in chunk {
-                        attempts.insert(row.id, Attempt::Failed { failure: failure.clone(), charged });
+                        attempts.insert(
+                            row.id,
+                            Attempt::Failed {
+                                failure: failure.clone(),
+                                charged,
+                            },
+                        );
                     }
                 }
             }
@@ -447,13 +503,19 @@ impl Relay {
     }
 
     fn route(&self, row: &ClaimedRow) -> Result<Route, Failure> {
+        if let Some(defect) = &row.defect {
+            return Err(Failure::payload_invalid(defect.clone()));
+        }
         let d = &self.settings.dispatch;
         let t = row.entity_type.as_str();
         let well_formed = !t.is_empty()
             && t.len() <= 100
-            && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
         if !well_formed {
-            return Err(Failure::unknown_entity_type(format!("entity type {t:?} is not routable")));
+            return Err(Failure::unknown_entity_type(format!(
+                "entity type {t:?} is not routable"
+            )));
         }
         if d.file_entity_types.iter().any(|f| f == t) {
             return FileJob::from_row(row).map(Route::File);
@@ -471,10 +533,15 @@ impl Relay {
 
     /// Decide each row's outcome: sent, retry later (charged or not), or dead.
     fn settlement(&self, claim: &Claim, mut attempts: HashMap<i64, Attempt>) -> Settlement {
-        let mut s = Settlement { token: claim.token, ..Default::default() };
+        let mut s = Settlement {
+            token: claim.token,
+            ..Default::default()
+        };
         let now = chrono::Utc::now();
         for row in &claim.rows {
-            let Some(attempt) = attempts.remove(&row.id) else { continue };
+            let Some(attempt) = attempts.remove(&row.id) else {
+                continue;
+            };
             let (failure, charged) = match attempt {
                 Attempt::Sent => {
                     s.sent.push(row.id);
@@ -497,7 +564,8 @@ impl Relay {
                     "message": failure.message,
                 }),
             };
-            let out_of_attempts = charged && number >= i32::try_from(params.max_attempts).unwrap_or(i32::MAX);
+            let out_of_attempts =
+                charged && number >= i32::try_from(params.max_attempts).unwrap_or(i32::MAX);
             if !failure.retryable || out_of_attempts {
                 tracing::warn!(
                     outbox_id = row.id,
@@ -518,7 +586,9 @@ impl Relay {
             let delay = if charged {
                 next_delay(&params, number as u32, failure.retry_after)
             } else {
-                self.sink.until_next_probe().max(failure.retry_after.unwrap_or_default())
+                self.sink
+                    .until_next_probe()
+                    .max(failure.retry_after.unwrap_or_default())
             };
             if charged {
                 tracing::warn!(
@@ -539,7 +609,12 @@ impl Relay {
                     "delivery failed while the sink is down (not charged)"
                 );
             }
-            s.retries.push(RetryRow { id: row.id, delay, error, charged });
+            s.retries.push(RetryRow {
+                id: row.id,
+                delay,
+                error,
+                charged,
+            });
         }
         s
     }
@@ -567,7 +642,9 @@ impl Relay {
         self.database_up();
         if report.lost > 0 {
             self.metrics.lease_lost.inc_by(report.lost);
-            self.stats.lease_lost.fetch_add(report.lost, Ordering::Relaxed);
+            self.stats
+                .lease_lost
+                .fetch_add(report.lost, Ordering::Relaxed);
             tracing::warn!(
                 rows = report.lost,
                 claim_token = claim.token,
@@ -582,26 +659,51 @@ impl Relay {
         let now = chrono::Utc::now();
         for id in &s.sent {
             if let Some(row) = by_id.get(id) {
-                self.metrics.deliveries.with_label_values(&[row.entity_type.as_str(), "sent"]).inc();
-                let lag = (now - row.created_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                self.metrics
+                    .deliveries
+                    .with_label_values(&[row.entity_type.as_str(), "sent"])
+                    .inc();
+                let lag = (now - row.created_at)
+                    .num_microseconds()
+                    .unwrap_or(0)
+                    .max(0) as f64
+                    / 1e6;
                 self.metrics.delivery_lag.observe(lag);
             }
         }
         for r in &s.retries {
             if let Some(row) = by_id.get(&r.id) {
-                self.metrics.deliveries.with_label_values(&[row.entity_type.as_str(), "retry"]).inc();
+                self.metrics
+                    .deliveries
+                    .with_label_values(&[row.entity_type.as_str(), "retry"])
+                    .inc();
             }
-            self.metrics.delivery_errors.with_label_values(&[r.error.error_type.as_str()]).inc();
+            self.metrics
+                .delivery_errors
+                .with_label_values(&[r.error.error_type.as_str()])
+                .inc();
         }
         for d in &s.dead {
             if let Some(row) = by_id.get(&d.id) {
-                self.metrics.deliveries.with_label_values(&[row.entity_type.as_str(), "dead"]).inc();
+                self.metrics
+                    .deliveries
+                    .with_label_values(&[row.entity_type.as_str(), "dead"])
+                    .inc();
             }
-            self.metrics.delivery_errors.with_label_values(&[d.error.error_type.as_str()]).inc();
+            self.metrics
+                .delivery_errors
+                .with_label_values(&[d.error.error_type.as_str()])
+                .inc();
         }
-        self.stats.delivered.fetch_add(s.sent.len() as u64, Ordering::Relaxed);
-        self.stats.retried.fetch_add(s.retries.len() as u64, Ordering::Relaxed);
-        self.stats.dead.fetch_add(s.dead.len() as u64, Ordering::Relaxed);
+        self.stats
+            .delivered
+            .fetch_add(s.sent.len() as u64, Ordering::Relaxed);
+        self.stats
+            .retried
+            .fetch_add(s.retries.len() as u64, Ordering::Relaxed);
+        self.stats
+            .dead
+            .fetch_add(s.dead.len() as u64, Ordering::Relaxed);
         if let Some(drain) = &self.drain {
             if let Ok(mut left) = drain.left_for_retry.lock() {
                 for id in s.sent.iter().chain(s.dead.iter().map(|d| &d.id)) {
@@ -716,7 +818,11 @@ impl Relay {
     }
 }
 
-async fn upload(dispatcher: &Dispatcher, row: &ClaimedRow, job: &FileJob) -> (i64, Result<(), Failure>) {
+async fn upload(
+    dispatcher: &Dispatcher,
+    row: &ClaimedRow,
+    job: &FileJob,
+) -> (i64, Result<(), Failure>) {
     (row.id, dispatcher.send_file(row, job).await)
 }
 

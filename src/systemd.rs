@@ -42,7 +42,10 @@ pub async fn feed_watchdog(relay: Arc<Relay>, interval: Duration, stop: Cancella
         if age < interval {
             notify(&[NotifyState::Watchdog]);
         } else {
-            tracing::error!(?age, "worker loop shows no progress: withholding the watchdog ping");
+            tracing::error!(
+                ?age,
+                "worker loop shows no progress: withholding the watchdog ping"
+            );
         }
     }
 }

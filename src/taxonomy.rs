@@ -56,7 +56,10 @@ impl ErrorType {
 
     /// Failures that say "the sink as a whole is unwell" rather than "this row is bad".
     pub fn is_sink_level(self) -> bool {
-        matches!(self, ErrorType::Timeout | ErrorType::Connect | ErrorType::Http5xx | ErrorType::Http429)
+        matches!(
+            self,
+            ErrorType::Timeout | ErrorType::Connect | ErrorType::Http5xx | ErrorType::Http429
+        )
     }
 }
 
@@ -97,7 +100,11 @@ impl Failure {
     }
 
     /// A non-2xx response.
-    pub fn from_status(status: u16, body: Option<String>, retry_after: Option<Duration>) -> Failure {
+    pub fn from_status(
+        status: u16,
+        body: Option<String>,
+        retry_after: Option<Duration>,
+    ) -> Failure {
         let (error_type, retryable) = match status {
             429 => (ErrorType::Http429, true),
             500..=599 => (ErrorType::Http5xx, true),
@@ -108,10 +115,20 @@ impl Failure {
             .ok()
             .and_then(|s| s.canonical_reason())
             .unwrap_or("");
-        let mut f = Failure::new(error_type, retryable, format!("sink answered HTTP {status} {reason}").trim_end().to_string());
+        let mut f = Failure::new(
+            error_type,
+            retryable,
+            format!("sink answered HTTP {status} {reason}")
+                .trim_end()
+                .to_string(),
+        );
         f.http_status = Some(status);
         f.response_body = body;
-        f.retry_after = if matches!(status, 429 | 503) { retry_after } else { None };
+        f.retry_after = if matches!(status, 429 | 503) {
+            retry_after
+        } else {
+            None
+        };
         f
     }
 
@@ -192,7 +209,11 @@ mod tests {
         ];
         for (status, error_type, retryable) in cases {
             let f = Failure::from_status(status, None, None);
-            assert_eq!((f.error_type, f.retryable), (error_type, retryable), "status {status}");
+            assert_eq!(
+                (f.error_type, f.retryable),
+                (error_type, retryable),
+                "status {status}"
+            );
             assert_eq!(f.http_status, Some(status));
         }
     }

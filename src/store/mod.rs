@@ -20,10 +20,16 @@ pub use sqlite::{RelayLock, SqliteStore};
 
 /// Which backend a database URL names, or a clear error.
 pub fn check_url(url: &str) -> anyhow::Result<()> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:") {
+    if url.starts_with("postgres://")
+        || url.starts_with("postgresql://")
+        || url.starts_with("sqlite:")
+    {
         Ok(())
     } else {
-        bail!("unsupported database URL {}: expected postgres://… or sqlite://…", redact_url(url))
+        bail!(
+            "unsupported database URL {}: expected postgres://… or sqlite://…",
+            redact_url(url)
+        )
     }
 }
 
@@ -53,6 +59,9 @@ pub struct ClaimedRow {
     /// Attempts already made (charged) before this one.
     pub attempts: i32,
     pub ordering_key: Option<String>,
+    /// Why the stored row cannot be delivered as it is (a backend that does not
+    /// type-check columns); the relay dead-letters it as `payload_invalid`.
+    pub defect: Option<String>,
 }
 
 /// A batch claimed in one statement. `token` fences every settle of these rows.
@@ -178,9 +187,13 @@ pub struct NewRow {
 pub enum SchemaState {
     Current,
     /// Migrations of this binary not yet applied.
-    Outdated { missing: Vec<i64> },
+    Outdated {
+        missing: Vec<i64>,
+    },
     /// The database has migrations this binary does not know (a newer binary ran).
-    Newer { unknown: Vec<i64> },
+    Newer {
+        unknown: Vec<i64>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -211,9 +224,17 @@ impl Store {
         check_url(raw)?;
         let shown = redact_url(raw);
         let store = if raw.starts_with("sqlite:") {
-            Store::Sqlite(SqliteStore::connect(raw, options).await.with_context(|| format!("cannot open the database {shown}"))?)
+            Store::Sqlite(
+                SqliteStore::connect(raw, options)
+                    .await
+                    .with_context(|| format!("cannot open the database {shown}"))?,
+            )
         } else {
-            Store::Postgres(PgStore::connect(raw, options).await.with_context(|| format!("cannot connect to the database {shown}"))?)
+            Store::Postgres(
+                PgStore::connect(raw, options)
+                    .await
+                    .with_context(|| format!("cannot connect to the database {shown}"))?,
+            )
         };
         Ok(store)
     }
@@ -288,7 +309,11 @@ impl Store {
     }
 
     /// Write a batch's outcome in one transaction, fenced on the claim token.
-    pub async fn settle(&self, settlement: &Settlement, keep_sent: bool) -> anyhow::Result<SettleReport> {
+    pub async fn settle(
+        &self,
+        settlement: &Settlement,
+        keep_sent: bool,
+    ) -> anyhow::Result<SettleReport> {
         delegate!(self, s => s.settle(settlement, keep_sent).await)
     }
 
@@ -353,7 +378,11 @@ fn millis(d: Duration) -> i64 {
 /// Compare the binary's migrations with those applied in the database.
 fn compare_schema(known: impl Iterator<Item = i64>, applied: &[i64]) -> SchemaState {
     let known: Vec<i64> = known.collect();
-    let unknown: Vec<i64> = applied.iter().copied().filter(|v| !known.contains(v)).collect();
+    let unknown: Vec<i64> = applied
+        .iter()
+        .copied()
+        .filter(|v| !known.contains(v))
+        .collect();
     if !unknown.is_empty() {
         return SchemaState::Newer { unknown };
     }

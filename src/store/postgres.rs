@@ -202,6 +202,7 @@ impl PgStore {
                 created_at: row.try_get("created_at")?,
                 attempts: row.try_get("attempts")?,
                 ordering_key: row.try_get("ordering_key")?,
+                defect: None,
             });
         }
         claimed.sort_unstable_by_key(|r| r.id);

@@ -564,15 +564,26 @@ fn bind_selection<'q>(
 fn claimed_from_row(row: &SqliteRow) -> anyhow::Result<ClaimedRow> {
     let id: i64 = row.try_get("id")?;
     let payload: String = row.try_get("payload")?;
+    // SQLite does not type-check: a row a producer wrote badly is claimed anyway and
+    // carries its defect, so the relay dead-letters it instead of stalling on it.
+    let mut defect = None;
+    let entity_id = get_uuid(row, "entity_id").unwrap_or_else(|e| {
+        defect = Some(format!("{e:#}"));
+        Uuid::nil()
+    });
+    let payload = RawValue::from_string(payload).unwrap_or_else(|e| {
+        defect = Some(format!("payload is not valid JSON: {e}"));
+        RawValue::from_string("null".into()).unwrap_or_default()
+    });
     Ok(ClaimedRow {
         id,
         entity_type: row.try_get("entity_type")?,
-        entity_id: get_uuid(row, "entity_id")?,
-        payload: RawValue::from_string(payload)
-            .with_context(|| format!("outbox row {id}: payload"))?,
+        entity_id,
+        payload,
         created_at: get_time(row, "created_at")?,
         attempts: row.try_get("attempts")?,
         ordering_key: row.try_get("ordering_key")?,
+        defect,
     })
 }
 
