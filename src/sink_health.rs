@@ -167,19 +167,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn trips_after_the_threshold_and_stops_charging() {
         let h = health(3);
-        assert!(h.on_sink_failure("connect", None));
-        assert!(h.on_sink_failure("connect", None));
+        assert!(h.on_sink_failure("http_5xx", None));
+        assert!(h.on_sink_failure("timeout", None));
         assert_eq!(h.gate(), Gate::Open);
-        assert!(
-            h.on_sink_failure("connect", None),
-            "the tripping failure is still charged"
-        );
+        assert!(h.on_sink_failure("http_5xx", None), "the tripping failure is still charged");
         assert!(h.is_down());
         assert_eq!(h.metrics.sink_up.get(), 0);
-        assert!(
-            !h.on_sink_failure("connect", None),
-            "failures while down are not charged"
-        );
+        assert!(!h.on_sink_failure("http_5xx", None), "failures while down are not charged");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_connection_trips_at_once() {
+        let h = health(3);
+        assert!(h.on_sink_failure("connect", None));
+        assert!(h.is_down());
     }
 
     #[tokio::test(start_paused = true)]
