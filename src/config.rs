@@ -591,4 +591,11 @@ mod tests {
     fn defaults_validate() {
         Settings::default().validate().unwrap();
     }
+
+    #[test]
+    fn metrics_listen_on_loopback_by_default() {
+        let listen = Settings::default().metrics.listen;
+        assert!(listen.ip().is_loopback());
+        assert_eq!(listen.port(), 9464);
+    }
 }

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub sink_up: IntGauge,
     pub db_up: IntGauge,
     pub lease_lost: IntCounter,
+    known_entity_types: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 /// Whether the relay can do its job: the database answers and the schema is current.
@@ -141,16 +142,21 @@ impl Metrics {
             sink_up,
             db_up,
             lease_lost,
+            known_entity_types: Arc::new(std::sync::Mutex::new(
+                ["call_log", "recording", "recording_file"].iter().map(|t| t.to_string()).collect(),
+            )),
         })
     }
 
     /// Replace the backlog gauges with a fresh reading (label sets that vanished go).
     pub fn set_backlog(&self, backlog: &Backlog) {
-        self.outbox_pending.reset();
-        for (entity_type, n) in &backlog.pending_by_entity_type {
-            self.outbox_pending
-                .with_label_values(&[entity_type.as_str()])
-                .set(*n as f64);
+        // Entity types seen before, and the usual three, read 0 when none are
+        // pending instead of vanishing (an absent series looks like a broken scrape).
+        let mut known = self.known_entity_types.lock().unwrap_or_else(|e| e.into_inner());
+        known.extend(backlog.pending_by_entity_type.keys().cloned());
+        for entity_type in known.iter() {
+            let n = backlog.pending_by_entity_type.get(entity_type).copied().unwrap_or(0);
+            self.outbox_pending.with_label_values(&[entity_type.as_str()]).set(n as f64);
         }
         self.oldest_pending_age
             .set(backlog.oldest_pending_age_seconds);

@@ -24,9 +24,18 @@ fn notify(states: &[NotifyState]) {
 }
 
 /// The watchdog interval systemd asked for, if any.
+///
+/// As libsystemd's `sd_watchdog_enabled`: `WATCHDOG_USEC` enables it, and
+/// `WATCHDOG_PID`, when set, must name this process (sd-notify's own helper insists
+/// on `WATCHDOG_PID` being present, which systemd does not promise).
 pub fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec))
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.trim().parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
 }
 
 /// Ping the watchdog at half its interval, but only while the worker loop shows

@@ -1,0 +1,155 @@
+//! Start-up failures: bad configuration, no or unreachable database, outdated schema.
+//! Each is one clear `error:` line and exit 1, never a panic.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::harness::{closed_port, TestEnv};
+
+#[tokio::test]
+async fn an_unknown_config_key_is_named() {
+    let mut env = TestEnv::new().await;
+    for (key, named) in [
+        ("ingest.bsae_url", "ingest.bsae_url"),
+        ("ingset.base_url", "ingset"),
+        (
+            "retry.overrides.call_log.max_attemps",
+            "retry.overrides.call_log.max_attemps",
+        ),
+    ] {
+        env.config.set(key, "x");
+        env.run(&["drain"])
+            .await
+            .assert_fails_with(named)
+            .assert_single_stderr_line();
+        env.config.remove(key);
+    }
+}
+
+#[tokio::test]
+async fn a_bad_duration_names_its_key() {
+    let mut env = TestEnv::new().await;
+    for key in ["ingest.timeout", "retry.base_delay", "shutdown.grace"] {
+        env.config.set(key, "soon");
+        env.run(&["drain"])
+            .await
+            .assert_fails_with(key)
+            .assert_single_stderr_line();
+        env.config.remove(key);
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_database_fails_fast_with_one_line() {
+    let mut env = TestEnv::new().await;
+    env.config.set(
+        "database.url",
+        format!("postgres://postgres@127.0.0.1:{}/x", closed_port()),
+    );
+    let (drain, status) = tokio::join!(env.run(&["drain"]), env.run(&["status", "--json"]));
+    for out in [drain, status] {
+        out.assert_fails_with("database");
+        assert!(
+            out.elapsed < Duration::from_secs(20),
+            "gave up only after {:?}\n{out}",
+            out.elapsed
+        );
+        assert!(out.stdout.trim().is_empty(), "nothing on stdout\n{out}");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_database_url_is_a_clear_error() {
+    let mut env = TestEnv::new().await;
+    env.config.remove("database.url");
+    env.run(&["drain"])
+        .await
+        .assert_fails_with("database")
+        .assert_single_stderr_line();
+    env.run(&["status"])
+        .await
+        .assert_fails_with("database")
+        .assert_single_stderr_line();
+}
+
+#[tokio::test]
+async fn the_database_url_may_come_from_the_environment() {
+    let mut env = TestEnv::new().await;
+    env.config.remove("database.url");
+    env.cmd(["migrate"])
+        .env("DATABASE_URL", &env.db.url)
+        .output()
+        .await
+        .assert_success();
+    env.cmd(["status", "--json"])
+        .env("SERVERSYNC__DATABASE__URL", &env.db.url)
+        .output()
+        .await
+        .assert_success();
+    env.cmd(["--database-url", &env.db.url, "status"])
+        .output()
+        .await
+        .assert_success();
+}
+
+#[tokio::test]
+async fn drain_refuses_an_unmigrated_database() {
+    let env = TestEnv::new().await;
+    env.run(&["drain"])
+        .await
+        .assert_fails_with("serversync migrate");
+    let run = env
+        .cmd(["run"])
+        .timeout(Duration::from_secs(30))
+        .output()
+        .await;
+    run.assert_fails_with("serversync migrate");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        tables, 0,
+        "refusing means not migrating behind the operator's back"
+    );
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent() {
+    let env = TestEnv::new().await;
+    env.migrate().await;
+    env.migrate().await;
+    let id = env
+        .insert("call_log", Uuid::new_v4(), serde_json::json!({"n": 1}))
+        .await;
+    env.migrate().await;
+    assert_eq!(
+        env.outbox().await.len(),
+        1,
+        "migrating again keeps the data"
+    );
+
+    env.run(&["drain"]).await.assert_success();
+    assert_eq!(env.sent_ids().await, [id]);
+    env.run(&["drain", "--migrate"]).await.assert_success();
+}
+
+#[tokio::test]
+async fn global_flags_may_follow_the_subcommand() {
+    let env = TestEnv::migrated().await;
+    let out = env
+        .run(&[
+            "status",
+            "--json",
+            "--log-level",
+            "warn",
+            "--log-format",
+            "json",
+        ])
+        .await;
+    out.assert_success();
+    assert_eq!(out.json()["pending"], serde_json::json!(0));
+}

@@ -1,0 +1,452 @@
+//! Delivery end to end: shapes on the wire, order, exactly-once in steady state.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{parse_time, write_recording};
+use crate::harness::sink::Incoming;
+use crate::harness::{Mode, Reply, TestEnv};
+
+#[tokio::test]
+async fn a_call_log_its_recording_and_its_file_arrive_in_order_and_intact() {
+    let env = TestEnv::migrated().await;
+    let call = Uuid::new_v4();
+    let recording = Uuid::new_v4();
+    let (audio, meta) = write_recording(&env, call);
+    let call_payload = json!({
+        "id": call, "callerNumber": "+4930123456", "durationSeconds": 42,
+        "answered": true, "tags": ["support", "de"], "notes": null, "agent": {"id": 7, "name": "Ana"}
+    });
+    let recording_payload =
+        json!({"id": recording, "callLogId": call, "durationMs": 4200, "format": "wav"});
+    let file_payload = json!({"callLogId": call, "recordingId": recording, "filePath": format!("{call}/mixed.wav")});
+    let log_id = env.insert("call_log", call, call_payload.clone()).await;
+    let rec_id = env
+        .insert("recording", recording, recording_payload.clone())
+        .await;
+    let file_id = env.insert("recording_file", recording, file_payload).await;
+
+    env.run(&["drain", "--migrate"])
+        .await
+        .assert_success()
+        .assert_no_panic();
+
+    // JSON entities: exact shape, same payload, RFC 3339 timestamps, id order.
+    let entries = env.sink.entries();
+    assert_eq!(entries.len(), 2, "{entries:#?}");
+    let created: HashMap<i64, DateTime<Utc>> =
+        sqlx::query_as::<_, (i64, DateTime<Utc>)>("SELECT id, created_at FROM sync_outbox_sent")
+            .fetch_all(&env.db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let expected = [
+        (log_id, "call_log", call, &call_payload),
+        (rec_id, "recording", recording, &recording_payload),
+    ];
+    for (entry, (id, entity_type, entity_id, payload)) in entries.iter().zip(expected) {
+        let keys: BTreeSet<&str> = entry
+            .raw
+            .as_object()
+            .expect("entry is an object")
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(
+            keys,
+            BTreeSet::from(["outboxId", "entityType", "entityId", "payload", "createdAt"])
+        );
+        assert_eq!(
+            entry.raw["outboxId"],
+            json!(id),
+            "outboxId is the row id, as a JSON number"
+        );
+        assert_eq!(entry.entity_type, entity_type);
+        assert_eq!(entry.entity_id, entity_id.to_string());
+        assert_eq!(&entry.payload, payload);
+        let sent_created = parse_time(&entry.created_at);
+        let diff = (sent_created - created[&id]).num_milliseconds().abs();
+        assert!(
+            diff < 1000,
+            "createdAt {} is not the row's created_at {}",
+            entry.created_at,
+            created[&id]
+        );
+    }
+    for request in env.sink.sync_requests() {
+        let key = request.headers.get("idempotency-key").unwrap_or_default();
+        assert!(
+            !key.is_empty(),
+            "every /sync request carries an Idempotency-Key"
+        );
+        let content_type = request.headers.get("content-type").unwrap_or_default();
+        assert!(
+            content_type.starts_with("application/json"),
+            "content-type {content_type:?}"
+        );
+        let ids: Vec<i64> = request.entries().iter().map(|e| e.outbox_id).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "entries of a request are in id order: {ids:?}"
+        );
+    }
+
+    // The file: one multipart request, byte-identical, the right parts.
+    let uploads = env.sink.uploads();
+    assert_eq!(uploads.len(), 1, "{uploads:#?}");
+    let upload = &uploads[0];
+    assert_eq!(
+        upload.headers.get("idempotency-key"),
+        Some(format!("recording_file:{file_id}").as_str())
+    );
+    let content_type = upload.headers.get("content-type").unwrap_or_default();
+    assert!(
+        content_type.starts_with("multipart/form-data"),
+        "content-type {content_type:?}"
+    );
+    assert_eq!(upload.text("callLogId"), Some(call.to_string()));
+    assert_eq!(upload.text("recordingId"), Some(recording.to_string()));
+    let audio_part = upload.part("audio").expect("an audio part");
+    assert_eq!(audio_part.file_name.as_deref(), Some("mixed.wav"));
+    assert_eq!(audio_part.content_type.as_deref(), Some("audio/wav"));
+    assert!(
+        audio_part.bytes == audio,
+        "audio differs: {} bytes sent, {} on disk",
+        audio_part.bytes.len(),
+        audio.len()
+    );
+    let meta_part = upload
+        .part("meta")
+        .expect("a meta part (meta.json lies beside the audio)");
+    assert_eq!(meta_part.content_type.as_deref(), Some("application/json"));
+    assert_eq!(meta_part.bytes, meta);
+
+    // Call order: log, then recording, then file.
+    let position = |id: i64| {
+        entries
+            .iter()
+            .find(|e| e.outbox_id == id)
+            .map(|e| (e.seq, e.index))
+            .unwrap()
+    };
+    assert!(
+        position(log_id) < position(rec_id),
+        "call_log before recording"
+    );
+    assert!(position(rec_id).0 < upload.seq, "recording before its file");
+
+    assert!(
+        env.sink.strays().is_empty(),
+        "requests to unknown paths: {:?}",
+        env.sink.strays()
+    );
+    assert_eq!(env.count("sync_outbox").await, 0);
+    assert_eq!(env.sent_ids().await, [log_id, rec_id, file_id]);
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+}
+
+#[tokio::test]
+async fn a_recording_id_defaults_to_the_entity_id_and_no_meta_part_without_a_meta_file() {
+    let env = TestEnv::migrated().await;
+    let call = Uuid::new_v4();
+    let recording = Uuid::new_v4();
+    let audio = crate::harness::fixtures::wav(100);
+    crate::harness::fixtures::write_file(&env.root, &format!("{call}/mixed.wav"), &audio);
+    env.insert(
+        "recording_file",
+        recording,
+        json!({"callLogId": call, "filePath": format!("{call}/mixed.wav")}),
+    )
+    .await;
+
+    env.drain().await.assert_success();
+
+    let uploads = env.sink.uploads();
+    assert_eq!(uploads.len(), 1);
+    assert_eq!(uploads[0].text("recordingId"), Some(recording.to_string()));
+    assert!(
+        uploads[0].part("meta").is_none(),
+        "no meta part when there is no meta file"
+    );
+    assert_eq!(uploads[0].part("audio").unwrap().bytes, audio);
+}
+
+#[tokio::test]
+async fn ten_thousand_mixed_rows_are_each_delivered_exactly_once() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("dispatch.batch_size", 100)
+        .set("dispatch.concurrency", 4);
+    // 5,000 calls, each a call_log (odd n) then a recording (even n) keyed by the call.
+    sqlx::query(
+        "INSERT INTO sync_outbox (entity_type, entity_id, payload)
+         SELECT CASE WHEN n % 2 = 1 THEN 'call_log' ELSE 'recording' END,
+                CASE WHEN n % 2 = 1 THEN md5('call-' || (n + 1) / 2)::uuid ELSE gen_random_uuid() END,
+                jsonb_build_object('n', n, 'callLogId', md5('call-' || (n + 1) / 2)::uuid)
+         FROM generate_series(1, 10000) AS n",
+    )
+    .execute(&env.db.pool)
+    .await
+    .unwrap();
+
+    let out = env
+        .cmd(["drain"])
+        .timeout(Duration::from_secs(180))
+        .output()
+        .await;
+    out.assert_success().assert_no_panic();
+
+    let entries = env.sink.entries();
+    let distinct: BTreeSet<i64> = entries.iter().map(|e| e.outbox_id).collect();
+    assert_eq!(distinct.len(), 10_000, "every row delivered");
+    assert_eq!(entries.len(), 10_000, "no row delivered twice");
+    assert_eq!(
+        env.sink.all_entries().len(),
+        10_000,
+        "no request was rejected or repeated"
+    );
+    let numbers: BTreeSet<i64> = entries
+        .iter()
+        .map(|e| e.payload["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(numbers, (1..=10_000).collect());
+    for request in env.sink.sync_requests() {
+        assert!(
+            request.entries().len() <= 100,
+            "batch of {} > batch_size",
+            request.entries().len()
+        );
+    }
+    // Per call: the log is delivered before the recording.
+    let mut log_at = HashMap::new();
+    for e in entries.iter().filter(|e| e.entity_type == "call_log") {
+        log_at.insert(e.entity_id.clone(), (e.seq, e.index));
+    }
+    for e in entries.iter().filter(|e| e.entity_type == "recording") {
+        let call = e.payload["callLogId"].as_str().unwrap();
+        assert!(
+            log_at[call] < (e.seq, e.index),
+            "recording {} of call {call} overtook its call_log",
+            e.outbox_id
+        );
+    }
+    assert_eq!(env.count("sync_outbox").await, 0);
+    assert_eq!(env.count("sync_outbox_sent").await, 10_000);
+}
+
+#[tokio::test]
+async fn enqueue_inserts_a_row_that_drain_delivers() {
+    let env = TestEnv::migrated().await;
+    let id = Uuid::new_v4();
+    let payload = json!({"id": id, "total": 12.5, "items": [1, 2]});
+    env.run(&[
+        "enqueue",
+        "--entity-type",
+        "call_log",
+        "--entity-id",
+        &id.to_string(),
+        "--payload",
+        &payload.to_string(),
+    ])
+    .await
+    .assert_success()
+    .assert_no_panic();
+    let keyed = Uuid::new_v4();
+    env.run(&[
+        "enqueue",
+        "--entity-type",
+        "invoice",
+        "--entity-id",
+        &keyed.to_string(),
+        "--payload",
+        "{}",
+        "--ordering-key",
+        "customer-9",
+    ])
+    .await
+    .assert_success();
+
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].entity_type.as_str(), rows[0].entity_id),
+        ("call_log", id)
+    );
+    assert_eq!(rows[0].payload, payload);
+    assert_eq!(
+        rows[0].ordering_key.as_deref(),
+        Some(id.to_string().as_str()),
+        "derived from entity_id"
+    );
+    assert_eq!(rows[0].status, "pending");
+    assert_eq!(rows[0].attempts, 0);
+    assert_eq!(rows[1].ordering_key.as_deref(), Some("customer-9"));
+
+    env.drain().await.assert_success();
+    let entries = env.sink.entries();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0].outbox_id, rows[0].id);
+    assert_eq!(entries[0].payload, payload);
+    assert_eq!(entries[1].entity_type, "invoice");
+}
+
+#[tokio::test]
+async fn enqueue_rejects_bad_json_and_bad_uuids_with_one_line() {
+    let env = TestEnv::migrated().await;
+    let id = Uuid::new_v4().to_string();
+    env.run(&[
+        "enqueue",
+        "--entity-type",
+        "call_log",
+        "--entity-id",
+        &id,
+        "--payload",
+        "{not json",
+    ])
+    .await
+    .assert_fails_with("payload")
+    .assert_single_stderr_line();
+    env.run(&[
+        "enqueue",
+        "--entity-type",
+        "call_log",
+        "--entity-id",
+        "not-a-uuid",
+        "--payload",
+        "{}",
+    ])
+    .await
+    .assert_fails_with("entity-id")
+    .assert_single_stderr_line();
+    assert_eq!(env.count("sync_outbox").await, 0, "nothing inserted");
+}
+
+#[tokio::test]
+async fn run_delivers_rows_as_they_come_and_exits_0_on_sigterm() {
+    let env = TestEnv::migrated().await;
+    let relay = env.cmd(["run"]).spawn();
+    let first = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    env.sink.wait_for_entries(1, Duration::from_secs(10)).await;
+    let second = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 2}))
+        .await;
+    env.sink.wait_for_entries(2, Duration::from_secs(10)).await;
+
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success().assert_no_panic();
+    let delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    assert_eq!(delivered, [first, second]);
+    assert_eq!(env.count("sync_outbox").await, 0);
+}
+
+#[tokio::test]
+async fn rows_of_one_key_go_one_at_a_time_in_id_order_and_a_dead_one_does_not_block() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("dispatch.concurrency", 4)
+        .set("dispatch.batch_size", 10);
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::Sync(r) if r.entries().iter().any(|e| e.payload["poison"] == true) => {
+            Reply::status(400)
+        }
+        _ => Reply::ok().delay(Duration::from_millis(30)),
+    }));
+    let calls = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
+    let mut poison = 0;
+    for round in 0..4 {
+        for (i, call) in calls.iter().enumerate() {
+            let bad = i == 0 && round == 1;
+            let id = env
+                .insert(
+                    "recording",
+                    Uuid::new_v4(),
+                    json!({"callLogId": call, "round": round, "poison": bad}),
+                )
+                .await;
+            if bad {
+                poison = id;
+            }
+        }
+    }
+
+    env.drain().await.assert_code(3);
+
+    let dead = env.dead_letters().await;
+    assert_eq!(
+        dead.iter().map(|d| d.outbox_id).collect::<Vec<_>>(),
+        [poison]
+    );
+    let delivered: BTreeSet<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    assert_eq!(
+        delivered.len(),
+        11,
+        "every other row, its successors on the dead row's key included"
+    );
+    assert_eq!(env.sink.entries().len(), 11, "each once");
+    let requests = env.sink.sync_requests();
+    for call in calls {
+        let key = call.to_string();
+        // Every request that carried a row of this key, in arrival order.
+        let mut carrying: Vec<(&crate::harness::sink::SyncRequest, i64)> = Vec::new();
+        for r in &requests {
+            let of_key: Vec<i64> = r
+                .entries()
+                .iter()
+                .filter(|e| e.payload["callLogId"] == key.as_str())
+                .map(|e| e.outbox_id)
+                .collect();
+            assert!(
+                of_key.len() <= 1,
+                "two rows of key {key} in one request: {of_key:?}"
+            );
+            if let Some(id) = of_key.first() {
+                carrying.push((r, *id));
+            }
+        }
+        for pair in carrying.windows(2) {
+            let ((earlier, a), (later, b)) = (pair[0], pair[1]);
+            assert!(a <= b, "key {key}: row {b} went before row {a}");
+            let answered = earlier.answered_at.expect("answered");
+            assert!(
+                later.received_at >= answered,
+                "key {key}: row {b} was sent while row {a} was in flight"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn drain_exits_0_only_when_nothing_due_is_left() {
+    // Chains of rows on a few keys: each row becomes claimable only when its
+    // predecessor settles, while idle workers look for work. A drain must not take
+    // "nothing claimable right now" for "nothing left".
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("dispatch.concurrency", 8)
+        .set("dispatch.batch_size", 10);
+    for round in 0..3 {
+        sqlx::query(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key)
+             SELECT 'event', gen_random_uuid(), jsonb_build_object('n', n), 'chain-' || (n % 2)
+             FROM generate_series(1, 30) AS n",
+        )
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+        let out = env.drain().await;
+        let left = env.count("sync_outbox").await;
+        assert_eq!(
+            (out.code, left),
+            (Some(0), 0),
+            "round {round}: drain ended with {left} rows left\n{out}"
+        );
+    }
+    assert_eq!(env.sink.entries().len(), 90);
+}

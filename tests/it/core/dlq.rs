@@ -1,0 +1,262 @@
+//! `serversync dlq`: list, show, requeue, purge.
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::file_payload;
+use crate::harness::TestEnv;
+
+/// Dead-letter `n` rows of type `fax` as `unknown_entity_type` (no HTTP involved);
+/// returns their outbox ids. Leaves `fax` outside the allow-list.
+async fn dead_faxes(env: &mut TestEnv, n: usize) -> Vec<i64> {
+    env.config.set("dispatch.json_entity_types", ["call_log"]);
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(env.insert("fax", Uuid::new_v4(), json!({"page": i})).await);
+    }
+    env.drain().await.assert_code(3);
+    assert_eq!(env.count("sync_outbox_dead_letters").await, n as i64);
+    ids
+}
+
+/// A `path_denied` dead letter; returns its outbox id.
+async fn dead_path(env: &TestEnv) -> i64 {
+    let id = env
+        .insert(
+            "recording_file",
+            Uuid::new_v4(),
+            file_payload(Uuid::new_v4(), "../x.wav"),
+        )
+        .await;
+    env.drain().await.assert_code(3);
+    id
+}
+
+async fn list(env: &TestEnv, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["dlq", "list", "--json"];
+    args.extend_from_slice(extra);
+    let out = env.run(&args).await;
+    out.assert_success().assert_no_panic();
+    match out.json() {
+        Value::Array(items) => items,
+        other => panic!("dlq list --json prints an array, not {other}"),
+    }
+}
+
+async fn dead_letter_id(env: &TestEnv, outbox_id: i64) -> i64 {
+    sqlx::query_scalar("SELECT id FROM sync_outbox_dead_letters WHERE outbox_id = $1")
+        .bind(outbox_id)
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("no dead letter for outbox row {outbox_id}: {e}"))
+}
+
+#[tokio::test]
+async fn requeue_by_id_puts_the_row_back_and_the_next_drain_delivers_it() {
+    let mut env = TestEnv::migrated().await;
+    let outbox_id = dead_faxes(&mut env, 1).await[0];
+    let id = dead_letter_id(&env, outbox_id).await;
+
+    env.run(&["dlq", "requeue", &id.to_string()])
+        .await
+        .assert_success()
+        .assert_no_panic();
+
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].id, outbox_id, "the same outbox id comes back");
+    assert_eq!(rows[0].attempts, 0, "attempts reset");
+    assert_eq!(rows[0].status, "pending");
+    assert_eq!(rows[0].payload, json!({"page": 0}));
+    assert!(rows[0].next_attempt_at <= env.db_now().await, "due at once");
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+
+    env.config.remove("dispatch.json_entity_types");
+    env.drain().await.assert_success();
+    let delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    assert_eq!(delivered, [outbox_id]);
+    assert_eq!(env.sent_ids().await, [outbox_id]);
+}
+
+#[tokio::test]
+async fn requeue_by_error_type_moves_only_that_type() {
+    let mut env = TestEnv::migrated().await;
+    let faxes = dead_faxes(&mut env, 2).await;
+    let denied = dead_path(&env).await;
+
+    env.run(&["dlq", "requeue", "--error-type", "unknown_entity_type"])
+        .await
+        .assert_success();
+
+    let back: Vec<i64> = env.outbox().await.iter().map(|r| r.id).collect();
+    assert_eq!(back, faxes);
+    let left: Vec<i64> = env
+        .dead_letters()
+        .await
+        .iter()
+        .map(|d| d.outbox_id)
+        .collect();
+    assert_eq!(left, [denied]);
+}
+
+#[tokio::test]
+async fn requeue_all_empties_the_dead_letters() {
+    let mut env = TestEnv::migrated().await;
+    let mut ids = dead_faxes(&mut env, 2).await;
+    ids.push(dead_path(&env).await);
+
+    env.run(&["dlq", "requeue", "--all"]).await.assert_success();
+
+    let back: Vec<i64> = env.outbox().await.iter().map(|r| r.id).collect();
+    assert_eq!(back, ids);
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+}
+
+#[tokio::test]
+async fn purge_deletes_by_id_by_age_and_all() {
+    let mut env = TestEnv::migrated().await;
+    let ids = dead_faxes(&mut env, 3).await;
+    let first = dead_letter_id(&env, ids[0]).await;
+
+    env.run(&["dlq", "purge", "--older-than", "1h"])
+        .await
+        .assert_success();
+    assert_eq!(
+        env.count("sync_outbox_dead_letters").await,
+        3,
+        "nothing is an hour old"
+    );
+
+    env.run(&["dlq", "purge", &first.to_string()])
+        .await
+        .assert_success();
+    let left: Vec<i64> = env
+        .dead_letters()
+        .await
+        .iter()
+        .map(|d| d.outbox_id)
+        .collect();
+    assert_eq!(left, &ids[1..]);
+
+    sqlx::query("UPDATE sync_outbox_dead_letters SET dead_at = now() - interval '2 hours' WHERE outbox_id = $1")
+        .bind(ids[1])
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    env.run(&["dlq", "purge", "--older-than", "1h"])
+        .await
+        .assert_success();
+    let left: Vec<i64> = env
+        .dead_letters()
+        .await
+        .iter()
+        .map(|d| d.outbox_id)
+        .collect();
+    assert_eq!(left, &ids[2..]);
+
+    env.run(&["dlq", "purge", "--all"]).await.assert_success();
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+    assert_eq!(
+        env.count("sync_outbox").await,
+        0,
+        "purged rows do not come back"
+    );
+}
+
+#[tokio::test]
+async fn show_prints_one_dead_letter_and_fails_for_a_missing_id() {
+    let mut env = TestEnv::migrated().await;
+    let outbox_id = dead_faxes(&mut env, 1).await[0];
+    let id = dead_letter_id(&env, outbox_id).await;
+
+    let out = env.run(&["dlq", "show", &id.to_string(), "--json"]).await;
+    out.assert_success();
+    let shown = out.json();
+    assert_eq!(shown["id"], json!(id));
+    assert_eq!(shown["outboxId"], json!(outbox_id));
+    assert_eq!(shown["errorType"], "unknown_entity_type");
+    assert_eq!(
+        shown["attemptErrors"].as_array().map(Vec::len),
+        Some(1),
+        "{shown:#}"
+    );
+
+    let human = env.run(&["dlq", "show", &id.to_string()]).await;
+    human.assert_success();
+    assert!(human.stdout.contains("unknown_entity_type"), "{human}");
+
+    env.run(&["dlq", "show", "999999"])
+        .await
+        .assert_fails_with("999999");
+}
+
+#[tokio::test]
+async fn list_json_has_the_columns_in_camel_case_and_filters() {
+    let mut env = TestEnv::migrated().await;
+    let faxes = dead_faxes(&mut env, 2).await;
+    let denied = dead_path(&env).await;
+
+    let all = list(&env, &[]).await;
+    assert_eq!(all.len(), 3);
+    let keys = [
+        "id",
+        "outboxId",
+        "entityType",
+        "entityId",
+        "payload",
+        "orderingKey",
+        "createdAt",
+        "errorType",
+        "httpStatus",
+        "errorMessage",
+        "responseBody",
+        "attempts",
+        "maxAttempts",
+        "attemptErrors",
+        "firstAttemptAt",
+        "lastAttemptAt",
+        "deadAt",
+    ];
+    for item in &all {
+        for key in keys {
+            assert!(item.get(key).is_some(), "`{key}` missing from {item:#}");
+        }
+    }
+    let db = env.dead_letters().await;
+    let fax = all
+        .iter()
+        .find(|i| i["outboxId"] == json!(faxes[0]))
+        .expect("listed by outboxId");
+    let row = db.iter().find(|d| d.outbox_id == faxes[0]).unwrap();
+    assert_eq!(fax["id"], json!(row.id));
+    assert_eq!(fax["entityType"], "fax");
+    assert_eq!(fax["entityId"], json!(row.entity_id.to_string()));
+    assert_eq!(fax["payload"], row.payload);
+    assert_eq!(fax["errorType"], "unknown_entity_type");
+    assert_eq!(fax["httpStatus"], Value::Null);
+    assert_eq!(fax["attempts"], json!(row.attempts));
+    assert_eq!(fax["maxAttempts"], json!(row.max_attempts));
+    assert_eq!(fax["attemptErrors"], row.attempt_errors);
+    for time_key in ["createdAt", "deadAt"] {
+        super::parse_time(
+            fax[time_key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{time_key} is a string")),
+        );
+    }
+
+    let by_type = list(&env, &["--error-type", "path_denied"]).await;
+    assert_eq!(
+        by_type
+            .iter()
+            .map(|i| i["outboxId"].clone())
+            .collect::<Vec<_>>(),
+        [json!(denied)]
+    );
+    assert_eq!(list(&env, &["--entity-type", "fax"]).await.len(), 2);
+    assert_eq!(list(&env, &["--limit", "1"]).await.len(), 1);
+    assert!(
+        list(&env, &["--error-type", "http_5xx"]).await.is_empty(),
+        "no match is an empty array"
+    );
+}

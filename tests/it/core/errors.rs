@@ -1,0 +1,532 @@
+//! Every error type of SPEC §4 produced for real, and found where it belongs: still
+//! pending with the failure recorded, or dead-lettered with its history.
+
+use std::time::Duration;
+
+use chrono::Duration as Span;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{
+    assert_dead, assert_history, drain_until, file_payload, retry_in_an_hour, write_recording,
+};
+use crate::harness::{closed_port, fixtures, Mode, Reply, TestEnv};
+
+#[tokio::test]
+async fn a_500_until_out_of_attempts_is_dead_lettered_with_its_history() {
+    let mut env = TestEnv::migrated().await;
+    env.config.set("retry.max_attempts", 2);
+    env.sink.set_mode(Mode::Reply(
+        Reply::status(500).body("upstream exploded: marker-500"),
+    ));
+    let id = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+
+    let out = drain_until(&env, "dead-lettered", || async {
+        env.count("sync_outbox_dead_letters").await == 1
+    })
+    .await;
+    out.assert_code(3);
+
+    let dead = env.dead_letters().await;
+    let d = assert_dead(&dead, id, "http_5xx", 2);
+    assert_eq!(d.max_attempts, 2);
+    assert_eq!(d.http_status, Some(500));
+    assert!(
+        d.response_body
+            .as_deref()
+            .unwrap_or_default()
+            .contains("marker-500"),
+        "response_body keeps the sink's body: {d:#?}"
+    );
+    for attempt in d.attempt_errors.as_array().unwrap() {
+        assert_eq!(attempt["httpStatus"], 500);
+    }
+    assert_eq!(env.count("sync_outbox").await, 0);
+    let requests = env.sink.sync_requests();
+    assert_eq!(requests.len(), 2, "one request per attempt");
+    let keys: Vec<_> = requests
+        .iter()
+        .map(|r| r.headers.get("idempotency-key").map(str::to_string))
+        .collect();
+    assert!(
+        keys[0].is_some() && keys[0] == keys[1],
+        "same rows, same Idempotency-Key: {keys:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_429_leaves_the_row_pending_until_after_retry_after() {
+    let env = TestEnv::migrated().await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::status(429).header("Retry-After", "30")));
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    let before = env.db_now().await;
+
+    let out = env.drain().await;
+    out.assert_code(3);
+    assert!(
+        out.elapsed < Duration::from_secs(20),
+        "drain does not sit out a Retry-After\n{out}"
+    );
+
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1, "the row stays in sync_outbox");
+    let row = &rows[0];
+    assert_eq!(row.last_error_type.as_deref(), Some("http_429"), "{row:#?}");
+    assert_eq!(row.last_http_status, Some(429));
+    assert_eq!(row.attempts, 1, "{row:#?}");
+    assert_history(&row.attempt_errors, "http_429", 1);
+    let earliest = before + Span::seconds(30) - Span::seconds(1);
+    assert!(
+        row.next_attempt_at >= earliest,
+        "next_attempt_at {} ignores Retry-After (>= {earliest})",
+        row.next_attempt_at
+    );
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+}
+
+#[tokio::test]
+async fn a_404_is_dead_lettered_at_once() {
+    let env = TestEnv::migrated().await;
+    env.sink.set_mode(Mode::Reply(
+        Reply::status(404).body("no such route: marker-404"),
+    ));
+    let id = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+
+    env.drain().await.assert_code(3);
+
+    let dead = env.dead_letters().await;
+    let d = assert_dead(&dead, id, "http_4xx", 1);
+    assert_eq!(d.http_status, Some(404));
+    assert_eq!(d.max_attempts, 10, "the default limit applied");
+    assert!(d
+        .response_body
+        .as_deref()
+        .unwrap_or_default()
+        .contains("marker-404"));
+    assert_eq!(env.sink.request_count(), 1, "no retry");
+    assert_eq!(env.count("sync_outbox").await, 0);
+}
+
+#[tokio::test]
+async fn a_400_for_one_entry_dead_letters_only_that_entry() {
+    let env = TestEnv::migrated().await;
+    env.sink.set_mode(Mode::RejectPoison);
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let payload = if n == 2 {
+            json!({"n": n, "poison": true})
+        } else {
+            json!({"n": n})
+        };
+        ids.push(env.insert("call_log", Uuid::new_v4(), payload).await);
+    }
+    let poison = ids.remove(2);
+
+    env.drain().await.assert_code(3);
+
+    let dead = env.dead_letters().await;
+    assert_eq!(dead.len(), 1, "only the poison entry: {dead:#?}");
+    let d = assert_dead(&dead, poison, "http_4xx", 1);
+    assert_eq!(d.http_status, Some(400));
+    assert!(d
+        .response_body
+        .as_deref()
+        .unwrap_or_default()
+        .contains("poison entry"));
+    let mut delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    delivered.sort();
+    assert_eq!(delivered, ids, "the other entries, each once");
+    assert_eq!(env.sent_ids().await, ids);
+    assert_eq!(env.count("sync_outbox").await, 0);
+}
+
+#[tokio::test]
+async fn a_sink_slower_than_ingest_timeout_is_a_timeout() {
+    let mut env = TestEnv::migrated().await;
+    retry_in_an_hour(&mut env);
+    env.config.set("ingest.timeout", "500ms");
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(5))));
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+
+    let out = env.drain().await;
+    out.assert_code(3);
+    assert!(
+        out.elapsed < Duration::from_secs(5),
+        "the timeout cut the request short\n{out}"
+    );
+
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].last_error_type.as_deref(),
+        Some("timeout"),
+        "{:#?}",
+        rows[0]
+    );
+    assert_eq!(rows[0].last_http_status, None);
+    assert_eq!(rows[0].attempts, 1);
+    assert_history(&rows[0].attempt_errors, "timeout", 1);
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_connect() {
+    let mut env = TestEnv::migrated().await;
+    retry_in_an_hour(&mut env);
+    env.config.set(
+        "ingest.base_url",
+        format!("http://127.0.0.1:{}", closed_port()),
+    );
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+
+    let out = env.drain().await;
+    out.assert_code(3);
+    assert!(out.elapsed < Duration::from_secs(10), "{out}");
+
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].last_error_type.as_deref(),
+        Some("connect"),
+        "{:#?}",
+        rows[0]
+    );
+    assert_eq!(rows[0].last_http_status, None);
+    assert_eq!(rows[0].attempts, 1);
+    assert_history(&rows[0].attempt_errors, "connect", 1);
+}
+
+#[tokio::test]
+async fn a_missing_file_is_retried() {
+    let mut env = TestEnv::migrated().await;
+    retry_in_an_hour(&mut env);
+    let call = Uuid::new_v4();
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        file_payload(call, &format!("{call}/mixed.wav")),
+    )
+    .await;
+
+    env.drain().await.assert_code(3);
+
+    let rows = env.outbox().await;
+    assert_eq!(
+        rows.len(),
+        1,
+        "a missing file may still appear: the row stays"
+    );
+    assert_eq!(
+        rows[0].last_error_type.as_deref(),
+        Some("file_missing"),
+        "{:#?}",
+        rows[0]
+    );
+    assert_eq!(rows[0].attempts, 1);
+    assert_history(&rows[0].attempt_errors, "file_missing", 1);
+    assert_eq!(env.sink.request_count(), 0, "nothing to send");
+}
+
+#[tokio::test]
+async fn a_missing_file_out_of_attempts_is_dead_lettered() {
+    let mut env = TestEnv::migrated().await;
+    env.config.set("retry.max_attempts", 1);
+    let no_dir = Uuid::new_v4();
+    let no_file = Uuid::new_v4();
+    fixtures::write_file(&env.root, &format!("{no_file}/other.wav"), b"x");
+    let a = env
+        .insert(
+            "recording_file",
+            Uuid::new_v4(),
+            file_payload(no_dir, &format!("{no_dir}/mixed.wav")),
+        )
+        .await;
+    let b = env
+        .insert(
+            "recording_file",
+            Uuid::new_v4(),
+            file_payload(no_file, &format!("{no_file}/mixed.wav")),
+        )
+        .await;
+
+    env.drain().await.assert_code(3);
+
+    let dead = env.dead_letters().await;
+    for id in [a, b] {
+        let d = assert_dead(&dead, id, "file_missing", 1);
+        assert_eq!(d.max_attempts, 1);
+        assert_eq!(d.http_status, None);
+    }
+    assert_eq!(env.count("sync_outbox").await, 0);
+    assert_eq!(env.sink.request_count(), 0);
+}
+
+#[tokio::test]
+async fn paths_out_of_the_recordings_root_are_denied() {
+    let env = TestEnv::migrated().await;
+    let outside = env.work_dir().join("outside.wav");
+    std::fs::write(&outside, fixtures::wav(10)).unwrap();
+    std::fs::write(env.work_dir().join("outside.json"), b"{}").unwrap();
+    let inside = Uuid::new_v4();
+    write_recording(&env, inside);
+    let cases = [
+        file_payload(Uuid::new_v4(), "../outside.wav"),
+        file_payload(inside, &format!("{inside}/../../outside.wav")),
+        file_payload(Uuid::new_v4(), outside.to_str().unwrap()),
+        json!({"callLogId": inside, "filePath": format!("{inside}/mixed.wav"), "metaPath": "../outside.json"}),
+    ];
+    let mut ids = Vec::new();
+    for payload in cases {
+        ids.push(env.insert("recording_file", Uuid::new_v4(), payload).await);
+    }
+
+    env.drain().await.assert_code(3);
+
+    let dead = env.dead_letters().await;
+    for id in ids {
+        assert_dead(&dead, id, "path_denied", 1);
+    }
+    assert_eq!(
+        env.sink.request_count(),
+        0,
+        "nothing outside the root is sent"
+    );
+}
+
+#[tokio::test]
+async fn symlinks_out_of_the_recordings_root_are_denied() {
+    let env = TestEnv::migrated().await;
+    let outside_dir = env.work_dir().join("elsewhere");
+    fixtures::write_file(&outside_dir, "mixed.wav", &fixtures::wav(10));
+    let linked_file = Uuid::new_v4();
+    std::fs::create_dir_all(env.root.join(linked_file.to_string())).unwrap();
+    std::os::unix::fs::symlink(
+        outside_dir.join("mixed.wav"),
+        env.root.join(format!("{linked_file}/mixed.wav")),
+    )
+    .unwrap();
+    let linked_dir = Uuid::new_v4();
+    std::os::unix::fs::symlink(&outside_dir, env.root.join(linked_dir.to_string())).unwrap();
+    let a = env
+        .insert(
+            "recording_file",
+            Uuid::new_v4(),
+            file_payload(linked_file, &format!("{linked_file}/mixed.wav")),
+        )
+        .await;
+    let b = env
+        .insert(
+            "recording_file",
+            Uuid::new_v4(),
+            file_payload(linked_dir, &format!("{linked_dir}/mixed.wav")),
+        )
+        .await;
+
+    env.drain().await.assert_code(3);
+
+    let dead = env.dead_letters().await;
+    assert_dead(&dead, a, "path_denied", 1);
+    assert_dead(&dead, b, "path_denied", 1);
+    assert_eq!(env.sink.request_count(), 0);
+}
+
+#[tokio::test]
+async fn file_payloads_without_required_fields_are_invalid() {
+    let env = TestEnv::migrated().await;
+    let call = Uuid::new_v4();
+    write_recording(&env, call);
+    let cases = [
+        json!({"callLogId": Uuid::new_v4()}),
+        json!({"callLogId": Uuid::new_v4(), "filePath": 42}),
+        json!({"filePath": format!("{call}/mixed.wav")}),
+        json!(["not", "an", "object"]),
+    ];
+    let mut ids = Vec::new();
+    for payload in cases {
+        ids.push(env.insert("recording_file", Uuid::new_v4(), payload).await);
+    }
+
+    env.drain().await.assert_code(3);
+
+    let dead = env.dead_letters().await;
+    for id in ids {
+        assert_dead(&dead, id, "payload_invalid", 1);
+    }
+    assert_eq!(env.sink.request_count(), 0);
+}
+
+#[tokio::test]
+async fn a_type_outside_the_json_allow_list_is_an_unknown_entity_type() {
+    let mut env = TestEnv::migrated().await;
+    env.config.set("dispatch.json_entity_types", ["call_log"]);
+    let fax = env.insert("fax", Uuid::new_v4(), json!({"pages": 3})).await;
+    let log = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+
+    env.drain().await.assert_code(3);
+
+    let dead = env.dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    let d = assert_dead(&dead, fax, "unknown_entity_type", 1);
+    assert_eq!(d.http_status, None);
+    let delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    assert_eq!(delivered, [log], "the routable row still goes through");
+    assert!(
+        env.sink
+            .all_entries()
+            .iter()
+            .all(|e| e.entity_type != "fax"),
+        "fax never reaches the sink"
+    );
+}
+
+#[tokio::test]
+async fn a_429_honours_an_http_date_retry_after() {
+    let env = TestEnv::migrated().await;
+    let before = env.db_now().await;
+    let date = (chrono::Utc::now() + Span::seconds(40))
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    env.sink
+        .set_mode(Mode::Reply(Reply::status(429).header("Retry-After", &date)));
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+
+    env.drain().await.assert_code(3);
+
+    let rows = env.outbox().await;
+    assert_eq!(rows[0].last_error_type.as_deref(), Some("http_429"));
+    let earliest = before + Span::seconds(40) - Span::seconds(2);
+    assert!(
+        rows[0].next_attempt_at >= earliest,
+        "next_attempt_at {} ignores Retry-After {date}",
+        rows[0].next_attempt_at
+    );
+}
+
+#[tokio::test]
+async fn a_408_is_retried_not_dead_lettered() {
+    let mut env = TestEnv::migrated().await;
+    retry_in_an_hour(&mut env);
+    env.sink.set_mode(Mode::Always(408));
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+
+    env.drain().await.assert_code(3);
+
+    assert_eq!(
+        env.count("sync_outbox_dead_letters").await,
+        0,
+        "408 retries (SPEC §4)"
+    );
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].last_http_status, Some(408));
+    assert_eq!(rows[0].attempts, 1);
+}
+
+#[tokio::test]
+async fn a_file_that_cannot_be_read_is_unreadable() {
+    let mut env = TestEnv::migrated().await;
+    retry_in_an_hour(&mut env);
+    let call = Uuid::new_v4();
+    // A directory where the audio file should be: it exists, but is no readable file.
+    std::fs::create_dir_all(env.root.join(format!("{call}/mixed.wav"))).unwrap();
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        file_payload(call, &format!("{call}/mixed.wav")),
+    )
+    .await;
+
+    env.drain().await.assert_code(3);
+
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1, "file_unreadable retries (bounded)");
+    assert_eq!(
+        rows[0].last_error_type.as_deref(),
+        Some("file_unreadable"),
+        "{:#?}",
+        rows[0]
+    );
+    assert_eq!(env.sink.request_count(), 0);
+}
+
+#[tokio::test]
+async fn a_sink_down_as_a_whole_does_not_burn_attempts() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("dispatch.outage_threshold", 2)
+        .set("retry.max_attempts", 3);
+    env.sink.set_mode(Mode::Always(503));
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(
+            env.insert("call_log", Uuid::new_v4(), json!({"n": n}))
+                .await,
+        );
+    }
+    let relay = env.cmd(["run"]).spawn();
+
+    // Well past the threshold: the relay is probing a sink it takes as down.
+    env.sink
+        .wait_for_requests(10, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        env.count("sync_outbox_dead_letters").await,
+        0,
+        "an outage kills no row"
+    );
+    for row in env.outbox().await {
+        assert!(
+            row.attempts <= 2,
+            "charged beyond outage_threshold: {row:#?}"
+        );
+    }
+
+    env.sink.set_mode(Mode::Accept);
+    env.sink.wait_for_entries(3, Duration::from_secs(20)).await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+    let mut delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    delivered.sort();
+    assert_eq!(delivered, ids);
+    assert_eq!(env.count("sync_outbox").await, 0);
+}
+
+#[tokio::test]
+async fn a_default_meta_file_linked_out_of_the_root_is_not_sent() {
+    let env = TestEnv::migrated().await;
+    let secret = b"{\"secret\":\"outside-the-root\"}";
+    std::fs::write(env.work_dir().join("secret.json"), secret).unwrap();
+    let call = Uuid::new_v4();
+    fixtures::write_file(&env.root, &format!("{call}/mixed.wav"), &fixtures::wav(10));
+    std::os::unix::fs::symlink(
+        env.work_dir().join("secret.json"),
+        env.root.join(format!("{call}/meta.json")),
+    )
+    .unwrap();
+    let id = env
+        .insert("recording_file", Uuid::new_v4(), file_payload(call, &format!("{call}/mixed.wav")))
+        .await;
+
+    env.drain().await.assert_code(3);
+
+    for upload in env.sink.all_uploads() {
+        for part in &upload.parts {
+            assert_ne!(part.bytes, secret, "a file outside the root was sent as `{}`", part.name);
+        }
+    }
+    assert_dead(&env.dead_letters().await, id, "path_denied", 1);
+}

@@ -1,0 +1,134 @@
+//! Secrets go where they belong (the Authorization header) and nowhere else: not in
+//! logs at debug level, not with payload contents.
+
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{drain_until_with, write_recording};
+use crate::harness::pg::with_password;
+use crate::harness::{closed_port, Output, TestEnv};
+
+const TOKEN: &str = "s3cret-token";
+const DB_PASSWORD: &str = "pw-s3cret-db";
+const MARKER: &str = "PAYLOAD-MARKER-9f2c";
+
+#[track_caller]
+fn assert_nothing_leaks(out: &Output) {
+    out.assert_no_panic();
+    for secret in [TOKEN, DB_PASSWORD, MARKER] {
+        assert!(
+            !out.stdout.contains(secret),
+            "stdout shows {secret:?}\n{out}"
+        );
+        assert!(
+            !out.stderr.contains(secret),
+            "stderr shows {secret:?}\n{out}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_auth_token_is_sent_and_no_secret_or_payload_reaches_the_output() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("ingest.auth_token", TOKEN)
+        .set("database.url", with_password(&env.db.url, DB_PASSWORD));
+    let call = Uuid::new_v4();
+    write_recording(&env, call);
+    env.insert("call_log", call, json!({"id": call, "note": MARKER}))
+        .await;
+    env.insert(
+        "recording",
+        Uuid::new_v4(),
+        json!({"callLogId": call, "note": MARKER}),
+    )
+    .await;
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        json!({"callLogId": call, "filePath": format!("{call}/mixed.wav"), "note": MARKER}),
+    )
+    .await;
+    // A failure first in every round, so that error paths log too.
+    env.sink.fail_next(1, 500);
+
+    let mut outputs = Vec::new();
+    for format in ["pretty", "json"] {
+        let args = ["--log-level", "debug", "--log-format", format];
+        let drained = || async { env.count("sync_outbox").await == 0 };
+        outputs.extend(drain_until_with(&env, &args, "delivered", drained).await);
+        for command in [&["status", "--json"][..], &["dlq", "list"], &["check"]] {
+            outputs.push(env.cmd(command.iter().chain(&args)).output().await);
+        }
+        env.insert("call_log", Uuid::new_v4(), json!({"note": MARKER}))
+            .await;
+        env.sink.fail_next(1, 500);
+    }
+    outputs.extend(
+        drain_until_with(&env, &["--log-level", "trace"], "delivered", || async {
+            env.count("sync_outbox").await == 0
+        })
+        .await,
+    );
+    for out in &outputs {
+        assert_nothing_leaks(out);
+    }
+
+    assert_eq!(env.sink.uploads().len(), 1);
+    assert_eq!(env.sink.entries().len(), 4);
+    let mut authorizations: Vec<Option<String>> = env
+        .sink
+        .sync_requests()
+        .iter()
+        .map(|r| r.headers.get("authorization").map(str::to_string))
+        .collect();
+    authorizations.extend(
+        env.sink
+            .all_uploads()
+            .iter()
+            .map(|u| u.headers.get("authorization").map(str::to_string)),
+    );
+    let bearer = format!("Bearer {TOKEN}");
+    assert!(
+        authorizations
+            .iter()
+            .all(|a| a.as_deref() == Some(bearer.as_str())),
+        "every request carries the token: {authorizations:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_reported_without_its_password() {
+    let mut env = TestEnv::new().await;
+    let url = format!(
+        "postgres://postgres:{DB_PASSWORD}@127.0.0.1:{}/x",
+        closed_port()
+    );
+    env.config.set("database.url", url.as_str());
+    let out = env.run(&["drain", "--log-level", "debug"]).await;
+    out.assert_fails_with("database");
+    assert_nothing_leaks(&out);
+    let out = env.cmd(["check", "--log-level", "debug"]).output().await;
+    assert_eq!(out.code, Some(1), "check fails without a database\n{out}");
+    assert_nothing_leaks(&out);
+}
+
+#[tokio::test]
+async fn a_wrong_ingest_token_is_not_echoed() {
+    let mut env = TestEnv::migrated().await;
+    env.config.set("ingest.auth_token", TOKEN);
+    env.sink.set_mode(crate::harness::Mode::Always(401));
+    env.insert("call_log", Uuid::new_v4(), json!({"note": MARKER}))
+        .await;
+    let out = env.run(&["drain", "--log-level", "debug"]).await;
+    out.assert_code(3);
+    assert_nothing_leaks(&out);
+    let dead = env.dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].error_type, "http_4xx");
+    assert!(
+        !dead[0].error_message.contains(TOKEN),
+        "error_message shows the token: {:#?}",
+        dead[0]
+    );
+}

@@ -1,0 +1,48 @@
+#![allow(dead_code, unused_imports)] // each test uses a part; later tests use the rest
+
+//! Everything the tests share: a PostgreSQL per test process ([`pg`]), a fake Frontend
+//! ([`sink`]), the real binary as a child process ([`relay`]), a per-test bundle of the
+//! three ([`env`]) and small fixtures.
+
+pub mod config;
+pub mod env;
+pub mod fixtures;
+pub mod pg;
+pub mod relay;
+pub mod sink;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use config::ConfigToml;
+pub use env::TestEnv;
+pub use relay::{serversync, Output};
+pub use sink::{Mode, Reply, Sink};
+
+/// How often [`wait_until`] re-checks its condition.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// Await `condition` becoming true, re-checking every 20 ms; panic naming `what` when
+/// it is still false after `timeout`. Use this instead of sleeping for an event.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A TCP port on 127.0.0.1 where nothing listens (bound, then released).
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}

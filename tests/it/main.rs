@@ -1,0 +1,16 @@
+//! The integration test binary: one process, tests in parallel threads, each with its
+//! own database on a throwaway PostgreSQL, its own fake Frontend on port 0 and its own
+//! `serversync` processes.
+//!
+//! Run: `cargo test --test it` (add a name filter to pick tests, e.g. `core::dlq`).
+//! - PostgreSQL: `initdb` and `postgres` from PATH (or `PG_BIN_DIR`, or
+//!   /usr/lib/postgresql/<v>/bin); as root they run as the `postgres` user. Set
+//!   `DATABASE_URL` to use an existing server instead (a superuser URL: each test
+//!   creates a database `t_<random>` there and does not drop it).
+//! - `IT_SHOW_OUTPUT=1 cargo test --test it NAME -- --nocapture` prints the output of
+//!   every `serversync` command a test runs.
+
+mod core;
+mod harness;
+mod harness_smoke;
+mod ops;
