@@ -626,6 +626,7 @@ impl Relay {
         let write = || async { self.store.settle(&s, keep_sent).await };
         let report = write
             .retry(db_backoff_builder())
+            .when(crate::store::is_transient)
             .notify(|e: &anyhow::Error, wait: Duration| {
                 self.beat();
                 self.database_down(e);

@@ -393,3 +393,30 @@ fn compare_schema(known: impl Iterator<Item = i64>, applied: &[i64]) -> SchemaSt
         SchemaState::Outdated { missing }
     }
 }
+
+/// Whether a store error is worth retrying as is: the connection or the server is
+/// unavailable, or a transaction lost a race. Anything else (a constraint violated,
+/// a type mismatch) would fail the same way again.
+pub fn is_transient(err: &anyhow::Error) -> bool {
+    let Some(e) = err.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()) else {
+        return false;
+    };
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // 08: connection exception; 57P0x: shutdown / cannot connect now;
+            // 40001/40P01: serialization failure / deadlock; 53300: too many
+            // connections; SQLite 5/6: busy / locked
+            code.starts_with("08")
+                || code.starts_with("57P0")
+                || matches!(&*code, "40001" | "40P01" | "53300" | "5" | "6" | "517" | "261")
+        }
+        _ => false,
+    }
+}
