@@ -113,7 +113,9 @@ impl SinkHealth {
     }
 
     /// A sink-level failure. Returns whether the rows involved are charged an
-    /// attempt: only while the sink was not yet taken as down.
+    /// attempt: only while the sink is still taken as up after it. The failure that
+    /// trips the sink is not charged either, so an outage alone never exhausts a
+    /// row's attempts, whatever `retry.max_attempts` is.
     pub fn on_sink_failure(&self, error_type: &str, retry_after: Option<Duration>) -> bool {
         let now = Instant::now();
         let mut s = self.lock();
@@ -141,7 +143,7 @@ impl SinkHealth {
             // rate limited: the whole relay waits, not only these rows
             s.not_before = s.not_before.max(now + ra);
         }
-        !was_down
+        !s.down
     }
 
     /// When rows released during an outage should become due again.
@@ -170,7 +172,7 @@ mod tests {
         assert!(h.on_sink_failure("http_5xx", None));
         assert!(h.on_sink_failure("timeout", None));
         assert_eq!(h.gate(), Gate::Open);
-        assert!(h.on_sink_failure("http_5xx", None), "the tripping failure is still charged");
+        assert!(!h.on_sink_failure("http_5xx", None), "the tripping failure is not charged");
         assert!(h.is_down());
         assert_eq!(h.metrics.sink_up.get(), 0);
         assert!(!h.on_sink_failure("http_5xx", None), "failures while down are not charged");
@@ -179,7 +181,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_refused_connection_trips_at_once() {
         let h = health(3);
-        assert!(h.on_sink_failure("connect", None));
+        assert!(!h.on_sink_failure("connect", None));
         assert!(h.is_down());
     }
 

@@ -14,3 +14,4 @@ mod core;
 mod harness;
 mod harness_smoke;
 mod ops;
+mod resilience;

@@ -1,0 +1,103 @@
+//! Several relays on one database: disjoint batches, and per-key order across all of
+//! them.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::support::{by_id, log_events, log_field, ordering_keys, seed_keyed, tables};
+use crate::harness::sink::SyncRequest;
+use crate::harness::{wait_until, TestEnv};
+
+const ROWS: i64 = 20_000;
+const KEYS: i64 = 500;
+const RELAYS: usize = 3;
+
+#[tokio::test]
+async fn three_relays_share_the_outbox_without_duplicates_and_in_key_order() {
+    let env = TestEnv::migrated().await;
+    seed_keyed(&env, ROWS, KEYS).await;
+    let key_of = ordering_keys(&env).await;
+    assert_eq!(key_of.len(), ROWS as usize);
+
+    let relays: Vec<_> = (0..RELAYS)
+        .map(|_| env.cmd(["--log-format", "json", "run"]).spawn())
+        .collect();
+    let started = Instant::now();
+    env.sink
+        .wait_for_entries(ROWS as usize, Duration::from_secs(90))
+        .await;
+    let took = started.elapsed();
+    wait_until(
+        Duration::from_secs(10),
+        "every delivered row settled",
+        || async { env.count("sync_outbox_sent").await == ROWS },
+    )
+    .await;
+    let mut per_relay = Vec::new();
+    for relay in relays {
+        let out = relay.terminate(Duration::from_secs(10)).await;
+        out.assert_success().assert_no_panic();
+        let stopped = log_events(&out.stderr, "stopped");
+        assert_eq!(stopped.len(), 1, "one `stopped` summary\n{out}");
+        per_relay.push(log_field(&stopped[0], "delivered").unwrap_or_else(|| panic!("{out}")));
+    }
+
+    let requests = env.sink.sync_requests();
+    let received = by_id(env.sink.all_entries());
+    let twice: Vec<(&i64, usize)> = received
+        .iter()
+        .filter(|(_, copies)| copies.len() > 1)
+        .map(|(id, copies)| (id, copies.len()))
+        .take(20)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "rows delivered more than once (id, times): {twice:?}"
+    );
+    assert_eq!(received.len(), ROWS as usize);
+    assert_eq!(tables(&env).await, (0, ROWS, 0), "(pending, sent, dead)");
+    assert_eq!(per_relay.iter().sum::<u64>(), ROWS as u64, "{per_relay:?}");
+    assert!(
+        per_relay.iter().all(|n| *n > 0),
+        "every relay took part: {per_relay:?}"
+    );
+
+    assert_key_order(&requests, &key_of);
+    eprintln!("{RELAYS} relays: {ROWS} rows in {took:?}, per relay {per_relay:?}");
+}
+
+/// For every key, its rows arrived in strictly increasing id order, each request
+/// after the previous row's request was answered (one row of a key in flight at a
+/// time, across all relays).
+#[track_caller]
+fn assert_key_order(requests: &[SyncRequest], key_of: &HashMap<i64, String>) {
+    let mut last: HashMap<&str, (i64, &SyncRequest)> = HashMap::new();
+    for request in requests {
+        for entry in request.entries() {
+            let key = key_of[&entry.outbox_id].as_str();
+            if let Some((prev_id, prev)) = last.get(key) {
+                assert!(
+                    entry.outbox_id > *prev_id,
+                    "key {key}: row {} arrived after row {prev_id}",
+                    entry.outbox_id
+                );
+                let answered = prev.answered_at.unwrap_or_else(|| {
+                    panic!("key {key}: row {prev_id}'s request was never answered")
+                });
+                assert!(
+                    request.received_at >= answered,
+                    "key {key}: row {} was sent while row {prev_id} was still in flight",
+                    entry.outbox_id
+                );
+            }
+            last.insert(key, (entry.outbox_id, request));
+        }
+    }
+    assert_eq!(
+        last.len(),
+        key_of
+            .values()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    );
+}

@@ -1,0 +1,171 @@
+//! Leases: a dead relay's rows are taken over when its lease expires, with no
+//! operator action; a live relay on a slow sink renews its lease and keeps its rows.
+
+use std::time::{Duration, Instant};
+
+use super::support::{by_id, insert_one, tables};
+use crate::harness::{wait_until, Mode, Reply, Sink, TestEnv};
+
+const LEASE: Duration = Duration::from_secs(2);
+
+/// (claim_token, seconds of lease left) of every row still in the outbox.
+async fn leases(env: &TestEnv) -> Vec<(Option<i64>, Option<f64>)> {
+    sqlx::query_as(
+        "SELECT claim_token, EXTRACT(EPOCH FROM lease_until - now())::float8 \
+         FROM sync_outbox ORDER BY id",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .expect("select leases")
+}
+
+#[tokio::test]
+async fn a_killed_relays_batch_is_taken_over_when_its_lease_expires() {
+    let mut env = TestEnv::migrated().await;
+    let n = 50;
+    for _ in 0..n {
+        insert_one(&env).await;
+    }
+    // Relay A's sink never answers within the test.
+    let hanging = Sink::start();
+    hanging.set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(300))));
+    env.config
+        .set("dispatch.lease_duration", "2s")
+        .set("dispatch.poll_interval", "100ms")
+        .set("dispatch.concurrency", 1)
+        .set("ingest.timeout", "60s");
+    let mut a = env.spawn_run(&["--ingest-url", hanging.url()]);
+    hanging.wait_for_requests(1, Duration::from_secs(15)).await;
+    assert_eq!(
+        hanging.all_entries().len(),
+        n,
+        "A sent the whole backlog in one batch"
+    );
+    assert!(a.is_running(), "A waits for its sink\n{}", a.stderr());
+
+    a.signal(libc::SIGKILL);
+    let killed_at = Instant::now();
+    let held = leases(&env).await;
+    let left = held
+        .iter()
+        .map(|(token, left)| {
+            assert!(token.is_some(), "every row is claimed by A: {held:?}");
+            left.expect("a claimed row has a lease")
+        })
+        .fold(f64::INFINITY, f64::min);
+    assert!(
+        left > 0.0,
+        "A's lease is still running when it dies: {left}s"
+    );
+    assert!(a.wait(Duration::from_secs(5)).await.code.is_none());
+
+    let b = env.spawn_run(&[]);
+    let deadline = LEASE + Duration::from_millis(100) + Duration::from_secs(3);
+    env.sink.wait_for_entries(n, deadline).await;
+    let first = env.sink.sync_requests()[0].received_at;
+    let expiry = killed_at + Duration::from_secs_f64(left);
+    assert!(
+        first + Duration::from_millis(300) >= expiry,
+        "B delivered A's rows {:?} before A's lease expired",
+        expiry.saturating_duration_since(first)
+    );
+    wait_until(Duration::from_secs(5), "B to settle the rows", || async {
+        env.count("sync_outbox_sent").await == n as i64
+    })
+    .await;
+    b.terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+
+    let received = by_id(env.sink.entries());
+    assert_eq!(received.len(), n);
+    assert!(received.values().all(|copies| copies.len() == 1));
+    assert_eq!(
+        tables(&env).await,
+        (0, n as i64, 0),
+        "(pending, sent, dead)"
+    );
+    let charged: Vec<i32> = sqlx::query_scalar("SELECT attempts FROM sync_outbox_sent")
+        .fetch_all(&env.db.pool)
+        .await
+        .unwrap();
+    assert!(
+        charged.iter().all(|a| *a == 1),
+        "a relay that died mid-request charged no attempt: {charged:?}"
+    );
+    drop(hanging);
+    eprintln!(
+        "lease takeover: A's rows delivered by B {:?} after the kill",
+        first - killed_at
+    );
+}
+
+#[tokio::test]
+async fn a_slow_but_alive_relay_renews_its_lease_and_keeps_its_batch() {
+    let mut env = TestEnv::migrated().await;
+    let n = 20;
+    for _ in 0..n {
+        insert_one(&env).await;
+    }
+    let delay = Duration::from_secs(4);
+    env.sink.set_mode(Mode::Reply(Reply::ok().delay(delay)));
+    env.config
+        .set("dispatch.lease_duration", "1500ms")
+        .set("dispatch.poll_interval", "50ms")
+        .set("dispatch.concurrency", 1)
+        .set("ingest.timeout", "10s");
+    let a = env.spawn_run(&[]);
+    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    let arrived = Instant::now();
+    let claimed = leases(&env).await;
+    assert_eq!(claimed.len(), n);
+    let token = claimed[0].0.expect("claimed by A");
+    assert!(
+        claimed.iter().all(|(t, _)| *t == Some(token)),
+        "{claimed:?}"
+    );
+
+    // A second relay polls all along, looking for expired leases.
+    let b = env.spawn_run(&[]);
+    // Well past the original lease: still A's claim, with a lease in the future.
+    tokio::time::sleep_until((arrived + Duration::from_millis(2_800)).into()).await;
+    let held = leases(&env).await;
+    assert!(
+        held.iter()
+            .all(|(t, left)| *t == Some(token) && left.is_some_and(|s| s > 0.0)),
+        "A's lease was not renewed while its request was in flight: {held:?}"
+    );
+
+    wait_until(Duration::from_secs(15), "A to settle its batch", || async {
+        env.count("sync_outbox_sent").await == n as i64
+    })
+    .await;
+    let a_out = a.terminate(Duration::from_secs(10)).await;
+    a_out.assert_success().assert_no_panic();
+    let b_out = b.terminate(Duration::from_secs(10)).await;
+    b_out.assert_success().assert_no_panic();
+    assert!(
+        !a_out.stderr.contains("lease lost"),
+        "A lost its lease\n{a_out}"
+    );
+
+    let requests = env.sink.sync_requests();
+    assert_eq!(
+        requests.len(),
+        1,
+        "only A's one request, B took nothing over: {:?}",
+        requests
+            .iter()
+            .map(|r| r.entries().len())
+            .collect::<Vec<_>>()
+    );
+    let received = by_id(env.sink.all_entries());
+    assert_eq!(received.len(), n);
+    assert!(received.values().all(|copies| copies.len() == 1));
+    assert_eq!(
+        tables(&env).await,
+        (0, n as i64, 0),
+        "(pending, sent, dead)"
+    );
+}

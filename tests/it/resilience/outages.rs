@@ -1,0 +1,332 @@
+//! Outages of what the relay depends on: PostgreSQL stopped under a drain, and the
+//! sink failing as a whole (5xx on everything, or refusing connections).
+
+use std::time::{Duration, Instant};
+
+use super::support::{
+    assert_all_received, by_id, insert_one, seed_calls, someone_listens, tables, MetricsEndpoint,
+    TcpSwitch,
+};
+use crate::harness::pg::PrivatePg;
+use crate::harness::{wait_until, Mode, Reply, Sink, TestEnv};
+
+#[tokio::test]
+async fn a_drain_rides_out_postgresql_stopping_and_starting_again() {
+    let pg = PrivatePg::start_new().await;
+    let mut env = TestEnv::with_db(pg.create_database().await);
+    env.migrate().await;
+    let rows = 20_000;
+    seed_calls(&env, rows, 4_000).await;
+    // A drain of a few seconds: small batches, a sink that takes its time.
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(25))));
+    env.config
+        .set("dispatch.batch_size", 50)
+        // a dead server is reported after 1 s rather than waited out in the pool
+        .set("database.acquire_timeout", "1s");
+
+    // A daemon on a database and a sink of its own, for /readyz and for LISTEN
+    // after the restart; it polls only every 5 s.
+    let idle_db = pg.create_database().await;
+    let idle_sink = Sink::start();
+    let metrics = MetricsEndpoint::enable(&mut env);
+    let daemon = env
+        .cmd(["run", "--migrate"])
+        .args(metrics.flag())
+        .args([
+            "--database-url",
+            &idle_db.url,
+            "--ingest-url",
+            idle_sink.url(),
+        ])
+        .env("SERVERSYNC__DISPATCH__POLL_INTERVAL", "5s")
+        .spawn();
+    metrics
+        .wait_for_status("/readyz", 200, Duration::from_secs(15))
+        .await;
+
+    let mut drain = env.cmd(["drain"]).spawn();
+    env.sink
+        .wait_for_entries(2_000, Duration::from_secs(30))
+        .await;
+    assert!(
+        drain.is_running(),
+        "the drain must still be running\n{}",
+        drain.stderr()
+    );
+    pg.stop().await;
+    let down = Instant::now();
+    let stopped_at = env.sink.entries().len();
+    metrics
+        .wait_for_status("/readyz", 503, Duration::from_secs(15))
+        .await;
+    // The outage lasts at least 2 s.
+    tokio::time::sleep_until((down + Duration::from_secs(2)).into()).await;
+    assert!(
+        drain.is_running(),
+        "the drain gave up on the database\n{}",
+        drain.stderr()
+    );
+    pg.start().await;
+
+    let out = drain.wait(Duration::from_secs(60)).await;
+    out.assert_success().assert_no_panic();
+    metrics
+        .wait_for_status("/readyz", 200, Duration::from_secs(10))
+        .await;
+    wait_until(
+        Duration::from_secs(15),
+        "the daemon to LISTEN again",
+        || someone_listens(&idle_db.pool),
+    )
+    .await;
+    for round in 0..2 {
+        // let the daemon's last look for due rows pass (no outside sign of it)
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload) \
+             VALUES ('call_log', gen_random_uuid(), '{}') RETURNING id",
+        )
+        .fetch_one(&idle_db.pool)
+        .await
+        .unwrap();
+        let what = format!("round {round}: row {id} notified to the daemon after the restart");
+        wait_until(Duration::from_secs(1), &what, || async {
+            idle_sink.entries().iter().any(|e| e.outbox_id == id)
+        })
+        .await;
+    }
+    daemon
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+
+    assert!(stopped_at < rows as usize, "PostgreSQL went down mid-drain");
+    assert_all_received(&by_id(env.sink.entries()), rows);
+    assert_eq!(tables(&env).await, (0, rows, 0), "(pending, sent, dead)");
+    let charged: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sync_outbox_sent WHERE attempts <> 1")
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(charged, 0, "database errors never cost an attempt");
+    eprintln!(
+        "PostgreSQL stopped after {stopped_at} of {rows} rows; drain took {:?}",
+        out.elapsed
+    );
+}
+
+/// Delivery attempts recorded for each delivered row (`attempts` of the sent record
+/// counts the successful one too).
+async fn sent_attempts(env: &TestEnv) -> Vec<i32> {
+    sqlx::query_scalar("SELECT attempts FROM sync_outbox_sent ORDER BY id")
+        .fetch_all(&env.db.pool)
+        .await
+        .expect("select sent attempts")
+}
+
+async fn max_pending_attempts(env: &TestEnv) -> i32 {
+    sqlx::query_scalar("SELECT coalesce(max(attempts), 0) FROM sync_outbox")
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("max attempts")
+}
+
+#[tokio::test]
+async fn a_sink_answering_503_to_everything_costs_rows_no_more_than_the_threshold() {
+    let mut env = TestEnv::migrated().await;
+    let threshold = 2;
+    let n = 300;
+    for _ in 0..n {
+        insert_one(&env).await;
+    }
+    env.sink.set_mode(Mode::Always(503));
+    env.config
+        .set("dispatch.outage_threshold", threshold)
+        // one more than a row can be charged before the sink is taken as down
+        .set("retry.max_attempts", threshold + 1)
+        .set("dispatch.probe_interval", "100ms")
+        .set("dispatch.max_probe_interval", "500ms");
+    let metrics = MetricsEndpoint::enable(&mut env);
+    let relay = env.spawn_run(&metrics.flag());
+
+    metrics
+        .wait_for_sample("serversync_sink_up", 0.0, Duration::from_secs(15))
+        .await;
+    let down_at = Instant::now();
+    // Down for a while: probes keep coming, nothing is charged, nothing dies.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(metrics.sample("serversync_sink_up").await, Some(0.0));
+    // (batches claimed before the trip may still arrive just after it)
+    let since = down_at + Duration::from_millis(300);
+    let probes: Vec<usize> = env
+        .sink
+        .sync_requests()
+        .iter()
+        .filter(|r| r.received_at > since)
+        .map(|r| r.entries().len())
+        .collect();
+    assert!(
+        (1..=30).contains(&probes.len()),
+        "one probe at a time on a 100ms…500ms schedule: {} requests in 2.7s",
+        probes.len()
+    );
+    assert!(
+        probes.iter().all(|n| *n <= 10),
+        "probes are small batches: {probes:?}"
+    );
+    let charged = max_pending_attempts(&env).await;
+    assert!(
+        charged <= threshold,
+        "rows were charged {charged} attempts while the sink was down (threshold {threshold})"
+    );
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+
+    env.sink.set_mode(Mode::Accept);
+    env.sink.wait_for_entries(n, Duration::from_secs(15)).await;
+    let recovered = down_at.elapsed();
+    metrics
+        .wait_for_sample("serversync_sink_up", 1.0, Duration::from_secs(5))
+        .await;
+    wait_until(Duration::from_secs(5), "every row settled", || async {
+        env.count("sync_outbox_sent").await == n as i64
+    })
+    .await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+
+    assert_eq!(
+        tables(&env).await,
+        (0, n as i64, 0),
+        "(pending, sent, dead)"
+    );
+    let attempts = sent_attempts(&env).await;
+    let worst = attempts.iter().max().copied().unwrap_or(0);
+    assert!(
+        worst <= threshold + 1,
+        "a row was charged {} failed attempts for one outage (threshold {threshold}): {attempts:?}",
+        worst - 1
+    );
+    eprintln!(
+        "503 outage: {} probes in 2.7s, recovered {recovered:?} after the trip",
+        probes.len()
+    );
+}
+
+#[tokio::test]
+async fn a_sink_refusing_connections_stops_drain_and_pauses_run_without_charging() {
+    let mut env = TestEnv::migrated().await;
+    let n = 300;
+    for _ in 0..n {
+        insert_one(&env).await;
+    }
+    let mut switch = TcpSwitch::start(env.sink.url());
+    switch.down();
+    env.config
+        .set("ingest.base_url", switch.url())
+        // A refused connection takes the sink as down at once, so each process charges
+        // a row at most one attempt per outage (its first batch): two processes here.
+        .set("retry.max_attempts", 3)
+        .set("dispatch.probe_interval", "100ms")
+        .set("dispatch.max_probe_interval", "500ms");
+
+    // drain stops as soon as the sink is down, and says so with exit 3.
+    let out = env
+        .cmd(["drain"])
+        .timeout(Duration::from_secs(20))
+        .output()
+        .await;
+    out.assert_code(3).assert_no_panic();
+    assert_eq!(
+        env.count("sync_outbox").await,
+        n as i64,
+        "nothing lost, nothing dead"
+    );
+    assert!(max_pending_attempts(&env).await <= 1);
+
+    let metrics = MetricsEndpoint::enable(&mut env);
+    let relay = env.spawn_run(&metrics.flag());
+    metrics
+        .wait_for_sample("serversync_sink_up", 0.0, Duration::from_secs(15))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(metrics.sample("serversync_sink_up").await, Some(0.0));
+    assert!(
+        max_pending_attempts(&env).await <= 2,
+        "one attempt per process at most, none while down"
+    );
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+    assert_eq!(
+        env.sink.request_count(),
+        0,
+        "nothing got through the switch"
+    );
+
+    switch.up();
+    env.sink.wait_for_entries(n, Duration::from_secs(15)).await;
+    metrics
+        .wait_for_sample("serversync_sink_up", 1.0, Duration::from_secs(5))
+        .await;
+    wait_until(Duration::from_secs(5), "every row settled", || async {
+        env.count("sync_outbox_sent").await == n as i64
+    })
+    .await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+    assert_eq!(
+        tables(&env).await,
+        (0, n as i64, 0),
+        "(pending, sent, dead)"
+    );
+    assert!(sent_attempts(&env).await.iter().all(|a| *a <= 3));
+}
+
+/// The strict reading of SPEC §3.6 with the defaults' threshold: one row, three
+/// attempts allowed, three failures to take the sink as down. Every failure of this
+/// row is part of the outage, so none may bring it to the dead letters.
+#[tokio::test]
+async fn a_sink_outage_never_dead_letters_a_lone_row_with_max_attempts_at_the_threshold() {
+    let mut env = TestEnv::migrated().await;
+    let id = insert_one(&env).await;
+    env.sink.set_mode(Mode::Always(503));
+    env.config
+        .set("dispatch.outage_threshold", 3)
+        .set("retry.max_attempts", 3)
+        .set("dispatch.probe_interval", "100ms")
+        .set("dispatch.max_probe_interval", "500ms");
+    let metrics = MetricsEndpoint::enable(&mut env);
+    let relay = env.spawn_run(&metrics.flag());
+    metrics
+        .wait_for_sample("serversync_sink_up", 0.0, Duration::from_secs(15))
+        .await;
+    // a few probes
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dead = env.dead_letters().await;
+    if !dead.is_empty() {
+        let out = relay.terminate(Duration::from_secs(10)).await;
+        panic!(
+            "row {id} was dead-lettered by a sink outage ({} attempts, {}): the failure that \
+             took the sink as down was charged as the row's last attempt\n{out}",
+            dead[0].attempts, dead[0].error_type
+        );
+    }
+    env.sink.set_mode(Mode::Accept);
+    env.sink.wait_for_entries(1, Duration::from_secs(5)).await;
+    wait_until(Duration::from_secs(5), "the row settled", || async {
+        env.count("sync_outbox_sent").await == 1
+    })
+    .await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+    assert_eq!(tables(&env).await, (0, 1, 0), "(pending, sent, dead)");
+}

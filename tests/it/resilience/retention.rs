@@ -1,0 +1,65 @@
+//! Retention: records of delivered rows are pruned after `retention.sent_ttl`, a
+//! small batch at a time; dead letters are never pruned.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use uuid::Uuid;
+
+use super::support::insert_one;
+use crate::harness::{wait_until, Mode, TestEnv};
+
+#[tokio::test]
+async fn delivered_records_are_pruned_after_the_ttl_and_dead_letters_are_kept() {
+    let mut env = TestEnv::migrated().await;
+    let n = 50;
+    for _ in 0..n {
+        insert_one(&env).await;
+    }
+    let poison = 3;
+    for _ in 0..poison {
+        let id = Uuid::new_v4();
+        env.insert("call_log", id, json!({"id": id, "poison": true}))
+            .await;
+    }
+    env.sink.set_mode(Mode::RejectPoison);
+    env.config
+        .set("retention.sent_ttl", "1s")
+        .set("retention.prune_interval", "200ms")
+        .set("retention.prune_batch", 10);
+
+    let relay = env.spawn_run(&[]);
+    wait_until(Duration::from_secs(10), "50 sent records", || async {
+        env.count("sync_outbox_sent").await == n
+    })
+    .await;
+    let recorded = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the poison rows dead-lettered",
+        || async { env.count("sync_outbox_dead_letters").await == poison },
+    )
+    .await;
+    assert_eq!(env.sink.entries().len(), n as usize);
+
+    wait_until(
+        Duration::from_secs(10),
+        "the sent records pruned",
+        || async { env.count("sync_outbox_sent").await == 0 },
+    )
+    .await;
+    let pruned_after = recorded.elapsed();
+    // a few more prune rounds must leave the dead letters alone
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(env.count("sync_outbox_dead_letters").await, poison);
+    assert_eq!(env.count("sync_outbox").await, 0);
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+    assert!(
+        pruned_after >= Duration::from_millis(500),
+        "records pruned {pruned_after:?} after delivery, before their 1s TTL"
+    );
+}
