@@ -1,6 +1,5 @@
 //! Whether the sink is up, as a whole. After `outage_threshold` consecutive
-//! sink-level failures (connect, timeout, 5xx, 429) — or at once on a connect
-//! failure — the relay stops claiming, lets one
+//! sink-level failures (connect, timeout, 5xx, 429) the relay stops claiming, lets one
 //! worker probe with a real batch on a doubling interval, and stops charging rows for
 //! failures that are the sink's fault. A 429 with `Retry-After` pauses the relay until
 //! then even before the threshold.
@@ -126,9 +125,7 @@ impl SinkHealth {
             s.probe_delay = (s.probe_delay * 2).min(self.probe_max);
             s.not_before = now + s.probe_delay.max(retry_after.unwrap_or_default());
             tracing::debug!(error_type, next_probe_in = ?s.probe_delay, "probe failed: ingest sink still down");
-        } else if s.consecutive_failures >= self.threshold || error_type == "connect" {
-            // a refused or broken connection means nobody is answering: no need to
-            // wait for more evidence before pausing
+        } else if s.consecutive_failures >= self.threshold {
             s.down = true;
             s.probe_delay = self.probe_base;
             s.not_before = now + s.probe_delay.max(retry_after.unwrap_or_default());
@@ -176,13 +173,6 @@ mod tests {
         assert!(h.is_down());
         assert_eq!(h.metrics.sink_up.get(), 0);
         assert!(!h.on_sink_failure("http_5xx", None), "failures while down are not charged");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_refused_connection_trips_at_once() {
-        let h = health(3);
-        assert!(!h.on_sink_failure("connect", None));
-        assert!(h.is_down());
     }
 
     #[tokio::test(start_paused = true)]

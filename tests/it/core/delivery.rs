@@ -329,7 +329,7 @@ async fn enqueue_rejects_bad_json_and_bad_uuids_with_one_line() {
 #[tokio::test]
 async fn run_delivers_rows_as_they_come_and_exits_0_on_sigterm() {
     let env = TestEnv::migrated().await;
-    let relay = env.cmd(["run"]).spawn();
+    let relay = env.spawn_run(&[]);
     let first = env
         .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
         .await;

@@ -475,7 +475,7 @@ async fn a_sink_down_as_a_whole_does_not_burn_attempts() {
                 .await,
         );
     }
-    let relay = env.cmd(["run"]).spawn();
+    let relay = env.spawn_run(&[]);
 
     // Well past the threshold: the relay is probing a sink it takes as down.
     env.sink
@@ -518,14 +518,22 @@ async fn a_default_meta_file_linked_out_of_the_root_is_not_sent() {
     )
     .unwrap();
     let id = env
-        .insert("recording_file", Uuid::new_v4(), file_payload(call, &format!("{call}/mixed.wav")))
+        .insert(
+            "recording_file",
+            Uuid::new_v4(),
+            file_payload(call, &format!("{call}/mixed.wav")),
+        )
         .await;
 
     env.drain().await.assert_code(3);
 
     for upload in env.sink.all_uploads() {
         for part in &upload.parts {
-            assert_ne!(part.bytes, secret, "a file outside the root was sent as `{}`", part.name);
+            assert_ne!(
+                part.bytes, secret,
+                "a file outside the root was sent as `{}`",
+                part.name
+            );
         }
     }
     assert_dead(&env.dead_letters().await, id, "path_denied", 1);

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::config::ConfigToml;
 use super::pg::{test_db, TestDb};
-use super::relay::{serversync, Cmd, Output};
+use super::relay::{serversync, Cmd, Output, Running};
 use super::sink::Sink;
 
 pub struct TestEnv {
@@ -29,7 +29,12 @@ pub struct TestEnv {
 impl TestEnv {
     /// Fresh database (no schema yet), sink accepting everything, test config.
     pub async fn new() -> TestEnv {
-        let db = test_db().await;
+        TestEnv::with_db(test_db().await)
+    }
+
+    /// As [`TestEnv::new`], on a database of the caller's (e.g. from a
+    /// [`PrivatePg`](super::pg::PrivatePg) the test stops and starts).
+    pub fn with_db(db: TestDb) -> TestEnv {
         let sink = Sink::start();
         let work = tempfile::Builder::new()
             .prefix("serversync-test-")
@@ -79,6 +84,11 @@ impl TestEnv {
             .arg(self.write_config())
             .args(args)
             .current_dir(self.work.path())
+    }
+
+    /// `serversync run <args…>` in the background; killed when the guard drops.
+    pub fn spawn_run(&self, args: &[&str]) -> Running {
+        self.cmd(["run"].iter().chain(args)).spawn()
     }
 
     pub async fn run(&self, args: &[&str]) -> Output {
