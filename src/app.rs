@@ -292,6 +292,7 @@ pub async fn drain(
             DrainEnd::Empty => "",
             DrainEnd::MaxRows => " — stopped at --max-rows",
             DrainEnd::SinkDown => " — stopped: the ingest sink is down",
+            DrainEnd::RateLimited => " — stopped: the ingest sink is rate-limiting (429)",
             DrainEnd::Stopped => " — stopped before the outbox was empty",
         }
     );
@@ -301,7 +302,7 @@ pub async fn drain(
 pub fn drain_exit_code(summary: &Summary) -> ExitCode {
     let incomplete = summary.dead > 0
         || summary.left_for_retry > 0
-        || matches!(summary.end, DrainEnd::SinkDown | DrainEnd::Stopped);
+        || matches!(summary.end, DrainEnd::SinkDown | DrainEnd::RateLimited | DrainEnd::Stopped);
     if incomplete {
         ExitCode::from(EXIT_INCOMPLETE)
     } else {

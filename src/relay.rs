@@ -61,6 +61,8 @@ pub enum DrainEnd {
     MaxRows,
     /// The sink is down; what is left waits for it.
     SinkDown,
+    /// The sink answered 429; what is left waits for its Retry-After.
+    RateLimited,
     /// Stopped by a signal or `--timeout`.
     Stopped,
 }
@@ -87,6 +89,9 @@ pub struct RelayParts {
 #[derive(Default)]
 struct DrainState {
     busy: AtomicUsize,
+    /// Settles so far: a claim that found nothing proves the drain is over only if
+    /// no settle (which may have unblocked rows of its keys) landed meanwhile.
+    settles: AtomicU64,
     claimed: AtomicU64,
     max_rows: Option<u64>,
     left_for_retry: Mutex<HashSet<i64>>,
@@ -256,11 +261,13 @@ impl Relay {
         while !finished.is_cancelled() {
             self.beat();
             wake.borrow_and_update();
+            let settles_before = self.drain.as_ref().map_or(0, |d| d.settles.load(Ordering::SeqCst));
             match self.step().await {
                 Step::Delivered(_) => backoff = db_backoff(),
                 Step::Idle => {
                     if let Some(d) = &self.drain {
-                        if d.busy.load(Ordering::SeqCst) == 0 {
+                        let settled_meanwhile = d.settles.load(Ordering::SeqCst) != settles_before;
+                        if d.busy.load(Ordering::SeqCst) == 0 && !settled_meanwhile {
                             let end = if d
                                 .max_rows
                                 .is_some_and(|m| d.claimed.load(Ordering::SeqCst) >= m)
@@ -279,11 +286,17 @@ impl Relay {
                     wait(&finished, poll, &mut wake).await;
                 }
                 Step::Paused(until) => {
-                    if self.drain.is_some() && self.sink.is_down() {
-                        tracing::error!(
-                            "ingest sink is down: drain stops; rows left wait for the next run"
-                        );
-                        self.finish_drain(DrainEnd::SinkDown, &finished);
+                    if self.drain.is_some() {
+                        // drain delivers what is due now; it does not sit out an outage
+                        // or a rate limit: what is left waits for the next run
+                        let end = if self.sink.is_down() {
+                            tracing::error!("ingest sink is down: drain stops");
+                            DrainEnd::SinkDown
+                        } else {
+                            tracing::warn!("ingest sink asked to slow down (429): drain stops");
+                            DrainEnd::RateLimited
+                        };
+                        self.finish_drain(end, &finished);
                         break;
                     }
                     let nap = until.saturating_duration_since(Instant::now()).min(poll);
@@ -359,6 +372,9 @@ impl Relay {
         let attempts = self.with_heartbeat(self.deliver(&claim, probing)).await;
         let settlement = self.settlement(&claim, attempts);
         self.settle(&claim, settlement).await;
+        if let Some(drain) = &self.drain {
+            drain.settles.fetch_add(1, Ordering::SeqCst);
+        }
         self.lock_in_flight().remove(&claim.token);
         // rows of the same ordering keys may be due now
         self.wake();

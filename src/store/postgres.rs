@@ -443,7 +443,8 @@ impl PgStore {
             "WITH d AS (DELETE FROM sync_outbox_dead_letters WHERE {filter} \
                 RETURNING outbox_id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
              INSERT INTO sync_outbox (id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
-             SELECT outbox_id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors FROM d"
+             SELECT outbox_id, entity_type, entity_id, payload, ordering_key, created_at, \
+                    attempt_errors || jsonb_build_array(jsonb_build_object('requeuedAt', now())) FROM d"
         );
         let done = bind_selection(sqlx::query(&sql), bind)
             .execute(&self.pool)
