@@ -448,7 +448,7 @@ impl Settings {
             bail!("invalid value for dispatch.lease_duration: must be at least 1s");
         }
         check_retry("retry", &self.retry.for_entity(""))?;
-        for (entity_type, _) in &self.retry.overrides {
+        for entity_type in self.retry.overrides.keys() {
             check_retry(
                 &format!("retry.overrides.{entity_type}"),
                 &self.retry.for_entity(entity_type),
@@ -456,9 +456,7 @@ impl Settings {
         }
         for (entity_type, source) in &self.ordering.keys {
             if source != "entity_id"
-                && !source
-                    .strip_prefix("payload.")
-                    .is_some_and(|f| !f.is_empty())
+                && source.strip_prefix("payload.").is_none_or(str::is_empty)
             {
                 bail!(
                     "invalid value for ordering.keys.{entity_type}: {source:?} \
