@@ -478,11 +478,14 @@ impl SqliteStore {
             return Ok(0);
         }
         let ids = serde_json::to_string(&ids)?;
-        sqlx::query(
+        // the history is kept, marked with the requeue (as on PostgreSQL)
+        sqlx::query(concat!(
             "INSERT INTO sync_outbox (id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
-             SELECT outbox_id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors \
-             FROM sync_outbox_dead_letters WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id",
-        )
+             SELECT outbox_id, entity_type, entity_id, payload, ordering_key, created_at, \
+               json_insert(attempt_errors, '$[#]', json_object('requeuedAt', ",
+            now!(),
+            ")) FROM sync_outbox_dead_letters WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id"
+        ))
         .bind(&ids)
         .execute(&mut *tx)
         .await
@@ -956,7 +959,8 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(id, 0)]
         );
-        assert_eq!(outbox_history(&store, id).await?, (0, 1));
+        // the history kept, plus the requeue mark
+        assert_eq!(outbox_history(&store, id).await?, (0, 2));
         Ok(())
     }
 

@@ -1,11 +1,14 @@
-//! Relay core, black box: the real binary against a real PostgreSQL and the fake
-//! Frontend. Each file covers one area of the contract (SPEC §1–6).
+//! Relay core, black box: the real binary against a real database and the fake
+//! Frontend. Each file covers one area of the contract (SPEC §1–6). Behaviour both
+//! stores share is tested on both ([`both_stores!`](crate::harness::both_stores)); what
+//! only one store has (a PostgreSQL URL, SQLite's one-relay lock) is tested on that one.
 
 mod cli;
 mod delivery;
 mod dlq;
 mod errors;
 mod secrets;
+mod sqlite;
 mod status;
 
 use std::time::Duration;
@@ -51,13 +54,7 @@ where
             return runs;
         }
         wait_until(Duration::from_secs(5), "the retry to fall due", || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM sync_outbox WHERE next_attempt_at > now()",
-            )
-            .fetch_one(&env.db.pool)
-            .await
-            .expect("count waiting rows");
-            waiting == 0
+            env.count_waiting().await == 0
         })
         .await;
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::harness::{closed_port, serversync, wait_until, TestEnv};
+use crate::harness::{both_stores, closed_port, serversync, wait_until, Backend, TestEnv};
 
 async fn http_get(url: &str) -> (u16, String) {
     match reqwest::get(url).await {
@@ -34,11 +34,12 @@ async fn metrics_health_and_readiness_follow_the_spec() {
     let relay = env.cmd(["run"]).spawn();
     let base = format!("http://127.0.0.1:{port}");
     env.sink.wait_for_entries(1, Duration::from_secs(20)).await;
-    wait_until(Duration::from_secs(20), "metrics to show the dead letter", || async {
-        http_get(&format!("{base}/metrics"))
-            .await
-            .1
-            .contains("serversync_dead_letters{error_type=\"path_denied\"} 1")
+    // A refresh may fall between the sink's answer and the settle: wait for one after.
+    wait_until(Duration::from_secs(20), "metrics to show the settled backlog", || async {
+        let text = http_get(&format!("{base}/metrics")).await.1;
+        text.contains("serversync_dead_letters{error_type=\"path_denied\"} 1")
+            && text.contains("serversync_outbox_pending{entity_type=\"call_log\"} 0")
+            && text.contains("serversync_outbox_pending{entity_type=\"recording_file\"} 0")
     })
     .await;
     let (status, text) = http_get(&format!("{base}/metrics")).await;
@@ -129,9 +130,9 @@ async fn readiness_is_not_sent_for_an_outdated_schema() {
     assert!(!got.unwrap_or_default().contains("READY=1"), "READY=1 sent for an unusable database");
 }
 
-#[tokio::test]
-async fn json_logs_carry_ids_and_error_types_but_no_payload() {
-    let env = TestEnv::migrated().await;
+both_stores!(json_logs_carry_ids_and_error_types_but_no_payload);
+async fn json_logs_carry_ids_and_error_types_but_no_payload(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     env.sink.set_mode(crate::harness::Mode::Always(404));
     let id = env
         .insert("call_log", Uuid::new_v4(), json!({"secretMarker": "PAYLOAD-MARKER-7731"}))

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::harness::{closed_port, TestEnv};
+use crate::harness::{both_stores, closed_port, Backend, TestEnv};
 
-#[tokio::test]
-async fn an_unknown_config_key_is_named() {
-    let mut env = TestEnv::new().await;
+both_stores!(an_unknown_config_key_is_named);
+async fn an_unknown_config_key_is_named(backend: Backend) {
+    let mut env = TestEnv::new_on(backend).await;
     for (key, named) in [
         ("ingest.bsae_url", "ingest.bsae_url"),
         ("ingset.base_url", "ingset"),
@@ -27,9 +27,9 @@ async fn an_unknown_config_key_is_named() {
     }
 }
 
-#[tokio::test]
-async fn a_bad_duration_names_its_key() {
-    let mut env = TestEnv::new().await;
+both_stores!(a_bad_duration_names_its_key);
+async fn a_bad_duration_names_its_key(backend: Backend) {
+    let mut env = TestEnv::new_on(backend).await;
     for key in ["ingest.timeout", "retry.base_delay", "shutdown.grace"] {
         env.config.set(key, "soon");
         env.run(&["drain"])
@@ -78,24 +78,24 @@ async fn the_database_url_may_come_from_the_environment() {
     let mut env = TestEnv::new().await;
     env.config.remove("database.url");
     env.cmd(["migrate"])
-        .env("DATABASE_URL", &env.db.url)
+        .env("DATABASE_URL", env.db.url())
         .output()
         .await
         .assert_success();
     env.cmd(["status", "--json"])
-        .env("SERVERSYNC__DATABASE__URL", &env.db.url)
+        .env("SERVERSYNC__DATABASE__URL", env.db.url())
         .output()
         .await
         .assert_success();
-    env.cmd(["--database-url", &env.db.url, "status"])
+    env.cmd(["--database-url", env.db.url(), "status"])
         .output()
         .await
         .assert_success();
 }
 
-#[tokio::test]
-async fn drain_refuses_an_unmigrated_database() {
-    let env = TestEnv::new().await;
+both_stores!(drain_refuses_an_unmigrated_database);
+async fn drain_refuses_an_unmigrated_database(backend: Backend) {
+    let env = TestEnv::new_on(backend).await;
     env.run(&["drain"])
         .await
         .assert_fails_with("serversync migrate");
@@ -105,21 +105,16 @@ async fn drain_refuses_an_unmigrated_database() {
         .output()
         .await;
     run.assert_fails_with("serversync migrate");
-    let tables: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
-    )
-    .fetch_one(&env.db.pool)
-    .await
-    .unwrap();
+    let tables = env.db.table_count().await;
     assert_eq!(
         tables, 0,
         "refusing means not migrating behind the operator's back"
     );
 }
 
-#[tokio::test]
-async fn migrate_is_idempotent() {
-    let env = TestEnv::new().await;
+both_stores!(migrate_is_idempotent);
+async fn migrate_is_idempotent(backend: Backend) {
+    let env = TestEnv::new_on(backend).await;
     env.migrate().await;
     env.migrate().await;
     let id = env
@@ -137,9 +132,9 @@ async fn migrate_is_idempotent() {
     env.run(&["drain", "--migrate"]).await.assert_success();
 }
 
-#[tokio::test]
-async fn global_flags_may_follow_the_subcommand() {
-    let env = TestEnv::migrated().await;
+both_stores!(global_flags_may_follow_the_subcommand);
+async fn global_flags_may_follow_the_subcommand(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     let out = env
         .run(&[
             "status",

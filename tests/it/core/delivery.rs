@@ -9,11 +9,11 @@ use uuid::Uuid;
 
 use super::{parse_time, write_recording};
 use crate::harness::sink::Incoming;
-use crate::harness::{Mode, Reply, TestEnv};
+use crate::harness::{both_stores, Backend, Mode, NewRow, Reply, TestEnv};
 
-#[tokio::test]
-async fn a_call_log_its_recording_and_its_file_arrive_in_order_and_intact() {
-    let env = TestEnv::migrated().await;
+both_stores!(a_call_log_its_recording_and_its_file_arrive_in_order_and_intact);
+async fn a_call_log_its_recording_and_its_file_arrive_in_order_and_intact(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     let call = Uuid::new_v4();
     let recording = Uuid::new_v4();
     let (audio, meta) = write_recording(&env, call);
@@ -38,13 +38,12 @@ async fn a_call_log_its_recording_and_its_file_arrive_in_order_and_intact() {
     // JSON entities: exact shape, same payload, RFC 3339 timestamps, id order.
     let entries = env.sink.entries();
     assert_eq!(entries.len(), 2, "{entries:#?}");
-    let created: HashMap<i64, DateTime<Utc>> =
-        sqlx::query_as::<_, (i64, DateTime<Utc>)>("SELECT id, created_at FROM sync_outbox_sent")
-            .fetch_all(&env.db.pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
+    let created: HashMap<i64, DateTime<Utc>> = env
+        .sent()
+        .await
+        .into_iter()
+        .map(|s| (s.id, s.created_at))
+        .collect();
     let expected = [
         (log_id, "call_log", call, &call_payload),
         (rec_id, "recording", recording, &recording_payload),
@@ -150,9 +149,11 @@ async fn a_call_log_its_recording_and_its_file_arrive_in_order_and_intact() {
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
 }
 
-#[tokio::test]
-async fn a_recording_id_defaults_to_the_entity_id_and_no_meta_part_without_a_meta_file() {
-    let env = TestEnv::migrated().await;
+both_stores!(a_recording_id_defaults_to_the_entity_id_and_no_meta_part_without_a_meta_file);
+async fn a_recording_id_defaults_to_the_entity_id_and_no_meta_part_without_a_meta_file(
+    backend: Backend,
+) {
+    let env = TestEnv::migrated_on(backend).await;
     let call = Uuid::new_v4();
     let recording = Uuid::new_v4();
     let audio = crate::harness::fixtures::wav(100);
@@ -176,23 +177,26 @@ async fn a_recording_id_defaults_to_the_entity_id_and_no_meta_part_without_a_met
     assert_eq!(uploads[0].part("audio").unwrap().bytes, audio);
 }
 
-#[tokio::test]
-async fn ten_thousand_mixed_rows_are_each_delivered_exactly_once() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(ten_thousand_mixed_rows_are_each_delivered_exactly_once);
+async fn ten_thousand_mixed_rows_are_each_delivered_exactly_once(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     env.config
         .set("dispatch.batch_size", 100)
         .set("dispatch.concurrency", 4);
     // 5,000 calls, each a call_log (odd n) then a recording (even n) keyed by the call.
-    sqlx::query(
-        "INSERT INTO sync_outbox (entity_type, entity_id, payload)
-         SELECT CASE WHEN n % 2 = 1 THEN 'call_log' ELSE 'recording' END,
-                CASE WHEN n % 2 = 1 THEN md5('call-' || (n + 1) / 2)::uuid ELSE gen_random_uuid() END,
-                jsonb_build_object('n', n, 'callLogId', md5('call-' || (n + 1) / 2)::uuid)
-         FROM generate_series(1, 10000) AS n",
-    )
-    .execute(&env.db.pool)
-    .await
-    .unwrap();
+    let calls: Vec<Uuid> = (0..5_000).map(|_| Uuid::new_v4()).collect();
+    let rows: Vec<NewRow> = (1..=10_000_usize)
+        .map(|n| {
+            let call = calls[(n - 1) / 2];
+            let payload = json!({"n": n, "callLogId": call});
+            if n % 2 == 1 {
+                NewRow::new("call_log", call, payload)
+            } else {
+                NewRow::new("recording", Uuid::new_v4(), payload)
+            }
+        })
+        .collect();
+    env.insert_rows(&rows).await;
 
     let out = env
         .cmd(["drain"])
@@ -239,9 +243,9 @@ async fn ten_thousand_mixed_rows_are_each_delivered_exactly_once() {
     assert_eq!(env.count("sync_outbox_sent").await, 10_000);
 }
 
-#[tokio::test]
-async fn enqueue_inserts_a_row_that_drain_delivers() {
-    let env = TestEnv::migrated().await;
+both_stores!(enqueue_inserts_a_row_that_drain_delivers);
+async fn enqueue_inserts_a_row_that_drain_delivers(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     let id = Uuid::new_v4();
     let payload = json!({"id": id, "total": 12.5, "items": [1, 2]});
     env.run(&[
@@ -295,9 +299,9 @@ async fn enqueue_inserts_a_row_that_drain_delivers() {
     assert_eq!(entries[1].entity_type, "invoice");
 }
 
-#[tokio::test]
-async fn enqueue_rejects_bad_json_and_bad_uuids_with_one_line() {
-    let env = TestEnv::migrated().await;
+both_stores!(enqueue_rejects_bad_json_and_bad_uuids_with_one_line);
+async fn enqueue_rejects_bad_json_and_bad_uuids_with_one_line(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     let id = Uuid::new_v4().to_string();
     env.run(&[
         "enqueue",
@@ -326,9 +330,9 @@ async fn enqueue_rejects_bad_json_and_bad_uuids_with_one_line() {
     assert_eq!(env.count("sync_outbox").await, 0, "nothing inserted");
 }
 
-#[tokio::test]
-async fn run_delivers_rows_as_they_come_and_exits_0_on_sigterm() {
-    let env = TestEnv::migrated().await;
+both_stores!(run_delivers_rows_as_they_come_and_exits_0_on_sigterm);
+async fn run_delivers_rows_as_they_come_and_exits_0_on_sigterm(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     let relay = env.spawn_run(&[]);
     let first = env
         .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
@@ -346,9 +350,11 @@ async fn run_delivers_rows_as_they_come_and_exits_0_on_sigterm() {
     assert_eq!(env.count("sync_outbox").await, 0);
 }
 
-#[tokio::test]
-async fn rows_of_one_key_go_one_at_a_time_in_id_order_and_a_dead_one_does_not_block() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(rows_of_one_key_go_one_at_a_time_in_id_order_and_a_dead_one_does_not_block);
+async fn rows_of_one_key_go_one_at_a_time_in_id_order_and_a_dead_one_does_not_block(
+    backend: Backend,
+) {
+    let mut env = TestEnv::migrated_on(backend).await;
     env.config
         .set("dispatch.concurrency", 4)
         .set("dispatch.batch_size", 10);
@@ -422,24 +428,23 @@ async fn rows_of_one_key_go_one_at_a_time_in_id_order_and_a_dead_one_does_not_bl
     }
 }
 
-#[tokio::test]
-async fn drain_exits_0_only_when_nothing_due_is_left() {
+both_stores!(drain_exits_0_only_when_nothing_due_is_left);
+async fn drain_exits_0_only_when_nothing_due_is_left(backend: Backend) {
     // Chains of rows on a few keys: each row becomes claimable only when its
     // predecessor settles, while idle workers look for work. A drain must not take
     // "nothing claimable right now" for "nothing left".
-    let mut env = TestEnv::migrated().await;
+    let mut env = TestEnv::migrated_on(backend).await;
     env.config
         .set("dispatch.concurrency", 8)
         .set("dispatch.batch_size", 10);
     for round in 0..3 {
-        sqlx::query(
-            "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key)
-             SELECT 'event', gen_random_uuid(), jsonb_build_object('n', n), 'chain-' || (n % 2)
-             FROM generate_series(1, 30) AS n",
-        )
-        .execute(&env.db.pool)
-        .await
-        .unwrap();
+        let rows: Vec<NewRow> = (1..=30)
+            .map(|n| {
+                NewRow::new("event", Uuid::new_v4(), json!({"n": n}))
+                    .keyed(format!("chain-{}", n % 2))
+            })
+            .collect();
+        env.insert_rows(&rows).await;
         let out = env.drain().await;
         let left = env.count("sync_outbox").await;
         assert_eq!(

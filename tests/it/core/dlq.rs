@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::file_payload;
-use crate::harness::TestEnv;
+use crate::harness::{both_stores, Backend, TestEnv};
 
 /// Dead-letter `n` rows of type `fax` as `unknown_entity_type` (no HTTP involved);
 /// returns their outbox ids. Leaves `fax` outside the allow-list.
@@ -43,19 +43,11 @@ async fn list(env: &TestEnv, extra: &[&str]) -> Vec<Value> {
     }
 }
 
-async fn dead_letter_id(env: &TestEnv, outbox_id: i64) -> i64 {
-    sqlx::query_scalar("SELECT id FROM sync_outbox_dead_letters WHERE outbox_id = $1")
-        .bind(outbox_id)
-        .fetch_one(&env.db.pool)
-        .await
-        .unwrap_or_else(|e| panic!("no dead letter for outbox row {outbox_id}: {e}"))
-}
-
-#[tokio::test]
-async fn requeue_by_id_puts_the_row_back_and_the_next_drain_delivers_it() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(requeue_by_id_puts_the_row_back_and_the_next_drain_delivers_it);
+async fn requeue_by_id_puts_the_row_back_and_the_next_drain_delivers_it(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     let outbox_id = dead_faxes(&mut env, 1).await[0];
-    let id = dead_letter_id(&env, outbox_id).await;
+    let id = env.dead_letter_id(outbox_id).await;
 
     env.run(&["dlq", "requeue", &id.to_string()])
         .await
@@ -68,6 +60,24 @@ async fn requeue_by_id_puts_the_row_back_and_the_next_drain_delivers_it() {
     assert_eq!(rows[0].attempts, 0, "attempts reset");
     assert_eq!(rows[0].status, "pending");
     assert_eq!(rows[0].payload, json!({"page": 0}));
+    let history = rows[0]
+        .attempt_errors
+        .as_array()
+        .unwrap_or_else(|| panic!("attempt_errors is an array: {:#?}", rows[0]));
+    assert_eq!(
+        history.len(),
+        2,
+        "the dead letter's history, then the requeue mark: {history:#?}"
+    );
+    assert_eq!(
+        history[0]["errorType"], "unknown_entity_type",
+        "{history:#?}"
+    );
+    super::parse_time(
+        history[1]["requeuedAt"]
+            .as_str()
+            .unwrap_or_else(|| panic!("requeuedAt is a timestamp: {history:#?}")),
+    );
     assert!(rows[0].next_attempt_at <= env.db_now().await, "due at once");
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
 
@@ -78,9 +88,9 @@ async fn requeue_by_id_puts_the_row_back_and_the_next_drain_delivers_it() {
     assert_eq!(env.sent_ids().await, [outbox_id]);
 }
 
-#[tokio::test]
-async fn requeue_by_error_type_moves_only_that_type() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(requeue_by_error_type_moves_only_that_type);
+async fn requeue_by_error_type_moves_only_that_type(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     let faxes = dead_faxes(&mut env, 2).await;
     let denied = dead_path(&env).await;
 
@@ -99,9 +109,9 @@ async fn requeue_by_error_type_moves_only_that_type() {
     assert_eq!(left, [denied]);
 }
 
-#[tokio::test]
-async fn requeue_all_empties_the_dead_letters() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(requeue_all_empties_the_dead_letters);
+async fn requeue_all_empties_the_dead_letters(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     let mut ids = dead_faxes(&mut env, 2).await;
     ids.push(dead_path(&env).await);
 
@@ -112,11 +122,11 @@ async fn requeue_all_empties_the_dead_letters() {
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
 }
 
-#[tokio::test]
-async fn purge_deletes_by_id_by_age_and_all() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(purge_deletes_by_id_by_age_and_all);
+async fn purge_deletes_by_id_by_age_and_all(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     let ids = dead_faxes(&mut env, 3).await;
-    let first = dead_letter_id(&env, ids[0]).await;
+    let first = env.dead_letter_id(ids[0]).await;
 
     env.run(&["dlq", "purge", "--older-than", "1h"])
         .await
@@ -138,11 +148,13 @@ async fn purge_deletes_by_id_by_age_and_all() {
         .collect();
     assert_eq!(left, &ids[1..]);
 
-    sqlx::query("UPDATE sync_outbox_dead_letters SET dead_at = now() - interval '2 hours' WHERE outbox_id = $1")
-        .bind(ids[1])
-        .execute(&env.db.pool)
-        .await
-        .unwrap();
+    let two_hours_ago = env.db.now_plus(-2 * 3600);
+    env.db
+        .execute(&format!(
+            "UPDATE sync_outbox_dead_letters SET dead_at = {two_hours_ago} WHERE outbox_id = {}",
+            ids[1]
+        ))
+        .await;
     env.run(&["dlq", "purge", "--older-than", "1h"])
         .await
         .assert_success();
@@ -163,11 +175,11 @@ async fn purge_deletes_by_id_by_age_and_all() {
     );
 }
 
-#[tokio::test]
-async fn show_prints_one_dead_letter_and_fails_for_a_missing_id() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(show_prints_one_dead_letter_and_fails_for_a_missing_id);
+async fn show_prints_one_dead_letter_and_fails_for_a_missing_id(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     let outbox_id = dead_faxes(&mut env, 1).await[0];
-    let id = dead_letter_id(&env, outbox_id).await;
+    let id = env.dead_letter_id(outbox_id).await;
 
     let out = env.run(&["dlq", "show", &id.to_string(), "--json"]).await;
     out.assert_success();
@@ -190,9 +202,9 @@ async fn show_prints_one_dead_letter_and_fails_for_a_missing_id() {
         .assert_fails_with("999999");
 }
 
-#[tokio::test]
-async fn list_json_has_the_columns_in_camel_case_and_filters() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(list_json_has_the_columns_in_camel_case_and_filters);
+async fn list_json_has_the_columns_in_camel_case_and_filters(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     let faxes = dead_faxes(&mut env, 2).await;
     let denied = dead_path(&env).await;
 

@@ -10,11 +10,11 @@ use uuid::Uuid;
 use super::{
     assert_dead, assert_history, drain_until, file_payload, retry_in_an_hour, write_recording,
 };
-use crate::harness::{closed_port, fixtures, Mode, Reply, TestEnv};
+use crate::harness::{both_stores, closed_port, fixtures, Backend, Mode, Reply, TestEnv};
 
-#[tokio::test]
-async fn a_500_until_out_of_attempts_is_dead_lettered_with_its_history() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(a_500_until_out_of_attempts_is_dead_lettered_with_its_history);
+async fn a_500_until_out_of_attempts_is_dead_lettered_with_its_history(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     env.config.set("retry.max_attempts", 2);
     env.sink.set_mode(Mode::Reply(
         Reply::status(500).body("upstream exploded: marker-500"),
@@ -56,9 +56,9 @@ async fn a_500_until_out_of_attempts_is_dead_lettered_with_its_history() {
     );
 }
 
-#[tokio::test]
-async fn a_429_leaves_the_row_pending_until_after_retry_after() {
-    let env = TestEnv::migrated().await;
+both_stores!(a_429_leaves_the_row_pending_until_after_retry_after);
+async fn a_429_leaves_the_row_pending_until_after_retry_after(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     env.sink
         .set_mode(Mode::Reply(Reply::status(429).header("Retry-After", "30")));
     env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
@@ -88,9 +88,9 @@ async fn a_429_leaves_the_row_pending_until_after_retry_after() {
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
 }
 
-#[tokio::test]
-async fn a_404_is_dead_lettered_at_once() {
-    let env = TestEnv::migrated().await;
+both_stores!(a_404_is_dead_lettered_at_once);
+async fn a_404_is_dead_lettered_at_once(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     env.sink.set_mode(Mode::Reply(
         Reply::status(404).body("no such route: marker-404"),
     ));
@@ -113,9 +113,9 @@ async fn a_404_is_dead_lettered_at_once() {
     assert_eq!(env.count("sync_outbox").await, 0);
 }
 
-#[tokio::test]
-async fn a_400_for_one_entry_dead_letters_only_that_entry() {
-    let env = TestEnv::migrated().await;
+both_stores!(a_400_for_one_entry_dead_letters_only_that_entry);
+async fn a_400_for_one_entry_dead_letters_only_that_entry(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     env.sink.set_mode(Mode::RejectPoison);
     let mut ids = Vec::new();
     for n in 0..5 {
@@ -146,9 +146,9 @@ async fn a_400_for_one_entry_dead_letters_only_that_entry() {
     assert_eq!(env.count("sync_outbox").await, 0);
 }
 
-#[tokio::test]
-async fn a_sink_slower_than_ingest_timeout_is_a_timeout() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(a_sink_slower_than_ingest_timeout_is_a_timeout);
+async fn a_sink_slower_than_ingest_timeout_is_a_timeout(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     retry_in_an_hour(&mut env);
     env.config.set("ingest.timeout", "500ms");
     env.sink
@@ -176,9 +176,9 @@ async fn a_sink_slower_than_ingest_timeout_is_a_timeout() {
     assert_history(&rows[0].attempt_errors, "timeout", 1);
 }
 
-#[tokio::test]
-async fn a_refused_connection_is_connect() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(a_refused_connection_is_connect);
+async fn a_refused_connection_is_connect(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     retry_in_an_hour(&mut env);
     env.config.set(
         "ingest.base_url",
@@ -204,9 +204,9 @@ async fn a_refused_connection_is_connect() {
     assert_history(&rows[0].attempt_errors, "connect", 1);
 }
 
-#[tokio::test]
-async fn a_missing_file_is_retried() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(a_missing_file_is_retried);
+async fn a_missing_file_is_retried(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     retry_in_an_hour(&mut env);
     let call = Uuid::new_v4();
     env.insert(
@@ -235,9 +235,9 @@ async fn a_missing_file_is_retried() {
     assert_eq!(env.sink.request_count(), 0, "nothing to send");
 }
 
-#[tokio::test]
-async fn a_missing_file_out_of_attempts_is_dead_lettered() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(a_missing_file_out_of_attempts_is_dead_lettered);
+async fn a_missing_file_out_of_attempts_is_dead_lettered(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     env.config.set("retry.max_attempts", 1);
     let no_dir = Uuid::new_v4();
     let no_file = Uuid::new_v4();
@@ -269,9 +269,9 @@ async fn a_missing_file_out_of_attempts_is_dead_lettered() {
     assert_eq!(env.sink.request_count(), 0);
 }
 
-#[tokio::test]
-async fn paths_out_of_the_recordings_root_are_denied() {
-    let env = TestEnv::migrated().await;
+both_stores!(paths_out_of_the_recordings_root_are_denied);
+async fn paths_out_of_the_recordings_root_are_denied(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     let outside = env.work_dir().join("outside.wav");
     std::fs::write(&outside, fixtures::wav(10)).unwrap();
     std::fs::write(env.work_dir().join("outside.json"), b"{}").unwrap();
@@ -301,9 +301,9 @@ async fn paths_out_of_the_recordings_root_are_denied() {
     );
 }
 
-#[tokio::test]
-async fn symlinks_out_of_the_recordings_root_are_denied() {
-    let env = TestEnv::migrated().await;
+both_stores!(symlinks_out_of_the_recordings_root_are_denied);
+async fn symlinks_out_of_the_recordings_root_are_denied(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     let outside_dir = env.work_dir().join("elsewhere");
     fixtures::write_file(&outside_dir, "mixed.wav", &fixtures::wav(10));
     let linked_file = Uuid::new_v4();
@@ -338,9 +338,9 @@ async fn symlinks_out_of_the_recordings_root_are_denied() {
     assert_eq!(env.sink.request_count(), 0);
 }
 
-#[tokio::test]
-async fn file_payloads_without_required_fields_are_invalid() {
-    let env = TestEnv::migrated().await;
+both_stores!(file_payloads_without_required_fields_are_invalid);
+async fn file_payloads_without_required_fields_are_invalid(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     let call = Uuid::new_v4();
     write_recording(&env, call);
     let cases = [
@@ -363,9 +363,9 @@ async fn file_payloads_without_required_fields_are_invalid() {
     assert_eq!(env.sink.request_count(), 0);
 }
 
-#[tokio::test]
-async fn a_type_outside_the_json_allow_list_is_an_unknown_entity_type() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(a_type_outside_the_json_allow_list_is_an_unknown_entity_type);
+async fn a_type_outside_the_json_allow_list_is_an_unknown_entity_type(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     env.config.set("dispatch.json_entity_types", ["call_log"]);
     let fax = env.insert("fax", Uuid::new_v4(), json!({"pages": 3})).await;
     let log = env
@@ -389,9 +389,9 @@ async fn a_type_outside_the_json_allow_list_is_an_unknown_entity_type() {
     );
 }
 
-#[tokio::test]
-async fn a_429_honours_an_http_date_retry_after() {
-    let env = TestEnv::migrated().await;
+both_stores!(a_429_honours_an_http_date_retry_after);
+async fn a_429_honours_an_http_date_retry_after(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     let before = env.db_now().await;
     let date = (chrono::Utc::now() + Span::seconds(40))
         .format("%a, %d %b %Y %H:%M:%S GMT")
@@ -413,9 +413,9 @@ async fn a_429_honours_an_http_date_retry_after() {
     );
 }
 
-#[tokio::test]
-async fn a_408_is_retried_not_dead_lettered() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(a_408_is_retried_not_dead_lettered);
+async fn a_408_is_retried_not_dead_lettered(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     retry_in_an_hour(&mut env);
     env.sink.set_mode(Mode::Always(408));
     env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
@@ -434,9 +434,9 @@ async fn a_408_is_retried_not_dead_lettered() {
     assert_eq!(rows[0].attempts, 1);
 }
 
-#[tokio::test]
-async fn a_file_that_cannot_be_read_is_unreadable() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(a_file_that_cannot_be_read_is_unreadable);
+async fn a_file_that_cannot_be_read_is_unreadable(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     retry_in_an_hour(&mut env);
     let call = Uuid::new_v4();
     // A directory where the audio file should be: it exists, but is no readable file.
@@ -461,9 +461,9 @@ async fn a_file_that_cannot_be_read_is_unreadable() {
     assert_eq!(env.sink.request_count(), 0);
 }
 
-#[tokio::test]
-async fn a_sink_down_as_a_whole_does_not_burn_attempts() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(a_sink_down_as_a_whole_does_not_burn_attempts);
+async fn a_sink_down_as_a_whole_does_not_burn_attempts(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     env.config
         .set("dispatch.outage_threshold", 2)
         .set("retry.max_attempts", 3);
@@ -505,9 +505,9 @@ async fn a_sink_down_as_a_whole_does_not_burn_attempts() {
     assert_eq!(env.count("sync_outbox").await, 0);
 }
 
-#[tokio::test]
-async fn a_default_meta_file_linked_out_of_the_root_is_not_sent() {
-    let env = TestEnv::migrated().await;
+both_stores!(a_default_meta_file_linked_out_of_the_root_is_not_sent);
+async fn a_default_meta_file_linked_out_of_the_root_is_not_sent(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     let secret = b"{\"secret\":\"outside-the-root\"}";
     std::fs::write(env.work_dir().join("secret.json"), secret).unwrap();
     let call = Uuid::new_v4();

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::{drain_until_with, write_recording};
 use crate::harness::pg::with_password;
-use crate::harness::{closed_port, Output, TestEnv};
+use crate::harness::{both_stores, closed_port, Backend, Output, TestEnv};
 
 const TOKEN: &str = "s3cret-token";
 const DB_PASSWORD: &str = "pw-s3cret-db";
@@ -27,12 +27,14 @@ fn assert_nothing_leaks(out: &Output) {
     }
 }
 
-#[tokio::test]
-async fn the_auth_token_is_sent_and_no_secret_or_payload_reaches_the_output() {
-    let mut env = TestEnv::migrated().await;
-    env.config
-        .set("ingest.auth_token", TOKEN)
-        .set("database.url", with_password(&env.db.url, DB_PASSWORD));
+both_stores!(the_auth_token_is_sent_and_no_secret_or_payload_reaches_the_output);
+async fn the_auth_token_is_sent_and_no_secret_or_payload_reaches_the_output(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config.set("ingest.auth_token", TOKEN);
+    if backend == Backend::Postgres {
+        env.config
+            .set("database.url", with_password(env.db.url(), DB_PASSWORD));
+    }
     let call = Uuid::new_v4();
     write_recording(&env, call);
     env.insert("call_log", call, json!({"id": call, "note": MARKER}))
@@ -113,9 +115,9 @@ async fn an_unreachable_database_is_reported_without_its_password() {
     assert_nothing_leaks(&out);
 }
 
-#[tokio::test]
-async fn a_wrong_ingest_token_is_not_echoed() {
-    let mut env = TestEnv::migrated().await;
+both_stores!(a_wrong_ingest_token_is_not_echoed);
+async fn a_wrong_ingest_token_is_not_echoed(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
     env.config.set("ingest.auth_token", TOKEN);
     env.sink.set_mode(crate::harness::Mode::Always(401));
     env.insert("call_log", Uuid::new_v4(), json!({"note": MARKER}))

@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::harness::TestEnv;
+use crate::harness::{both_stores, Backend, TestEnv};
 
 async fn status(env: &TestEnv) -> Value {
     let out = env.run(&["status", "--json"]).await;
@@ -11,9 +11,9 @@ async fn status(env: &TestEnv) -> Value {
     out.json()
 }
 
-#[tokio::test]
-async fn status_of_an_empty_outbox() {
-    let env = TestEnv::migrated().await;
+both_stores!(status_of_an_empty_outbox);
+async fn status_of_an_empty_outbox(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     let s = status(&env).await;
     for key in [
         "pending",
@@ -32,44 +32,63 @@ async fn status_of_an_empty_outbox() {
     assert_eq!(s["dead_letters_by_error_type"], json!({}), "{s:#}");
 }
 
-#[tokio::test]
-async fn status_reports_a_known_backlog() {
-    let env = TestEnv::migrated().await;
+both_stores!(status_reports_a_known_backlog);
+async fn status_reports_a_known_backlog(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
     // Two delivered now, one long ago.
     for _ in 0..2 {
         env.insert("call_log", Uuid::new_v4(), json!({})).await;
     }
     env.drain().await.assert_success();
-    sqlx::query(
-        "INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, sent_at, attempts)
-         VALUES (900000, 'call_log', gen_random_uuid(), now() - interval '1 hour', now() - interval '10 minutes', 1)",
-    )
-    .execute(&env.db.pool)
-    .await
-    .unwrap();
+    // Timestamps and ids are written in each backend's own form.
+    let at = |seconds: i64| env.db.now_plus(seconds);
+    let id = || format!("'{}'", Uuid::new_v4());
+    env.db
+        .execute(&format!(
+            "INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, sent_at, attempts)
+             VALUES (900000, 'call_log', {}, {}, {}, 1)",
+            id(),
+            at(-3600),
+            at(-600)
+        ))
+        .await;
     // Five pending: three due (the oldest two minutes old), two backing off.
-    sqlx::query(
-        "INSERT INTO sync_outbox (entity_type, entity_id, payload, created_at, next_attempt_at) VALUES
-           ('call_log', gen_random_uuid(), '{}', now() - interval '120 seconds', now() - interval '1 second'),
-           ('call_log', gen_random_uuid(), '{}', now(), now()),
-           ('recording', gen_random_uuid(), '{}', now(), now()),
-           ('call_log', gen_random_uuid(), '{}', now(), now() + interval '1 hour'),
-           ('call_log', gen_random_uuid(), '{}', now(), now() + interval '1 hour')",
-    )
-    .execute(&env.db.pool)
-    .await
-    .unwrap();
+    let pending = [
+        ("call_log", -120, -1),
+        ("call_log", 0, 0),
+        ("recording", 0, 0),
+        ("call_log", 0, 3600),
+        ("call_log", 0, 3600),
+    ];
+    for (entity_type, created, next_attempt) in pending {
+        env.db
+            .execute(&format!(
+                "INSERT INTO sync_outbox (entity_type, entity_id, payload, created_at, next_attempt_at)
+                 VALUES ('{entity_type}', {}, '{{}}', {}, {})",
+                id(),
+                at(created),
+                at(next_attempt)
+            ))
+            .await;
+    }
     // Three dead letters of two types.
-    sqlx::query(
-        "INSERT INTO sync_outbox_dead_letters
-           (outbox_id, entity_type, entity_id, payload, created_at, error_type, error_message, attempts, max_attempts)
-         VALUES (800001, 'call_log', gen_random_uuid(), '{}', now(), 'http_4xx', 'HTTP 400', 1, 10),
-                (800002, 'call_log', gen_random_uuid(), '{}', now(), 'http_4xx', 'HTTP 422', 1, 10),
-                (800003, 'recording_file', gen_random_uuid(), '{}', now(), 'path_denied', 'escapes root', 1, 10)",
-    )
-    .execute(&env.db.pool)
-    .await
-    .unwrap();
+    let dead = [
+        (800001, "call_log", "http_4xx", "HTTP 400"),
+        (800002, "call_log", "http_4xx", "HTTP 422"),
+        (800003, "recording_file", "path_denied", "escapes root"),
+    ];
+    for (outbox_id, entity_type, error_type, message) in dead {
+        env.db
+            .execute(&format!(
+                "INSERT INTO sync_outbox_dead_letters
+                   (outbox_id, entity_type, entity_id, payload, created_at, error_type, error_message,
+                    attempts, max_attempts)
+                 VALUES ({outbox_id}, '{entity_type}', {}, '{{}}', {}, '{error_type}', '{message}', 1, 10)",
+                id(),
+                at(0)
+            ))
+            .await;
+    }
 
     let s = status(&env).await;
     assert_eq!(s["pending"], json!(5), "{s:#}");

@@ -9,12 +9,13 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::config::ConfigToml;
-use super::pg::{test_db, TestDb};
+use super::db::{Backend, Db, NewRow};
+use super::pg::TestDb;
 use super::relay::{serversync, Cmd, Output, Running};
 use super::sink::Sink;
 
 pub struct TestEnv {
-    pub db: TestDb,
+    pub db: Db,
     pub sink: Sink,
     /// `storage.recordings_root`, empty at first.
     pub root: PathBuf,
@@ -27,22 +28,30 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    /// Fresh database (no schema yet), sink accepting everything, test config.
+    /// Fresh PostgreSQL database (no schema yet), sink accepting everything, test config.
     pub async fn new() -> TestEnv {
-        TestEnv::with_db(test_db().await)
+        TestEnv::new_on(Backend::Postgres).await
     }
 
-    /// As [`TestEnv::new`], on a database of the caller's (e.g. from a
+    /// As [`TestEnv::new`], on `backend`: SQLite is a new `outbox.db` in the work
+    /// directory.
+    pub async fn new_on(backend: Backend) -> TestEnv {
+        let work = work_dir();
+        let db = Db::new(backend, work.path()).await;
+        TestEnv::assemble(db, work)
+    }
+
+    /// As [`TestEnv::new`], on a PostgreSQL database of the caller's (e.g. from a
     /// [`PrivatePg`](super::pg::PrivatePg) the test stops and starts).
     pub fn with_db(db: TestDb) -> TestEnv {
+        TestEnv::assemble(Db::Postgres(db), work_dir())
+    }
+
+    fn assemble(db: Db, work: tempfile::TempDir) -> TestEnv {
         let sink = Sink::start();
-        let work = tempfile::Builder::new()
-            .prefix("serversync-test-")
-            .tempdir()
-            .expect("temp dir");
         let root = work.path().join("recordings");
         std::fs::create_dir_all(&root).expect("create recordings root");
-        let config = test_config(&db.url, sink.url(), &root);
+        let config = test_config(db.url(), sink.url(), &root);
         TestEnv {
             db,
             sink,
@@ -55,9 +64,18 @@ impl TestEnv {
 
     /// As [`TestEnv::new`], with the schema applied by `serversync migrate`.
     pub async fn migrated() -> TestEnv {
-        let env = TestEnv::new().await;
+        TestEnv::migrated_on(Backend::Postgres).await
+    }
+
+    /// As [`TestEnv::new_on`], with the schema applied by `serversync migrate`.
+    pub async fn migrated_on(backend: Backend) -> TestEnv {
+        let env = TestEnv::new_on(backend).await;
         env.migrate().await;
         env
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.db.backend()
     }
 
     /// The directory commands run in.
@@ -112,65 +130,95 @@ impl TestEnv {
 
     /// Insert an outbox row the way a producer does; returns its id.
     pub async fn insert(&self, entity_type: &str, entity_id: Uuid, payload: Value) -> i64 {
-        sqlx::query_scalar(
-            "INSERT INTO sync_outbox (entity_type, entity_id, payload) VALUES ($1, $2, $3) RETURNING id",
-        )
-        .bind(entity_type)
-        .bind(entity_id)
-        .bind(payload)
-        .fetch_one(&self.db.pool)
-        .await
-        .expect("insert outbox row")
+        self.db
+            .insert(&[NewRow::new(entity_type, entity_id, payload)])
+            .await[0]
+    }
+
+    /// Insert many rows in few statements; returns their ids, ascending.
+    pub async fn insert_rows(&self, rows: &[NewRow]) -> Vec<i64> {
+        self.db.insert(rows).await
     }
 
     /// Rows still to deliver, by id.
     pub async fn outbox(&self) -> Vec<OutboxRow> {
-        sqlx::query_as(
-            "SELECT id, entity_type, entity_id, payload, ordering_key, status, attempts, \
+        let sql = format!(
+            "SELECT id, entity_type, {}, payload, ordering_key, status, attempts, \
                     next_attempt_at, last_error_type, last_error, last_http_status, \
                     attempt_errors, first_attempt_at \
              FROM sync_outbox ORDER BY id",
-        )
-        .fetch_all(&self.db.pool)
-        .await
-        .expect("select sync_outbox")
+            self.db.uuid_column("entity_id")
+        );
+        self.db.rows(&sql).await
     }
 
     /// Dead letters, by id.
     pub async fn dead_letters(&self) -> Vec<DeadLetter> {
-        sqlx::query_as(
-            "SELECT id, outbox_id, entity_type, entity_id, payload, ordering_key, created_at, \
+        let sql = format!(
+            "SELECT id, outbox_id, entity_type, {}, payload, ordering_key, created_at, \
                     error_type, http_status, error_message, response_body, attempts, max_attempts, \
                     attempt_errors, first_attempt_at, last_attempt_at, dead_at \
              FROM sync_outbox_dead_letters ORDER BY id",
-        )
-        .fetch_all(&self.db.pool)
-        .await
-        .expect("select sync_outbox_dead_letters")
+            self.db.uuid_column("entity_id")
+        );
+        self.db.rows(&sql).await
+    }
+
+    /// The id of the dead letter made of outbox row `outbox_id`.
+    pub async fn dead_letter_id(&self, outbox_id: i64) -> i64 {
+        let dead = self.dead_letters().await;
+        dead.iter()
+            .find(|d| d.outbox_id == outbox_id)
+            .unwrap_or_else(|| panic!("no dead letter for outbox row {outbox_id}: {dead:#?}"))
+            .id
+    }
+
+    /// Records of delivered rows, by id.
+    pub async fn sent(&self) -> Vec<SentRow> {
+        let sql = format!(
+            "SELECT id, entity_type, {}, created_at, sent_at, attempts \
+             FROM sync_outbox_sent ORDER BY id",
+            self.db.uuid_column("entity_id")
+        );
+        self.db.rows(&sql).await
     }
 
     /// Outbox ids recorded as delivered, ascending.
     pub async fn sent_ids(&self) -> Vec<i64> {
-        sqlx::query_scalar("SELECT id FROM sync_outbox_sent ORDER BY id")
-            .fetch_all(&self.db.pool)
-            .await
-            .expect("select sync_outbox_sent")
+        self.sent().await.iter().map(|s| s.id).collect()
     }
 
     pub async fn count(&self, table: &str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
-            .fetch_one(&self.db.pool)
+        self.db
+            .scalar(&format!("SELECT count(*) FROM {table}"))
             .await
-            .unwrap_or_else(|e| panic!("count {table}: {e}"))
+    }
+
+    /// Outbox rows whose next attempt is still in the future.
+    pub async fn count_waiting(&self) -> i64 {
+        let sql = format!(
+            "SELECT count(*) FROM sync_outbox WHERE next_attempt_at > {}",
+            self.db.now_plus(0)
+        );
+        self.db.scalar(&sql).await
     }
 
     /// The database clock.
     pub async fn db_now(&self) -> DateTime<Utc> {
-        sqlx::query_scalar("SELECT now()")
-            .fetch_one(&self.db.pool)
-            .await
-            .expect("select now()")
+        #[derive(sqlx::FromRow)]
+        struct Now {
+            now: DateTime<Utc>,
+        }
+        let sql = format!("SELECT {} AS now", self.db.now_plus(0));
+        self.db.rows::<Now>(&sql).await[0].now
     }
+}
+
+fn work_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("serversync-test-")
+        .tempdir()
+        .expect("temp dir")
 }
 
 /// Timings sized for tests: retries within tens of milliseconds, a sink timeout of
@@ -209,6 +257,16 @@ pub struct OutboxRow {
     pub last_http_status: Option<i32>,
     pub attempt_errors: Value,
     pub first_attempt_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SentRow {
+    pub id: i64,
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    pub created_at: DateTime<Utc>,
+    pub sent_at: DateTime<Utc>,
+    pub attempts: i32,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

@@ -5,6 +5,7 @@
 //! three ([`env`]) and small fixtures.
 
 pub mod config;
+pub mod db;
 pub mod env;
 pub mod fixtures;
 pub mod pg;
@@ -15,9 +16,40 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use config::ConfigToml;
+pub use db::{Backend, NewRow};
 pub use env::TestEnv;
 pub use relay::{serversync, Output};
 pub use sink::{Mode, Reply, Sink};
+
+/// Run a test on each store. A test written once as a function of the backend,
+///
+/// ```ignore
+/// both_stores!(requeue_by_id);
+/// async fn requeue_by_id(backend: Backend) {
+///     let env = TestEnv::migrated_on(backend).await;
+///     …
+/// }
+/// ```
+///
+/// gets two `#[tokio::test]`s calling it, `requeue_by_id::postgres` and
+/// `requeue_by_id::sqlite` (a module may share a function's name). Pick one store with
+/// a filter: `cargo test --test it sqlite`.
+macro_rules! both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn postgres() {
+                super::$name($crate::harness::Backend::Postgres).await
+            }
+
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name($crate::harness::Backend::Sqlite).await
+            }
+        }
+    };
+}
+pub(crate) use both_stores;
 
 /// How often [`wait_until`] re-checks its condition.
 pub const POLL: Duration = Duration::from_millis(20);

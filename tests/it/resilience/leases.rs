@@ -14,7 +14,7 @@ async fn leases(env: &TestEnv) -> Vec<(Option<i64>, Option<f64>)> {
         "SELECT claim_token, EXTRACT(EPOCH FROM lease_until - now())::float8 \
          FROM sync_outbox ORDER BY id",
     )
-    .fetch_all(&env.db.pool)
+    .fetch_all(env.db.pg())
     .await
     .expect("select leases")
 }
@@ -87,7 +87,7 @@ async fn a_killed_relays_batch_is_taken_over_when_its_lease_expires() {
         "(pending, sent, dead)"
     );
     let charged: Vec<i32> = sqlx::query_scalar("SELECT attempts FROM sync_outbox_sent")
-        .fetch_all(&env.db.pool)
+        .fetch_all(env.db.pg())
         .await
         .unwrap();
     assert!(

@@ -107,7 +107,7 @@ async fn a_drain_rides_out_postgresql_stopping_and_starting_again() {
     assert_eq!(tables(&env).await, (0, rows, 0), "(pending, sent, dead)");
     let charged: i64 =
         sqlx::query_scalar("SELECT count(*) FROM sync_outbox_sent WHERE attempts <> 1")
-            .fetch_one(&env.db.pool)
+            .fetch_one(env.db.pg())
             .await
             .unwrap();
     assert_eq!(charged, 0, "database errors never cost an attempt");
@@ -121,14 +121,14 @@ async fn a_drain_rides_out_postgresql_stopping_and_starting_again() {
 /// counts the successful one too).
 async fn sent_attempts(env: &TestEnv) -> Vec<i32> {
     sqlx::query_scalar("SELECT attempts FROM sync_outbox_sent ORDER BY id")
-        .fetch_all(&env.db.pool)
+        .fetch_all(env.db.pg())
         .await
         .expect("select sent attempts")
 }
 
 async fn max_pending_attempts(env: &TestEnv) -> i32 {
     sqlx::query_scalar("SELECT coalesce(max(attempts), 0) FROM sync_outbox")
-        .fetch_one(&env.db.pool)
+        .fetch_one(env.db.pg())
         .await
         .expect("max attempts")
 }

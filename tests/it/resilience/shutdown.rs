@@ -53,7 +53,7 @@ async fn sigterm_mid_batch_settles_the_batch_and_exits_zero_within_the_grace() {
     );
     let leased: i64 =
         sqlx::query_scalar("SELECT count(*) FROM sync_outbox WHERE claim_token IS NOT NULL")
-            .fetch_one(&env.db.pool)
+            .fetch_one(env.db.pg())
             .await
             .unwrap();
     assert_eq!(leased, 0, "no row is left claimed by the stopped relay");

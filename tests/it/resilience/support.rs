@@ -31,7 +31,7 @@ pub async fn seed_calls(env: &TestEnv, n: i64, calls: i64) {
     )
     .bind(n)
     .bind(calls)
-    .execute(&env.db.pool)
+    .execute(env.db.pg())
     .await
     .expect("seed outbox rows");
 }
@@ -47,7 +47,7 @@ pub async fn seed_keyed(env: &TestEnv, n: i64, keys: i64) {
     )
     .bind(n)
     .bind(keys)
-    .execute(&env.db.pool)
+    .execute(env.db.pg())
     .await
     .expect("seed keyed outbox rows");
 }
@@ -122,7 +122,7 @@ pub async fn tables(env: &TestEnv) -> (i64, i64, i64) {
 /// Rows whose lease has not expired yet.
 pub async fn live_leases(env: &TestEnv) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM sync_outbox WHERE lease_until > now()")
-        .fetch_one(&env.db.pool)
+        .fetch_one(env.db.pg())
         .await
         .expect("count live leases")
 }
@@ -351,7 +351,7 @@ async fn forward(listener: tokio::net::TcpListener, target: SocketAddr, cancel: 
 /// Id → ordering key of every row still in the outbox.
 pub async fn ordering_keys(env: &TestEnv) -> HashMap<i64, String> {
     sqlx::query_as::<_, (i64, Option<String>)>("SELECT id, ordering_key FROM sync_outbox")
-        .fetch_all(&env.db.pool)
+        .fetch_all(env.db.pg())
         .await
         .expect("select ordering keys")
         .into_iter()

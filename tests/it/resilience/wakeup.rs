@@ -59,7 +59,7 @@ async fn an_idle_relay_is_woken_by_notify_and_falls_back_to_polling() {
     // LISTEN on: a notification, not the 5 s poll, brings each row.
     let relay = env.spawn_run(&[]);
     wait_until(Duration::from_secs(15), "the relay to LISTEN", || {
-        someone_listens(&env.db.pool)
+        someone_listens(env.db.pg())
     })
     .await;
     pick_up(&env, Duration::from_secs(10))

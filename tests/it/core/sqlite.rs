@@ -1,0 +1,74 @@
+//! What only the SQLite store has: one relay per database file (a lock file keeps a
+//! second one out, while the read-only commands still work), and a database file that
+//! `migrate` creates.
+
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::harness::{Backend, TestEnv};
+
+const ALREADY_RUNNING: &str = "another serversync relay is already running";
+
+#[tokio::test]
+async fn a_second_relay_on_the_same_file_is_refused_while_reads_still_work() {
+    let env = TestEnv::migrated_on(Backend::Sqlite).await;
+    let relay = env.spawn_run(&[]);
+    // A delivered row means the relay is past start-up, holding the lock.
+    let first = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    env.sink.wait_for_entries(1, Duration::from_secs(20)).await;
+
+    for command in ["run", "drain"] {
+        let out = env
+            .cmd([command])
+            .timeout(Duration::from_secs(30))
+            .output()
+            .await;
+        out.assert_fails_with(ALREADY_RUNNING)
+            .assert_single_stderr_line();
+    }
+
+    // status and dlq do not take the lock.
+    let status = env.run(&["status", "--json"]).await;
+    status.assert_success().assert_no_panic();
+    assert_eq!(status.json()["pending"], json!(0), "{status}");
+    let dlq = env.run(&["dlq", "list", "--json"]).await;
+    dlq.assert_success().assert_no_panic();
+    assert_eq!(dlq.json(), json!([]), "{dlq}");
+
+    // The running relay is undisturbed.
+    let second = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 2}))
+        .await;
+    env.sink.wait_for_entries(2, Duration::from_secs(20)).await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+    let delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    assert_eq!(delivered, [first, second], "each once, by the one relay");
+
+    // Once it has stopped, the lock is free again.
+    env.drain().await.assert_success();
+}
+
+#[tokio::test]
+async fn migrate_creates_a_missing_database_file() {
+    let mut env = TestEnv::new_on(Backend::Sqlite).await;
+    let path = env.work_dir().join("fresh.db");
+    assert!(!path.exists());
+    env.config
+        .set("database.url", format!("sqlite://{}", path.display()));
+
+    env.migrate().await;
+
+    assert!(path.is_file(), "{} was not created", path.display());
+    let status = env.run(&["status", "--json"]).await;
+    status.assert_success().assert_no_panic();
+    assert_eq!(status.json()["pending"], json!(0), "{status}");
+    env.run(&["drain"]).await.assert_success();
+}
