@@ -22,7 +22,7 @@ async fn http_get(url: &str) -> (u16, String) {
 #[tokio::test]
 async fn metrics_health_and_readiness_follow_the_spec() {
     let mut env = TestEnv::migrated().await;
-    let port = closed_port();
+    let port = crate::harness::free_port();
     env.config
         .set("metrics.enabled", true)
         .set("metrics.listen", format!("127.0.0.1:{port}"))

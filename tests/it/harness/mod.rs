@@ -73,8 +73,27 @@ where
     }
 }
 
-/// A TCP port on 127.0.0.1 where nothing listens (bound, then released).
+/// A TCP port on 127.0.0.1 that refuses connections for the rest of the test
+/// process: a socket stays bound to it without listening, so no other test's sink can
+/// be handed the same port and answer in its place.
 pub fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr").port()
+    let socket = socket_bound_to_any_port();
+    let port = socket.local_addr().expect("local addr").port();
+    // keep the port reserved (and refusing) until the process exits
+    std::mem::forget(socket);
+    port
+}
+
+/// A free TCP port on 127.0.0.1 for something the test binds later (a metrics
+/// listener, a switchable proxy).
+pub fn free_port() -> u16 {
+    socket_bound_to_any_port().local_addr().expect("local addr").port()
+}
+
+fn socket_bound_to_any_port() -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().expect("create a TCP socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind 127.0.0.1:0");
+    socket
 }

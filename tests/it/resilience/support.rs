@@ -170,7 +170,7 @@ impl MetricsEndpoint {
             .set("metrics.enabled", true)
             .set("metrics.refresh_interval", "200ms");
         MetricsEndpoint {
-            addr: format!("127.0.0.1:{}", closed_port()),
+            addr: format!("127.0.0.1:{}", crate::harness::free_port()),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
                 .build()
@@ -258,7 +258,7 @@ impl TcpSwitch {
             .build()
             .expect("switch runtime");
         let mut switch = TcpSwitch {
-            addr: SocketAddr::from(([127, 0, 0, 1], closed_port())),
+            addr: SocketAddr::from(([127, 0, 0, 1], crate::harness::free_port())),
             target,
             runtime: Some(runtime),
             current: None,
