@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::harness::{both_stores, closed_port, serversync, wait_until, Backend, TestEnv};
+use crate::harness::{both_stores, serversync, wait_until, Backend, TestEnv};
 
 async fn http_get(url: &str) -> (u16, String) {
     match reqwest::get(url).await {

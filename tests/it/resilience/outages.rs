@@ -228,9 +228,10 @@ async fn a_sink_refusing_connections_stops_drain_and_pauses_run_without_charging
     switch.down();
     env.config
         .set("ingest.base_url", switch.url())
-        // A refused connection takes the sink as down at once, so each process charges
-        // a row at most one attempt per outage (its first batch): two processes here.
-        .set("retry.max_attempts", 3)
+        // Each process charges at most `outage_threshold - 1` (2) failing requests
+        // before it takes the sink as down (with 10 ms retries the same rows may be in
+        // both); two processes here, so 5 attempts can never be exhausted by the outage.
+        .set("retry.max_attempts", 5)
         .set("dispatch.probe_interval", "100ms")
         .set("dispatch.max_probe_interval", "500ms");
 
@@ -246,7 +247,7 @@ async fn a_sink_refusing_connections_stops_drain_and_pauses_run_without_charging
         n as i64,
         "nothing lost, nothing dead"
     );
-    assert!(max_pending_attempts(&env).await <= 1);
+    assert!(max_pending_attempts(&env).await <= 2);
 
     let metrics = MetricsEndpoint::enable(&mut env);
     let relay = env.spawn_run(&metrics.flag());
@@ -256,8 +257,8 @@ async fn a_sink_refusing_connections_stops_drain_and_pauses_run_without_charging
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(metrics.sample("serversync_sink_up").await, Some(0.0));
     assert!(
-        max_pending_attempts(&env).await <= 2,
-        "one attempt per process at most, none while down"
+        max_pending_attempts(&env).await <= 4,
+        "at most threshold - 1 attempts per process, none while down"
     );
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
     assert_eq!(
@@ -285,7 +286,7 @@ async fn a_sink_refusing_connections_stops_drain_and_pauses_run_without_charging
         (0, n as i64, 0),
         "(pending, sent, dead)"
     );
-    assert!(sent_attempts(&env).await.iter().all(|a| *a <= 3));
+    assert!(sent_attempts(&env).await.iter().all(|a| *a <= 5));
 }
 
 /// The strict reading of SPEC §3.6 with the defaults' threshold: one row, three

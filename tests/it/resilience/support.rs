@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::relay::Running;
 use crate::harness::sink::Entry;
-use crate::harness::{closed_port, wait_until, TestEnv};
+use crate::harness::{wait_until, TestEnv};
 
 /// Insert `n` JSON rows in one statement (ids 1..=n on a fresh database): call logs,
 /// recordings and contacts whose payloads hold every JSON type, spread over `calls`
