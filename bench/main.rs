@@ -1,2 +1,334 @@
-//! Benchmark: being written.
-fn main() {}
+//! The benchmark: a throwaway PostgreSQL, a fast in-process sink, and the real
+//! `serversync` binary as a child process. See docs/BENCHMARKS.md.
+//!
+//! ```sh
+//! cargo build --release --bin serversync --example bench
+//! cargo run --release --example bench -- --all       # the figures of docs/BENCHMARKS.md
+//! cargo run --example bench -- --smoke               # CI: small, asserts nothing is lost
+//! ```
+
+mod load;
+mod pg;
+mod procs;
+mod relay;
+mod report;
+mod scenarios;
+mod sink;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+
+use report::Report;
+use scenarios::{drain, history, idle, latency, pgbench, upload, Ctx};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Drain,
+    Latency,
+    Idle,
+    Upload,
+    Pgbench,
+    History,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "Benchmark of the serversync relay (see docs/BENCHMARKS.md)"
+)]
+struct Args {
+    /// Scenarios to run (default: drain).
+    #[arg(value_enum)]
+    scenarios: Vec<Scenario>,
+    /// drain, latency, idle, upload and pgbench, with a table of figures and targets.
+    #[arg(long, conflicts_with = "smoke")]
+    all: bool,
+    /// CI size (< 1 min): drain 3,000 rows, 2 s of latency at 200 rows/s, a 1 MiB
+    /// upload; exits non-zero if a row is lost or duplicated.
+    #[arg(long)]
+    smoke: bool,
+    /// The relay binary (default: serversync beside this bench's target directory).
+    #[arg(long, value_name = "PATH")]
+    relay: Option<PathBuf>,
+    /// Use this server instead of a throwaway one; scratch databases
+    /// serversync_bench_* are created on it and dropped.
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+    /// drain: rows to load and deliver.
+    #[arg(long, default_value_t = 100_000)]
+    rows: u64,
+    /// latency: rows per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// latency and idle: length of the window.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// latency: producer connections, each committing its share of the rate.
+    #[arg(long, default_value_t = 4)]
+    producers: u32,
+    /// upload: file size.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// history: pending rows.
+    #[arg(long, default_value_t = 1_000_000)]
+    pending: u64,
+    /// history: delivered records in sync_outbox_sent.
+    #[arg(long, default_value_t = 10_000_000)]
+    sent: u64,
+    /// history: rows drained from the pending backlog.
+    #[arg(long, default_value_t = 100_000)]
+    max_rows: u64,
+    /// pgbench: rows loaded before each strategy (must outlast the run).
+    #[arg(long, default_value_t = 1_000_000)]
+    pgbench_rows: u64,
+    /// pgbench: clients (-c and -j).
+    #[arg(long, default_value_t = 2)]
+    pgbench_clients: u32,
+    /// pgbench: seconds per strategy (-T).
+    #[arg(long, default_value_t = 10)]
+    pgbench_seconds: u64,
+    /// Where a call's three rows sit in the backlog (drain, pgbench, history).
+    #[arg(long, value_enum, default_value = "grouped")]
+    layout: load::Layout,
+    /// Relay: dispatch.batch_size.
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Relay: dispatch.concurrency.
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// Relay: retention.delete_sent = true.
+    #[arg(long)]
+    delete_sent: bool,
+    /// Relay: connect with synchronous_commit=off (an experiment, not a setting).
+    #[arg(long)]
+    relay_async_commit: bool,
+    /// pg_stat_statements and wait-event sampling during drains.
+    #[arg(long)]
+    profile: bool,
+    /// Extra settings for the throwaway server (repeatable), e.g. shared_buffers=1GB.
+    #[arg(long = "pg-setting", value_name = "NAME=VALUE")]
+    pg_settings: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(report) if report.problems.is_empty() => ExitCode::SUCCESS,
+        Ok(report) => {
+            eprintln!("\nFAILED: {} problem(s):", report.problems.len());
+            for p in &report.problems {
+                eprintln!("  - {p}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(mut args: Args) -> anyhow::Result<Report> {
+    let scenarios = plan(&mut args)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("serversync-bench-")
+        .tempdir()
+        .context("creating a scratch directory")?;
+    pg::give_to_server_user(tmp.path())?;
+    let knobs = relay::Knobs {
+        batch_size: args.batch_size,
+        concurrency: args.concurrency,
+        delete_sent: args.delete_sent,
+        async_commit: args.relay_async_commit,
+    };
+    let relay = relay::Relay::locate(args.relay.clone(), tmp.path(), knobs)?;
+    let server = match &args.database_url {
+        Some(url) => pg::Server::external(url).await?,
+        None => {
+            let mut settings = args.pg_settings.clone();
+            if args.profile {
+                settings.push("shared_preload_libraries=pg_stat_statements".into());
+                settings.push("pg_stat_statements.track_utility=on".into());
+            }
+            pg::Server::start(&tmp.path().join("pg"), &settings).await?
+        }
+    };
+    let sink = sink::Sink::start()?;
+    println!("relay: {}", relay.bin.display());
+    print_machine(&server).await;
+    let ctx = Ctx {
+        server,
+        sink,
+        relay,
+        dir: tmp.path().to_path_buf(),
+        profile: args.profile,
+        layout: args.layout,
+    };
+    let outcome = run_scenarios(&ctx, &args, &scenarios).await;
+    let Ctx {
+        mut server, sink, ..
+    } = ctx;
+    drop(sink);
+    server.stop().await;
+    drop(tmp);
+    outcome
+}
+
+/// Which scenarios, with sizes adjusted for --smoke.
+fn plan(args: &mut Args) -> anyhow::Result<Vec<Scenario>> {
+    if args.smoke {
+        if !args.scenarios.is_empty() {
+            bail!("--smoke runs its own scenarios; give no scenario names with it");
+        }
+        args.rows = 3_000;
+        args.rate = 200;
+        args.seconds = 2;
+        args.size_mib = 1;
+        return Ok(vec![Scenario::Drain, Scenario::Latency, Scenario::Upload]);
+    }
+    if args.all {
+        return Ok(vec![
+            Scenario::Drain,
+            Scenario::Latency,
+            Scenario::Idle,
+            Scenario::Upload,
+            Scenario::Pgbench,
+        ]);
+    }
+    if args.scenarios.is_empty() {
+        return Ok(vec![Scenario::Drain]);
+    }
+    let mut list = args.scenarios.clone();
+    list.dedup();
+    Ok(list)
+}
+
+async fn run_scenarios(ctx: &Ctx, args: &Args, scenarios: &[Scenario]) -> anyhow::Result<Report> {
+    let mut report = Report::default();
+    let mut drain_rate = None;
+    let mut pgbench_outcomes = None;
+    for scenario in scenarios {
+        println!("\n== {scenario:?} ==");
+        match scenario {
+            Scenario::Drain => {
+                let f = drain::run(ctx, args.rows, &mut report).await?;
+                drain::add_to_report(&mut report, &f);
+                drain_rate = Some(f.rows_per_s);
+            }
+            Scenario::Latency => {
+                let f =
+                    latency::run(ctx, args.rate, args.seconds, args.producers, &mut report).await?;
+                latency::add_to_report(&mut report, &f);
+            }
+            Scenario::Idle => {
+                let f = idle::run(ctx, args.seconds, &mut report).await?;
+                idle::add_to_report(&mut report, &f);
+            }
+            Scenario::Upload => {
+                let f = upload::run(ctx, args.size_mib, &mut report).await?;
+                upload::add_to_report(&mut report, &f);
+            }
+            Scenario::Pgbench => {
+                let o = pgbench::run(
+                    ctx,
+                    args.pgbench_rows,
+                    args.pgbench_seconds,
+                    args.pgbench_clients,
+                    &mut report,
+                )
+                .await?;
+                pgbench::add_to_report(&mut report, &o, args.pgbench_clients);
+                pgbench_outcomes = Some(o);
+            }
+            Scenario::History => {
+                let o =
+                    history::run(ctx, args.pending, args.sent, args.max_rows, &mut report).await?;
+                history::add_to_report(&mut report, &o);
+            }
+        }
+    }
+    if let (Some(rate), Some(outcomes)) = (drain_rate, &pgbench_outcomes) {
+        pgbench::relay_share(&mut report, outcomes, rate, args.delete_sent);
+    }
+    print_load("at the end");
+    if args.smoke {
+        println!(
+            "note: --smoke checks that nothing is lost or duplicated; its small, often \
+             debug-build figures are not comparable with the targets"
+        );
+    }
+    println!("\n{}", report.markdown());
+    Ok(report)
+}
+
+/// The machine and server the figures belong to.
+async fn print_machine(server: &pg::Server) {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .map(|kib| format!("{:.1} GiB", kib / 1048576.0))
+        .unwrap_or_else(|| "unknown".into());
+    println!("machine: {cores} cores, {cpu}, {mem} RAM");
+    print_load("at start");
+    println!(
+        "server: {}",
+        if server.is_throwaway() {
+            "throwaway cluster"
+        } else {
+            "--database-url"
+        }
+    );
+    match server.describe().await {
+        Ok(settings) => {
+            for (name, value) in settings {
+                println!("  {name} = {value}");
+            }
+        }
+        Err(e) => eprintln!("note: cannot read the server's settings: {e:#}"),
+    }
+}
+
+/// Other work on the machine disturbs every figure: say so.
+fn print_load(when: &str) {
+    let Ok(text) = std::fs::read_to_string("/proc/loadavg") else {
+        return;
+    };
+    let one: f64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    println!("load average {when}: {}", text.trim());
+    if one > 0.5 {
+        println!("note: the machine is busy with other work; figures will be disturbed");
+    }
+}
