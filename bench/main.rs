@@ -263,7 +263,8 @@ async fn run_scenarios(ctx: &Ctx, args: &Args, scenarios: &[Scenario]) -> anyhow
     if let (Some(rate), Some(outcomes)) = (drain_rate, &pgbench_outcomes) {
         pgbench::relay_share(&mut report, outcomes, rate, args.delete_sent);
     }
-    print_load("at the end");
+    // (this one includes the bench's own load)
+    print_load("at the end", false);
     if args.smoke {
         println!(
             "note: --smoke checks that nothing is lost or duplicated; its small, often \
@@ -298,7 +299,7 @@ async fn print_machine(server: &pg::Server) {
         .map(|kib| format!("{:.1} GiB", kib / 1048576.0))
         .unwrap_or_else(|| "unknown".into());
     println!("machine: {cores} cores, {cpu}, {mem} RAM");
-    print_load("at start");
+    print_load("at start", true);
     println!(
         "server: {}",
         if server.is_throwaway() {
@@ -317,8 +318,8 @@ async fn print_machine(server: &pg::Server) {
     }
 }
 
-/// Other work on the machine disturbs every figure: say so.
-fn print_load(when: &str) {
+/// Other work on the machine disturbs every figure: say so before starting.
+fn print_load(when: &str, warn: bool) {
     let Ok(text) = std::fs::read_to_string("/proc/loadavg") else {
         return;
     };
@@ -328,7 +329,7 @@ fn print_load(when: &str) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     println!("load average {when}: {}", text.trim());
-    if one > 0.5 {
+    if warn && one > 0.5 {
         println!("note: the machine is busy with other work; figures will be disturbed");
     }
 }

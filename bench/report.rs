@@ -91,17 +91,13 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 pub fn thousands(v: f64) -> String {
     let n = v.round() as i64;
-    let digits = n.abs().to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if n < 0 {
-        format!("-{out}")
-    } else {
-        out
-    }
+    let digits = n.unsigned_abs().to_string();
+    let groups: Vec<&str> = digits
+        .as_bytes()
+        .rchunks(3)
+        .rev()
+        .map(|g| std::str::from_utf8(g).unwrap_or(""))
+        .collect();
+    let sign = if n < 0 { "-" } else { "" };
+    format!("{sign}{}", groups.join(","))
 }

@@ -186,7 +186,7 @@ impl Profiler {
         let total: u64 = waits.values().sum();
         if total > 0 {
             let mut sorted: Vec<_> = waits.into_iter().collect();
-            sorted.sort_by(|a, b| b.1.cmp(&a.1));
+            sorted.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
             out.push_str("\nrelay backends, sampled every 10 ms:\n\n| state / wait event | share |\n|---|---:|\n");
             for (state, n) in sorted {
                 out.push_str(&format!(
