@@ -324,6 +324,7 @@ impl Relay {
             Gate::WaitUntil(until) => return Step::Paused(until),
         };
         let d = &self.settings.dispatch;
+        let mut reserved = 0u64;
         let mut limit = if probing {
             d.batch_size.min(10)
         } else {
@@ -331,8 +332,17 @@ impl Relay {
         };
         if let Some(drain) = &self.drain {
             if let Some(max) = drain.max_rows {
-                let left = max.saturating_sub(drain.claimed.load(Ordering::SeqCst));
-                limit = limit.min(u32::try_from(left).unwrap_or(u32::MAX));
+                // reserve this claim's share of --max-rows up front, so concurrent
+                // workers cannot together claim more than asked
+                let want = u64::from(limit);
+                let before = drain
+                    .claimed
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                        Some(c + want.min(max.saturating_sub(c)))
+                    })
+                    .unwrap_or(max);
+                reserved = want.min(max.saturating_sub(before));
+                limit = u32::try_from(reserved).unwrap_or(u32::MAX);
             }
             drain.busy.fetch_add(1, Ordering::SeqCst);
         }
@@ -342,6 +352,13 @@ impl Relay {
             self.claim_and_deliver(limit, probing).await
         };
         if let Some(drain) = &self.drain {
+            if drain.max_rows.is_some() {
+                let used = match step {
+                    Step::Delivered(n) => n as u64,
+                    _ => 0,
+                };
+                drain.claimed.fetch_sub(reserved.saturating_sub(used), Ordering::SeqCst);
+            }
             drain.busy.fetch_sub(1, Ordering::SeqCst);
         }
         if probing && !matches!(step, Step::Delivered(_)) {
@@ -364,7 +381,7 @@ impl Relay {
         if n == 0 {
             return Step::Idle;
         }
-        if let Some(drain) = &self.drain {
+        if let Some(drain) = self.drain.as_ref().filter(|d| d.max_rows.is_none()) {
             drain.claimed.fetch_add(n as u64, Ordering::SeqCst);
         }
         self.metrics.batch_size.observe(n as f64);

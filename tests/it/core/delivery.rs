@@ -455,3 +455,17 @@ async fn drain_exits_0_only_when_nothing_due_is_left(backend: Backend) {
     }
     assert_eq!(env.sink.entries().len(), 90);
 }
+
+/// Concurrent workers must not together claim more than `--max-rows`.
+#[tokio::test]
+async fn drain_max_rows_claims_exactly_that_many() {
+    let mut env = TestEnv::migrated().await;
+    env.config.set("dispatch.concurrency", 8).set("dispatch.batch_size", 7);
+    for n in 0..200 {
+        env.insert("call_log", Uuid::new_v4(), json!({ "n": n })).await;
+    }
+    let out = env.run(&["drain", "--max-rows", "50"]).await;
+    out.assert_success().assert_no_panic();
+    assert_eq!(env.sink.entries().len(), 50, "{}", out.stdout);
+    assert_eq!(env.count("sync_outbox").await, 150);
+}
