@@ -705,28 +705,18 @@ impl Relay {
                 self.metrics.delivery_lag.observe(lag);
             }
         }
-        for r in &s.retries {
-            if let Some(row) = by_id.get(&r.id) {
+        let failures = s.retries.iter().map(|r| (r.id, &r.error, "retry"));
+        let dead = s.dead.iter().map(|d| (d.id, &d.error, "dead"));
+        for (id, error, outcome) in failures.chain(dead) {
+            if let Some(row) = by_id.get(&id) {
                 self.metrics
                     .deliveries
-                    .with_label_values(&[row.entity_type.as_str(), "retry"])
+                    .with_label_values(&[row.entity_type.as_str(), outcome])
                     .inc();
             }
             self.metrics
                 .delivery_errors
-                .with_label_values(&[r.error.error_type.as_str()])
-                .inc();
-        }
-        for d in &s.dead {
-            if let Some(row) = by_id.get(&d.id) {
-                self.metrics
-                    .deliveries
-                    .with_label_values(&[row.entity_type.as_str(), "dead"])
-                    .inc();
-            }
-            self.metrics
-                .delivery_errors
-                .with_label_values(&[d.error.error_type.as_str()])
+                .with_label_values(&[error.error_type.as_str()])
                 .inc();
         }
         self.stats
