@@ -302,7 +302,10 @@ pub async fn drain(
 pub fn drain_exit_code(summary: &Summary) -> ExitCode {
     let incomplete = summary.dead > 0
         || summary.left_for_retry > 0
-        || matches!(summary.end, DrainEnd::SinkDown | DrainEnd::RateLimited | DrainEnd::Stopped);
+        || matches!(
+            summary.end,
+            DrainEnd::SinkDown | DrainEnd::RateLimited | DrainEnd::Stopped
+        );
     if incomplete {
         ExitCode::from(EXIT_INCOMPLETE)
     } else {

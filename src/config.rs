@@ -455,9 +455,7 @@ impl Settings {
             )?;
         }
         for (entity_type, source) in &self.ordering.keys {
-            if source != "entity_id"
-                && source.strip_prefix("payload.").is_none_or(str::is_empty)
-            {
+            if source != "entity_id" && source.strip_prefix("payload.").is_none_or(str::is_empty) {
                 bail!(
                     "invalid value for ordering.keys.{entity_type}: {source:?} \
                      (expected \"entity_id\" or \"payload.<field>\")"

@@ -143,7 +143,10 @@ impl Metrics {
             db_up,
             lease_lost,
             known_entity_types: Arc::new(std::sync::Mutex::new(
-                ["call_log", "recording", "recording_file"].iter().map(|t| t.to_string()).collect(),
+                ["call_log", "recording", "recording_file"]
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect(),
             )),
         })
     }
@@ -152,11 +155,20 @@ impl Metrics {
     pub fn set_backlog(&self, backlog: &Backlog) {
         // Entity types seen before, and the usual three, read 0 when none are
         // pending instead of vanishing (an absent series looks like a broken scrape).
-        let mut known = self.known_entity_types.lock().unwrap_or_else(|e| e.into_inner());
+        let mut known = self
+            .known_entity_types
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         known.extend(backlog.pending_by_entity_type.keys().cloned());
         for entity_type in known.iter() {
-            let n = backlog.pending_by_entity_type.get(entity_type).copied().unwrap_or(0);
-            self.outbox_pending.with_label_values(&[entity_type.as_str()]).set(n as f64);
+            let n = backlog
+                .pending_by_entity_type
+                .get(entity_type)
+                .copied()
+                .unwrap_or(0);
+            self.outbox_pending
+                .with_label_values(&[entity_type.as_str()])
+                .set(n as f64);
         }
         self.oldest_pending_age
             .set(backlog.oldest_pending_age_seconds);

@@ -21,7 +21,7 @@ use crate::dispatch::{Dispatcher, FileJob};
 use crate::metrics::{Health, Metrics};
 use crate::retry::next_delay;
 use crate::sink_health::{Gate, SinkHealth};
-use crate::store::{Claim, ClaimedRow, DeadRow, ErrorRecord, RetryRow, Settlement, Store};
+use crate::store::{Claim, ClaimedRow, DeadRow, ErrorRecord, Held, RetryRow, Settlement, Store};
 use crate::taxonomy::{ErrorType, Failure};
 
 /// What one step did; the loop decides how to wait.
@@ -107,7 +107,8 @@ pub struct Relay {
     sink: SinkHealth,
     owner: String,
     wake: watch::Sender<u64>,
-    in_flight: Mutex<HashSet<i64>>,
+    /// Claims being delivered: token → claimed ids (for renewal and release).
+    in_flight: Mutex<HashMap<i64, Vec<i64>>>,
     heartbeat: AtomicU64,
     started: Instant,
     pub stats: Stats,
@@ -149,7 +150,7 @@ impl Relay {
             sink,
             owner: owner_name(),
             wake: watch::channel(0).0,
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(HashMap::new()),
             heartbeat: AtomicU64::new(0),
             started: Instant::now(),
             stats: Stats::default(),
@@ -202,8 +203,8 @@ impl Relay {
     }
 
     async fn release_in_flight(&self, grace: Duration) {
-        let tokens: Vec<i64> = self.lock_in_flight().iter().copied().collect();
-        match self.store.release(&tokens).await {
+        let held = self.held();
+        match self.store.release(&held).await {
             Ok(n) => tracing::warn!(
                 rows = n,
                 ?grace,
@@ -261,7 +262,10 @@ impl Relay {
         while !finished.is_cancelled() {
             self.beat();
             wake.borrow_and_update();
-            let settles_before = self.drain.as_ref().map_or(0, |d| d.settles.load(Ordering::SeqCst));
+            let settles_before = self
+                .drain
+                .as_ref()
+                .map_or(0, |d| d.settles.load(Ordering::SeqCst));
             match self.step().await {
                 Step::Delivered(_) => backoff = db_backoff(),
                 Step::Idle => {
@@ -357,7 +361,9 @@ impl Relay {
                     Step::Delivered(n) => n as u64,
                     _ => 0,
                 };
-                drain.claimed.fetch_sub(reserved.saturating_sub(used), Ordering::SeqCst);
+                drain
+                    .claimed
+                    .fetch_sub(reserved.saturating_sub(used), Ordering::SeqCst);
             }
             drain.busy.fetch_sub(1, Ordering::SeqCst);
         }
@@ -385,7 +391,8 @@ impl Relay {
             drain.claimed.fetch_add(n as u64, Ordering::SeqCst);
         }
         self.metrics.batch_size.observe(n as f64);
-        self.lock_in_flight().insert(claim.token);
+        self.lock_in_flight()
+            .insert(claim.token, claim.rows.iter().map(|r| r.id).collect());
         let attempts = self.with_heartbeat(self.deliver(&claim, probing)).await;
         let settlement = self.settlement(&claim, attempts);
         self.settle(&claim, settlement).await;
@@ -409,8 +416,17 @@ impl Relay {
         }
     }
 
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<i64>>> {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Everything in flight, for renewal or release.
+    fn held(&self) -> Held {
+        let in_flight = self.lock_in_flight();
+        Held {
+            tokens: in_flight.keys().copied().collect(),
+            ids: in_flight.values().flatten().copied().collect(),
+        }
     }
 
     fn database_down(&self, e: &anyhow::Error) {
@@ -748,11 +764,11 @@ impl Relay {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            let tokens: Vec<i64> = self.lock_in_flight().iter().copied().collect();
-            if tokens.is_empty() {
+            let held = self.held();
+            if held.ids.is_empty() {
                 continue;
             }
-            if let Err(e) = self.store.renew(&tokens, lease).await {
+            if let Err(e) = self.store.renew(&held, lease).await {
                 tracing::warn!(error = %format!("{e:#}"), "renewing leases failed; will retry");
             }
         }

@@ -169,10 +169,16 @@ mod tests {
         assert!(h.on_sink_failure("http_5xx", None));
         assert!(h.on_sink_failure("timeout", None));
         assert_eq!(h.gate(), Gate::Open);
-        assert!(!h.on_sink_failure("http_5xx", None), "the tripping failure is not charged");
+        assert!(
+            !h.on_sink_failure("http_5xx", None),
+            "the tripping failure is not charged"
+        );
         assert!(h.is_down());
         assert_eq!(h.metrics.sink_up.get(), 0);
-        assert!(!h.on_sink_failure("http_5xx", None), "failures while down are not charged");
+        assert!(
+            !h.on_sink_failure("http_5xx", None),
+            "failures while down are not charged"
+        );
     }
 
     #[tokio::test(start_paused = true)]

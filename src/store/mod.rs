@@ -218,6 +218,14 @@ macro_rules! delegate {
     };
 }
 
+/// Rows a relay holds under its claims: every claimed id and every claim token.
+/// A row counts only if its current token is one of `tokens` (the fence).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    pub tokens: Vec<i64>,
+    pub ids: Vec<i64>,
+}
+
 impl Store {
     pub async fn connect(url: &SecretString, options: &ConnectOptions) -> anyhow::Result<Store> {
         let raw = url.expose_secret();
@@ -293,19 +301,21 @@ impl Store {
     }
 
     /// Extend the leases of claims still in flight; returns the rows still held.
-    pub async fn renew(&self, tokens: &[i64], lease: Duration) -> anyhow::Result<u64> {
-        if tokens.is_empty() {
+    /// Rows are found by id (the primary key) and fenced on their claim's token, so
+    /// a renewal costs the claim's size, never a scan of the queue.
+    pub async fn renew(&self, held: &Held, lease: Duration) -> anyhow::Result<u64> {
+        if held.ids.is_empty() {
             return Ok(0);
         }
-        delegate!(self, s => s.renew(tokens, lease).await)
+        delegate!(self, s => s.renew(held, lease).await)
     }
 
     /// Give claimed rows back without an outcome (shutdown past the grace).
-    pub async fn release(&self, tokens: &[i64]) -> anyhow::Result<u64> {
-        if tokens.is_empty() {
+    pub async fn release(&self, held: &Held) -> anyhow::Result<u64> {
+        if held.ids.is_empty() {
             return Ok(0);
         }
-        delegate!(self, s => s.release(tokens).await)
+        delegate!(self, s => s.release(held).await)
     }
 
     /// Write a batch's outcome in one transaction, fenced on the claim token.
@@ -415,7 +425,10 @@ pub fn is_transient(err: &anyhow::Error) -> bool {
             // connections; SQLite 5/6: busy / locked
             code.starts_with("08")
                 || code.starts_with("57P0")
-                || matches!(&*code, "40001" | "40P01" | "53300" | "5" | "6" | "517" | "261")
+                || matches!(
+                    &*code,
+                    "40001" | "40P01" | "53300" | "5" | "6" | "517" | "261"
+                )
         }
         _ => false,
     }

@@ -16,7 +16,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection,
+    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection, Held,
     NewRow, SchemaState, SettleReport, Settlement, Status,
 };
 
@@ -212,24 +212,26 @@ impl PgStore {
         })
     }
 
-    pub async fn renew(&self, tokens: &[i64], lease: Duration) -> anyhow::Result<u64> {
+    pub async fn renew(&self, held: &Held, lease: Duration) -> anyhow::Result<u64> {
         let done = sqlx::query(
-            "UPDATE sync_outbox SET lease_until = now() + $2 * interval '1 millisecond' \
-             WHERE claim_token = ANY($1)",
+            "UPDATE sync_outbox SET lease_until = now() + $3 * interval '1 millisecond' \
+             WHERE id = ANY($1) AND claim_token = ANY($2)",
         )
-        .bind(tokens)
+        .bind(&held.ids)
+        .bind(&held.tokens)
         .bind(millis(lease))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
     }
 
-    pub async fn release(&self, tokens: &[i64]) -> anyhow::Result<u64> {
+    pub async fn release(&self, held: &Held) -> anyhow::Result<u64> {
         let done = sqlx::query(
             "UPDATE sync_outbox SET claim_token = NULL, lease_owner = NULL, lease_until = NULL \
-             WHERE claim_token = ANY($1)",
+             WHERE id = ANY($1) AND claim_token = ANY($2)",
         )
-        .bind(tokens)
+        .bind(&held.ids)
+        .bind(&held.tokens)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())

@@ -21,7 +21,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
-    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection,
+    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection, Held,
     NewRow, SchemaState, SettleReport, Settlement, Status,
 };
 
@@ -273,15 +273,17 @@ impl SqliteStore {
         })
     }
 
-    pub async fn renew(&self, tokens: &[i64], lease: Duration) -> anyhow::Result<u64> {
+    pub async fn renew(&self, held: &Held, lease: Duration) -> anyhow::Result<u64> {
         let sql = concat!(
             "UPDATE sync_outbox SET lease_until = ",
-            now_plus_ms!("?2"),
-            " WHERE claim_token IN (SELECT value FROM json_each(?1))"
+            now_plus_ms!("?3"),
+            " WHERE id IN (SELECT value FROM json_each(?1))",
+            " AND claim_token IN (SELECT value FROM json_each(?2))"
         );
         let mut tx = self.write_tx().await?;
         let done = sqlx::query(sql)
-            .bind(serde_json::to_string(tokens)?)
+            .bind(serde_json::to_string(&held.ids)?)
+            .bind(serde_json::to_string(&held.tokens)?)
             .bind(offset_ms(lease))
             .execute(&mut *tx)
             .await?;
@@ -289,13 +291,15 @@ impl SqliteStore {
         Ok(done.rows_affected())
     }
 
-    pub async fn release(&self, tokens: &[i64]) -> anyhow::Result<u64> {
+    pub async fn release(&self, held: &Held) -> anyhow::Result<u64> {
         let mut tx = self.write_tx().await?;
         let done = sqlx::query(
             "UPDATE sync_outbox SET claim_token = NULL, lease_owner = NULL, lease_until = NULL \
-             WHERE claim_token IN (SELECT value FROM json_each(?1))",
+             WHERE id IN (SELECT value FROM json_each(?1)) \
+               AND claim_token IN (SELECT value FROM json_each(?2))",
         )
-        .bind(serde_json::to_string(tokens)?)
+        .bind(serde_json::to_string(&held.ids)?)
+        .bind(serde_json::to_string(&held.tokens)?)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -743,8 +747,18 @@ mod tests {
         let status = store.status().await?;
         assert_eq!((status.pending, status.due, status.in_flight), (1, 0, 1));
         assert!(status.oldest_pending_age_seconds.is_some());
-        assert_eq!(store.renew(&[7], LEASE).await?, 1);
-        assert_eq!(store.release(&[7]).await?, 1);
+        let held = Held {
+            tokens: vec![7],
+            ids: vec![id],
+        };
+        let wrong_token = Held {
+            tokens: vec![8],
+            ids: vec![id],
+        };
+        assert_eq!(store.renew(&wrong_token, LEASE).await?, 0);
+        assert_eq!(store.release(&wrong_token).await?, 0);
+        assert_eq!(store.renew(&held, LEASE).await?, 1);
+        assert_eq!(store.release(&held).await?, 1);
         assert_eq!(claim_ids(&store, 9).await?, vec![id]);
         Ok(())
     }

@@ -27,20 +27,29 @@ async fn metrics_health_and_readiness_follow_the_spec() {
         .set("metrics.enabled", true)
         .set("metrics.listen", format!("127.0.0.1:{port}"))
         .set("metrics.refresh_interval", "100ms");
-    env.insert("call_log", Uuid::new_v4(), json!({"n": 1})).await;
-    let bad = Uuid::new_v4();
-    env.insert("recording_file", bad, json!({"callLogId": bad, "filePath": "../outside.wav"}))
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
         .await;
+    let bad = Uuid::new_v4();
+    env.insert(
+        "recording_file",
+        bad,
+        json!({"callLogId": bad, "filePath": "../outside.wav"}),
+    )
+    .await;
     let relay = env.cmd(["run"]).spawn();
     let base = format!("http://127.0.0.1:{port}");
     env.sink.wait_for_entries(1, Duration::from_secs(20)).await;
     // A refresh may fall between the sink's answer and the settle: wait for one after.
-    wait_until(Duration::from_secs(20), "metrics to show the settled backlog", || async {
-        let text = http_get(&format!("{base}/metrics")).await.1;
-        text.contains("serversync_dead_letters{error_type=\"path_denied\"} 1")
-            && text.contains("serversync_outbox_pending{entity_type=\"call_log\"} 0")
-            && text.contains("serversync_outbox_pending{entity_type=\"recording_file\"} 0")
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "metrics to show the settled backlog",
+        || async {
+            let text = http_get(&format!("{base}/metrics")).await.1;
+            text.contains("serversync_dead_letters{error_type=\"path_denied\"} 1")
+                && text.contains("serversync_outbox_pending{entity_type=\"call_log\"} 0")
+                && text.contains("serversync_outbox_pending{entity_type=\"recording_file\"} 0")
+        },
+    )
     .await;
     let (status, text) = http_get(&format!("{base}/metrics")).await;
     assert_eq!(status, 200);
@@ -57,7 +66,10 @@ async fn metrics_health_and_readiness_follow_the_spec() {
         ("serversync_lease_lost_total", "counter"),
         ("process_resident_memory_bytes", "gauge"),
     ] {
-        assert!(text.contains(&format!("# TYPE {name} {kind}")), "missing {name} {kind} in:\n{text}");
+        assert!(
+            text.contains(&format!("# TYPE {name} {kind}")),
+            "missing {name} {kind} in:\n{text}"
+        );
     }
     for line in [
         "serversync_deliveries_total{entity_type=\"call_log\",outcome=\"sent\"} 1",
@@ -70,13 +82,22 @@ async fn metrics_health_and_readiness_follow_the_spec() {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");
     }
     assert!(text.contains("serversync_http_request_duration_seconds_bucket{endpoint=\"sync\""));
-    assert!(text.contains("serversync_delivery_lag_seconds_bucket{le=\"0.001\"}"), "lag buckets start at 1 ms");
-    assert!(text.contains("serversync_delivery_lag_seconds_bucket{le=\"3600\"}"), "lag buckets reach an hour");
+    assert!(
+        text.contains("serversync_delivery_lag_seconds_bucket{le=\"0.001\"}"),
+        "lag buckets start at 1 ms"
+    );
+    assert!(
+        text.contains("serversync_delivery_lag_seconds_bucket{le=\"3600\"}"),
+        "lag buckets reach an hour"
+    );
     assert_eq!(http_get(&format!("{base}/healthz")).await.0, 200);
     assert_eq!(http_get(&format!("{base}/readyz")).await.0, 200);
     let out = relay.terminate(Duration::from_secs(10)).await;
     out.assert_success();
-    assert!(!out.stderr.contains("outside.wav\"") || !out.stderr.contains("callLogId"), "no payloads in logs");
+    assert!(
+        !out.stderr.contains("outside.wav\"") || !out.stderr.contains("callLogId"),
+        "no payloads in logs"
+    );
 }
 
 /// Messages received on a notify socket, until `want` appears or the deadline.
@@ -102,14 +123,20 @@ async fn systemd_readiness_watchdog_and_stopping_reach_a_real_notify_socket() {
     let env = TestEnv::migrated().await;
     let path = env.work_dir().join("notify.sock");
     let socket = UnixDatagram::bind(&path).expect("bind notify socket");
-    socket.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
     let relay = env
         .cmd(["run"])
         .env("NOTIFY_SOCKET", &path)
         .env("WATCHDOG_USEC", "400000")
         .spawn();
-    let seen = tokio::task::block_in_place(|| await_notify(&socket, "READY=1", Duration::from_secs(20)));
-    assert!(seen.iter().all(|m| !m.contains("WATCHDOG=1")), "readiness comes first: {seen:?}");
+    let seen =
+        tokio::task::block_in_place(|| await_notify(&socket, "READY=1", Duration::from_secs(20)));
+    assert!(
+        seen.iter().all(|m| !m.contains("WATCHDOG=1")),
+        "readiness comes first: {seen:?}"
+    );
     tokio::task::block_in_place(|| await_notify(&socket, "WATCHDOG=1", Duration::from_secs(5)));
     tokio::task::block_in_place(|| await_notify(&socket, "WATCHDOG=1", Duration::from_secs(5)));
     relay.signal(libc::SIGTERM);
@@ -122,12 +149,20 @@ async fn readiness_is_not_sent_for_an_outdated_schema() {
     let env = TestEnv::new().await; // no migrations
     let path = env.work_dir().join("notify.sock");
     let socket = UnixDatagram::bind(&path).expect("bind notify socket");
-    socket.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
     let out = env.cmd(["run"]).env("NOTIFY_SOCKET", &path).output().await;
     out.assert_code(1).assert_fails_with("serversync migrate");
     let mut buf = [0u8; 1024];
-    let got = socket.recv(&mut buf).ok().map(|n| String::from_utf8_lossy(&buf[..n]).to_string());
-    assert!(!got.unwrap_or_default().contains("READY=1"), "READY=1 sent for an unusable database");
+    let got = socket
+        .recv(&mut buf)
+        .ok()
+        .map(|n| String::from_utf8_lossy(&buf[..n]).to_string());
+    assert!(
+        !got.unwrap_or_default().contains("READY=1"),
+        "READY=1 sent for an unusable database"
+    );
 }
 
 both_stores!(json_logs_carry_ids_and_error_types_but_no_payload);
@@ -135,11 +170,19 @@ async fn json_logs_carry_ids_and_error_types_but_no_payload(backend: Backend) {
     let env = TestEnv::migrated_on(backend).await;
     env.sink.set_mode(crate::harness::Mode::Always(404));
     let id = env
-        .insert("call_log", Uuid::new_v4(), json!({"secretMarker": "PAYLOAD-MARKER-7731"}))
+        .insert(
+            "call_log",
+            Uuid::new_v4(),
+            json!({"secretMarker": "PAYLOAD-MARKER-7731"}),
+        )
         .await;
     let out = env.run(&["--log-format", "json", "drain"]).await;
     out.assert_code(3);
-    assert!(!out.stderr.contains("PAYLOAD-MARKER-7731"), "payload in logs:\n{}", out.stderr);
+    assert!(
+        !out.stderr.contains("PAYLOAD-MARKER-7731"),
+        "payload in logs:\n{}",
+        out.stderr
+    );
     let events: Vec<serde_json::Value> = out
         .stderr
         .lines()
@@ -155,7 +198,11 @@ async fn json_logs_carry_ids_and_error_types_but_no_payload(backend: Backend) {
     assert_eq!(dead["attempt"], 1);
     assert_eq!(dead["level"], "WARN");
     // not a terminal: a plain one-line summary on stdout
-    assert!(out.stdout.contains("drain: delivered 0, retried 0, dead 1"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("drain: delivered 0, retried 0, dead 1"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[tokio::test]
@@ -169,9 +216,16 @@ async fn the_demo_runs_with_no_configuration_at_all() {
         .output()
         .await;
     out.assert_success().assert_no_panic();
-    assert!(out.stdout.contains("delivered 9 rows; 1 dead letter(s)"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("delivered 9 rows; 1 dead letter(s)"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("path_denied"), "{}", out.stdout);
     // cleaned up without --keep
-    let left: Vec<_> = std::fs::read_dir(dir.path()).expect("read dir").filter_map(Result::ok).collect();
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .filter_map(Result::ok)
+        .collect();
     assert!(left.is_empty(), "demo left files behind: {left:?}");
 }

@@ -177,6 +177,39 @@ async fn a_recording_id_defaults_to_the_entity_id_and_no_meta_part_without_a_met
     assert_eq!(uploads[0].part("audio").unwrap().bytes, audio);
 }
 
+both_stores!(a_file_of_several_read_chunks_arrives_byte_identical);
+async fn a_file_of_several_read_chunks_arrives_byte_identical(backend: Backend) {
+    // uploads are read in 512 KiB chunks: cross several, and end mid-chunk
+    let env = TestEnv::migrated_on(backend).await;
+    let call = Uuid::new_v4();
+    let mut audio = crate::harness::fixtures::wav(1_400_000);
+    audio.extend((0..7_u8).map(|b| b.wrapping_mul(37)));
+    // vary every byte so a chunk sent twice or out of order cannot compare equal
+    for (i, b) in audio.iter_mut().enumerate().skip(44) {
+        *b ^= (i % 251) as u8;
+    }
+    crate::harness::fixtures::write_file(&env.root, &format!("{call}/long.wav"), &audio);
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        json!({"callLogId": call, "filePath": format!("{call}/long.wav")}),
+    )
+    .await;
+
+    env.drain().await.assert_success();
+
+    let uploads = env.sink.uploads();
+    assert_eq!(uploads.len(), 1);
+    let sent = &uploads[0].part("audio").expect("an audio part").bytes;
+    assert!(audio.len() > 5 * 512 * 1024);
+    assert!(
+        *sent == audio,
+        "audio differs: {} bytes sent, {} on disk",
+        sent.len(),
+        audio.len()
+    );
+}
+
 both_stores!(ten_thousand_mixed_rows_are_each_delivered_exactly_once);
 async fn ten_thousand_mixed_rows_are_each_delivered_exactly_once(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
@@ -460,9 +493,12 @@ async fn drain_exits_0_only_when_nothing_due_is_left(backend: Backend) {
 #[tokio::test]
 async fn drain_max_rows_claims_exactly_that_many() {
     let mut env = TestEnv::migrated().await;
-    env.config.set("dispatch.concurrency", 8).set("dispatch.batch_size", 7);
+    env.config
+        .set("dispatch.concurrency", 8)
+        .set("dispatch.batch_size", 7);
     for n in 0..200 {
-        env.insert("call_log", Uuid::new_v4(), json!({ "n": n })).await;
+        env.insert("call_log", Uuid::new_v4(), json!({ "n": n }))
+            .await;
     }
     let out = env.run(&["drain", "--max-rows", "50"]).await;
     out.assert_success().assert_no_panic();

@@ -87,7 +87,10 @@ pub fn closed_port() -> u16 {
 /// A free TCP port on 127.0.0.1 for something the test binds later (a metrics
 /// listener, a switchable proxy).
 pub fn free_port() -> u16 {
-    socket_bound_to_any_port().local_addr().expect("local addr").port()
+    socket_bound_to_any_port()
+        .local_addr()
+        .expect("local addr")
+        .port()
 }
 
 fn socket_bound_to_any_port() -> tokio::net::TcpSocket {

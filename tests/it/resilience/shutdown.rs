@@ -74,3 +74,54 @@ async fn sigterm_mid_batch_settles_the_batch_and_exits_zero_within_the_grace() {
         in_flight.len()
     );
 }
+
+#[tokio::test]
+async fn past_the_grace_the_batch_in_flight_is_released_for_redelivery() {
+    let mut env = TestEnv::migrated().await;
+    let n = 300;
+    seed_calls(&env, n, 300).await;
+    // the sink holds the request far longer than the grace
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(30))));
+    env.config
+        .set("shutdown.grace", "1s")
+        .set("ingest.timeout", "60s")
+        .set("dispatch.concurrency", 1);
+
+    let mut relay = env.spawn_run(&[]);
+    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    let claimed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sync_outbox WHERE claim_token IS NOT NULL")
+            .fetch_one(env.db.pg())
+            .await
+            .unwrap();
+    assert!(claimed > 0, "a batch is in flight");
+    relay.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    let out = relay.wait(Duration::from_secs(15)).await;
+    let took = signalled.elapsed();
+    out.assert_success().assert_no_panic();
+    assert!(
+        took < Duration::from_secs(5),
+        "exit {took:?} after SIGTERM\n{out}"
+    );
+    assert!(
+        out.stderr.contains("released in-flight rows"),
+        "says it released the batch\n{out}"
+    );
+    // released, not waiting for the lease (60 s) to expire: claimable at once
+    let (leased, pending): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE claim_token IS NOT NULL OR lease_until IS NOT NULL), count(*) \
+         FROM sync_outbox",
+    )
+    .fetch_one(env.db.pg())
+    .await
+    .unwrap();
+    assert_eq!((leased, pending), (0, n), "(still leased, pending)");
+
+    env.sink.set_mode(Mode::Accept);
+    env.drain().await.assert_success();
+    let received = by_id(env.sink.all_entries());
+    assert_all_received(&received, n);
+    assert_eq!(tables(&env).await, (0, n, 0), "(pending, sent, dead)");
+}
