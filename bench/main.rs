@@ -93,6 +93,10 @@ struct Args {
     /// Where a call's three rows sit in the backlog (drain, pgbench, history).
     #[arg(long, value_enum, default_value = "grouped")]
     layout: load::Layout,
+    /// Milliseconds the sink takes to answer each JSON request, as a real Frontend
+    /// over a network would (0: at once, the database's limit).
+    #[arg(long, default_value_t = 0)]
+    sink_delay_ms: u64,
     /// Relay: dispatch.batch_size.
     #[arg(long)]
     batch_size: Option<u32>,
@@ -166,7 +170,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
             pg::Server::start(&tmp.path().join("pg"), &settings).await?
         }
     };
-    let sink = sink::Sink::start()?;
+    let sink = sink::Sink::start(std::time::Duration::from_millis(args.sink_delay_ms))?;
     println!("relay: {}", relay.bin.display());
     print_machine(&server).await;
     let ctx = Ctx {

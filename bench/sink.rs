@@ -53,6 +53,8 @@ struct Shared {
     uploads: Mutex<Vec<Upload>>,
     requests: AtomicU64,
     rejected: AtomicU64,
+    /// How long `/api/ingest/sync` takes to answer (a Frontend's work and network).
+    delay: Duration,
 }
 
 pub struct Sink {
@@ -63,11 +65,16 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub fn start() -> anyhow::Result<Sink> {
+    /// `delay`: how long each `/api/ingest/sync` request takes to answer, after its
+    /// arrival is recorded (0: at once).
+    pub fn start(delay: Duration) -> anyhow::Result<Sink> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the sink")?;
         listener.set_nonblocking(true)?;
         let addr: SocketAddr = listener.local_addr()?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            delay,
+            ..Shared::default()
+        });
         let app = Router::new()
             .route(
                 "/api/ingest/sync",
@@ -220,6 +227,9 @@ async fn sync(State(shared): State<Arc<Shared>>, body: Bytes) -> StatusCode {
         id: e.outbox_id,
         at_us,
     }));
+    if !shared.delay.is_zero() {
+        tokio::time::sleep(shared.delay).await;
+    }
     StatusCode::OK
 }
 
