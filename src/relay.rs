@@ -705,35 +705,45 @@ impl Relay {
     }
 
     fn record(&self, claim: &Claim, s: &Settlement) {
-        let by_id: HashMap<i64, &ClaimedRow> = claim.rows.iter().map(|r| (r.id, r)).collect();
+        // claimed rows are in id order; metrics are added up per batch, not per row
+        let row_of = |id: i64| {
+            claim
+                .rows
+                .binary_search_by_key(&id, |r| r.id)
+                .ok()
+                .map(|i| &claim.rows[i])
+        };
         let now = chrono::Utc::now();
-        for id in &s.sent {
-            if let Some(row) = by_id.get(id) {
-                self.metrics
-                    .deliveries
-                    .with_label_values(&[row.entity_type.as_str(), "sent"])
-                    .inc();
-                let lag = (now - row.created_at)
-                    .num_microseconds()
-                    .unwrap_or(0)
-                    .max(0) as f64
-                    / 1e6;
-                self.metrics.delivery_lag.observe(lag);
-            }
+        let mut deliveries: Vec<([&str; 2], u64)> = Vec::new();
+        for row in s.sent.iter().filter_map(|id| row_of(*id)) {
+            tally(&mut deliveries, [row.entity_type.as_str(), "sent"]);
+            let lag = (now - row.created_at)
+                .num_microseconds()
+                .unwrap_or(0)
+                .max(0) as f64
+                / 1e6;
+            self.metrics.delivery_lag.observe(lag);
         }
+        let mut errors: Vec<([&str; 1], u64)> = Vec::new();
         let failures = s.retries.iter().map(|r| (r.id, &r.error, "retry"));
         let dead = s.dead.iter().map(|d| (d.id, &d.error, "dead"));
         for (id, error, outcome) in failures.chain(dead) {
-            if let Some(row) = by_id.get(&id) {
-                self.metrics
-                    .deliveries
-                    .with_label_values(&[row.entity_type.as_str(), outcome])
-                    .inc();
+            if let Some(row) = row_of(id) {
+                tally(&mut deliveries, [row.entity_type.as_str(), outcome]);
             }
+            tally(&mut errors, [error.error_type.as_str()]);
+        }
+        for (labels, n) in &deliveries {
+            self.metrics
+                .deliveries
+                .with_label_values(labels)
+                .inc_by(*n);
+        }
+        for (labels, n) in &errors {
             self.metrics
                 .delivery_errors
-                .with_label_values(&[error.error_type.as_str()])
-                .inc();
+                .with_label_values(labels)
+                .inc_by(*n);
         }
         self.stats
             .delivered
@@ -746,8 +756,10 @@ impl Relay {
             .fetch_add(s.dead.len() as u64, Ordering::Relaxed);
         if let Some(drain) = &self.drain {
             if let Ok(mut left) = drain.left_for_retry.lock() {
-                for id in s.sent.iter().chain(s.dead.iter().map(|d| &d.id)) {
-                    left.remove(id);
+                if !left.is_empty() {
+                    for id in s.sent.iter().chain(s.dead.iter().map(|d| &d.id)) {
+                        left.remove(id);
+                    }
                 }
                 left.extend(s.retries.iter().map(|r| r.id));
             }
@@ -855,6 +867,15 @@ impl Relay {
                 }
             }
         }
+    }
+}
+
+/// Add one to the count of `labels`, kept in a short list (a batch has a handful of
+/// distinct label sets).
+fn tally<'a, const N: usize>(counts: &mut Vec<([&'a str; N], u64)>, labels: [&'a str; N]) {
+    match counts.iter_mut().find(|(l, _)| *l == labels) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((labels, 1)),
     }
 }
 

@@ -27,15 +27,23 @@ async fn metrics_health_and_readiness_follow_the_spec() {
         .set("metrics.enabled", true)
         .set("metrics.listen", format!("127.0.0.1:{port}"))
         .set("metrics.refresh_interval", "100ms");
-    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+    // several rows per entity type and outcome: counters add up across a batch
+    for n in 1..=3 {
+        env.insert("call_log", Uuid::new_v4(), json!({"n": n}))
+            .await;
+    }
+    for _ in 0..2 {
+        let call = Uuid::new_v4();
+        env.insert("recording", Uuid::new_v4(), json!({"callLogId": call}))
+            .await;
+        let bad = Uuid::new_v4();
+        env.insert(
+            "recording_file",
+            bad,
+            json!({"callLogId": bad, "filePath": "../outside.wav"}),
+        )
         .await;
-    let bad = Uuid::new_v4();
-    env.insert(
-        "recording_file",
-        bad,
-        json!({"callLogId": bad, "filePath": "../outside.wav"}),
-    )
-    .await;
+    }
     let relay = env.cmd(["run"]).spawn();
     let base = format!("http://127.0.0.1:{port}");
     env.sink.wait_for_entries(1, Duration::from_secs(20)).await;
@@ -45,7 +53,7 @@ async fn metrics_health_and_readiness_follow_the_spec() {
         "metrics to show the settled backlog",
         || async {
             let text = http_get(&format!("{base}/metrics")).await.1;
-            text.contains("serversync_dead_letters{error_type=\"path_denied\"} 1")
+            text.contains("serversync_dead_letters{error_type=\"path_denied\"} 2")
                 && text.contains("serversync_outbox_pending{entity_type=\"call_log\"} 0")
                 && text.contains("serversync_outbox_pending{entity_type=\"recording_file\"} 0")
         },
@@ -72,12 +80,13 @@ async fn metrics_health_and_readiness_follow_the_spec() {
         );
     }
     for line in [
-        "serversync_deliveries_total{entity_type=\"call_log\",outcome=\"sent\"} 1",
-        "serversync_deliveries_total{entity_type=\"recording_file\",outcome=\"dead\"} 1",
-        "serversync_delivery_errors_total{error_type=\"path_denied\"} 1",
+        "serversync_deliveries_total{entity_type=\"call_log\",outcome=\"sent\"} 3",
+        "serversync_deliveries_total{entity_type=\"recording\",outcome=\"sent\"} 2",
+        "serversync_deliveries_total{entity_type=\"recording_file\",outcome=\"dead\"} 2",
+        "serversync_delivery_errors_total{error_type=\"path_denied\"} 2",
         "serversync_outbox_pending{entity_type=\"call_log\"} 0",
         "serversync_sink_up 1",
-        "serversync_delivery_lag_seconds_count 1",
+        "serversync_delivery_lag_seconds_count 5",
     ] {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");
     }
