@@ -734,10 +734,7 @@ impl Relay {
             tally(&mut errors, [error.error_type.as_str()]);
         }
         for (labels, n) in &deliveries {
-            self.metrics
-                .deliveries
-                .with_label_values(labels)
-                .inc_by(*n);
+            self.metrics.deliveries.with_label_values(labels).inc_by(*n);
         }
         for (labels, n) in &errors {
             self.metrics
