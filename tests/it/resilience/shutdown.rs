@@ -88,7 +88,7 @@ async fn past_the_grace_the_batch_in_flight_is_released_for_redelivery() {
         .set("ingest.timeout", "60s")
         .set("dispatch.concurrency", 1);
 
-    let mut relay = env.spawn_run(&[]);
+    let relay = env.spawn_run(&[]);
     env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
     let claimed: i64 =
         sqlx::query_scalar("SELECT count(*) FROM sync_outbox WHERE claim_token IS NOT NULL")
