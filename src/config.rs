@@ -227,6 +227,9 @@ pub struct MetricsSettings {
     /// How often backlog gauges are refreshed from the database.
     #[serde(with = "duration_str")]
     pub refresh_interval: Duration,
+    /// Pending rows counted exactly per refresh; beyond, the gauges are estimated
+    /// (PostgreSQL), so a huge backlog is never scanned every refresh.
+    pub backlog_exact_rows: u32,
 }
 
 impl Default for MetricsSettings {
@@ -235,6 +238,7 @@ impl Default for MetricsSettings {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             refresh_interval: Duration::from_secs(10),
+            backlog_exact_rows: 1_000_000,
         }
     }
 }
@@ -414,6 +418,12 @@ impl Settings {
             bail!("invalid value for ingest.base_url: put credentials in ingest.auth_token, not the URL");
         }
         check_range("dispatch.batch_size", self.dispatch.batch_size, 1, 10_000)?;
+        check_range(
+            "metrics.backlog_exact_rows",
+            self.metrics.backlog_exact_rows,
+            1,
+            1_000_000_000,
+        )?;
         check_range("dispatch.concurrency", self.dispatch.concurrency, 1, 256)?;
         check_range(
             "dispatch.file_concurrency",

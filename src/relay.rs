@@ -826,7 +826,11 @@ impl Relay {
     pub async fn refresh_gauges(self: Arc<Self>, stop: CancellationToken) {
         let every = self.settings.metrics.refresh_interval;
         loop {
-            match self.store.backlog().await {
+            match self
+                .store
+                .backlog(self.settings.metrics.backlog_exact_rows)
+                .await
+            {
                 Ok(backlog) => {
                     self.metrics.set_backlog(&backlog);
                     self.database_up();

@@ -331,8 +331,14 @@ impl Store {
         delegate!(self, s => s.status().await)
     }
 
-    pub async fn backlog(&self) -> anyhow::Result<Backlog> {
-        delegate!(self, s => s.backlog().await)
+    /// The backlog gauges; pending counts are exact up to `exact_rows` pending rows
+    /// (beyond that, PostgreSQL estimates them).
+    pub async fn backlog(&self, exact_rows: u32) -> anyhow::Result<Backlog> {
+        match self {
+            Store::Postgres(s) => s.backlog(i64::from(exact_rows)).await,
+            // an embedded outbox is small: always counted
+            Store::Sqlite(s) => s.backlog().await,
+        }
     }
 
     /// Rows due now (for drain's progress total).

@@ -52,6 +52,17 @@ WHERE o.id = cand.id
 RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload, o.created_at, o.attempts, o.ordering_key
 "#;
 
+/// Spread `total` over entity types in the proportions of a count of `counted` rows.
+fn scale_counts(counts: Vec<(String, i64)>, counted: i64, total: i64) -> Vec<(String, i64)> {
+    counts
+        .into_iter()
+        .map(|(t, n)| {
+            let scaled = (n as f64 / counted.max(1) as f64 * total as f64).round() as i64;
+            (t, scaled)
+        })
+        .collect()
+}
+
 const SENT_ARCHIVE_SQL: &str = r#"
 WITH d AS (
     DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2
@@ -383,11 +394,29 @@ impl PgStore {
         Ok(rows.into_iter().collect())
     }
 
-    pub async fn backlog(&self) -> anyhow::Result<Backlog> {
-        let pending: Vec<(String, i64)> =
-            sqlx::query_as("SELECT entity_type, count(*) FROM sync_outbox GROUP BY entity_type")
-                .fetch_all(&self.pool)
-                .await?;
+    /// The backlog gauges, refreshed on an interval. Counts are exact up to `cap`
+    /// pending rows (`metrics.backlog_exact_rows`); past that only `cap` rows are counted
+    /// (by entity type) and scaled to the table's live-row count from the statistics
+    /// collector, so a refresh never scans a backlog of millions.
+    pub async fn backlog(&self, cap: i64) -> anyhow::Result<Backlog> {
+        let mut pending: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT entity_type, count(*) FROM (SELECT entity_type FROM sync_outbox LIMIT $1) AS s \
+             GROUP BY entity_type",
+        )
+        .bind(cap)
+        .fetch_all(&self.pool)
+        .await?;
+        let counted: i64 = pending.iter().map(|(_, n)| n).sum();
+        if counted >= cap {
+            let live: Option<i64> = sqlx::query_scalar(
+                "SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'sync_outbox'::regclass",
+            )
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(live) = live.filter(|l| *l > counted) {
+                pending = scale_counts(pending, counted, live);
+            }
+        }
         // the oldest row by id is the oldest pending row; an index probe, not a scan
         let oldest: Option<f64> = sqlx::query_scalar(
             "SELECT EXTRACT(EPOCH FROM now() - created_at)::float8 FROM sync_outbox ORDER BY id LIMIT 1",
@@ -566,5 +595,25 @@ fn describe_connect_error(err: sqlx::Error) -> anyhow::Error {
     match &err {
         sqlx::Error::PoolTimedOut => anyhow::anyhow!("timed out waiting for a database connection"),
         _ => anyhow::Error::new(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scale_counts;
+
+    #[test]
+    fn backlog_estimates_keep_the_proportions_of_the_counted_rows() {
+        let counted = vec![
+            ("call_log".to_string(), 750),
+            ("recording".to_string(), 250),
+        ];
+        assert_eq!(
+            scale_counts(counted, 1_000, 4_000_000),
+            vec![
+                ("call_log".to_string(), 3_000_000),
+                ("recording".to_string(), 1_000_000)
+            ]
+        );
     }
 }

@@ -238,3 +238,82 @@ async fn the_demo_runs_with_no_configuration_at_all() {
         .collect();
     assert!(left.is_empty(), "demo left files behind: {left:?}");
 }
+
+/// Past `metrics.backlog_exact_rows` pending rows a refresh counts only that many (by
+/// entity type) and scales them to the table's live-row statistics: the gauges stay
+/// right in proportion and total without scanning a huge backlog every refresh.
+#[tokio::test]
+async fn past_backlog_exact_rows_the_pending_gauges_are_estimated() {
+    let mut env = TestEnv::migrated().await;
+    let port = crate::harness::free_port();
+    env.config
+        .set("metrics.enabled", true)
+        .set("metrics.listen", format!("127.0.0.1:{port}"))
+        .set("metrics.refresh_interval", "100ms")
+        .set("metrics.backlog_exact_rows", 30)
+        // nothing can be delivered: every row stays pending
+        .set(
+            "ingest.base_url",
+            format!("http://127.0.0.1:{}", crate::harness::closed_port()),
+        );
+    // 60 call_logs and 30 recordings, interleaved two to one
+    sqlx::query(
+        "INSERT INTO sync_outbox (entity_type, entity_id, payload) \
+         SELECT CASE WHEN g % 3 = 2 THEN 'recording' ELSE 'call_log' END, gen_random_uuid(), \
+                jsonb_build_object('n', g) \
+         FROM generate_series(0, 89) AS g",
+    )
+    .execute(env.db.pg())
+    .await
+    .unwrap();
+    // the live-row statistic the estimate scales to
+    sqlx::query("ANALYZE sync_outbox")
+        .execute(env.db.pg())
+        .await
+        .unwrap();
+    let relay = env.cmd(["run"]).spawn();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (estimated, last) = loop {
+        let last = http_get(&url).await.1;
+        let gauge = |t: &str| {
+            last.lines()
+                .find_map(|l| {
+                    l.strip_prefix(&format!(
+                        "serversync_outbox_pending{{entity_type=\"{t}\"}} "
+                    ))
+                })
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        if let (Some(c), Some(r)) = (gauge("call_log"), gauge("recording")) {
+            if c + r > 30.0 {
+                break ((c, r), last);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no estimate above the exact count:\n{last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+    // which 30 rows a LIMIT reads depends on where claims left row versions: the
+    // total is the live-row count, the split follows the rows read
+    let (c, r) = estimated;
+    assert!(
+        (c + r - 90.0).abs() <= 1.0,
+        "estimated {c} + {r}, expected 90 in all:\n{last}"
+    );
+    assert!(
+        c > r && r > 0.0,
+        "the split follows the counted rows (two call_logs to one recording): {c} / {r}"
+    );
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_outbox")
+        .fetch_one(env.db.pg())
+        .await
+        .unwrap();
+    assert_eq!(pending, 90, "nothing was delivered or lost meanwhile");
+}
