@@ -194,7 +194,11 @@ impl Dispatcher {
         } else {
             None
         };
-        let stream = file_chunks(audio.file, audio.len);
+        // a read error mid-upload reaches reqwest as a broken body, which it reports
+        // like a transport error; the reader also leaves it here so the failure is
+        // classified as the file's (file_unreadable), not the sink's (connect)
+        let read_error = ReadError::default();
+        let stream = file_chunks(audio.file, audio.len, read_error.clone());
         let audio_part = Part::stream_with_length(reqwest::Body::wrap_stream(stream), audio.len)
             .file_name(audio.name.clone())
             .mime_str(audio_mime(&audio.name))
@@ -216,8 +220,16 @@ impl Dispatcher {
             .timeout(self.upload_timeout)
             .header("Idempotency-Key", format!("recording_file:{}", row.id))
             .multipart(form);
-        self.execute(self.authorize(request), "recording_file")
-            .await
+        let result = self
+            .execute(self.authorize(request), "recording_file")
+            .await;
+        match (result, read_error.take()) {
+            (Err(_), Some(cause)) => Err(Failure::file_unreadable(format!(
+                "{}: reading it during the upload failed: {cause}",
+                job.file_path
+            ))),
+            (result, _) => result,
+        }
     }
 
     async fn read_meta(&self, path: &str) -> Result<(String, Vec<u8>), Failure> {
@@ -340,6 +352,22 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> [(&'static str
 const CHUNK: usize = 512 * 1024;
 const READ_AHEAD: usize = 4;
 
+/// Where the upload's reader thread leaves the first read error it met.
+#[derive(Debug, Clone, Default)]
+struct ReadError(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl ReadError {
+    fn set(&self, e: &std::io::Error) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.get_or_insert_with(|| e.to_string());
+        }
+    }
+
+    fn take(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
 /// Stream a file as 1 MiB chunks read by one blocking thread, at most `READ_AHEAD`
 /// chunks ahead of the socket: plain blocking reads straight into the buffers the
 /// request sends (no per-64-KiB hop to the blocking pool, no second copy), and
@@ -347,6 +375,7 @@ const READ_AHEAD: usize = 4;
 fn file_chunks(
     mut file: std::fs::File,
     len: u64,
+    read_error: ReadError,
 ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(READ_AHEAD);
     tokio::task::spawn_blocking(move || {
@@ -357,6 +386,7 @@ fn file_chunks(
             // read_to_end fills spare capacity without zeroing it first
             let mut buf = Vec::with_capacity(want as usize);
             if let Err(e) = (&mut file).take(want).read_to_end(&mut buf) {
+                read_error.set(&e);
                 let _ = tx.blocking_send(Err(e));
                 return;
             }
@@ -364,10 +394,12 @@ fn file_chunks(
             if filled == 0 {
                 // shorter than when it was opened: the declared length will not be
                 // met and the request fails rather than sending a truncated file
-                let _ = tx.blocking_send(Err(std::io::Error::new(
+                let e = std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    "file shrank while it was being uploaded",
-                )));
+                    format!("the file is {} bytes shorter than when it was opened", left),
+                );
+                read_error.set(&e);
+                let _ = tx.blocking_send(Err(e));
                 return;
             }
             left -= filled as u64;
@@ -385,6 +417,49 @@ fn file_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn file_chunks_stream_the_file_and_report_a_file_that_shrank() {
+        use futures_util::StreamExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.wav");
+        let bytes: Vec<u8> = (0..(CHUNK * 2 + 123)).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).expect("write");
+
+        let open = || std::fs::File::open(&path).expect("open");
+        let whole = ReadError::default();
+        let chunks: Vec<_> = file_chunks(open(), bytes.len() as u64, whole.clone())
+            .collect()
+            .await;
+        let sent: Vec<u8> = chunks
+            .into_iter()
+            .flat_map(|c| c.expect("no read error").to_vec())
+            .collect();
+        assert!(
+            sent == bytes,
+            "{} bytes streamed of {}",
+            sent.len(),
+            bytes.len()
+        );
+        assert_eq!(whole.take(), None);
+
+        // opened when it was 1,000 bytes longer: the stream ends in an error
+        let shrank = ReadError::default();
+        let items: Vec<_> = file_chunks(open(), bytes.len() as u64 + 1_000, shrank.clone())
+            .collect()
+            .await;
+        assert!(items.last().is_some_and(|i| i.is_err()));
+        let streamed: usize = items
+            .iter()
+            .filter_map(|i| i.as_ref().ok())
+            .map(|b| b.len())
+            .sum();
+        assert_eq!(streamed, bytes.len());
+        let cause = shrank
+            .take()
+            .expect("the read error is kept for classification");
+        assert!(cause.contains("1000 bytes shorter"), "{cause}");
+    }
 
     fn row(payload: &str) -> ClaimedRow {
         ClaimedRow {

@@ -538,3 +538,66 @@ async fn a_default_meta_file_linked_out_of_the_root_is_not_sent(backend: Backend
     }
     assert_dead(&env.dead_letters().await, id, "path_denied", 1);
 }
+
+/// A recording file that shrinks while it is being uploaded: the upload breaks, and
+/// the failure is the file's (`file_unreadable`, retried), not the sink's (`connect`,
+/// which would count towards taking the sink as down).
+#[tokio::test]
+async fn a_file_that_shrinks_during_its_upload_is_unreadable() {
+    let mut env = TestEnv::migrated().await;
+    retry_in_an_hour(&mut env);
+    env.config.set("dispatch.outage_threshold", 1);
+    let call = Uuid::new_v4();
+    let relative = format!("{call}/mixed.wav");
+    // far more than the relay reads ahead plus what the sockets buffer
+    let audio = vec![7u8; 64 * 1024 * 1024];
+    crate::harness::fixtures::write_file(&env.root, &relative, &audio);
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        file_payload(call, &relative),
+    )
+    .await;
+    // the sink leaves the body unread for a while, so the upload stalls part-way
+    env.sink.stall_file_bodies(Duration::from_secs(3));
+
+    let relay = env.cmd(["drain"]).spawn();
+    crate::harness::wait_until(Duration::from_secs(20), "the row to be claimed", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM sync_outbox WHERE claim_token IS NOT NULL",
+        )
+        .fetch_one(env.db.pg())
+        .await
+        .unwrap_or(0)
+            == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(env.root.join(&relative))
+        .unwrap();
+    file.set_len(1024 * 1024).unwrap();
+    drop(file);
+    let out = relay.wait(Duration::from_secs(30)).await;
+    out.assert_code(3).assert_no_panic();
+
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1, "retried, not lost\n{out}");
+    let row = &rows[0];
+    assert_eq!(
+        row.last_error_type.as_deref(),
+        Some("file_unreadable"),
+        "{row:#?}\n{out}"
+    );
+    assert_eq!(row.attempts, 1, "{row:#?}");
+    let message = row.last_error.as_deref().unwrap_or_default();
+    assert!(
+        message.contains(&relative) && message.contains("shorter"),
+        "the message names the file and what happened: {message}"
+    );
+    assert!(
+        !out.stderr.contains("ingest sink is down"),
+        "a file's failure does not take the sink down\n{out}"
+    );
+}

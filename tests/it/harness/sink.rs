@@ -247,6 +247,8 @@ struct Inner {
     strays: Vec<Stray>,
     queue: VecDeque<Reply>,
     mode: Mode,
+    /// Wait this long before reading a file upload's body (the client's sends back up).
+    file_stall: Duration,
 }
 
 impl Inner {
@@ -336,6 +338,12 @@ impl Sink {
     /// How requests are answered once the queue of replies is empty.
     pub fn set_mode(&self, mode: Mode) {
         self.shared.lock().mode = mode;
+    }
+
+    /// Hold every file upload's body unread for `stall` before reading it, so the
+    /// client's sending backs up (zero: read at once).
+    pub fn stall_file_bodies(&self, stall: Duration) {
+        self.shared.lock().file_stall = stall;
     }
 
     /// Answer the next `n` requests (either endpoint) with `status`.
@@ -469,6 +477,10 @@ async fn sync(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
 
 async fn recording_file(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let headers = Headers::from_map(request.headers());
+    let stall = shared.lock().file_stall;
+    if !stall.is_zero() {
+        tokio::time::sleep(stall).await;
+    }
     let (parts, error) = read_parts(request).await;
     let (index, reply) = {
         let mut inner = shared.lock();
