@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine;
-use chrono::SecondsFormat;
 use hmac::{Hmac, Mac};
 use reqwest::multipart::{Form, Part};
 use reqwest::{Client, Response, Url};
@@ -111,7 +110,18 @@ struct SyncEntry<'a> {
     entity_type: &'a str,
     entity_id: &'a Uuid,
     payload: &'a RawValue,
-    created_at: String,
+    #[serde(serialize_with = "rfc3339")]
+    created_at: &'a chrono::DateTime<chrono::Utc>,
+}
+
+/// RFC 3339 in UTC with `Z` and as many fraction digits as needed (0, 3, 6 or 9), the
+/// same text as `to_rfc3339_opts(SecondsFormat::AutoSi, true)`, written straight into
+/// the request body instead of through a `String` per row.
+fn rfc3339<S: serde::Serializer>(
+    at: &&chrono::DateTime<chrono::Utc>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&at.format("%Y-%m-%dT%H:%M:%S%.fZ"))
 }
 
 impl Dispatcher {
@@ -163,7 +173,7 @@ impl Dispatcher {
                     entity_type: &r.entity_type,
                     entity_id: &r.entity_id,
                     payload: &r.payload,
-                    created_at: r.created_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+                    created_at: &r.created_at,
                 })
                 .collect(),
         };
@@ -417,6 +427,25 @@ fn file_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn created_at_is_written_as_rfc3339_with_the_digits_it_needs() {
+        use chrono::TimeZone;
+        let base = chrono::Utc
+            .with_ymd_and_hms(2026, 2, 7, 10, 5, 30)
+            .single()
+            .expect("a valid time");
+        for nanos in [0, 120_000_000, 123_456_000, 123_456_789, 1_000, 999_999_999] {
+            let at = base + chrono::Duration::nanoseconds(nanos);
+            let mut out = Vec::new();
+            rfc3339(&&at, &mut serde_json::Serializer::new(&mut out)).expect("serializes");
+            let expected = format!(
+                "\"{}\"",
+                at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+            );
+            assert_eq!(String::from_utf8_lossy(&out), expected, "{nanos} ns");
+        }
+    }
 
     #[tokio::test]
     async fn file_chunks_stream_the_file_and_report_a_file_that_shrank() {

@@ -203,16 +203,17 @@ impl PgStore {
             .fetch_all(&self.pool)
             .await?;
         let mut claimed = Vec::with_capacity(rows.len());
+        // by position, in CLAIM_SQL's RETURNING order (no column lookup by name per row)
         for row in rows {
-            let payload: String = row.try_get("payload")?;
+            let payload: String = row.try_get(3)?;
             claimed.push(ClaimedRow {
-                id: row.try_get("id")?,
-                entity_type: row.try_get("entity_type")?,
-                entity_id: row.try_get("entity_id")?,
+                id: row.try_get(0)?,
+                entity_type: row.try_get(1)?,
+                entity_id: row.try_get(2)?,
                 payload: RawValue::from_string(payload)?,
-                created_at: row.try_get("created_at")?,
-                attempts: row.try_get("attempts")?,
-                ordering_key: row.try_get("ordering_key")?,
+                created_at: row.try_get(4)?,
+                attempts: row.try_get(5)?,
+                ordering_key: row.try_get(6)?,
                 defect: None,
             });
         }
