@@ -378,7 +378,7 @@ impl ReadError {
     }
 }
 
-/// Stream a file as 1 MiB chunks read by one blocking thread, at most `READ_AHEAD`
+/// Stream a file as `CHUNK`-sized chunks read by one blocking thread, at most `READ_AHEAD`
 /// chunks ahead of the socket: plain blocking reads straight into the buffers the
 /// request sends (no per-64-KiB hop to the blocking pool, no second copy), and
 /// memory bounded at a few MiB whatever the file's size. `len` bytes at most.
@@ -406,7 +406,7 @@ fn file_chunks(
                 // met and the request fails rather than sending a truncated file
                 let e = std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    format!("the file is {} bytes shorter than when it was opened", left),
+                    format!("the file is {left} bytes shorter than when it was opened"),
                 );
                 read_error.set(&e);
                 let _ = tx.blocking_send(Err(e));
