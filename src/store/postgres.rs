@@ -52,17 +52,6 @@ WHERE o.id = cand.id
 RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload, o.created_at, o.attempts, o.ordering_key
 "#;
 
-/// Spread `total` over entity types in the proportions of a count of `counted` rows.
-fn scale_counts(counts: Vec<(String, i64)>, counted: i64, total: i64) -> Vec<(String, i64)> {
-    counts
-        .into_iter()
-        .map(|(t, n)| {
-            let scaled = (n as f64 / counted.max(1) as f64 * total as f64).round() as i64;
-            (t, scaled)
-        })
-        .collect()
-}
-
 const SENT_ARCHIVE_SQL: &str = r#"
 WITH d AS (
     DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2
@@ -597,6 +586,17 @@ fn describe_connect_error(err: sqlx::Error) -> anyhow::Error {
         sqlx::Error::PoolTimedOut => anyhow::anyhow!("timed out waiting for a database connection"),
         _ => anyhow::Error::new(err),
     }
+}
+
+/// Spread `total` over entity types in the proportions of a count of `counted` rows.
+fn scale_counts(counts: Vec<(String, i64)>, counted: i64, total: i64) -> Vec<(String, i64)> {
+    counts
+        .into_iter()
+        .map(|(t, n)| {
+            let scaled = (n as f64 / counted.max(1) as f64 * total as f64).round() as i64;
+            (t, scaled)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod env;
 pub mod fixtures;
+pub mod metrics;
 pub mod pg;
 pub mod relay;
 pub mod sink;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 pub use config::ConfigToml;
 pub use db::{Backend, NewRow};
 pub use env::TestEnv;
+pub use metrics::MetricsEndpoint;
 pub use relay::{serversync, Output};
 pub use sink::{Mode, Reply, Sink};
 
