@@ -15,7 +15,7 @@ use crate::report::{thousands, Report};
 const CLAIM_EXPLAIN_SQL: &str = r#"
 EXPLAIN (ANALYZE, BUFFERS)
 WITH cand AS (
-    SELECT o.id FROM sync_outbox o
+    SELECT o.ctid FROM sync_outbox o
     WHERE o.next_attempt_at <= now()
       AND (o.lease_until IS NULL OR o.lease_until < now())
       AND (o.ordering_key IS NULL OR NOT EXISTS (
@@ -27,8 +27,7 @@ WITH cand AS (
 )
 UPDATE sync_outbox o
 SET claim_token = 42, lease_owner = 'explain', lease_until = now() + 60000 * interval '1 millisecond'
-FROM cand
-WHERE o.id = cand.id
+WHERE o.ctid = ANY(ARRAY(SELECT ctid FROM cand))
 RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload, o.created_at, o.attempts, o.ordering_key
 "#;
 

@@ -66,7 +66,7 @@ fn claim(pending_only: bool) -> String {
     format!(
         r#"\set tok random(1, 1000000000)
 WITH cand AS (
-    SELECT o.id FROM sync_outbox o
+    SELECT o.ctid FROM sync_outbox o
     WHERE {outer}o.next_attempt_at <= now()
       AND (o.lease_until IS NULL OR o.lease_until < now())
       AND (o.ordering_key IS NULL OR NOT EXISTS (
@@ -78,8 +78,7 @@ WITH cand AS (
 ), claimed AS (
     UPDATE sync_outbox o
     SET claim_token = :tok, lease_owner = 'pgbench', lease_until = now() + 60000 * interval '1 millisecond'
-    FROM cand
-    WHERE o.id = cand.id
+    WHERE o.ctid = ANY(ARRAY(SELECT ctid FROM cand))
     RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload, o.created_at, o.attempts, o.ordering_key
 )
 SELECT COALESCE(array_agg(id), '{{}}') AS ids, COALESCE(sum(length(payload)), 0) AS bytes FROM claimed
