@@ -353,7 +353,10 @@ impl Settings {
         let raw = builder.build().map_err(describe_config_error)?;
         let mut settings: Settings = raw.try_deserialize().map_err(describe_config_error)?;
 
-        if settings.database.url.is_none() {
+        // The environment overrides the file (SPEC §6): the conventional DATABASE_URL
+        // too, unless the more specific SERVERSYNC__DATABASE__URL is set.
+        let specific = std::env::var_os("SERVERSYNC__DATABASE__URL").is_some_and(|v| !v.is_empty());
+        if !specific {
             if let Ok(url) = std::env::var("DATABASE_URL") {
                 if !url.is_empty() {
                     settings.database.url = Some(SecretString::from(url));

@@ -12,9 +12,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{first} (see --help)");
+            eprintln!("{} (see --help)", clap_one_line(&e.to_string()));
             return ExitCode::FAILURE;
         }
     };
@@ -39,6 +37,22 @@ fn main() -> ExitCode {
             eprintln!("error: {line}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// clap's message up to its first blank line (which ends what went wrong and
+/// starts the usage and tips), on one line: the names of missing arguments are on
+/// the lines after the first.
+fn clap_one_line(text: &str) -> String {
+    let parts: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    if parts.is_empty() {
+        "error: invalid arguments".to_string()
+    } else {
+        parts.join(" ")
     }
 }
 

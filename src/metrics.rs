@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::Backlog;
 
+/// The entity types of the spec: their series exist from the start.
+const KNOWN_ENTITY_TYPES: [&str; 3] = ["call_log", "recording", "recording_file"];
+
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
@@ -129,6 +132,20 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         sink_up.set(1);
+        // Every series of the spec is in the first scrape, at 0, instead of appearing
+        // with its first event: an absent series looks like a broken exporter, and
+        // `rate()` over a counter that springs into being at 1 misses that first event.
+        for entity_type in KNOWN_ENTITY_TYPES {
+            for outcome in ["sent", "retry", "dead"] {
+                deliveries.with_label_values(&[entity_type, outcome]);
+            }
+        }
+        for error_type in crate::taxonomy::ErrorType::ALL {
+            delivery_errors.with_label_values(&[error_type.as_str()]);
+        }
+        for endpoint in ["sync", "recording_file"] {
+            http_duration.with_label_values(&[endpoint]);
+        }
         Ok(Metrics {
             registry,
             outbox_pending,
@@ -143,10 +160,7 @@ impl Metrics {
             db_up,
             lease_lost,
             known_entity_types: Arc::new(std::sync::Mutex::new(
-                ["call_log", "recording", "recording_file"]
-                    .iter()
-                    .map(|t| t.to_string())
-                    .collect(),
+                KNOWN_ENTITY_TYPES.iter().map(|t| t.to_string()).collect(),
             )),
         })
     }

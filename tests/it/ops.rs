@@ -243,6 +243,53 @@ async fn the_demo_runs_with_no_configuration_at_all() {
 /// entity type) and scales them to the table's live-row statistics: the gauges stay
 /// right in proportion and total without scanning a huge backlog every refresh.
 #[tokio::test]
+async fn every_spec_series_is_in_the_first_scrape_at_zero() {
+    let mut env = TestEnv::migrated().await;
+    let metrics = crate::harness::MetricsEndpoint::enable(&mut env);
+    let relay = env.cmd(["run"]).args(metrics.flag()).spawn();
+    metrics
+        .wait_for_status("/readyz", 200, Duration::from_secs(20))
+        .await;
+    // the backlog gauges come with the first count of the outbox
+    metrics
+        .wait_for_sample(
+            "serversync_outbox_oldest_pending_age_seconds",
+            0.0,
+            Duration::from_secs(20),
+        )
+        .await;
+    wait_until(
+        Duration::from_secs(20),
+        "the first backlog count",
+        || async {
+            metrics.get("/metrics").await.is_some_and(|(_, text)| {
+                text.contains("serversync_dead_letters{error_type=\"connect\"} 0")
+            })
+        },
+    )
+    .await;
+    let (_, text) = metrics.get("/metrics").await.expect("a scrape");
+    for line in [
+        "serversync_deliveries_total{entity_type=\"call_log\",outcome=\"sent\"} 0",
+        "serversync_deliveries_total{entity_type=\"recording_file\",outcome=\"dead\"} 0",
+        "serversync_delivery_errors_total{error_type=\"http_5xx\"} 0",
+        "serversync_delivery_errors_total{error_type=\"unknown_entity_type\"} 0",
+        "serversync_http_request_duration_seconds_count{endpoint=\"sync\"} 0",
+        "serversync_http_request_duration_seconds_count{endpoint=\"recording_file\"} 0",
+        "serversync_dead_letters{error_type=\"connect\"} 0",
+        "serversync_delivery_lag_seconds_count 0",
+        "serversync_batch_size_count 0",
+        "serversync_sink_up 1",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    }
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+}
+
+#[tokio::test]
 async fn past_backlog_exact_rows_the_pending_gauges_are_estimated() {
     let mut env = TestEnv::migrated().await;
     let metrics = crate::harness::MetricsEndpoint::enable(&mut env);

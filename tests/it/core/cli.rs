@@ -93,6 +93,41 @@ async fn the_database_url_may_come_from_the_environment() {
         .assert_success();
 }
 
+#[tokio::test]
+async fn the_environment_overrides_the_config_file_and_flags_override_both() {
+    let mut env = TestEnv::migrated().await;
+    let nowhere = format!(
+        "postgres://nobody@127.0.0.1:{}/nothing",
+        crate::harness::closed_port()
+    );
+    env.config.set("database.url", nowhere.as_str());
+    // file wrong, DATABASE_URL right
+    env.cmd(["status", "--json"])
+        .env("DATABASE_URL", env.db.url())
+        .output()
+        .await
+        .assert_success();
+    // SERVERSYNC__DATABASE__URL is the more specific variable and wins over DATABASE_URL
+    env.cmd(["status", "--json"])
+        .env("DATABASE_URL", nowhere.as_str())
+        .env("SERVERSYNC__DATABASE__URL", env.db.url())
+        .output()
+        .await
+        .assert_success();
+    env.cmd(["status", "--json"])
+        .env("DATABASE_URL", env.db.url())
+        .env("SERVERSYNC__DATABASE__URL", nowhere.as_str())
+        .output()
+        .await
+        .assert_fails_with("database");
+    // the flag beats the environment
+    env.cmd(["--database-url", env.db.url(), "status"])
+        .env("DATABASE_URL", nowhere.as_str())
+        .output()
+        .await
+        .assert_success();
+}
+
 both_stores!(drain_refuses_an_unmigrated_database);
 async fn drain_refuses_an_unmigrated_database(backend: Backend) {
     let env = TestEnv::new_on(backend).await;
@@ -147,4 +182,27 @@ async fn global_flags_may_follow_the_subcommand(backend: Backend) {
         .await;
     out.assert_success();
     assert_eq!(out.json()["pending"], serde_json::json!(0));
+}
+
+#[tokio::test]
+async fn bad_arguments_name_what_is_wrong_on_one_line() {
+    let env = TestEnv::migrated_on(Backend::Sqlite).await;
+    for (args, needles) in [
+        (
+            &["enqueue", "--entity-type", "call_log"][..],
+            &["--entity-id", "--payload"][..],
+        ),
+        (&["dlq", "requeue"][..], &["--all"][..]),
+        (
+            &["drain", "--max-rows", "abc"][..],
+            &["--max-rows", "abc"][..],
+        ),
+        (&["drain", "--bogus"][..], &["--bogus"][..]),
+    ] {
+        let out = env.run(args).await;
+        for needle in needles {
+            out.assert_fails_with(needle);
+        }
+        out.assert_single_stderr_line();
+    }
 }
