@@ -60,9 +60,11 @@ pub struct IngestSettings {
     pub timeout: Duration,
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
-    /// Whole-request timeout for recording-file uploads (they can be large).
-    #[serde(with = "duration_str")]
-    pub upload_timeout: Duration,
+    /// Whole-request timeout for recording-file uploads. Unset (the default): the
+    /// file's transfer at a floor of 1 MiB/s plus `timeout`, so a hung sink fails a
+    /// small upload as fast as a JSON batch and a large file still has time to go.
+    #[serde(default, with = "duration_str::option")]
+    pub upload_timeout: Option<Duration>,
     pub auth_token: Option<SecretString>,
     pub auth_token_file: Option<PathBuf>,
     pub signing_secret: Option<SecretString>,
@@ -77,7 +79,7 @@ impl Default for IngestSettings {
             base_url: "http://localhost:3000".into(),
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
-            upload_timeout: Duration::from_secs(600),
+            upload_timeout: None,
             auth_token: None,
             auth_token_file: None,
             signing_secret: None,
@@ -456,7 +458,9 @@ impl Settings {
         check_nonzero("dispatch.probe_interval", self.dispatch.probe_interval)?;
         check_nonzero("ingest.timeout", self.ingest.timeout)?;
         check_nonzero("ingest.connect_timeout", self.ingest.connect_timeout)?;
-        check_nonzero("ingest.upload_timeout", self.ingest.upload_timeout)?;
+        if let Some(t) = self.ingest.upload_timeout {
+            check_nonzero("ingest.upload_timeout", t)?;
+        }
         if self.dispatch.lease_duration < Duration::from_secs(1) {
             bail!("invalid value for dispatch.lease_duration: must be at least 1s");
         }

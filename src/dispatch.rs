@@ -29,7 +29,8 @@ pub struct Dispatcher {
     file_url: Url,
     auth_token: Option<SecretString>,
     signing_key: Option<Vec<u8>>,
-    upload_timeout: Duration,
+    timeout: Duration,
+    upload_timeout: Option<Duration>,
     root: RecordingsRoot,
     metrics: Metrics,
 }
@@ -157,9 +158,19 @@ impl Dispatcher {
             file_url: join("/api/ingest/recording-file")?,
             auth_token: settings.auth_token.clone(),
             signing_key,
+            timeout: settings.timeout,
             upload_timeout: settings.upload_timeout,
             root,
             metrics,
+        })
+    }
+
+    /// How long one upload of a `len`-byte file may take, answer included:
+    /// `ingest.upload_timeout` when set, else `ingest.timeout` plus the transfer at
+    /// [`UPLOAD_FLOOR_RATE`].
+    fn upload_deadline(&self, len: u64) -> Duration {
+        self.upload_timeout.unwrap_or_else(|| {
+            self.timeout + Duration::from_secs_f64(len as f64 / UPLOAD_FLOOR_RATE as f64)
         })
     }
 
@@ -227,7 +238,7 @@ impl Dispatcher {
         let request = self
             .client
             .post(self.file_url.clone())
-            .timeout(self.upload_timeout)
+            .timeout(self.upload_deadline(audio.len))
             .header("Idempotency-Key", format!("recording_file:{}", row.id))
             .multipart(form);
         let result = self
@@ -359,6 +370,10 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> [(&'static str
 }
 
 /// Bytes read ahead of the socket per upload: `READ_AHEAD` chunks of `CHUNK`.
+/// The slowest transfer an upload without `ingest.upload_timeout` is allowed, in
+/// bytes per second (1 MiB/s: a 1 GiB recording gets 17 minutes plus `ingest.timeout`).
+const UPLOAD_FLOOR_RATE: u64 = 1024 * 1024;
+
 const CHUNK: usize = 512 * 1024;
 const READ_AHEAD: usize = 4;
 

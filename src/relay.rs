@@ -495,23 +495,40 @@ impl Relay {
         attempts
     }
 
-    /// Send JSON rows; a batch rejected with a non-retryable 4xx is split in halves
-    /// until the offending entries are alone.
+    /// Send JSON rows. A batch rejected with a non-retryable 4xx is split in halves
+    /// until the offending entries are alone. So is a batch answered with a 5xx: a
+    /// Frontend that fails on one bad entity answers 500 to every batch holding it,
+    /// and without the split that one row would hold its batch back for ever (and
+    /// make the sink look down). Whether a lone 5xx row is the row's fault or the
+    /// sink's is decided at the end: if any part of the batch went through, the sink
+    /// works and the row is charged; if nothing did, it is one sink-level failure of
+    /// the whole delivery, counted towards the outage threshold like any other.
     async fn deliver_json(&self, rows: &[&ClaimedRow], attempts: &mut HashMap<i64, Attempt>) {
-        let mut pending: Vec<&[&ClaimedRow]> = if rows.is_empty() {
-            Vec::new()
-        } else {
-            vec![rows]
-        };
+        if rows.is_empty() {
+            return;
+        }
+        let mut pending: Vec<&[&ClaimedRow]> = vec![rows];
+        // while nothing has answered, a descent of log2(n) halvings finds a lone bad
+        // row, and one more failure says it is more likely the sink; with answers,
+        // room for a few bad rows
+        let depth = usize::BITS - (rows.len().saturating_sub(1)).leading_zeros();
+        let blind_budget = depth as usize + 1;
+        let budget = 2 * blind_budget;
+        let mut failures = 0usize;
+        let mut answered = false;
+        // rows whose requests failed with a 5xx, awaiting the verdict
+        let mut suspects: Vec<(&ClaimedRow, Failure)> = Vec::new();
         while let Some(chunk) = pending.pop() {
             match self.dispatcher.send_json(chunk).await {
                 Ok(()) => {
+                    answered = true;
                     self.sink.on_answer();
                     for row in chunk {
                         attempts.insert(row.id, Attempt::Sent);
                     }
                 }
                 Err(f) if f.error_type == ErrorType::Http4xx && !f.retryable && chunk.len() > 1 => {
+                    answered = true;
                     self.sink.on_answer();
                     let (left, right) = chunk.split_at(chunk.len() / 2);
                     tracing::info!(
@@ -521,6 +538,28 @@ impl Relay {
                     );
                     pending.push(right);
                     pending.push(left);
+                }
+                Err(f) if f.error_type == ErrorType::Http5xx => {
+                    failures += 1;
+                    let room = if answered { budget } else { blind_budget };
+                    if failures >= room {
+                        // give up isolating: this chunk and what is left fail together
+                        suspects.extend(chunk.iter().map(|row| (*row, f.clone())));
+                        for rest in pending.drain(..) {
+                            suspects.extend(rest.iter().map(|row| (*row, f.clone())));
+                        }
+                    } else if chunk.len() > 1 {
+                        tracing::info!(
+                            rows = chunk.len(),
+                            http_status = f.http_status,
+                            "batch failed with a server error: splitting it in case one entry causes it"
+                        );
+                        let (left, right) = chunk.split_at(chunk.len() / 2);
+                        pending.push(right);
+                        pending.push(left);
+                    } else {
+                        suspects.push((chunk[0], f));
+                    }
                 }
                 Err(failure) => {
                     let charged = self.account(&failure);
@@ -535,6 +574,19 @@ impl Relay {
                     }
                 }
             }
+        }
+        if suspects.is_empty() {
+            return;
+        }
+        // The verdict. Something went through: the sink works, these rows fail it.
+        // Nothing did: one sink-level failure (charged only below the threshold).
+        let charged = if answered {
+            true
+        } else {
+            self.account(&suspects[0].1)
+        };
+        for (row, failure) in suspects {
+            attempts.insert(row.id, Attempt::Failed { failure, charged });
         }
     }
 

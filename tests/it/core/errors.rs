@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{
     assert_dead, assert_history, drain_until, file_payload, retry_in_an_hour, write_recording,
 };
-use crate::harness::{both_stores, closed_port, fixtures, Backend, Mode, Reply, TestEnv};
+use crate::harness::{both_stores, closed_port, fixtures, Backend, Incoming, Mode, Reply, TestEnv};
 
 both_stores!(a_500_until_out_of_attempts_is_dead_lettered_with_its_history);
 async fn a_500_until_out_of_attempts_is_dead_lettered_with_its_history(backend: Backend) {
@@ -146,6 +146,55 @@ async fn a_400_for_one_entry_dead_letters_only_that_entry(backend: Backend) {
     assert_eq!(env.count("sync_outbox").await, 0);
 }
 
+both_stores!(a_500_caused_by_one_entry_holds_back_only_that_entry);
+async fn a_500_caused_by_one_entry_holds_back_only_that_entry(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config.set("retry.max_attempts", 2);
+    // a Frontend that crashes on one entity: 500 for every batch that holds it
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["crash"] == true) => {
+            Reply::status(500).body("NullPointerException: marker-crash")
+        }
+        _ => Reply::ok(),
+    }));
+    let mut ids = Vec::new();
+    for n in 0..7 {
+        let payload = if n == 4 {
+            json!({"n": n, "crash": true})
+        } else {
+            json!({"n": n})
+        };
+        ids.push(env.insert("call_log", Uuid::new_v4(), payload).await);
+    }
+    let poison = ids.remove(4);
+
+    // the other rows go at once; the crashing one is retried and dead-lettered at
+    // its second failure (by this drain or, if its retry was not yet due, the next)
+    let out = env.drain().await;
+    out.assert_code(3);
+    let mut delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    delivered.sort();
+    assert_eq!(
+        delivered, ids,
+        "every other entry, each once, by the first drain"
+    );
+    assert_eq!(env.sent_ids().await, ids);
+    drain_until(&env, "the crashing row dead-lettered", || async {
+        env.count("sync_outbox_dead_letters").await == 1
+    })
+    .await;
+    assert_eq!(env.count("sync_outbox").await, 0);
+    let dead = env.dead_letters().await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    let d = assert_dead(&dead, poison, "http_5xx", 2);
+    assert_eq!(d.http_status, Some(500));
+    assert_history(&d.attempt_errors, "http_5xx", 2);
+    assert!(
+        !out.stderr.contains("sink is DOWN"),
+        "one bad row is not a sink outage\n{out}"
+    );
+}
+
 both_stores!(a_sink_slower_than_ingest_timeout_is_a_timeout);
 async fn a_sink_slower_than_ingest_timeout_is_a_timeout(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
@@ -174,6 +223,43 @@ async fn a_sink_slower_than_ingest_timeout_is_a_timeout(backend: Backend) {
     assert_eq!(rows[0].last_http_status, None);
     assert_eq!(rows[0].attempts, 1);
     assert_history(&rows[0].attempt_errors, "timeout", 1);
+}
+
+both_stores!(an_upload_to_a_hung_sink_times_out_after_ingest_timeout);
+async fn an_upload_to_a_hung_sink_times_out_after_ingest_timeout(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    retry_in_an_hour(&mut env);
+    // no ingest.upload_timeout: a small file gets ingest.timeout plus its transfer
+    // time at 1 MiB/s, not minutes
+    env.config
+        .set("ingest.timeout", "500ms")
+        .remove("ingest.upload_timeout");
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(10))));
+    let call = Uuid::new_v4();
+    write_recording(&env, call);
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        file_payload(call, &format!("{call}/mixed.wav")),
+    )
+    .await;
+
+    let out = env.drain().await;
+    out.assert_code(3);
+    assert!(
+        out.elapsed < Duration::from_secs(5),
+        "the upload was cut short near ingest.timeout\n{out}"
+    );
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].last_error_type.as_deref(),
+        Some("timeout"),
+        "{:#?}",
+        rows[0]
+    );
+    assert_eq!(rows[0].attempts, 1);
 }
 
 both_stores!(a_refused_connection_is_connect);

@@ -21,7 +21,7 @@ pub use db::{Backend, NewRow};
 pub use env::TestEnv;
 pub use metrics::MetricsEndpoint;
 pub use relay::{serversync, Output};
-pub use sink::{Mode, Reply, Sink};
+pub use sink::{Incoming, Mode, Reply, Sink};
 
 /// Run a test on each store. A test written once as a function of the backend,
 ///

@@ -167,8 +167,10 @@ async fn a_sink_answering_503_to_everything_costs_rows_no_more_than_the_threshol
         .filter(|r| r.received_at > since)
         .map(|r| r.entries().len())
         .collect();
+    // A probe is one batch of at most 10 rows; a failing one is halved a few times
+    // (in case one entry makes the sink fail): at most 5 requests per probe.
     assert!(
-        (1..=30).contains(&probes.len()),
+        (1..=60).contains(&probes.len()),
         "one probe at a time on a 100ms…500ms schedule: {} requests in 2.7s",
         probes.len()
     );
