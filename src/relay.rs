@@ -675,7 +675,7 @@ impl Relay {
                     error_type = %failure.error_type,
                     http_status = failure.http_status,
                     "dead-lettered: {}",
-                    failure.message
+                    failure.log_message()
                 );
                 s.dead.push(DeadRow {
                     id: row.id,
@@ -700,7 +700,7 @@ impl Relay {
                     http_status = failure.http_status,
                     retry_in = ?delay,
                     "delivery failed: {}",
-                    failure.message
+                    failure.log_message()
                 );
             } else {
                 tracing::debug!(

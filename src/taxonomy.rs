@@ -88,6 +88,22 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// The message for a log line. Messages about a row's file or payload quote
+    /// values from the payload (paths, field contents), and logs carry no payload
+    /// contents (SPEC §7): those stay in the database (`last_error`, `dlq show`).
+    pub fn log_message(&self) -> &str {
+        match self.error_type {
+            ErrorType::FileMissing
+            | ErrorType::FileUnreadable
+            | ErrorType::PathDenied
+            | ErrorType::PayloadInvalid
+            | ErrorType::UnknownEntityType => {
+                "details in the row's last_error, not logged: they quote its payload"
+            }
+            _ => &self.message,
+        }
+    }
+
     fn new(error_type: ErrorType, retryable: bool, message: impl Into<String>) -> Failure {
         Failure {
             error_type,

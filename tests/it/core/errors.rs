@@ -374,16 +374,27 @@ async fn paths_out_of_the_recordings_root_are_denied(backend: Backend) {
         ids.push(env.insert("recording_file", Uuid::new_v4(), payload).await);
     }
 
-    env.drain().await.assert_code(3);
+    let out = env.drain().await;
+    out.assert_code(3);
 
     let dead = env.dead_letters().await;
-    for id in ids {
-        assert_dead(&dead, id, "path_denied", 1);
+    for id in &ids {
+        let d = assert_dead(&dead, *id, "path_denied", 1);
+        assert!(
+            d.error_message.contains("outside"),
+            "the path is in the dead letter: {d:#?}"
+        );
     }
     assert_eq!(
         env.sink.request_count(),
         0,
         "nothing outside the root is sent"
+    );
+    // the logs name the rows and the error type, not the payload's paths
+    assert!(out.stderr.contains("path_denied"), "{out}");
+    assert!(
+        !out.stderr.contains("outside.wav"),
+        "a payload's path in the logs\n{out}"
     );
 }
 
