@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use reqwest::multipart::{Form, Part};
 use reqwest::{Client, Response, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
@@ -215,32 +214,58 @@ impl Dispatcher {
         } else {
             None
         };
+        let form = UploadForm::new(job, &audio.name, meta);
+        let idempotency_key = format!("recording_file:{}", row.id);
+        let mut file = audio.file;
+        let mut request = self
+            .client
+            .post(self.file_url.clone())
+            .timeout(self.upload_deadline(audio.len))
+            .header(reqwest::header::CONTENT_TYPE, form.content_type())
+            .header(reqwest::header::CONTENT_LENGTH, form.len(audio.len))
+            .header("Idempotency-Key", &idempotency_key);
+        if let Some(key) = &self.signing_key {
+            // the signature covers the exact body, file included: one pass over the
+            // file to sign it, a second to send it
+            let timestamp = chrono::Utc::now().timestamp();
+            let (key, head, tail, len, id) = (
+                key.clone(),
+                form.head.clone(),
+                form.tail.clone(),
+                audio.len,
+                idempotency_key.clone(),
+            );
+            let path = job.file_path.clone();
+            let signed = tokio::task::spawn_blocking(move || {
+                let headers = sign_file(&key, &id, timestamp, &head, &mut file, len, &tail);
+                (file, headers)
+            })
+            .await
+            .map_err(|e| Failure::file_unreadable(format!("{path}: signing it failed: {e}")))?;
+            file = signed.0;
+            let headers = signed.1.map_err(|e| {
+                Failure::file_unreadable(format!(
+                    "{}: reading it to sign it failed: {e}",
+                    job.file_path
+                ))
+            })?;
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+        }
         // a read error mid-upload reaches reqwest as a broken body, which it reports
         // like a transport error; the reader also leaves it here so the failure is
         // classified as the file's (file_unreadable), not the sink's (connect)
         let read_error = ReadError::default();
-        let stream = file_chunks(audio.file, audio.len, read_error.clone());
-        let audio_part = Part::stream_with_length(reqwest::Body::wrap_stream(stream), audio.len)
-            .file_name(audio.name.clone())
-            .mime_str(audio_mime(&audio.name))
-            .map_err(|e| Failure::payload_invalid(format!("bad content type: {e}")))?;
-        let mut form = Form::new()
-            .text("callLogId", job.call_log_id.clone())
-            .text("recordingId", job.recording_id.clone())
-            .part("audio", audio_part);
-        if let Some((name, bytes)) = meta {
-            let part = Part::bytes(bytes)
-                .file_name(name)
-                .mime_str("application/json")
-                .map_err(|e| Failure::payload_invalid(format!("bad content type: {e}")))?;
-            form = form.part("meta", part);
-        }
-        let request = self
-            .client
-            .post(self.file_url.clone())
-            .timeout(self.upload_deadline(audio.len))
-            .header("Idempotency-Key", format!("recording_file:{}", row.id))
-            .multipart(form);
+        let chunks = file_chunks(file, audio.len, read_error.clone());
+        let around = |bytes: bytes::Bytes| {
+            futures_util::stream::once(std::future::ready(Ok::<_, std::io::Error>(bytes)))
+        };
+        let body = futures_util::StreamExt::chain(
+            futures_util::StreamExt::chain(around(form.head), chunks),
+            around(form.tail),
+        );
+        let request = request.body(reqwest::Body::wrap_stream(body));
         let result = self
             .execute(self.authorize(request), "recording_file")
             .await;
@@ -357,10 +382,20 @@ fn signing_key(secret: &str) -> Vec<u8> {
 
 /// Standard Webhooks headers: HMAC-SHA256 over `id.timestamp.body`.
 pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> [(&'static str, String); 3] {
+    let mut mac = signer(key, id, timestamp);
+    mac.update(body);
+    signature_headers(id, timestamp, mac)
+}
+
+/// An HMAC that has taken `id.timestamp.`; the body follows.
+fn signer(key: &[u8], id: &str, timestamp: i64) -> Hmac<Sha256> {
     let mut mac =
         <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(format!("{id}.{timestamp}.").as_bytes());
-    mac.update(body);
+    mac
+}
+
+fn signature_headers(id: &str, timestamp: i64, mac: Hmac<Sha256>) -> [(&'static str, String); 3] {
     let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
     [
         ("webhook-id", id.to_string()),
@@ -369,13 +404,121 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> [(&'static str
     ]
 }
 
-/// Bytes read ahead of the socket per upload: `READ_AHEAD` chunks of `CHUNK`.
 /// The slowest transfer an upload without `ingest.upload_timeout` is allowed, in
 /// bytes per second (1 MiB/s: a 1 GiB recording gets 17 minutes plus `ingest.timeout`).
 const UPLOAD_FLOOR_RATE: u64 = 1024 * 1024;
 
+/// Bytes read ahead of the socket per upload: `READ_AHEAD` chunks of `CHUNK`.
 const CHUNK: usize = 512 * 1024;
 const READ_AHEAD: usize = 4;
+
+/// The `multipart/form-data` body of one upload (SPEC §2.2), written by hand around
+/// the streamed audio file so its exact bytes are known before it is sent: its
+/// length (`Content-Length`) and, when signing, the signature over all of it.
+/// `head` is everything before the audio bytes, `tail` everything after them.
+struct UploadForm {
+    boundary: String,
+    head: bytes::Bytes,
+    tail: bytes::Bytes,
+}
+
+impl UploadForm {
+    fn new(job: &FileJob, audio_name: &str, meta: Option<(String, Vec<u8>)>) -> UploadForm {
+        let boundary = format!("serversync-{}", Uuid::new_v4().simple());
+        let mut head = Vec::with_capacity(512);
+        for (name, value) in [
+            ("callLogId", job.call_log_id.as_str()),
+            ("recordingId", job.recording_id.as_str()),
+        ] {
+            head.extend_from_slice(
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                )
+                .as_bytes(),
+            );
+        }
+        head.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"{}\"\r\n\
+                 Content-Type: {}\r\n\r\n",
+                quote_file_name(audio_name),
+                audio_mime(audio_name)
+            )
+            .as_bytes(),
+        );
+        let mut tail = Vec::with_capacity(256);
+        tail.extend_from_slice(b"\r\n");
+        if let Some((name, bytes)) = meta {
+            tail.extend_from_slice(
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"meta\"; filename=\"{}\"\r\n\
+                     Content-Type: application/json\r\n\r\n",
+                    quote_file_name(&name)
+                )
+                .as_bytes(),
+            );
+            tail.extend_from_slice(&bytes);
+            tail.extend_from_slice(b"\r\n");
+        }
+        tail.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        UploadForm {
+            boundary,
+            head: head.into(),
+            tail: tail.into(),
+        }
+    }
+
+    fn content_type(&self) -> String {
+        format!("multipart/form-data; boundary={}", self.boundary)
+    }
+
+    /// The whole body's length around a file of `file_len` bytes.
+    fn len(&self, file_len: u64) -> u64 {
+        self.head.len() as u64 + file_len + self.tail.len() as u64
+    }
+}
+
+/// A file name inside a quoted `Content-Disposition` parameter, escaped as browsers
+/// do (WHATWG): `"` → `%22`, CR → `%0D`, LF → `%0A`.
+fn quote_file_name(name: &str) -> String {
+    name.replace('"', "%22")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
+}
+
+/// [`sign`] over a body of `head`, `len` bytes of `file` and `tail`, read in
+/// `CHUNK`s; leaves the file where it was. Fails if the file is shorter than `len`.
+fn sign_file(
+    key: &[u8],
+    id: &str,
+    timestamp: i64,
+    head: &[u8],
+    file: &mut std::fs::File,
+    len: u64,
+    tail: &[u8],
+) -> std::io::Result<[(&'static str, String); 3]> {
+    use std::io::{Read, Seek};
+    let start = file.stream_position()?;
+    let mut mac = signer(key, id, timestamp);
+    mac.update(head);
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let want = left.min(CHUNK as u64) as usize;
+        let n = file.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the file is {left} bytes shorter than when it was opened"),
+            ));
+        }
+        mac.update(&buf[..n]);
+        left -= n as u64;
+    }
+    mac.update(tail);
+    file.seek(std::io::SeekFrom::Start(start))?;
+    Ok(signature_headers(id, timestamp, mac))
+}
 
 /// Where the upload's reader thread leaves the first read error it met.
 #[derive(Debug, Clone, Default)]
@@ -516,6 +659,43 @@ mod tests {
             ordering_key: None,
             defect: None,
         }
+    }
+
+    #[test]
+    fn an_upload_form_frames_the_file_and_counts_every_byte() {
+        let job = FileJob {
+            call_log_id: "c1".into(),
+            recording_id: "r1".into(),
+            file_path: "c1/a.wav".into(),
+            meta_path: None,
+        };
+        let form = UploadForm::new(
+            &job,
+            "we\"ird\r\nname.wav",
+            Some(("meta.json".into(), b"{}".to_vec())),
+        );
+        let head = String::from_utf8(form.head.to_vec()).unwrap();
+        let tail = String::from_utf8(form.tail.to_vec()).unwrap();
+        let boundary = &form.boundary;
+        assert!(head.starts_with(&format!("--{boundary}\r\n")));
+        assert!(head.contains("name=\"callLogId\"\r\n\r\nc1\r\n"));
+        assert!(head.contains("name=\"recordingId\"\r\n\r\nr1\r\n"));
+        assert!(
+            head.ends_with(
+                "filename=\"we%22ird%0D%0Aname.wav\"\r\nContent-Type: audio/wav\r\n\r\n"
+            ),
+            "{head}"
+        );
+        assert!(tail.starts_with("\r\n--"));
+        assert!(tail.contains(
+            "name=\"meta\"; filename=\"meta.json\"\r\nContent-Type: application/json\r\n\r\n{}\r\n"
+        ));
+        assert!(tail.ends_with(&format!("--{boundary}--\r\n")));
+        assert_eq!(form.len(10), (head.len() + 10 + tail.len()) as u64);
+        assert_eq!(
+            form.content_type(),
+            format!("multipart/form-data; boundary={boundary}")
+        );
     }
 
     #[test]

@@ -134,3 +134,60 @@ async fn a_wrong_ingest_token_is_not_echoed(backend: Backend) {
         dead[0]
     );
 }
+
+/// Standard Webhooks' example secret.
+const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// What a Frontend does with a signed request: recompute HMAC-SHA256 over
+/// `webhook-id.webhook-timestamp.body` with the secret and compare.
+#[track_caller]
+fn assert_signed(headers: &crate::harness::sink::Headers, body: &[u8]) {
+    use base64::Engine;
+    use hmac::Mac;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64
+        .decode(SIGNING_SECRET.trim_start_matches("whsec_"))
+        .expect("the example secret is base64");
+    let id = headers.get("webhook-id").expect("webhook-id");
+    let timestamp = headers.get("webhook-timestamp").expect("webhook-timestamp");
+    let signature = headers.get("webhook-signature").expect("webhook-signature");
+    assert_eq!(
+        Some(id),
+        headers.get("idempotency-key"),
+        "the message id is the Idempotency-Key"
+    );
+    let age = chrono::Utc::now().timestamp() - timestamp.parse::<i64>().expect("a Unix time");
+    assert!((0..120).contains(&age), "a fresh timestamp: {timestamp}");
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).expect("any key length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    let expected = format!("v1,{}", b64.encode(mac.finalize().into_bytes()));
+    assert_eq!(signature, expected, "signature over the exact body");
+}
+
+both_stores!(batches_and_uploads_are_signed_over_their_exact_bodies);
+async fn batches_and_uploads_are_signed_over_their_exact_bodies(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config.set("ingest.signing_secret", SIGNING_SECRET);
+    let call = Uuid::new_v4();
+    let (audio, meta) = write_recording(&env, call);
+    env.insert("call_log", call, json!({"id": call})).await;
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        json!({"callLogId": call, "filePath": format!("{call}/mixed.wav")}),
+    )
+    .await;
+
+    env.drain().await.assert_success();
+
+    let syncs = env.sink.sync_requests();
+    assert_eq!(syncs.len(), 1);
+    assert_signed(&syncs[0].headers, &syncs[0].raw_body);
+    let uploads = env.sink.uploads();
+    assert_eq!(uploads.len(), 1);
+    assert_signed(&uploads[0].headers, &uploads[0].raw_body);
+    assert_eq!(uploads[0].part("audio").expect("audio").bytes, audio);
+    assert_eq!(uploads[0].part("meta").expect("meta").bytes, meta);
+    assert_eq!(env.count("sync_outbox").await, 0);
+}

@@ -199,6 +199,8 @@ pub struct Entry {
 pub struct Upload {
     pub seq: u64,
     pub headers: Headers,
+    /// The multipart body as it arrived.
+    pub raw_body: Vec<u8>,
     pub parts: Vec<Part>,
     /// Why the multipart body could not be read, if it could not (answered 400).
     pub error: Option<String>,
@@ -481,13 +483,27 @@ async fn recording_file(State(shared): State<Arc<Shared>>, request: Request) -> 
     if !stall.is_zero() {
         tokio::time::sleep(stall).await;
     }
-    let (parts, error) = read_parts(request).await;
+    // the whole body first (test files are small), kept for signature checks
+    let (head, body) = request.into_parts();
+    let (raw_body, parts, error) = match axum::body::to_bytes(body, 64 << 20).await {
+        Ok(raw) => {
+            let rebuilt = Request::from_parts(head, axum::body::Body::from(raw.clone()));
+            let (parts, error) = read_parts(rebuilt).await;
+            (raw.to_vec(), parts, error)
+        }
+        Err(e) => (
+            Vec::new(),
+            Vec::new(),
+            Some(format!("reading the body: {e}")),
+        ),
+    };
     let (index, reply) = {
         let mut inner = shared.lock();
         inner.seq += 1;
         let mut upload = Upload {
             seq: inner.seq,
             headers,
+            raw_body,
             parts,
             error,
             status: 0,
