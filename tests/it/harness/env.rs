@@ -183,9 +183,18 @@ impl TestEnv {
         self.db.rows(&sql).await
     }
 
-    /// Outbox ids recorded as delivered, ascending.
+    /// Outbox ids recorded as delivered, ascending (read from `outbox_id`, the
+    /// name the dead letters use too; it always equals the record's `id`).
     pub async fn sent_ids(&self) -> Vec<i64> {
-        self.sent().await.iter().map(|s| s.id).collect()
+        let ids: Vec<i64> = self.sent().await.iter().map(|s| s.id).collect();
+        let mismatched = self
+            .db
+            .scalar(
+                "SELECT count(*) FROM sync_outbox_sent WHERE outbox_id IS NULL OR outbox_id <> id",
+            )
+            .await;
+        assert_eq!(mismatched, 0, "sync_outbox_sent.outbox_id is its id");
+        ids
     }
 
     pub async fn count(&self, table: &str) -> i64 {
