@@ -181,6 +181,9 @@ impl Relay {
     /// Run `concurrency` workers until `stop` (or, draining, until nothing is due),
     /// then wait for in-flight batches up to `shutdown.grace` and release the rest.
     pub async fn run_workers(self: &Arc<Self>, stop: CancellationToken) -> Summary {
+        let started_down = self.restore_sink_state().await;
+        let recorded = CancellationToken::new();
+        let recorder = self.record_sink_state(started_down, recorded.clone());
         let tracker = TaskTracker::new();
         let finished = stop.child_token();
         for _ in 0..self.settings.dispatch.concurrency {
@@ -199,7 +202,79 @@ impl Relay {
                 }
             }
         }
+        recorded.cancel();
+        let _ = recorder.await;
         self.summary(stop.is_cancelled())
+    }
+
+    /// The sink's state as it is recorded for everyone (`ingest.base_url` without
+    /// its query, which may hold a token).
+    fn sink_name(&self) -> String {
+        match reqwest::Url::parse(&self.settings.ingest.base_url) {
+            Ok(mut url) => {
+                url.set_query(None);
+                url.set_fragment(None);
+                url.to_string()
+            }
+            Err(_) => self.settings.ingest.base_url.clone(),
+        }
+    }
+
+    /// Start as down if a relay (another instance, or an earlier run) took the sink
+    /// as down and none has seen it answer since: probe first, charge nothing.
+    /// Returns whether it did.
+    async fn restore_sink_state(&self) -> bool {
+        match self.store.sink_down_since(&self.sink_name()).await {
+            Ok(Some(since)) => {
+                self.sink.start_down();
+                tracing::warn!(
+                    since = %since,
+                    "ingest sink was taken as down by a relay and has not been seen answering \
+                     since: probing it before delivering; rows are not charged attempts meanwhile"
+                );
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "cannot read the recorded sink state");
+                false
+            }
+        }
+    }
+
+    /// Record every transition of the sink's state in the database, for relays that
+    /// start later (cron drains, restarts, other instances); the last one is written
+    /// before `done` lets this task end.
+    fn record_sink_state(
+        self: &Arc<Self>,
+        started_down: bool,
+        done: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let relay = Arc::clone(self);
+        let mut up = self.sink.subscribe();
+        tokio::spawn(async move {
+            let sink = relay.sink_name();
+            let mut recorded = Some(!started_down);
+            loop {
+                let last = tokio::select! {
+                    changed = up.changed() => changed.is_err(),
+                    _ = done.cancelled() => true,
+                };
+                let now_up = *up.borrow_and_update();
+                if recorded != Some(now_up) {
+                    match relay.store.set_sink_down(&sink, !now_up).await {
+                        Ok(()) => recorded = Some(now_up),
+                        Err(e) => tracing::debug!(
+                            error = %format!("{e:#}"),
+                            "cannot record the sink state"
+                        ),
+                    }
+                }
+                if last {
+                    break;
+                }
+            }
+        })
     }
 
     async fn release_in_flight(&self, grace: Duration) {
@@ -290,6 +365,11 @@ impl Relay {
                     wait(&finished, poll, &mut wake).await;
                 }
                 Step::Paused(until) => {
+                    if self.drain.is_some() && self.sink.is_probing() {
+                        // a probe is out: its answer decides whether this drain goes on
+                        wait(&finished, Duration::from_millis(10), &mut wake).await;
+                        continue;
+                    }
                     if self.drain.is_some() {
                         // drain delivers what is due now; it does not sit out an outage
                         // or a rate limit: what is left waits for the next run

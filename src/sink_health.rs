@@ -33,6 +33,8 @@ struct State {
 
 pub struct SinkHealth {
     state: Mutex<State>,
+    /// `true` while up; changes on every transition (for whoever records them).
+    up: tokio::sync::watch::Sender<bool>,
     threshold: u32,
     probe_base: Duration,
     probe_max: Duration,
@@ -55,6 +57,7 @@ impl SinkHealth {
                 probe_delay: probe_base,
                 not_before: Instant::now(),
             }),
+            up: tokio::sync::watch::channel(true).0,
             threshold: threshold.max(1),
             probe_base,
             probe_max: probe_max.max(probe_base),
@@ -69,6 +72,30 @@ impl SinkHealth {
 
     pub fn is_down(&self) -> bool {
         self.lock().down
+    }
+
+    /// Down, with a probe out whose answer will say whether it still is.
+    pub fn is_probing(&self) -> bool {
+        let s = self.lock();
+        s.down && s.probing
+    }
+
+    /// Transitions between up (`true`) and down.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.up.subscribe()
+    }
+
+    /// Start as down (another relay, or an earlier run, took the sink as down and
+    /// nobody has seen it answer since): probe at once, charge nothing meanwhile.
+    pub fn start_down(&self) {
+        let mut s = self.lock();
+        s.down = true;
+        s.probing = false;
+        s.consecutive_failures = self.threshold;
+        s.probe_delay = self.probe_base;
+        s.not_before = Instant::now();
+        self.metrics.sink_up.set(0);
+        self.up.send_replace(false);
     }
 
     pub fn gate(&self) -> Gate {
@@ -107,6 +134,7 @@ impl SinkHealth {
             s.down = false;
             s.probe_delay = self.probe_base;
             self.metrics.sink_up.set(1);
+            self.up.send_replace(true);
             tracing::warn!("ingest sink is answering again: resuming delivery");
         }
     }
@@ -130,6 +158,7 @@ impl SinkHealth {
             s.probe_delay = self.probe_base;
             s.not_before = now + s.probe_delay.max(retry_after.unwrap_or_default());
             self.metrics.sink_up.set(0);
+            self.up.send_replace(false);
             tracing::error!(
                 error_type,
                 consecutive_failures = s.consecutive_failures,
@@ -197,6 +226,28 @@ mod tests {
         assert!(!h.is_down());
         assert_eq!(h.gate(), Gate::Open);
         assert_eq!(h.metrics.sink_up.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn starting_down_probes_at_once_and_charges_nothing() {
+        let h = health(3);
+        let mut up = h.subscribe();
+        h.start_down();
+        assert!(h.is_down());
+        assert!(!*up.borrow_and_update());
+        assert_eq!(h.gate(), Gate::Probe, "the first caller probes at once");
+        assert!(h.is_probing());
+        assert!(
+            !h.on_sink_failure("connect", None),
+            "not charged while down"
+        );
+        assert!(!h.is_probing());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(h.gate(), Gate::Probe);
+        h.on_answer();
+        assert!(up.has_changed().unwrap_or(false));
+        assert!(*up.borrow_and_update());
+        assert_eq!(h.gate(), Gate::Open);
     }
 
     #[tokio::test(start_paused = true)]

@@ -372,6 +372,17 @@ impl Store {
         delegate!(self, s => s.prune_sent(ttl, batch).await)
     }
 
+    /// When the ingest sink `sink` was taken as down by some relay, if it still is
+    /// (UTC, RFC 3339), for a relay starting up.
+    pub async fn sink_down_since(&self, sink: &str) -> anyhow::Result<Option<String>> {
+        delegate!(self, s => s.sink_down_since(sink).await)
+    }
+
+    /// Record that the ingest sink `sink` is down (keeping the first `down_since`) or up.
+    pub async fn set_sink_down(&self, sink: &str, down: bool) -> anyhow::Result<()> {
+        delegate!(self, s => s.set_sink_down(sink, down).await)
+    }
+
     /// A stream of insert notifications, where the backend has them.
     pub async fn notifications(&self) -> anyhow::Result<Option<Notifications>> {
         match self {

@@ -499,6 +499,31 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
+    pub async fn sink_down_since(&self, sink: &str) -> anyhow::Result<Option<String>> {
+        let since: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT to_char(down_since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
+             FROM sync_outbox_sink_state WHERE sink = $1",
+        )
+        .bind(sink)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(since.flatten())
+    }
+
+    pub async fn set_sink_down(&self, sink: &str, down: bool) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO sync_outbox_sink_state (sink, down_since, updated_at) \
+             VALUES ($1, CASE WHEN $2 THEN now() END, now()) \
+             ON CONFLICT (sink) DO UPDATE SET updated_at = now(), down_since = \
+                 CASE WHEN $2 THEN COALESCE(sync_outbox_sink_state.down_since, now()) END",
+        )
+        .bind(sink)
+        .bind(down)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn notifications(&self) -> anyhow::Result<Notifications> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;

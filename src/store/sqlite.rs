@@ -515,6 +515,34 @@ impl SqliteStore {
         Ok(done.rows_affected())
     }
 
+    pub async fn sink_down_since(&self, sink: &str) -> anyhow::Result<Option<String>> {
+        let since: Option<Option<String>> =
+            sqlx::query_scalar("SELECT down_since FROM sync_outbox_sink_state WHERE sink = ?1")
+                .bind(sink)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(since.flatten())
+    }
+
+    pub async fn set_sink_down(&self, sink: &str, down: bool) -> anyhow::Result<()> {
+        let sql = concat!(
+            "INSERT INTO sync_outbox_sink_state (sink, down_since, updated_at) VALUES (?1, CASE WHEN ?2 THEN ",
+            now!(),
+            " END, ",
+            now!(),
+            ") ON CONFLICT (sink) DO UPDATE SET updated_at = excluded.updated_at, down_since = \
+             CASE WHEN ?2 THEN COALESCE(sync_outbox_sink_state.down_since, excluded.down_since) END"
+        );
+        let mut tx = self.write_tx().await?;
+        sqlx::query(sql)
+            .bind(sink)
+            .bind(down)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn prune_sent(&self, ttl: Duration, batch: u32) -> anyhow::Result<u64> {
         let sql = concat!(
             "DELETE FROM sync_outbox_sent WHERE id IN (SELECT id FROM sync_outbox_sent WHERE sent_at < ",
@@ -729,6 +757,22 @@ mod tests {
         store.migrate().await?;
         assert_eq!(store.schema_state().await?, SchemaState::Current);
         store.ping().await
+    }
+
+    #[tokio::test]
+    async fn the_sink_state_keeps_the_first_down_since_until_it_is_up() -> anyhow::Result<()> {
+        let (_dir, store) = fresh().await?;
+        let sink = "http://127.0.0.1:3000/";
+        assert_eq!(store.sink_down_since(sink).await?, None);
+        store.set_sink_down(sink, true).await?;
+        let since = store.sink_down_since(sink).await?;
+        assert!(since.as_deref().is_some_and(|t| t.ends_with('Z')), "{since:?}");
+        store.set_sink_down(sink, true).await?;
+        assert_eq!(store.sink_down_since(sink).await?, since, "the outage's start is kept");
+        assert_eq!(store.sink_down_since("http://elsewhere/").await?, None);
+        store.set_sink_down(sink, false).await?;
+        assert_eq!(store.sink_down_since(sink).await?, None);
+        Ok(())
     }
 
     #[tokio::test]

@@ -333,3 +333,83 @@ async fn a_sink_outage_never_dead_letters_a_lone_row_with_max_attempts_at_the_th
         .assert_no_panic();
     assert_eq!(tables(&env).await, (0, 1, 0), "(pending, sent, dead)");
 }
+
+/// Cron runs `drain` every few minutes through an outage: only the first drain can
+/// charge attempts (it has to see the outage threshold itself); the ones after it
+/// find the sink recorded as down, probe it, charge nothing and stop. When the sink
+/// is back, a probe finds it answering and the backlog goes.
+#[tokio::test]
+async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
+    let mut env = TestEnv::migrated().await;
+    let n = 250;
+    for _ in 0..n {
+        insert_one(&env).await;
+    }
+    let mut switch = TcpSwitch::start(env.sink.url());
+    switch.down();
+    env.config
+        .set("ingest.base_url", switch.url())
+        .set("retry.max_attempts", 3)
+        .set("dispatch.outage_threshold", 3);
+
+    let first = env
+        .cmd(["drain"])
+        .timeout(Duration::from_secs(20))
+        .output()
+        .await;
+    first.assert_code(3).assert_no_panic();
+    let after_first = max_pending_attempts(&env).await;
+    assert!(
+        after_first <= 2,
+        "the first drain charges below the threshold only: {after_first}"
+    );
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sync_outbox_sink_state WHERE down_since IS NOT NULL",
+    )
+    .fetch_one(env.db.pg())
+    .await
+    .expect("sink state");
+    assert_eq!(recorded, 1, "the outage is recorded for the next relay");
+
+    for round in 0..4 {
+        let out = env
+            .cmd(["drain"])
+            .timeout(Duration::from_secs(20))
+            .output()
+            .await;
+        out.assert_code(3).assert_no_panic();
+        assert!(
+            out.stderr.contains("taken as down by a relay"),
+            "drain {round} says why it probes first\n{out}"
+        );
+        assert_eq!(
+            max_pending_attempts(&env).await,
+            after_first,
+            "drain {round} charged attempts for a known outage"
+        );
+    }
+    assert_eq!(
+        tables(&env).await,
+        (n as i64, 0, 0),
+        "(pending, sent, dead)"
+    );
+
+    switch.up();
+    env.cmd(["drain"])
+        .timeout(Duration::from_secs(30))
+        .output()
+        .await
+        .assert_success();
+    assert_eq!(
+        tables(&env).await,
+        (0, n as i64, 0),
+        "(pending, sent, dead)"
+    );
+    let still_down: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sync_outbox_sink_state WHERE down_since IS NOT NULL",
+    )
+    .fetch_one(env.db.pg())
+    .await
+    .expect("sink state");
+    assert_eq!(still_down, 0, "the recovery is recorded too");
+}
