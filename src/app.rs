@@ -261,7 +261,11 @@ pub async fn drain(
     let aux = TaskTracker::new();
     let aux_stop = CancellationToken::new();
     aux.spawn(Arc::clone(&relay).renew_leases(aux_stop.clone()));
-    aux.spawn(progress(Arc::clone(&relay), options.max_rows, aux_stop.clone()));
+    aux.spawn(progress(
+        Arc::clone(&relay),
+        options.max_rows,
+        aux_stop.clone(),
+    ));
     let stop = shutdown.child_token();
     if let Some(timeout) = options.timeout {
         let stop = stop.clone();

@@ -766,9 +766,16 @@ mod tests {
         assert_eq!(store.sink_down_since(sink).await?, None);
         store.set_sink_down(sink, true).await?;
         let since = store.sink_down_since(sink).await?;
-        assert!(since.as_deref().is_some_and(|t| t.ends_with('Z')), "{since:?}");
+        assert!(
+            since.as_deref().is_some_and(|t| t.ends_with('Z')),
+            "{since:?}"
+        );
         store.set_sink_down(sink, true).await?;
-        assert_eq!(store.sink_down_since(sink).await?, since, "the outage's start is kept");
+        assert_eq!(
+            store.sink_down_since(sink).await?,
+            since,
+            "the outage's start is kept"
+        );
         assert_eq!(store.sink_down_since("http://elsewhere/").await?, None);
         store.set_sink_down(sink, false).await?;
         assert_eq!(store.sink_down_since(sink).await?, None);
