@@ -689,10 +689,10 @@ impl Relay {
         }
         let d = &self.settings.dispatch;
         let t = row.entity_type.as_str();
-        let well_formed = !t.is_empty()
-            && t.len() <= 100
-            && t.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+        // any name a JSON entity type may have (SPEC §1.2), but not an empty one, a
+        // novel, or one with control characters (it goes into logs and metric labels)
+        let well_formed =
+            !t.trim().is_empty() && t.len() <= 100 && !t.chars().any(char::is_control);
         if !well_formed {
             return Err(Failure::unknown_entity_type(format!(
                 "entity type {t:?} is not routable"

@@ -698,3 +698,35 @@ async fn a_file_that_shrinks_during_its_upload_is_unreadable() {
         "a file's failure does not take the sink down\n{out}"
     );
 }
+
+both_stores!(any_named_entity_type_goes_to_sync_and_a_blank_one_is_unknown);
+async fn any_named_entity_type_goes_to_sync_and_a_blank_one_is_unknown(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
+    let mut routable = Vec::new();
+    for t in ["billing:invoice", "crm/contact", "Call Log", "überweisung"] {
+        routable.push(env.insert(t, Uuid::new_v4(), json!({"t": t})).await);
+    }
+    let blank = env.insert(" ", Uuid::new_v4(), json!({"n": 1})).await;
+    let control = env
+        .insert("call\nlog", Uuid::new_v4(), json!({"n": 2}))
+        .await;
+
+    env.drain().await.assert_code(3);
+
+    let mut delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    delivered.sort();
+    assert_eq!(
+        delivered, routable,
+        "every named type goes to /api/ingest/sync"
+    );
+    let types: Vec<String> = env
+        .sink
+        .entries()
+        .iter()
+        .map(|e| e.entity_type.clone())
+        .collect();
+    assert!(types.contains(&"billing:invoice".to_string()), "{types:?}");
+    let dead = env.dead_letters().await;
+    assert_dead(&dead, blank, "unknown_entity_type", 1);
+    assert_dead(&dead, control, "unknown_entity_type", 1);
+}
