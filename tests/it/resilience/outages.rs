@@ -395,6 +395,12 @@ async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
     );
 
     switch.up();
+    // the last probe's rows are due again at the next probe time (max_probe_interval
+    // is 200ms here); a drain delivers what is due
+    wait_until(Duration::from_secs(5), "the probed rows to fall due", || async {
+        env.count_waiting().await == 0
+    })
+    .await;
     env.cmd(["drain"])
         .timeout(Duration::from_secs(30))
         .output()
