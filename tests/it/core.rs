@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::harness::env::DeadLetter;
+use crate::harness::env::{DeadLetter, OutboxRow};
 use crate::harness::{fixtures, wait_until, Output, TestEnv};
 
 /// Run `drain` until `done` holds, at most 8 times. A drain ends when nothing is due;
@@ -85,6 +85,22 @@ fn write_recording(env: &TestEnv, call: Uuid) -> (Vec<u8>, Vec<u8>) {
 
 fn file_payload(call: Uuid, file_path: &str) -> Value {
     json!({"callLogId": call, "filePath": file_path})
+}
+
+/// The only row left in `sync_outbox` after one failed attempt: retried, not lost,
+/// with `error_type` recorded, one attempt charged and its history entry.
+async fn the_row_left_for_retry(env: &TestEnv, error_type: &str) -> OutboxRow {
+    let mut rows = env.outbox().await;
+    assert_eq!(
+        rows.len(),
+        1,
+        "the row stays in sync_outbox to be retried: {rows:#?}"
+    );
+    let row = rows.remove(0);
+    assert_eq!(row.last_error_type.as_deref(), Some(error_type), "{row:#?}");
+    assert_eq!(row.attempts, 1, "{row:#?}");
+    assert_history(&row.attempt_errors, error_type, 1);
+    row
 }
 
 /// One dead letter for `outbox_id`, with the expected type, attempt count and a

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{parse_time, write_recording};
+use super::{file_payload, parse_time, write_recording};
 use crate::harness::sink::Incoming;
 use crate::harness::{both_stores, Backend, Mode, NewRow, Reply, TestEnv};
 
@@ -161,7 +161,7 @@ async fn a_recording_id_defaults_to_the_entity_id_and_no_meta_part_without_a_met
     env.insert(
         "recording_file",
         recording,
-        json!({"callLogId": call, "filePath": format!("{call}/mixed.wav")}),
+        file_payload(call, &format!("{call}/mixed.wav")),
     )
     .await;
 
@@ -192,7 +192,7 @@ async fn a_file_of_several_read_chunks_arrives_byte_identical(backend: Backend) 
     env.insert(
         "recording_file",
         Uuid::new_v4(),
-        json!({"callLogId": call, "filePath": format!("{call}/long.wav")}),
+        file_payload(call, &format!("{call}/long.wav")),
     )
     .await;
 

@@ -8,7 +8,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    assert_dead, assert_history, drain_until, file_payload, retry_in_an_hour, write_recording,
+    assert_dead, assert_history, drain_until, file_payload, retry_in_an_hour,
+    the_row_left_for_retry, write_recording,
 };
 use crate::harness::{both_stores, closed_port, fixtures, Backend, Incoming, Mode, Reply, TestEnv};
 
@@ -212,17 +213,8 @@ async fn a_sink_slower_than_ingest_timeout_is_a_timeout(backend: Backend) {
         "the timeout cut the request short\n{out}"
     );
 
-    let rows = env.outbox().await;
-    assert_eq!(rows.len(), 1);
-    assert_eq!(
-        rows[0].last_error_type.as_deref(),
-        Some("timeout"),
-        "{:#?}",
-        rows[0]
-    );
-    assert_eq!(rows[0].last_http_status, None);
-    assert_eq!(rows[0].attempts, 1);
-    assert_history(&rows[0].attempt_errors, "timeout", 1);
+    let row = the_row_left_for_retry(&env, "timeout").await;
+    assert_eq!(row.last_http_status, None);
 }
 
 both_stores!(an_upload_to_a_hung_sink_times_out_after_ingest_timeout);
@@ -251,15 +243,7 @@ async fn an_upload_to_a_hung_sink_times_out_after_ingest_timeout(backend: Backen
         out.elapsed < Duration::from_secs(5),
         "the upload was cut short near ingest.timeout\n{out}"
     );
-    let rows = env.outbox().await;
-    assert_eq!(rows.len(), 1);
-    assert_eq!(
-        rows[0].last_error_type.as_deref(),
-        Some("timeout"),
-        "{:#?}",
-        rows[0]
-    );
-    assert_eq!(rows[0].attempts, 1);
+    the_row_left_for_retry(&env, "timeout").await;
 }
 
 both_stores!(a_refused_connection_is_connect);
@@ -277,17 +261,8 @@ async fn a_refused_connection_is_connect(backend: Backend) {
     out.assert_code(3);
     assert!(out.elapsed < Duration::from_secs(10), "{out}");
 
-    let rows = env.outbox().await;
-    assert_eq!(rows.len(), 1);
-    assert_eq!(
-        rows[0].last_error_type.as_deref(),
-        Some("connect"),
-        "{:#?}",
-        rows[0]
-    );
-    assert_eq!(rows[0].last_http_status, None);
-    assert_eq!(rows[0].attempts, 1);
-    assert_history(&rows[0].attempt_errors, "connect", 1);
+    let row = the_row_left_for_retry(&env, "connect").await;
+    assert_eq!(row.last_http_status, None);
 }
 
 both_stores!(a_missing_file_is_retried);
@@ -304,20 +279,8 @@ async fn a_missing_file_is_retried(backend: Backend) {
 
     env.drain().await.assert_code(3);
 
-    let rows = env.outbox().await;
-    assert_eq!(
-        rows.len(),
-        1,
-        "a missing file may still appear: the row stays"
-    );
-    assert_eq!(
-        rows[0].last_error_type.as_deref(),
-        Some("file_missing"),
-        "{:#?}",
-        rows[0]
-    );
-    assert_eq!(rows[0].attempts, 1);
-    assert_history(&rows[0].attempt_errors, "file_missing", 1);
+    // a missing file may still appear: the row stays
+    the_row_left_for_retry(&env, "file_missing").await;
     assert_eq!(env.sink.request_count(), 0, "nothing to send");
 }
 

@@ -4,7 +4,7 @@
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{drain_until_with, write_recording};
+use super::{drain_until_with, file_payload, write_recording};
 use crate::harness::pg::with_password;
 use crate::harness::{both_stores, closed_port, Backend, Output, TestEnv};
 
@@ -175,7 +175,7 @@ async fn batches_and_uploads_are_signed_over_their_exact_bodies(backend: Backend
     env.insert(
         "recording_file",
         Uuid::new_v4(),
-        json!({"callLogId": call, "filePath": format!("{call}/mixed.wav")}),
+        file_payload(call, &format!("{call}/mixed.wav")),
     )
     .await;
 

@@ -126,6 +126,26 @@ async fn sent_attempts(env: &TestEnv) -> Vec<i32> {
         .expect("select sent attempts")
 }
 
+/// `n` rows queued for a sink whose connections are refused (the switch is down and
+/// `ingest.base_url` points through it).
+async fn backlog_behind_a_refusing_sink(env: &mut TestEnv, n: usize) -> TcpSwitch {
+    for _ in 0..n {
+        insert_one(env).await;
+    }
+    let mut switch = TcpSwitch::start(env.sink.url());
+    switch.down();
+    env.config.set("ingest.base_url", switch.url());
+    switch
+}
+
+/// Sinks `sync_outbox_sink_state` records as down.
+async fn sinks_recorded_down(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM sync_outbox_sink_state WHERE down_since IS NOT NULL")
+        .fetch_one(env.db.pg())
+        .await
+        .expect("sink state")
+}
+
 async fn max_pending_attempts(env: &TestEnv) -> i32 {
     sqlx::query_scalar("SELECT coalesce(max(attempts), 0) FROM sync_outbox")
         .fetch_one(env.db.pg())
@@ -223,13 +243,8 @@ async fn a_sink_answering_503_to_everything_costs_rows_no_more_than_the_threshol
 async fn a_sink_refusing_connections_stops_drain_and_pauses_run_without_charging() {
     let mut env = TestEnv::migrated().await;
     let n = 300;
-    for _ in 0..n {
-        insert_one(&env).await;
-    }
-    let mut switch = TcpSwitch::start(env.sink.url());
-    switch.down();
+    let mut switch = backlog_behind_a_refusing_sink(&mut env, n).await;
     env.config
-        .set("ingest.base_url", switch.url())
         // Each process charges at most `outage_threshold - 1` (2) failing requests
         // before it takes the sink as down (with 10 ms retries the same rows may be in
         // both); two processes here, so 5 attempts can never be exhausted by the outage.
@@ -342,13 +357,8 @@ async fn a_sink_outage_never_dead_letters_a_lone_row_with_max_attempts_at_the_th
 async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
     let mut env = TestEnv::migrated().await;
     let n = 250;
-    for _ in 0..n {
-        insert_one(&env).await;
-    }
-    let mut switch = TcpSwitch::start(env.sink.url());
-    switch.down();
+    let mut switch = backlog_behind_a_refusing_sink(&mut env, n).await;
     env.config
-        .set("ingest.base_url", switch.url())
         .set("retry.max_attempts", 3)
         .set("dispatch.outage_threshold", 3);
 
@@ -363,13 +373,11 @@ async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
         after_first <= 2,
         "the first drain charges below the threshold only: {after_first}"
     );
-    let recorded: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM sync_outbox_sink_state WHERE down_since IS NOT NULL",
-    )
-    .fetch_one(env.db.pg())
-    .await
-    .expect("sink state");
-    assert_eq!(recorded, 1, "the outage is recorded for the next relay");
+    assert_eq!(
+        sinks_recorded_down(&env).await,
+        1,
+        "the outage is recorded for the next relay"
+    );
 
     for round in 0..4 {
         let out = env
@@ -397,9 +405,11 @@ async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
     switch.up();
     // the last probe's rows are due again at the next probe time (max_probe_interval
     // is 200ms here); a drain delivers what is due
-    wait_until(Duration::from_secs(5), "the probed rows to fall due", || async {
-        env.count_waiting().await == 0
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "the probed rows to fall due",
+        || async { env.count_waiting().await == 0 },
+    )
     .await;
     env.cmd(["drain"])
         .timeout(Duration::from_secs(30))
@@ -411,11 +421,9 @@ async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
         (0, n as i64, 0),
         "(pending, sent, dead)"
     );
-    let still_down: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM sync_outbox_sink_state WHERE down_since IS NOT NULL",
-    )
-    .fetch_one(env.db.pg())
-    .await
-    .expect("sink state");
-    assert_eq!(still_down, 0, "the recovery is recorded too");
+    assert_eq!(
+        sinks_recorded_down(&env).await,
+        0,
+        "the recovery is recorded too"
+    );
 }
