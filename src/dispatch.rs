@@ -117,6 +117,7 @@ struct SyncEntry<'a> {
 /// RFC 3339 in UTC with `Z` and as many fraction digits as needed (0, 3, 6 or 9), the
 /// same text as `to_rfc3339_opts(SecondsFormat::AutoSi, true)`, written straight into
 /// the request body instead of through a `String` per row.
+///
 /// Digits are written by hand into a stack buffer: chrono's `format` re-parses its
 /// format string for every call (3.5 % of the relay's CPU in a drain profile). Years
 /// outside 0000–9999 and leap seconds take chrono's path.
@@ -533,27 +534,37 @@ fn sign_file(
     len: u64,
     tail: &[u8],
 ) -> std::io::Result<[(&'static str, String); 3]> {
-    use std::io::{Read, Seek};
+    use std::io::Seek;
     let start = file.stream_position()?;
     let mut mac = signer(key, id, timestamp);
     mac.update(head);
-    let mut buf = vec![0u8; CHUNK];
     let mut left = len;
     while left > 0 {
-        let want = left.min(CHUNK as u64) as usize;
-        let n = file.read(&mut buf[..want])?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("the file is {left} bytes shorter than when it was opened"),
-            ));
-        }
-        mac.update(&buf[..n]);
-        left -= n as u64;
+        let chunk = next_chunk(file, left)?;
+        mac.update(&chunk);
+        left -= chunk.len() as u64;
     }
     mac.update(tail);
     file.seek(std::io::SeekFrom::Start(start))?;
     Ok(signature_headers(id, timestamp, mac))
+}
+
+/// The next at most `CHUNK` of the `left` bytes still expected from `file`. A file
+/// that ends before them is an error: it is shorter than when it was opened, and
+/// the declared length can no longer be met.
+fn next_chunk(file: &mut std::fs::File, left: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let want = left.min(CHUNK as u64);
+    // read_to_end fills spare capacity without zeroing it first
+    let mut buf = Vec::with_capacity(want as usize);
+    file.take(want).read_to_end(&mut buf)?;
+    if buf.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the file is {left} bytes shorter than when it was opened"),
+        ));
+    }
+    Ok(buf)
 }
 
 /// Where the upload's reader thread leaves the first read error it met.
@@ -583,30 +594,18 @@ fn file_chunks(
 ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(READ_AHEAD);
     tokio::task::spawn_blocking(move || {
-        use std::io::Read;
         let mut left = len;
         while left > 0 {
-            let want = left.min(CHUNK as u64);
-            // read_to_end fills spare capacity without zeroing it first
-            let mut buf = Vec::with_capacity(want as usize);
-            if let Err(e) = (&mut file).take(want).read_to_end(&mut buf) {
-                read_error.set(&e);
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-            let filled = buf.len();
-            if filled == 0 {
-                // shorter than when it was opened: the declared length will not be
-                // met and the request fails rather than sending a truncated file
-                let e = std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("the file is {left} bytes shorter than when it was opened"),
-                );
-                read_error.set(&e);
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-            left -= filled as u64;
+            // a file that shrank fails the request rather than sending it truncated
+            let buf = match next_chunk(&mut file, left) {
+                Ok(buf) => buf,
+                Err(e) => {
+                    read_error.set(&e);
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            };
+            left -= buf.len() as u64;
             // the receiver is gone when the request ended early: stop reading
             if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
                 return;

@@ -181,9 +181,10 @@ impl Relay {
     /// Run `concurrency` workers until `stop` (or, draining, until nothing is due),
     /// then wait for in-flight batches up to `shutdown.grace` and release the rest.
     pub async fn run_workers(self: &Arc<Self>, stop: CancellationToken) -> Summary {
-        let started_down = self.restore_sink_state().await;
+        let sink = self.sink_name();
+        let started_down = self.restore_sink_state(&sink).await;
         let recorded = CancellationToken::new();
-        let recorder = self.record_sink_state(started_down, recorded.clone());
+        let recorder = self.record_sink_state(sink, started_down, recorded.clone());
         let tracker = TaskTracker::new();
         let finished = stop.child_token();
         for _ in 0..self.settings.dispatch.concurrency {
@@ -223,8 +224,8 @@ impl Relay {
     /// Start as down if a relay (another instance, or an earlier run) took the sink
     /// as down and none has seen it answer since: probe first, charge nothing.
     /// Returns whether it did.
-    async fn restore_sink_state(&self) -> bool {
-        match self.store.sink_down_since(&self.sink_name()).await {
+    async fn restore_sink_state(&self, sink: &str) -> bool {
+        match self.store.sink_down_since(sink).await {
             Ok(Some(since)) => {
                 self.sink.start_down();
                 tracing::warn!(
@@ -247,23 +248,24 @@ impl Relay {
     /// before `done` lets this task end.
     fn record_sink_state(
         self: &Arc<Self>,
+        sink: String,
         started_down: bool,
         done: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let relay = Arc::clone(self);
         let mut up = self.sink.subscribe();
         tokio::spawn(async move {
-            let sink = relay.sink_name();
-            let mut recorded = Some(!started_down);
+            // what the table says, as far as this relay knows
+            let mut recorded_up = !started_down;
             loop {
                 let last = tokio::select! {
                     changed = up.changed() => changed.is_err(),
                     _ = done.cancelled() => true,
                 };
                 let now_up = *up.borrow_and_update();
-                if recorded != Some(now_up) {
+                if recorded_up != now_up {
                     match relay.store.set_sink_down(&sink, !now_up).await {
-                        Ok(()) => recorded = Some(now_up),
+                        Ok(()) => recorded_up = now_up,
                         Err(e) => tracing::debug!(
                             error = %format!("{e:#}"),
                             "cannot record the sink state"
