@@ -251,16 +251,13 @@ async fn every_spec_series_is_in_the_first_scrape_at_zero() {
         .wait_for_status("/readyz", 200, Duration::from_secs(20))
         .await;
     // the backlog gauges come with the first count of the outbox
-    wait_until(
-        Duration::from_secs(20),
-        "the first backlog count",
-        || async {
-            metrics.get("/metrics").await.is_some_and(|(_, text)| {
-                text.contains("serversync_dead_letters{error_type=\"connect\"} 0")
-            })
-        },
-    )
-    .await;
+    metrics
+        .wait_for_sample(
+            "serversync_dead_letters{error_type=\"connect\"}",
+            0.0,
+            Duration::from_secs(20),
+        )
+        .await;
     let (_, text) = metrics.get("/metrics").await.expect("a scrape");
     for line in [
         "serversync_deliveries_total{entity_type=\"call_log\",outcome=\"sent\"} 0",
