@@ -62,7 +62,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(drain_exit_code(&summary))
         }
         Command::Migrate => {
-            let store = connect(&settings).await?;
+            let store = connect(&settings, true).await?;
             store.migrate().await?;
             apply_ordering_rules(&store, &settings).await?;
             println!("migrations applied: the schema is current");
@@ -83,7 +83,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             if entity_type.trim().is_empty() {
                 bail!("invalid --entity-type: must not be empty");
             }
-            let store = connect(&settings).await?;
+            let store = connect(&settings, false).await?;
             store.require_current_schema().await?;
             let id = store
                 .enqueue(&NewRow {
@@ -123,10 +123,12 @@ pub fn shutdown_signal() -> CancellationToken {
     token
 }
 
-pub async fn connect(settings: &Settings) -> anyhow::Result<Store> {
+/// `create`: the command migrates what it opens, so a missing SQLite file may be made.
+pub async fn connect(settings: &Settings, create: bool) -> anyhow::Result<Store> {
     let options = ConnectOptions {
         max_connections: settings.database.max_connections,
         acquire_timeout: settings.database.acquire_timeout,
+        create,
     };
     Store::connect(settings.database_url()?, &options).await
 }
@@ -148,7 +150,7 @@ async fn prepare(
     settings: &Arc<Settings>,
     migrate: bool,
 ) -> anyhow::Result<(RelayParts, Option<crate::store::RelayLock>)> {
-    let store = connect(settings).await?;
+    let store = connect(settings, migrate).await?;
     if migrate {
         store.migrate().await?;
     } else {
@@ -362,7 +364,7 @@ async fn progress(relay: Arc<Relay>, max_rows: Option<u64>, stop: CancellationTo
 }
 
 async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
-    let store = connect(settings).await?;
+    let store = connect(settings, false).await?;
     store.require_current_schema().await?;
     let s = store.status().await?;
     if json {
@@ -388,7 +390,7 @@ async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
-    let store = connect(settings).await?;
+    let store = connect(settings, false).await?;
     store.require_current_schema().await?;
     match command {
         DlqCommand::List {
@@ -529,7 +531,7 @@ fn one_line(text: &str, max: usize) -> String {
 async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
     println!("ok    configuration");
     let mut healthy = true;
-    match connect(settings).await {
+    match connect(settings, false).await {
         Ok(store) => {
             println!("ok    database reachable ({})", store.backend());
             match store.schema_state().await {

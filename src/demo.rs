@@ -48,7 +48,7 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     settings.validate()?;
     let settings = Arc::new(settings);
 
-    let store = connect(&settings).await?;
+    let store = connect(&settings, true).await?;
     store.migrate().await?;
     let seeded = seed(&store, &recordings).await?;
     println!("seeded {} outbox rows: {CALLS} calls (call_log, recording, recording_file) and 1 poison row", seeded);

@@ -200,6 +200,9 @@ pub enum SchemaState {
 pub struct ConnectOptions {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// Create a missing SQLite file (commands that will migrate it); the others
+    /// refuse a path with nothing there instead of leaving an empty database behind.
+    pub create: bool,
 }
 
 /// The two backends. Each method is a thin match; the SQL lives in the backend files.

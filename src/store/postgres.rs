@@ -468,7 +468,7 @@ impl PgStore {
                 RETURNING outbox_id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
              INSERT INTO sync_outbox (id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
              SELECT outbox_id, entity_type, entity_id, payload, ordering_key, created_at, \
-                    attempt_errors || jsonb_build_array(jsonb_build_object('requeuedAt', now())) FROM d"
+                    jsonb_set(attempt_errors, '{{-1,requeuedAt}}', to_jsonb(now())) FROM d"
         );
         let done = bind_selection(sqlx::query(&sql), bind)
             .execute(&self.pool)

@@ -128,9 +128,12 @@ impl SqliteStore {
         let memory = url.contains(":memory:") || url.contains("mode=memory");
         let mut connect = SqliteConnectOptions::from_str(url)
             .context("invalid SQLite URL")?
-            .create_if_missing(true)
+            .create_if_missing(options.create)
             .busy_timeout(Duration::from_secs(5))
             .synchronous(SqliteSynchronous::Normal);
+        if !memory && !options.create && !connect.get_filename().exists() {
+            bail!("the file does not exist; `serversync migrate` creates it");
+        }
         let mut pool = SqlitePoolOptions::new().acquire_timeout(options.acquire_timeout);
         if memory {
             // An in-memory database lives as long as one connection to it does, and a
@@ -482,13 +485,13 @@ impl SqliteStore {
             return Ok(0);
         }
         let ids = serde_json::to_string(&ids)?;
-        // the history is kept, marked with the requeue (as on PostgreSQL)
+        // the history is kept, its last attempt marked with the requeue (as on PostgreSQL)
         sqlx::query(concat!(
             "INSERT INTO sync_outbox (id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
              SELECT outbox_id, entity_type, entity_id, payload, ordering_key, created_at, \
-               json_insert(attempt_errors, '$[#]', json_object('requeuedAt', ",
+               json_set(attempt_errors, '$[#-1].requeuedAt', ",
             now!(),
-            ")) FROM sync_outbox_dead_letters WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id"
+            ") FROM sync_outbox_dead_letters WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id"
         ))
         .bind(&ids)
         .execute(&mut *tx)
@@ -689,6 +692,7 @@ mod tests {
         let options = ConnectOptions {
             max_connections: 4,
             acquire_timeout: Duration::from_secs(5),
+            create: true,
         };
         SqliteStore::connect(&url, &options).await
     }
@@ -1024,8 +1028,8 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(id, 0)]
         );
-        // the history kept, plus the requeue mark
-        assert_eq!(outbox_history(&store, id).await?, (0, 2));
+        // the history kept, its last attempt marked with the requeue
+        assert_eq!(outbox_history(&store, id).await?, (0, 1));
         Ok(())
     }
 
@@ -1048,6 +1052,7 @@ mod tests {
         let options = ConnectOptions {
             max_connections: 4,
             acquire_timeout: Duration::from_secs(5),
+            create: true,
         };
         let store = SqliteStore::connect("sqlite::memory:", &options).await?;
         store.migrate().await?;

@@ -147,6 +147,36 @@ async fn drain_refuses_an_unmigrated_database(backend: Backend) {
     );
 }
 
+#[tokio::test]
+async fn only_commands_that_migrate_create_a_missing_sqlite_file() {
+    let mut env = TestEnv::new().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("not-yet.db");
+    env.config
+        .set("database.url", format!("sqlite://{}", path.display()));
+    let entity_id = uuid::Uuid::new_v4().to_string();
+    let enqueue = [
+        "enqueue",
+        "--entity-type",
+        "call_log",
+        "--entity-id",
+        &entity_id,
+        "--payload",
+        "{}",
+    ];
+    for args in [&["status"][..], &["dlq", "list"], &["drain"], &enqueue] {
+        env.run(args)
+            .await
+            .assert_fails_with("serversync migrate")
+            .assert_single_stderr_line()
+            .assert_no_panic();
+        assert!(!path.exists(), "{args:?} created {}", path.display());
+    }
+    env.run(&["migrate"]).await.assert_success();
+    assert!(path.exists(), "migrate creates the file");
+    env.run(&["status"]).await.assert_success();
+}
+
 both_stores!(migrate_is_idempotent);
 async fn migrate_is_idempotent(backend: Backend) {
     let env = TestEnv::new_on(backend).await;
