@@ -90,6 +90,10 @@ struct Args {
     /// pgbench: seconds per strategy (-T).
     #[arg(long, default_value_t = 10)]
     pgbench_seconds: u64,
+    /// drain and pgbench: run them this many times, alternating, and report the
+    /// median of each (this machine's run-to-run noise is ±10–30 %).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    rounds: u32,
     /// Where a call's three rows sit in the backlog (drain, pgbench, history).
     #[arg(long, value_enum, default_value = "grouped")]
     layout: load::Layout,
@@ -222,50 +226,35 @@ fn plan(args: &mut Args) -> anyhow::Result<Vec<Scenario>> {
 
 async fn run_scenarios(ctx: &Ctx, args: &Args, scenarios: &[Scenario]) -> anyhow::Result<Report> {
     let mut report = Report::default();
-    let mut drain_rate = None;
-    let mut pgbench_outcomes = None;
-    for scenario in scenarios {
-        println!("\n== {scenario:?} ==");
-        match scenario {
-            Scenario::Drain => {
-                let f = drain::run(ctx, args.rows, &mut report).await?;
-                drain::add_to_report(&mut report, &f);
-                drain_rate = Some(f.rows_per_s);
+    let mut drains = Vec::new();
+    let mut pgbenches = Vec::new();
+    for round in 1..=args.rounds {
+        for scenario in scenarios {
+            let repeated = matches!(scenario, Scenario::Drain | Scenario::Pgbench);
+            if round > 1 && !repeated {
+                continue;
             }
-            Scenario::Latency => {
-                let f =
-                    latency::run(ctx, args.rate, args.seconds, args.producers, &mut report).await?;
-                latency::add_to_report(&mut report, &f);
+            if args.rounds > 1 && repeated {
+                println!("\n== {scenario:?}, round {round} of {} ==", args.rounds);
+            } else {
+                println!("\n== {scenario:?} ==");
             }
-            Scenario::Idle => {
-                let f = idle::run(ctx, args.seconds, &mut report).await?;
-                idle::add_to_report(&mut report, &f);
-            }
-            Scenario::Upload => {
-                let f = upload::run(ctx, args.size_mib, &mut report).await?;
-                upload::add_to_report(&mut report, &f);
-            }
-            Scenario::Pgbench => {
-                let o = pgbench::run(
-                    ctx,
-                    args.pgbench_rows,
-                    args.pgbench_seconds,
-                    args.pgbench_clients,
-                    &mut report,
-                )
-                .await?;
-                pgbench::add_to_report(&mut report, &o, args.pgbench_clients);
-                pgbench_outcomes = Some(o);
-            }
-            Scenario::History => {
-                let o =
-                    history::run(ctx, args.pending, args.sent, args.max_rows, &mut report).await?;
-                history::add_to_report(&mut report, &o);
-            }
+            run_scenario(ctx, args, *scenario, &mut report, &mut drains, &mut pgbenches).await?;
         }
     }
-    if let (Some(rate), Some(outcomes)) = (drain_rate, &pgbench_outcomes) {
-        pgbench::relay_share(&mut report, outcomes, rate, args.delete_sent);
+    if let Some(f) = median_drain(&drains) {
+        drain::add_to_report(&mut report, f);
+    }
+    let outcomes = pgbench::medians(&pgbenches);
+    if !outcomes.is_empty() {
+        pgbench::add_to_report(&mut report, &outcomes, args.pgbench_clients);
+    }
+    if let Some(f) = median_drain(&drains) {
+        pgbench::relay_share(&mut report, &outcomes, f.rows_per_s, args.delete_sent);
+        if drains.len() > 1 && drains.len() == pgbenches.len() {
+            let rounds: Vec<f64> = drains.iter().map(|d| d.rows_per_s).collect();
+            pgbench::relay_share_by_round(&mut report, &pgbenches, &rounds, args.delete_sent);
+        }
     }
     // (this one includes the bench's own load)
     print_load("at the end", false);
@@ -277,6 +266,53 @@ async fn run_scenarios(ctx: &Ctx, args: &Args, scenarios: &[Scenario]) -> anyhow
     }
     println!("\n{}", report.markdown());
     Ok(report)
+}
+
+async fn run_scenario(
+    ctx: &Ctx,
+    args: &Args,
+    scenario: Scenario,
+    report: &mut Report,
+    drains: &mut Vec<drain::Figures>,
+    pgbenches: &mut Vec<Vec<pgbench::Outcome>>,
+) -> anyhow::Result<()> {
+    match scenario {
+        Scenario::Drain => drains.push(drain::run(ctx, args.rows, report).await?),
+        Scenario::Latency => {
+            let f = latency::run(ctx, args.rate, args.seconds, args.producers, report).await?;
+            latency::add_to_report(report, &f);
+        }
+        Scenario::Idle => {
+            let f = idle::run(ctx, args.seconds, report).await?;
+            idle::add_to_report(report, &f);
+        }
+        Scenario::Upload => {
+            let f = upload::run(ctx, args.size_mib, report).await?;
+            upload::add_to_report(report, &f);
+        }
+        Scenario::Pgbench => pgbenches.push(
+            pgbench::run(
+                ctx,
+                args.pgbench_rows,
+                args.pgbench_seconds,
+                args.pgbench_clients,
+                report,
+            )
+            .await?,
+        ),
+        Scenario::History => {
+            let o = history::run(ctx, args.pending, args.sent, args.max_rows, report).await?;
+            history::add_to_report(report, &o);
+        }
+    }
+    Ok(())
+}
+
+/// The drain of median throughput (the lower middle one of an even count).
+fn median_drain(drains: &[drain::Figures]) -> Option<&drain::Figures> {
+    let mut sorted: Vec<&drain::Figures> = drains.iter().collect();
+    sorted.sort_by(|a, b| a.rows_per_s.total_cmp(&b.rows_per_s));
+    sorted.get(sorted.len().saturating_sub(1) / 2).copied()
 }
 
 /// The machine and server the figures belong to.

@@ -224,18 +224,38 @@ pub fn add_to_report(report: &mut Report, outcomes: &[Outcome], clients: u32) {
     }
 }
 
-/// The relay's drain as a share of the database's limit for the archive strategy.
+/// Per strategy, the outcome of median throughput over rounds.
+pub fn medians(rounds: &[Vec<Outcome>]) -> Vec<Outcome> {
+    Strategy::ALL
+        .iter()
+        .filter_map(|&strategy| {
+            let mut runs: Vec<&Outcome> = rounds
+                .iter()
+                .flatten()
+                .filter(|o| o.strategy == strategy)
+                .collect();
+            runs.sort_by(|a, b| a.rows_per_s.total_cmp(&b.rows_per_s));
+            runs.get(runs.len().saturating_sub(1) / 2).map(|o| (*o).clone())
+        })
+        .collect()
+}
+
+fn settle_strategy(delete_sent: bool) -> Strategy {
+    if delete_sent {
+        Strategy::Delete
+    } else {
+        Strategy::Archive
+    }
+}
+
+/// The relay's drain as a share of the database's limit for its settle strategy.
 pub fn relay_share(
     report: &mut Report,
     outcomes: &[Outcome],
     drain_rows_per_s: f64,
     delete_sent: bool,
 ) {
-    let wanted = if delete_sent {
-        Strategy::Delete
-    } else {
-        Strategy::Archive
-    };
+    let wanted = settle_strategy(delete_sent);
     if let Some(o) = outcomes.iter().find(|o| o.strategy == wanted) {
         let share = 100.0 * drain_rows_per_s / o.rows_per_s.max(1.0);
         report.target(
@@ -246,4 +266,27 @@ pub fn relay_share(
             share >= 80.0,
         );
     }
+}
+
+/// The same share for each round (drain and pgbench run one after the other).
+pub fn relay_share_by_round(
+    report: &mut Report,
+    rounds: &[Vec<Outcome>],
+    drain_rows_per_s: &[f64],
+    delete_sent: bool,
+) {
+    let wanted = settle_strategy(delete_sent);
+    let shares: Vec<String> = rounds
+        .iter()
+        .zip(drain_rows_per_s)
+        .filter_map(|(outcomes, drain)| {
+            let o = outcomes.iter().find(|o| o.strategy == wanted)?;
+            Some(format!("{:.0} %", 100.0 * drain / o.rows_per_s.max(1.0)))
+        })
+        .collect();
+    report.info(
+        "drain",
+        "share of the pgbench limit, round by round",
+        shares.join(", "),
+    );
 }
