@@ -107,6 +107,9 @@ struct Args {
     /// Relay: dispatch.concurrency.
     #[arg(long)]
     concurrency: Option<u32>,
+    /// Relay: dispatch.claim_concurrency (1: one claim at a time).
+    #[arg(long)]
+    claim_concurrency: Option<u32>,
     /// Relay: retention.delete_sent = true.
     #[arg(long)]
     delete_sent: bool,
@@ -159,6 +162,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
     let knobs = relay::Knobs {
         batch_size: args.batch_size,
         concurrency: args.concurrency,
+        claim_concurrency: args.claim_concurrency,
         delete_sent: args.delete_sent,
         async_commit: args.relay_async_commit,
     };
@@ -239,7 +243,15 @@ async fn run_scenarios(ctx: &Ctx, args: &Args, scenarios: &[Scenario]) -> anyhow
             } else {
                 println!("\n== {scenario:?} ==");
             }
-            run_scenario(ctx, args, *scenario, &mut report, &mut drains, &mut pgbenches).await?;
+            run_scenario(
+                ctx,
+                args,
+                *scenario,
+                &mut report,
+                &mut drains,
+                &mut pgbenches,
+            )
+            .await?;
         }
     }
     if let Some(f) = median_drain(&drains) {

@@ -14,6 +14,7 @@ use crate::procs;
 pub struct Knobs {
     pub batch_size: Option<u32>,
     pub concurrency: Option<u32>,
+    pub claim_concurrency: Option<u32>,
     pub delete_sent: bool,
     /// Connect with `synchronous_commit=off` (an experiment; see docs/BENCHMARKS.md).
     pub async_commit: bool,
@@ -134,6 +135,9 @@ impl Relay {
             }) {
                 cmd.env_remove(key);
             }
+        }
+        if let Some(n) = self.knobs.claim_concurrency {
+            cmd.env("SERVERSYNC__DISPATCH__CLAIM_CONCURRENCY", n.to_string());
         }
         let database_url = if self.knobs.async_commit {
             let sep = if run.database_url.contains('?') {

@@ -113,6 +113,8 @@ pub struct Relay {
     started: Instant,
     pub stats: Stats,
     drain: Option<DrainState>,
+    /// Bounds the claims running at once (`dispatch.claim_concurrency`).
+    claim_gate: tokio::sync::Semaphore,
 }
 
 enum Attempt {
@@ -134,6 +136,10 @@ impl Relay {
             d.max_probe_interval,
             parts.metrics.clone(),
         );
+        let claim_permits = d
+            .claim_concurrency
+            .unwrap_or(d.concurrency)
+            .clamp(1, d.concurrency.max(1));
         let drain = match mode {
             Mode::Run => None,
             Mode::Drain { max_rows } => Some(DrainState {
@@ -155,6 +161,7 @@ impl Relay {
             started: Instant::now(),
             stats: Stats::default(),
             drain,
+            claim_gate: tokio::sync::Semaphore::new(claim_permits as usize),
         })
     }
 
@@ -457,7 +464,12 @@ impl Relay {
 
     async fn claim_and_deliver(&self, limit: u32, probing: bool) -> Step {
         let lease = self.settings.dispatch.lease_duration;
-        let claim = match self.store.claim(limit, lease, &self.owner).await {
+        let claimed = {
+            // the semaphore is never closed; were it, claiming unbounded is harmless
+            let _permit = self.claim_gate.acquire().await.ok();
+            self.store.claim(limit, lease, &self.owner).await
+        };
+        let claim = match claimed {
             Ok(claim) => claim,
             Err(e) => {
                 self.database_down(&e);

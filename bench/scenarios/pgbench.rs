@@ -235,7 +235,8 @@ pub fn medians(rounds: &[Vec<Outcome>]) -> Vec<Outcome> {
                 .filter(|o| o.strategy == strategy)
                 .collect();
             runs.sort_by(|a, b| a.rows_per_s.total_cmp(&b.rows_per_s));
-            runs.get(runs.len().saturating_sub(1) / 2).map(|o| (*o).clone())
+            runs.get(runs.len().saturating_sub(1) / 2)
+                .map(|o| (*o).clone())
         })
         .collect()
 }

@@ -505,3 +505,54 @@ async fn drain_max_rows_claims_exactly_that_many() {
     assert_eq!(env.sink.entries().len(), 50, "{}", out.stdout);
     assert_eq!(env.count("sync_outbox").await, 150);
 }
+
+/// `dispatch.claim_concurrency = 1` takes one claim at a time, yet batches stay in
+/// flight together (the gate is around the claim, never around the POST), and a
+/// claim of 0 is refused naming the key.
+#[tokio::test]
+async fn one_claim_at_a_time_still_keeps_batches_in_flight_together() {
+    let mut env = TestEnv::migrated_on(Backend::Postgres).await;
+    env.config.set("dispatch.claim_concurrency", 0);
+    env.run(&["drain"])
+        .await
+        .assert_fails_with("dispatch.claim_concurrency")
+        .assert_single_stderr_line();
+    env.config
+        .set("dispatch.claim_concurrency", 1)
+        .set("dispatch.concurrency", 4)
+        .set("dispatch.batch_size", 5);
+    env.sink.set_mode(Mode::custom(|_| {
+        Reply::ok().delay(Duration::from_millis(150))
+    }));
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(
+            env.insert("call_log", Uuid::new_v4(), json!({"n": i}))
+                .await,
+        );
+    }
+
+    env.drain().await.assert_success();
+
+    let mut delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    delivered.sort_unstable();
+    assert_eq!(delivered, ids, "every row once");
+    let requests = env.sink.sync_requests();
+    let most_at_once = requests
+        .iter()
+        .map(|r| {
+            requests
+                .iter()
+                .filter(|o| {
+                    o.received_at <= r.received_at
+                        && o.answered_at.is_some_and(|a| a > r.received_at)
+                })
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most_at_once >= 2,
+        "with 4 workers, batches overlapped at most {most_at_once} at a time"
+    );
+}
