@@ -107,7 +107,8 @@ struct Args {
     /// Relay: dispatch.concurrency.
     #[arg(long)]
     concurrency: Option<u32>,
-    /// Relay: dispatch.claim_concurrency (1: one claim at a time).
+    /// Relay: dispatch.claim_concurrency (default 1: one claim at a time, shared
+    /// with the workers queued behind it; 4: every worker claims for itself).
     #[arg(long)]
     claim_concurrency: Option<u32>,
     /// Relay: retention.delete_sent = true.

@@ -95,9 +95,10 @@ pub struct DispatchSettings {
     pub batch_size: u32,
     /// Batches in flight at once in one instance.
     pub concurrency: u32,
-    /// Claim statements running at once in one instance (default: one per worker).
-    /// 1 serializes them: less database CPU per row, a lower ceiling on a fast sink.
-    pub claim_concurrency: Option<u32>,
+    /// Claim statements running at once in one instance. With 1 (the default) one
+    /// worker claims at a time, for itself and for every worker queued behind it,
+    /// instead of several claims scanning and skipping each other's rows.
+    pub claim_concurrency: u32,
     /// Poll for due rows this often when no notification arrives.
     #[serde(with = "duration_str")]
     pub poll_interval: Duration,
@@ -128,7 +129,7 @@ impl Default for DispatchSettings {
         Self {
             batch_size: 100,
             concurrency: 4,
-            claim_concurrency: None,
+            claim_concurrency: 1,
             poll_interval: Duration::from_secs(1),
             lease_duration: Duration::from_secs(60),
             file_entity_types: vec!["recording_file".into()],
@@ -434,9 +435,12 @@ impl Settings {
             1_000_000_000,
         )?;
         check_range("dispatch.concurrency", self.dispatch.concurrency, 1, 256)?;
-        if let Some(n) = self.dispatch.claim_concurrency {
-            check_range("dispatch.claim_concurrency", n, 1, 256)?;
-        }
+        check_range(
+            "dispatch.claim_concurrency",
+            self.dispatch.claim_concurrency,
+            1,
+            256,
+        )?;
         check_range(
             "dispatch.file_concurrency",
             self.dispatch.file_concurrency,

@@ -107,14 +107,20 @@ pub struct Relay {
     sink: SinkHealth,
     owner: String,
     wake: watch::Sender<u64>,
-    /// Claims being delivered: token → claimed ids (for renewal and release).
-    in_flight: Mutex<HashMap<i64, Vec<i64>>>,
+    /// Batches claimed and not yet settled, by batch number: (claim token, ids), for
+    /// renewal and release. A shared claim's batches have the same token.
+    in_flight: Mutex<HashMap<u64, (i64, Vec<i64>)>>,
+    next_batch: AtomicU64,
     heartbeat: AtomicU64,
     started: Instant,
     pub stats: Stats,
     drain: Option<DrainState>,
     /// Bounds the claims running at once (`dispatch.claim_concurrency`).
     claim_gate: tokio::sync::Semaphore,
+    /// Workers queued at the gate. The worker that gets through claims for them
+    /// too and leaves their batches here; each takes one when its turn comes.
+    claim_waiting: AtomicUsize,
+    shared_batches: Mutex<Vec<(u64, Claim)>>,
 }
 
 enum Attempt {
@@ -136,10 +142,7 @@ impl Relay {
             d.max_probe_interval,
             parts.metrics.clone(),
         );
-        let claim_permits = d
-            .claim_concurrency
-            .unwrap_or(d.concurrency)
-            .clamp(1, d.concurrency.max(1));
+        let claim_permits = d.claim_concurrency.clamp(1, d.concurrency.max(1));
         let drain = match mode {
             Mode::Run => None,
             Mode::Drain { max_rows } => Some(DrainState {
@@ -157,11 +160,14 @@ impl Relay {
             owner: owner_name(),
             wake: watch::channel(0).0,
             in_flight: Mutex::new(HashMap::new()),
+            next_batch: AtomicU64::new(0),
             heartbeat: AtomicU64::new(0),
             started: Instant::now(),
             stats: Stats::default(),
             drain,
             claim_gate: tokio::sync::Semaphore::new(claim_permits as usize),
+            claim_waiting: AtomicUsize::new(0),
+            shared_batches: Mutex::new(Vec::new()),
         })
     }
 
@@ -210,6 +216,7 @@ impl Relay {
                 }
             }
         }
+        self.release_unclaimed_shares().await;
         recorded.cancel();
         let _ = recorder.await;
         self.summary(stop.is_cancelled())
@@ -284,6 +291,38 @@ impl Relay {
                 }
             }
         })
+    }
+
+    /// Batches claimed for workers that never came for them (none should be left:
+    /// every worker counted at the gate takes one). Released, not left to expire.
+    async fn release_unclaimed_shares(&self) {
+        let left: Vec<(u64, Claim)> = std::mem::take(&mut *self.lock_shared());
+        if left.is_empty() {
+            return;
+        }
+        let held = Held {
+            tokens: left.iter().map(|(_, c)| c.token).collect(),
+            ids: left
+                .iter()
+                .flat_map(|(_, c)| c.rows.iter().map(|r| r.id))
+                .collect(),
+        };
+        {
+            let mut in_flight = self.lock_in_flight();
+            for (batch, _) in &left {
+                in_flight.remove(batch);
+            }
+        }
+        match self.store.release(&held).await {
+            Ok(n) => tracing::debug!(
+                rows = n,
+                "released batches claimed for workers that stopped"
+            ),
+            Err(e) => tracing::warn!(
+                error = %format!("{e:#}"),
+                "releasing undelivered batches failed: rows return when their lease expires"
+            ),
+        }
     }
 
     async fn release_in_flight(&self, grace: Duration) {
@@ -463,14 +502,11 @@ impl Relay {
     }
 
     async fn claim_and_deliver(&self, limit: u32, probing: bool) -> Step {
-        let lease = self.settings.dispatch.lease_duration;
-        let claimed = {
-            // the semaphore is never closed; were it, claiming unbounded is harmless
-            let _permit = self.claim_gate.acquire().await.ok();
-            self.store.claim(limit, lease, &self.owner).await
-        };
-        let claim = match claimed {
-            Ok(claim) => claim,
+        // a probe is one small batch, and a drain with --max-rows claims its quota
+        let share = !probing && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
+        let (batch, claim) = match self.take_batch(limit, share).await {
+            Ok(Some(taken)) => taken,
+            Ok(None) => return Step::Idle,
             Err(e) => {
                 self.database_down(&e);
                 return Step::DatabaseUnavailable;
@@ -478,25 +514,75 @@ impl Relay {
         };
         self.database_up();
         let n = claim.rows.len();
-        if n == 0 {
-            return Step::Idle;
-        }
         if let Some(drain) = self.drain.as_ref().filter(|d| d.max_rows.is_none()) {
             drain.claimed.fetch_add(n as u64, Ordering::SeqCst);
         }
         self.metrics.batch_size.observe(n as f64);
-        self.lock_in_flight()
-            .insert(claim.token, claim.rows.iter().map(|r| r.id).collect());
         let attempts = self.with_heartbeat(self.deliver(&claim, probing)).await;
         let settlement = self.settlement(&claim, attempts);
         self.settle(&claim, settlement).await;
         if let Some(drain) = &self.drain {
             drain.settles.fetch_add(1, Ordering::SeqCst);
         }
-        self.lock_in_flight().remove(&claim.token);
+        self.lock_in_flight().remove(&batch);
         // rows of the same ordering keys may be due now
         self.wake();
         Step::Delivered(n)
+    }
+
+    /// A batch of up to `limit` rows, registered in flight: one left by a worker that
+    /// claimed for this one, or a claim of its own. When `share`, a claim also takes
+    /// a batch for every worker queued behind it at the gate (one statement instead
+    /// of several that would scan and skip each other's rows). The split is safe for
+    /// ordering: a claim holds at most one row per ordering key.
+    async fn take_batch(&self, limit: u32, share: bool) -> anyhow::Result<Option<(u64, Claim)>> {
+        self.claim_waiting.fetch_add(1, Ordering::SeqCst);
+        // the semaphore is never closed; were it, claiming unbounded is harmless
+        let _permit = self.claim_gate.acquire().await.ok();
+        let queued = self.claim_waiting.fetch_sub(1, Ordering::SeqCst) - 1;
+        if let Some(left) = self.lock_shared().pop() {
+            return Ok(Some(left));
+        }
+        let others = if share {
+            queued.min(self.settings.dispatch.concurrency as usize)
+        } else {
+            0
+        };
+        let want = u32::try_from(others + 1).unwrap_or(1).saturating_mul(limit);
+        let lease = self.settings.dispatch.lease_duration;
+        let claim = self.store.claim(want, lease, &self.owner).await?;
+        if claim.rows.is_empty() {
+            return Ok(None);
+        }
+        let token = claim.token;
+        let mut batches: Vec<(u64, Claim)> = Vec::new();
+        let mut rows = claim.rows;
+        while !rows.is_empty() {
+            let rest = rows.split_off(rows.len().min(limit as usize));
+            let batch = self.next_batch.fetch_add(1, Ordering::Relaxed);
+            batches.push((batch, Claim { token, rows }));
+            rows = rest;
+        }
+        {
+            let mut in_flight = self.lock_in_flight();
+            for (batch, claim) in &batches {
+                in_flight.insert(*batch, (token, claim.rows.iter().map(|r| r.id).collect()));
+            }
+        }
+        // this worker takes the first (oldest) batch; the others wait for their workers
+        let mine = batches.remove(0);
+        if !batches.is_empty() {
+            let mut shared = self.lock_shared();
+            // popped from the end: oldest first
+            shared.extend(batches.into_iter().rev());
+        }
+        Ok(Some(mine))
+    }
+
+    fn lock_shared(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Claim)>> {
+        self.shared_batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     async fn with_heartbeat<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
@@ -510,16 +596,23 @@ impl Relay {
         }
     }
 
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<i64>>> {
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (i64, Vec<i64>)>> {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Everything in flight, for renewal or release.
     fn held(&self) -> Held {
         let in_flight = self.lock_in_flight();
+        let mut tokens: Vec<i64> = in_flight.values().map(|(token, _)| *token).collect();
+        tokens.sort_unstable();
+        tokens.dedup();
         Held {
-            tokens: in_flight.keys().copied().collect(),
-            ids: in_flight.values().flatten().copied().collect(),
+            tokens,
+            ids: in_flight
+                .values()
+                .flat_map(|(_, ids)| ids)
+                .copied()
+                .collect(),
         }
     }
 

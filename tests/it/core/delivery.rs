@@ -429,12 +429,20 @@ async fn rows_of_one_key_go_one_at_a_time_in_id_order_and_a_dead_one_does_not_bl
         "every other row, its successors on the dead row's key included"
     );
     assert_eq!(env.sink.entries().len(), 11, "each once");
-    let requests = env.sink.sync_requests();
+    assert_each_key_one_at_a_time_in_id_order(&env.sink.sync_requests(), &calls);
+}
+
+/// For each call (the rows' `payload.callLogId`): no request carried two of its rows,
+/// its rows arrived in id order, and none was sent before the previous one's answer.
+fn assert_each_key_one_at_a_time_in_id_order(
+    requests: &[crate::harness::sink::SyncRequest],
+    calls: &[Uuid],
+) {
     for call in calls {
         let key = call.to_string();
         // Every request that carried a row of this key, in arrival order.
         let mut carrying: Vec<(&crate::harness::sink::SyncRequest, i64)> = Vec::new();
-        for r in &requests {
+        for r in requests {
             let of_key: Vec<i64> = r
                 .entries()
                 .iter()
@@ -506,9 +514,10 @@ async fn drain_max_rows_claims_exactly_that_many() {
     assert_eq!(env.count("sync_outbox").await, 150);
 }
 
-/// `dispatch.claim_concurrency = 1` takes one claim at a time, yet batches stay in
-/// flight together (the gate is around the claim, never around the POST), and a
-/// claim of 0 is refused naming the key.
+/// `dispatch.claim_concurrency = 1` (the default) takes one claim at a time, for the
+/// workers queued behind it too, yet batches stay in flight together (the gate is
+/// around the claim, never around the POST), every row goes once, and a key's rows
+/// still go one at a time in id order. A claim concurrency of 0 is refused, named.
 #[tokio::test]
 async fn one_claim_at_a_time_still_keeps_batches_in_flight_together() {
     let mut env = TestEnv::migrated_on(Backend::Postgres).await;
@@ -522,14 +531,15 @@ async fn one_claim_at_a_time_still_keeps_batches_in_flight_together() {
         .set("dispatch.concurrency", 4)
         .set("dispatch.batch_size", 5);
     env.sink.set_mode(Mode::custom(|_| {
-        Reply::ok().delay(Duration::from_millis(150))
+        Reply::ok().delay(Duration::from_millis(100))
     }));
+    let calls: Vec<Uuid> = (0..12).map(|_| Uuid::new_v4()).collect();
     let mut ids = Vec::new();
-    for i in 0..40 {
-        ids.push(
-            env.insert("call_log", Uuid::new_v4(), json!({"n": i}))
-                .await,
-        );
+    for round in 0..4 {
+        for call in &calls {
+            let payload = json!({"callLogId": call, "round": round});
+            ids.push(env.insert("recording", Uuid::new_v4(), payload).await);
+        }
     }
 
     env.drain().await.assert_success();
@@ -538,6 +548,7 @@ async fn one_claim_at_a_time_still_keeps_batches_in_flight_together() {
     delivered.sort_unstable();
     assert_eq!(delivered, ids, "every row once");
     let requests = env.sink.sync_requests();
+    assert_each_key_one_at_a_time_in_id_order(&requests, &calls);
     let most_at_once = requests
         .iter()
         .map(|r| {
@@ -555,4 +566,5 @@ async fn one_claim_at_a_time_still_keeps_batches_in_flight_together() {
         most_at_once >= 2,
         "with 4 workers, batches overlapped at most {most_at_once} at a time"
     );
+    assert_eq!(env.count("sync_outbox").await, 0);
 }
