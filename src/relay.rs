@@ -120,6 +120,8 @@ pub struct Relay {
     /// Workers queued at the gate. The worker that gets through claims for them
     /// too and leaves their batches here; each takes one when its turn comes.
     claim_waiting: AtomicUsize,
+    /// Only with one claim at a time: two claimers would both count the same queue.
+    share_claims: bool,
     shared_batches: Mutex<Vec<(u64, Claim)>>,
 }
 
@@ -167,6 +169,7 @@ impl Relay {
             drain,
             claim_gate: tokio::sync::Semaphore::new(claim_permits as usize),
             claim_waiting: AtomicUsize::new(0),
+            share_claims: claim_permits == 1,
             shared_batches: Mutex::new(Vec::new()),
         })
     }
@@ -503,7 +506,9 @@ impl Relay {
 
     async fn claim_and_deliver(&self, limit: u32, probing: bool) -> Step {
         // a probe is one small batch, and a drain with --max-rows claims its quota
-        let share = !probing && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
+        let share = self.share_claims
+            && !probing
+            && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
         let (batch, claim) = match self.take_batch(limit, share).await {
             Ok(Some(taken)) => taken,
             Ok(None) => return Step::Idle,

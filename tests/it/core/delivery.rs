@@ -548,6 +548,10 @@ async fn one_claim_at_a_time_still_keeps_batches_in_flight_together() {
     delivered.sort_unstable();
     assert_eq!(delivered, ids, "every row once");
     let requests = env.sink.sync_requests();
+    assert!(
+        requests.iter().all(|r| r.entries().len() <= 5),
+        "a claim made for several workers is split into batches of dispatch.batch_size"
+    );
     assert_each_key_one_at_a_time_in_id_order(&requests, &calls);
     let most_at_once = requests
         .iter()
