@@ -8,7 +8,7 @@ use super::support::{
     TcpSwitch,
 };
 use crate::harness::pg::PrivatePg;
-use crate::harness::{wait_until, Mode, Reply, Sink, TestEnv};
+use crate::harness::{wait_until, Mode, Output, Reply, Sink, TestEnv};
 
 #[tokio::test]
 async fn a_drain_rides_out_postgresql_stopping_and_starting_again() {
@@ -146,6 +146,17 @@ async fn sinks_recorded_down(env: &TestEnv) -> i64 {
         .expect("sink state")
 }
 
+/// `serversync drain` against a sink that is down: it must stop by itself, with 3.
+async fn drain_stopped_by_the_outage(env: &TestEnv) -> Output {
+    let out = env
+        .cmd(["drain"])
+        .timeout(Duration::from_secs(20))
+        .output()
+        .await;
+    out.assert_code(3).assert_no_panic();
+    out
+}
+
 async fn max_pending_attempts(env: &TestEnv) -> i32 {
     sqlx::query_scalar("SELECT coalesce(max(attempts), 0) FROM sync_outbox")
         .fetch_one(env.db.pg())
@@ -253,12 +264,7 @@ async fn a_sink_refusing_connections_stops_drain_and_pauses_run_without_charging
         .set("dispatch.max_probe_interval", "500ms");
 
     // drain stops as soon as the sink is down, and says so with exit 3.
-    let out = env
-        .cmd(["drain"])
-        .timeout(Duration::from_secs(20))
-        .output()
-        .await;
-    out.assert_code(3).assert_no_panic();
+    drain_stopped_by_the_outage(&env).await;
     assert_eq!(
         env.count("sync_outbox").await,
         n as i64,
@@ -362,12 +368,7 @@ async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
         .set("retry.max_attempts", 3)
         .set("dispatch.outage_threshold", 3);
 
-    let first = env
-        .cmd(["drain"])
-        .timeout(Duration::from_secs(20))
-        .output()
-        .await;
-    first.assert_code(3).assert_no_panic();
+    drain_stopped_by_the_outage(&env).await;
     let after_first = max_pending_attempts(&env).await;
     assert!(
         after_first <= 2,
@@ -380,12 +381,7 @@ async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
     );
 
     for round in 0..4 {
-        let out = env
-            .cmd(["drain"])
-            .timeout(Duration::from_secs(20))
-            .output()
-            .await;
-        out.assert_code(3).assert_no_panic();
+        let out = drain_stopped_by_the_outage(&env).await;
         assert!(
             out.stderr.contains("taken as down by a relay"),
             "drain {round} says why it probes first\n{out}"
