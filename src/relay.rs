@@ -303,19 +303,14 @@ impl Relay {
         if left.is_empty() {
             return;
         }
-        let held = Held {
-            tokens: left.iter().map(|(_, c)| c.token).collect(),
-            ids: left
-                .iter()
-                .flat_map(|(_, c)| c.rows.iter().map(|r| r.id))
-                .collect(),
-        };
-        {
+        let held = {
             let mut in_flight = self.lock_in_flight();
-            for (batch, _) in &left {
-                in_flight.remove(batch);
-            }
-        }
+            let removed: Vec<(i64, Vec<i64>)> = left
+                .iter()
+                .filter_map(|(batch, _)| in_flight.remove(batch))
+                .collect();
+            held_of(removed.iter())
+        };
         match self.store.release(&held).await {
             Ok(n) => tracing::debug!(
                 rows = n,
@@ -607,18 +602,7 @@ impl Relay {
 
     /// Everything in flight, for renewal or release.
     fn held(&self) -> Held {
-        let in_flight = self.lock_in_flight();
-        let mut tokens: Vec<i64> = in_flight.values().map(|(token, _)| *token).collect();
-        tokens.sort_unstable();
-        tokens.dedup();
-        Held {
-            tokens,
-            ids: in_flight
-                .values()
-                .flat_map(|(_, ids)| ids)
-                .copied()
-                .collect(),
-        }
+        held_of(self.lock_in_flight().values())
     }
 
     fn database_down(&self, e: &anyhow::Error) {
@@ -1150,6 +1134,19 @@ fn db_backoff_builder() -> ExponentialBuilder {
 
 fn db_backoff() -> backon::ExponentialBackoff {
     db_backoff_builder().build()
+}
+
+/// The rows and tokens of some in-flight batches, as renewal and release take them
+/// (a shared claim's batches have the same token: it is listed once).
+fn held_of<'a>(batches: impl Iterator<Item = &'a (i64, Vec<i64>)>) -> Held {
+    let mut held = Held::default();
+    for (token, ids) in batches {
+        held.tokens.push(*token);
+        held.ids.extend_from_slice(ids);
+    }
+    held.tokens.sort_unstable();
+    held.tokens.dedup();
+    held
 }
 
 /// `host:pid`, shown as the lease owner.
