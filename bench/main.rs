@@ -90,6 +90,11 @@ struct Args {
     /// pgbench: seconds per strategy (-T).
     #[arg(long, default_value_t = 10)]
     pgbench_seconds: u64,
+    /// pgbench: also measure two protocols without a per-row lease (one-statement
+    /// DELETE … RETURNING; locks held from claim to archive), to calibrate this
+    /// machine against the figures.
+    #[arg(long)]
+    pgbench_reference: bool,
     /// drain and pgbench: run them this many times, alternating, and report the
     /// median of each (this machine's run-to-run noise is ±10–30 %).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
@@ -309,6 +314,7 @@ async fn run_scenario(
                 args.pgbench_rows,
                 args.pgbench_seconds,
                 args.pgbench_clients,
+                args.pgbench_reference,
                 report,
             )
             .await?,

@@ -387,7 +387,7 @@ impl Relay {
                 .drain
                 .as_ref()
                 .map_or(0, |d| d.settles.load(Ordering::SeqCst));
-            match self.step().await {
+            match self.step(&finished).await {
                 Step::Delivered(_) => backoff = db_backoff(),
                 Step::Idle => {
                     if let Some(d) = &self.drain {
@@ -446,8 +446,8 @@ impl Relay {
         }
     }
 
-    /// One claim → deliver → settle.
-    pub async fn step(&self) -> Step {
+    /// One claim → deliver → settle. Once `finished`, no new claim is made.
+    async fn step(&self, finished: &CancellationToken) -> Step {
         let probing = match self.sink.gate() {
             Gate::Open => false,
             Gate::Probe => true,
@@ -479,7 +479,7 @@ impl Relay {
         let step = if limit == 0 {
             Step::Idle
         } else {
-            self.claim_and_deliver(limit, probing).await
+            self.claim_and_deliver(limit, probing, finished).await
         };
         if let Some(drain) = &self.drain {
             if drain.max_rows.is_some() {
@@ -499,12 +499,17 @@ impl Relay {
         step
     }
 
-    async fn claim_and_deliver(&self, limit: u32, probing: bool) -> Step {
+    async fn claim_and_deliver(
+        &self,
+        limit: u32,
+        probing: bool,
+        finished: &CancellationToken,
+    ) -> Step {
         // a probe is one small batch, and a drain with --max-rows claims its quota
         let share = self.share_claims
             && !probing
             && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
-        let (batch, claim) = match self.take_batch(limit, share).await {
+        let (batch, claim) = match self.take_batch(limit, share, finished).await {
             Ok(Some(taken)) => taken,
             Ok(None) => return Step::Idle,
             Err(e) => {
@@ -534,14 +539,24 @@ impl Relay {
     /// claimed for this one, or a claim of its own. When `share`, a claim also takes
     /// a batch for every worker queued behind it at the gate (one statement instead
     /// of several that would scan and skip each other's rows). The split is safe for
-    /// ordering: a claim holds at most one row per ordering key.
-    async fn take_batch(&self, limit: u32, share: bool) -> anyhow::Result<Option<(u64, Claim)>> {
+    /// ordering: a claim holds at most one row per ordering key. Once `finished`, a
+    /// worker that was queued at the gate takes a batch already claimed for it, but
+    /// claims nothing new.
+    async fn take_batch(
+        &self,
+        limit: u32,
+        share: bool,
+        finished: &CancellationToken,
+    ) -> anyhow::Result<Option<(u64, Claim)>> {
         self.claim_waiting.fetch_add(1, Ordering::SeqCst);
         // the semaphore is never closed; were it, claiming unbounded is harmless
         let _permit = self.claim_gate.acquire().await.ok();
         let queued = self.claim_waiting.fetch_sub(1, Ordering::SeqCst) - 1;
         if let Some(left) = self.lock_shared().pop() {
             return Ok(Some(left));
+        }
+        if finished.is_cancelled() {
+            return Ok(None);
         }
         let others = if share {
             queued.min(self.settings.dispatch.concurrency as usize)

@@ -10,6 +10,13 @@
 //! committed on its own) then the settle. The claim's ids go to the settle through
 //! `\gset`; the payloads are rendered as text as the relay's claim does, but not sent
 //! to the client.
+//!
+//! With `--pgbench-reference`, two protocols without a per-row lease are measured too,
+//! to calibrate this machine against the issue's figures (which job queues and
+//! hand-written relays reach): one `DELETE … RETURNING` that claims and settles at
+//! once (nothing survives a crash mid-delivery), and a transaction held open from
+//! the claim (`FOR UPDATE SKIP LOCKED`, rows locked, not leased) to the archive.
+//! Neither is what the product does; both run on the same loaded table.
 
 use std::time::Duration;
 
@@ -24,16 +31,24 @@ pub enum Strategy {
     MarkSent,
     Delete,
     Archive,
+    /// reference, not the product: claim and delete in one statement, no lease
+    OneStatementDelete,
+    /// reference, not the product: claim by row locks in a transaction held open
+    /// until the archive, no lease
+    HeldArchive,
 }
 
 impl Strategy {
     pub const ALL: [Strategy; 3] = [Strategy::MarkSent, Strategy::Delete, Strategy::Archive];
+    pub const REFERENCE: [Strategy; 2] = [Strategy::OneStatementDelete, Strategy::HeldArchive];
 
     pub fn name(self) -> &'static str {
         match self {
             Strategy::MarkSent => "claim + mark sent",
             Strategy::Delete => "claim + delete",
             Strategy::Archive => "claim + archive",
+            Strategy::OneStatementDelete => "reference: DELETE … RETURNING, no lease",
+            Strategy::HeldArchive => "reference: locks held across the batch + archive, no lease",
         }
     }
 }
@@ -87,6 +102,28 @@ SELECT COALESCE(array_agg(id), '{{}}') AS ids, COALESCE(sum(length(payload)), 0)
     )
 }
 
+/// The product's head-of-key rule, without its lease: rows are locked by the held
+/// transaction instead.
+const HELD_CLAIM: &str = r#"BEGIN;
+SELECT COALESCE(array_agg(id), '{}') AS ids, COALESCE(sum(length(payload)), 0) AS bytes FROM (
+    SELECT o.id, o.payload::text AS payload FROM sync_outbox o
+    WHERE o.next_attempt_at <= now()
+      AND (o.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM sync_outbox p
+            WHERE p.ordering_key = o.ordering_key AND p.id < o.id))
+    ORDER BY o.id
+    LIMIT 100
+    FOR UPDATE SKIP LOCKED
+) c
+\gset
+"#;
+
+const ARCHIVE_SETTLE: &str = "WITH d AS (\n    DELETE FROM sync_outbox WHERE id = ANY(CAST(:ids AS bigint[])) AND claim_token = :tok\n    \
+     RETURNING id, entity_type, entity_id, created_at, attempts\n)\n\
+     INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)\n\
+     SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM d\n\
+     ON CONFLICT (id) DO UPDATE SET sent_at = excluded.sent_at, attempts = excluded.attempts;\n";
+
 fn script(strategy: Strategy) -> String {
     let settle = match strategy {
         Strategy::MarkSent => {
@@ -95,12 +132,17 @@ fn script(strategy: Strategy) -> String {
              WHERE id = ANY(CAST(:ids AS bigint[])) AND claim_token = :tok;\n"
         }
         Strategy::Delete => "DELETE FROM sync_outbox WHERE id = ANY(CAST(:ids AS bigint[])) AND claim_token = :tok;\n",
-        Strategy::Archive => {
-            "WITH d AS (\n    DELETE FROM sync_outbox WHERE id = ANY(CAST(:ids AS bigint[])) AND claim_token = :tok\n    \
-             RETURNING id, entity_type, entity_id, created_at, attempts\n)\n\
-             INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)\n\
-             SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM d\n\
-             ON CONFLICT (id) DO UPDATE SET sent_at = excluded.sent_at, attempts = excluded.attempts;\n"
+        Strategy::Archive => ARCHIVE_SETTLE,
+        Strategy::OneStatementDelete => {
+            // what a queue without leases does: nothing is held while delivering
+            return "WITH c AS (SELECT id FROM sync_outbox ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED)\n\
+                    DELETE FROM sync_outbox o USING c WHERE o.id = c.id\n\
+                    RETURNING o.id, o.entity_type, o.entity_id, o.payload::text, o.created_at;\n"
+                .to_string();
+        }
+        Strategy::HeldArchive => {
+            let settle = ARCHIVE_SETTLE.replace(" AND claim_token = :tok", "");
+            return format!("{HELD_CLAIM}{settle}COMMIT;\n");
         }
     };
     format!("{}{settle}", claim(strategy == Strategy::MarkSent))
@@ -111,11 +153,13 @@ pub async fn run(
     rows: u64,
     seconds: u64,
     clients: u32,
+    reference: bool,
     report: &mut Report,
 ) -> anyhow::Result<Vec<Outcome>> {
     let pgbench = crate::pg::pg_bin("pgbench");
     let mut outcomes = Vec::new();
-    for strategy in Strategy::ALL {
+    let extra: &[Strategy] = if reference { &Strategy::REFERENCE } else { &[] };
+    for &strategy in Strategy::ALL.iter().chain(extra) {
         // a fresh database per strategy: the table is reloaded, no dead tuples carried over
         let db = ctx.migrated_db("pgbench").await?;
         if strategy == Strategy::MarkSent {
@@ -228,6 +272,7 @@ pub fn add_to_report(report: &mut Report, outcomes: &[Outcome], clients: u32) {
 pub fn medians(rounds: &[Vec<Outcome>]) -> Vec<Outcome> {
     Strategy::ALL
         .iter()
+        .chain(&Strategy::REFERENCE)
         .filter_map(|&strategy| {
             let mut runs: Vec<&Outcome> = rounds
                 .iter()
