@@ -128,7 +128,7 @@ impl Default for DispatchSettings {
     fn default() -> Self {
         Self {
             batch_size: 100,
-            concurrency: 4,
+            concurrency: 6,
             claim_concurrency: 1,
             poll_interval: Duration::from_secs(1),
             lease_duration: Duration::from_secs(60),
