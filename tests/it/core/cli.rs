@@ -236,3 +236,47 @@ async fn bad_arguments_name_what_is_wrong_on_one_line() {
         out.assert_single_stderr_line();
     }
 }
+
+#[tokio::test]
+async fn check_reports_each_part_and_exits_1_when_one_is_wrong() {
+    let mut env = TestEnv::new().await;
+
+    let out = env.run(&["check"]).await;
+    out.assert_code(1).assert_no_panic();
+    assert!(
+        out.stdout.contains("ok    database reachable")
+            && out.stdout.contains("FAIL  schema outdated")
+            && out.stdout.contains("serversync migrate"),
+        "an unmigrated database is named, with what to run\n{out}"
+    );
+    assert_eq!(env.db.table_count().await, 0, "check never migrates");
+
+    env.migrate().await;
+    let out = env.run(&["check"]).await;
+    out.assert_success();
+    for line in [
+        "ok    configuration",
+        "ok    database reachable",
+        "ok    schema current",
+        "ok    ingest",
+    ] {
+        assert!(out.stdout.contains(line), "missing {line:?}\n{out}");
+    }
+
+    env.config.set(
+        "ingest.base_url",
+        format!("http://127.0.0.1:{}", closed_port()),
+    );
+    let out = env.run(&["check"]).await;
+    out.assert_code(1);
+    assert!(
+        out.stdout.contains("ok    schema current") && out.stdout.contains("FAIL  ingest"),
+        "an unreachable sink fails the check, the rest still reported\n{out}"
+    );
+
+    env.config.set("ingest.tiemout", "1s");
+    env.run(&["check"])
+        .await
+        .assert_fails_with("ingest.tiemout")
+        .assert_single_stderr_line();
+}
