@@ -24,6 +24,9 @@ use crate::sink_health::{Gate, SinkHealth};
 use crate::store::{Claim, ClaimedRow, DeadRow, ErrorRecord, Held, RetryRow, Settlement, Store};
 use crate::taxonomy::{ErrorType, Failure};
 
+/// How long before the next probe rows released during an outage fall due again.
+const PROBE_LEAD: Duration = Duration::from_millis(100);
+
 /// What one step did; the loop decides how to wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -494,9 +497,31 @@ impl Relay {
             drain.busy.fetch_sub(1, Ordering::SeqCst);
         }
         if probing && !matches!(step, Step::Delivered(_)) {
-            self.sink.probe_abandoned();
+            if matches!(step, Step::Idle) && self.drain.is_none() {
+                self.probe_empty_handed().await;
+            } else {
+                self.sink.probe_abandoned();
+            }
         }
         step
+    }
+
+    /// The sink is down, a probe is due and nothing is due to probe with: ask with an
+    /// empty batch. Without it an idle daemon would report the sink down (and keep it
+    /// recorded as down for other relays) until the next row arrives, however long
+    /// ago the sink came back. `drain` does not: it has nothing to deliver either way.
+    async fn probe_empty_handed(&self) {
+        tracing::debug!("probing the ingest sink with an empty batch: nothing is due");
+        match self.dispatcher.send_json(&[]).await {
+            Ok(()) => self.sink.on_answer(),
+            Err(f) if f.error_type.is_sink_level() => {
+                self.sink
+                    .on_sink_failure(f.error_type.as_str(), f.retry_after);
+            }
+            // a 4xx about the empty request: the sink is there and answering
+            Err(f) if f.error_type == ErrorType::Http4xx => self.sink.on_answer(),
+            Err(_) => self.sink.probe_abandoned(),
+        }
     }
 
     async fn claim_and_deliver(
@@ -878,8 +903,12 @@ impl Relay {
             let delay = if charged {
                 next_delay(&params, number as u32, failure.retry_after)
             } else {
+                // due a little before the next probe, so that the probe finds them
+                // (the database's clock and this process's need not agree to the
+                // millisecond) rather than an empty outbox
                 self.sink
                     .until_next_probe()
+                    .saturating_sub(PROBE_LEAD)
                     .max(failure.retry_after.unwrap_or_default())
             };
             if charged {

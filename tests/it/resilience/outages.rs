@@ -312,6 +312,62 @@ async fn a_sink_refusing_connections_stops_drain_and_pauses_run_without_charging
     assert!(sent_attempts(&env).await.iter().all(|a| *a <= 5));
 }
 
+/// An idle daemon follows the sink's state too: with nothing due it probes with an
+/// empty batch, so `serversync_sink_up` stays 0 while the sink is down and returns to
+/// 1, with the recorded outage cleared, once it answers, without waiting for a row to
+/// carry the probe.
+#[tokio::test]
+async fn an_idle_daemon_sees_the_sink_come_back_without_a_row_to_probe_with() {
+    let mut env = TestEnv::migrated().await;
+    let mut switch = backlog_behind_a_refusing_sink(&mut env, 1).await;
+    env.config
+        .set("dispatch.outage_threshold", 1)
+        .set("dispatch.probe_interval", "100ms")
+        .set("dispatch.max_probe_interval", "300ms");
+    drain_stopped_by_the_outage(&env).await;
+    assert_eq!(sinks_recorded_down(&env).await, 1, "the outage is recorded");
+    // the outbox empties (say, the row was dead-lettered by an operator's purge)
+    sqlx::query("DELETE FROM sync_outbox")
+        .execute(env.db.pg())
+        .await
+        .expect("empty the outbox");
+
+    let metrics = MetricsEndpoint::enable(&mut env);
+    let relay = env.spawn_run(&metrics.flag());
+    metrics
+        .wait_for_sample("serversync_sink_up", 0.0, Duration::from_secs(15))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        metrics.sample("serversync_sink_up").await,
+        Some(0.0),
+        "refused probes keep it down"
+    );
+    assert_eq!(sinks_recorded_down(&env).await, 1);
+
+    switch.up();
+    metrics
+        .wait_for_sample("serversync_sink_up", 1.0, Duration::from_secs(5))
+        .await;
+    wait_until(
+        Duration::from_secs(5),
+        "the recovery to be recorded",
+        || async { sinks_recorded_down(&env).await == 0 },
+    )
+    .await;
+    let probes = env.sink.sync_requests();
+    assert!(
+        !probes.is_empty() && probes.iter().all(|r| r.entries().is_empty()),
+        "the sink saw empty batches only: {} requests",
+        probes.len()
+    );
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+}
+
 /// The strict reading of SPEC §3.6 with the defaults' threshold: one row, three
 /// attempts allowed, three failures to take the sink as down. Every failure of this
 /// row is part of the outage, so none may bring it to the dead letters.
