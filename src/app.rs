@@ -65,7 +65,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = connect(&settings, true).await?;
             store.migrate().await?;
             apply_ordering_rules(&store, &settings).await?;
-            println!("migrations applied: the schema is current");
+            say!("migrations applied: the schema is current");
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => status(&settings, json).await,
@@ -93,7 +93,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     ordering_key,
                 })
                 .await?;
-            println!("{id}");
+            say!("{id}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => check(&settings).await,
@@ -284,7 +284,7 @@ pub async fn drain(
     let _ = tokio::time::timeout(Duration::from_millis(500), aux.wait()).await;
     let elapsed = started.elapsed();
     let rate = summary.delivered as f64 / elapsed.as_secs_f64().max(1e-3);
-    println!(
+    say!(
         "drain: delivered {}, retried {}, dead {}, left for retry {} in {:.2}s ({:.0} rows/s){}",
         summary.delivered,
         summary.retried,
@@ -358,7 +358,7 @@ async fn progress(relay: Arc<Relay>, max_rows: Option<u64>, stop: CancellationTo
             }
             let n = done(&relay);
             let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-3);
-            eprintln!("drain: {n}/{total} rows settled ({rate:.0} rows/s)");
+            say_err!("drain: {n}/{total} rows settled ({rate:.0} rows/s)");
         }
     }
 }
@@ -368,23 +368,23 @@ async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     store.require_current_schema().await?;
     let s = store.status().await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        say!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("pending:        {}", s.pending);
-    println!("due now:        {}", s.due);
-    println!("in flight:      {}", s.in_flight);
+    say!("pending:        {}", s.pending);
+    say!("due now:        {}", s.due);
+    say!("in flight:      {}", s.in_flight);
     match s.oldest_pending_age_seconds {
-        Some(age) => println!(
+        Some(age) => say!(
             "oldest pending: {}",
             humantime::format_duration(Duration::from_secs(age as u64))
         ),
-        None => println!("oldest pending: -"),
+        None => say!("oldest pending: -"),
     }
-    println!("sent (last 5m): {}", s.sent_last_5m);
-    println!("dead letters:   {}", s.dead_letters);
+    say!("sent (last 5m): {}", s.sent_last_5m);
+    say!("dead letters:   {}", s.dead_letters);
     for (error_type, n) in &s.dead_letters_by_error_type {
-        println!("  {error_type:<20} {n}");
+        say!("  {error_type:<20} {n}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -407,14 +407,14 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
                 })
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                say!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
+                say!(
                     "{:>8} {:>10} {:<16} {:<20} {:>6} {:>8}  {:<24} message",
                     "id", "outbox_id", "entity_type", "error_type", "http", "attempts", "dead_at"
                 );
                 for d in rows {
-                    println!(
+                    say!(
                         "{:>8} {:>10} {:<16} {:<20} {:>6} {:>8}  {:<24} {}",
                         d.id,
                         d.outbox_id,
@@ -433,32 +433,32 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
         }
         DlqCommand::Show { id, json } => {
             let Some(d) = store.dlq_get(id).await? else {
-                eprintln!("error: no dead letter with id {id}");
+                say_err!("error: no dead letter with id {id}");
                 return Ok(ExitCode::FAILURE);
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&d)?);
+                say!("{}", serde_json::to_string_pretty(&d)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("dead letter {}  (outbox id {})", d.id, d.outbox_id);
-            println!("entity:        {} {}", d.entity_type, d.entity_id);
-            println!(
+            say!("dead letter {}  (outbox id {})", d.id, d.outbox_id);
+            say!("entity:        {} {}", d.entity_type, d.entity_id);
+            say!(
                 "error:         {} (HTTP {})",
                 d.error_type,
                 d.http_status
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "-".into())
             );
-            println!("message:       {}", d.error_message);
-            println!("attempts:      {}/{}", d.attempts, d.max_attempts);
-            println!("created:       {}", d.created_at.to_rfc3339());
-            println!("dead since:    {}", d.dead_at.to_rfc3339());
+            say!("message:       {}", d.error_message);
+            say!("attempts:      {}/{}", d.attempts, d.max_attempts);
+            say!("created:       {}", d.created_at.to_rfc3339());
+            say!("dead since:    {}", d.dead_at.to_rfc3339());
             if let Some(body) = &d.response_body {
-                println!("response body: {}", one_line(body, 400));
+                say!("response body: {}", one_line(body, 400));
             }
-            println!("history:");
+            say!("history:");
             for entry in d.attempt_errors.as_array().into_iter().flatten() {
-                println!(
+                say!(
                     "  #{} {} {} {} {}",
                     entry["attempt"],
                     entry["at"].as_str().unwrap_or("?"),
@@ -467,7 +467,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
                     entry["message"].as_str().unwrap_or("")
                 );
             }
-            println!("payload:       {}", d.payload);
+            say!("payload:       {}", d.payload);
             Ok(ExitCode::SUCCESS)
         }
         DlqCommand::Requeue {
@@ -482,7 +482,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
                     error_type.map(DlqSelection::ErrorType),
                 )?)
                 .await?;
-            println!("requeued {n} dead letter(s)");
+            say!("requeued {n} dead letter(s)");
             Ok(ExitCode::SUCCESS)
         }
         DlqCommand::Purge {
@@ -497,7 +497,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
                     older_than.map(DlqSelection::OlderThan),
                 )?)
                 .await?;
-            println!("purged {n} dead letter(s)");
+            say!("purged {n} dead letter(s)");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -529,33 +529,33 @@ fn one_line(text: &str, max: usize) -> String {
 }
 
 async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
-    println!("ok    configuration");
+    say!("ok    configuration");
     let mut healthy = true;
     match connect(settings, false).await {
         Ok(store) => {
-            println!("ok    database reachable ({})", store.backend());
+            say!("ok    database reachable ({})", store.backend());
             match store.schema_state().await {
-                Ok(SchemaState::Current) => println!("ok    schema current"),
+                Ok(SchemaState::Current) => say!("ok    schema current"),
                 Ok(SchemaState::Outdated { missing }) => {
                     healthy = false;
-                    println!(
+                    say!(
                         "FAIL  schema outdated ({} migration(s) missing): run `serversync migrate`",
                         missing.len()
                     );
                 }
                 Ok(SchemaState::Newer { .. }) => {
                     healthy = false;
-                    println!("FAIL  schema newer than this binary: upgrade serversync");
+                    say!("FAIL  schema newer than this binary: upgrade serversync");
                 }
                 Err(e) => {
                     healthy = false;
-                    println!("FAIL  schema: {}", one_line(&format!("{e:#}"), 300));
+                    say!("FAIL  schema: {}", one_line(&format!("{e:#}"), 300));
                 }
             }
         }
         Err(e) => {
             healthy = false;
-            println!("FAIL  database: {}", one_line(&format!("{e:#}"), 300));
+            say!("FAIL  database: {}", one_line(&format!("{e:#}"), 300));
         }
     }
     let dispatcher = Dispatcher::new(
@@ -564,13 +564,13 @@ async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
         Metrics::new()?,
     )?;
     match dispatcher.probe().await {
-        Ok(status) => println!(
+        Ok(status) => say!(
             "ok    ingest {} reachable (HTTP {status})",
             settings.ingest.base_url
         ),
         Err(e) => {
             healthy = false;
-            println!(
+            say!(
                 "FAIL  ingest {}: {}",
                 settings.ingest.base_url,
                 one_line(&format!("{e:#}"), 300)
@@ -578,12 +578,12 @@ async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
         }
     }
     if settings.storage.recordings_root.is_dir() {
-        println!(
+        say!(
             "ok    recordings root {}",
             settings.storage.recordings_root.display()
         );
     } else {
-        println!(
+        say!(
             "warn  recordings root {} does not exist",
             settings.storage.recordings_root.display()
         );

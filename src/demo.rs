@@ -30,14 +30,14 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     let db_url = format!("sqlite://{}", db_path.display());
 
     let sink = crate::devsink::start("127.0.0.1:0".parse()?, received.clone()).await?;
-    println!("serversync demo");
-    println!("  outbox:        {db_url} (SQLite, temporary)");
-    println!("  recordings:    {}", recordings.display());
-    println!(
+    say!("serversync demo");
+    say!("  outbox:        {db_url} (SQLite, temporary)");
+    say!("  recordings:    {}", recordings.display());
+    say!(
         "  frontend:      http://{} (stand-in ingest API)",
         sink.addr
     );
-    println!();
+    say!();
 
     let mut settings = Settings::default();
     settings.database.url = Some(db_url.clone().into());
@@ -51,8 +51,8 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     let store = connect(&settings, true).await?;
     store.migrate().await?;
     let seeded = seed(&store, &recordings).await?;
-    println!("seeded {} outbox rows: {CALLS} calls (call_log, recording, recording_file) and 1 poison row", seeded);
-    println!();
+    say!("seeded {} outbox rows: {CALLS} calls (call_log, recording, recording_file) and 1 poison row", seeded);
+    say!();
 
     let summary = drain(settings, DrainOptions::default(), CancellationToken::new()).await?;
     sink.stop().await;
@@ -63,45 +63,45 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
             ..Default::default()
         })
         .await?;
-    println!();
-    println!(
+    say!();
+    say!(
         "delivered {} rows; {} dead letter(s):",
         summary.delivered,
         dead.len()
     );
     for d in &dead {
-        println!(
+        say!(
             "  #{} outbox {} {}: {} — {}",
             d.id, d.outbox_id, d.entity_type, d.error_type, d.error_message
         );
     }
-    println!();
-    println!("the Frontend stand-in received:");
-    println!("  {}", received.join("entries.jsonl").display());
+    say!();
+    say!("the Frontend stand-in received:");
+    say!("  {}", received.join("entries.jsonl").display());
     for call in list_dirs(&received.join("files")) {
-        println!("  {}", call.display());
+        say!("  {}", call.display());
     }
     let ok = summary.delivered == (seeded - 1) as u64
         && dead.len() == 1
         && dead[0].error_type == "path_denied";
-    println!();
+    say!();
     if keep {
         let kept = tmp.keep();
-        println!("kept {}; look around with:", kept.display());
-        println!("  serversync --database-url {db_url} status");
-        println!("  serversync --database-url {db_url} dlq list");
-        println!(
+        say!("kept {}; look around with:", kept.display());
+        say!("  serversync --database-url {db_url} status");
+        say!("  serversync --database-url {db_url} dlq list");
+        say!(
             "  serversync --database-url {db_url} dlq show {}",
             dead.first().map_or(1, |d| d.id)
         );
     } else {
-        println!("cleaned up (pass --keep to keep the database and the received files, then try");
-        println!("  serversync --database-url sqlite://<dir>/outbox.db status   and   … dlq list)");
+        say!("cleaned up (pass --keep to keep the database and the received files, then try");
+        say!("  serversync --database-url sqlite://<dir>/outbox.db status   and   … dlq list)");
     }
     if ok {
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("error: the demo did not end as expected");
+        say_err!("error: the demo did not end as expected");
         Ok(ExitCode::FAILURE)
     }
 }

@@ -85,7 +85,7 @@ pub async fn start(listen: SocketAddr, dir: PathBuf) -> anyhow::Result<DevSinkHa
 
 pub async fn serve_until_signal(listen: SocketAddr, dir: PathBuf) -> anyhow::Result<()> {
     let handle = start(listen, dir.clone()).await?;
-    eprintln!(
+    say_err!(
         "dev-sink: DEVELOPMENT ONLY stand-in for the Frontend ingest API on http://{} (storing under {}); Ctrl-C stops",
         handle.addr,
         dir.display()

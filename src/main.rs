@@ -1,3 +1,4 @@
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -12,12 +13,12 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("{} (see --help)", clap_one_line(&e.to_string()));
+            let _ = writeln!(std::io::stderr(), "{} (see --help)", clap_one_line(&e.to_string()));
             return ExitCode::FAILURE;
         }
     };
     if let Err(e) = serversync::telemetry::init(cli.log_format, &cli.log_level) {
-        eprintln!("error: {e:#}");
+        let _ = writeln!(std::io::stderr(), "error: {e:#}");
         return ExitCode::FAILURE;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            let _ = writeln!(std::io::stderr(), "error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -34,7 +35,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let line = one_line(&e);
-            eprintln!("error: {line}");
+            let _ = writeln!(std::io::stderr(), "error: {line}");
             ExitCode::FAILURE
         }
     }

@@ -19,6 +19,10 @@ pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // a closed stderr (`serversync drain 2>&1 | head`) must not turn every log
+        // line into a panic (the subscriber reports its write errors with eprintln!),
+        // which would kill workers mid-batch and the signal handler with them
+        .log_internal_errors(false)
         .with_ansi(ansi);
     let result = match format {
         LogFormat::Pretty => builder.compact().try_init(),

@@ -280,3 +280,41 @@ async fn check_reports_each_part_and_exits_1_when_one_is_wrong() {
         .assert_fails_with("ingest.tiemout")
         .assert_single_stderr_line();
 }
+
+/// Output that goes nowhere (`serversync status | head -1`, `drain 2>&1 | head`) must
+/// neither panic a command nor hang a drain: a log line that panicked on a closed
+/// stderr used to kill a worker mid-batch (its rows stayed leased, the drain waited for
+/// it for ever) and the signal handler with it.
+#[tokio::test]
+async fn closed_output_pipes_neither_panic_nor_hang_a_drain() {
+    let mut env = TestEnv::migrated().await;
+    for _ in 0..15 {
+        env.insert("call_log", Uuid::new_v4(), serde_json::json!({"n": 1}))
+            .await;
+    }
+    env.config
+        .set("ingest.base_url", format!("http://127.0.0.1:{}", closed_port()));
+    for args in [["--log-level", "debug", "drain"], ["--log-format", "json", "drain"]] {
+        let code = env
+            .cmd(args)
+            .timeout(Duration::from_secs(30))
+            .output_to_closed_pipes()
+            .await;
+        assert_eq!(code, Some(3), "`{}`: rows left for retry", args.join(" "));
+    }
+    let leased: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sync_outbox WHERE lease_until > now() OR attempts = 0",
+    )
+    .fetch_one(env.db.pg())
+    .await
+    .expect("count");
+    assert_eq!(leased, 0, "the drains settled what they tried and left no lease");
+    for args in [&["status"][..], &["status", "--json"], &["dlq", "list"], &["check"]] {
+        let code = env.cmd(args).output_to_closed_pipes().await;
+        assert!(
+            matches!(code, Some(0 | 1)),
+            "`{}` exited with {code:?}",
+            args.join(" ")
+        );
+    }
+}

@@ -138,6 +138,30 @@ impl Cmd {
         out
     }
 
+    /// Run with stdout and stderr going to pipes nobody reads (closed at once, as
+    /// `serversync status | head -0` leaves them); the exit code, `None` for a signal.
+    pub async fn output_to_closed_pipes(self) -> Option<i32> {
+        let command = self.shown.join(" ");
+        let mut cmd = tokio::process::Command::from(self.cmd);
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn `{command}`: {e}"));
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        match tokio::time::timeout(self.timeout, child.wait()).await {
+            Ok(status) => status
+                .unwrap_or_else(|e| panic!("wait for `{command}`: {e}"))
+                .code(),
+            Err(_) => {
+                let _ = child.kill().await;
+                panic!("`{command}` did not finish within {:?} with its output closed (killed)", self.timeout);
+            }
+        }
+    }
+
     /// Start in the background (e.g. `run`); the child is killed when the guard drops.
     pub fn spawn(mut self) -> Running {
         let command = self.shown.join(" ");
