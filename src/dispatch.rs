@@ -181,6 +181,9 @@ impl Dispatcher {
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .user_agent(concat!("serversync/", env!("CARGO_PKG_VERSION")))
+            // a redirect is an answer that did not accept the rows: followed, a 301 or
+            // 302 becomes a GET without the body whose 200 would mark them sent
+            .redirect(reqwest::redirect::Policy::none())
             .danger_accept_invalid_certs(settings.danger_accept_invalid_certs)
             .build()
             .context("building the HTTP client")?;
@@ -377,6 +380,11 @@ impl Dispatcher {
 
 async fn failure_from_response(mut response: Response) -> Failure {
     let status = response.status().as_u16();
+    let location = if response.status().is_redirection() {
+        redirect_target(&response)
+    } else {
+        None
+    };
     let retry_after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)
@@ -395,7 +403,22 @@ async fn failure_from_response(mut response: Response) -> Failure {
     } else {
         Some(String::from_utf8_lossy(&body).into_owned())
     };
-    Failure::from_status(status, text, retry_after)
+    let mut failure = Failure::from_status(status, text, retry_after);
+    if let Some(to) = location {
+        failure.message = format!("{} to {to}", failure.message);
+    }
+    failure
+}
+
+/// Where a redirect points, without its query or credentials (they may hold tokens).
+fn redirect_target(response: &Response) -> Option<String> {
+    let value = response.headers().get(reqwest::header::LOCATION)?.to_str().ok()?;
+    let mut url = response.url().join(value).ok()?;
+    url.set_query(None);
+    url.set_fragment(None);
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Some(url.to_string())
 }
 
 /// `Idempotency-Key` of a JSON batch: stable for the same set of outbox ids.

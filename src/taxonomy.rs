@@ -125,18 +125,27 @@ impl Failure {
             429 => (ErrorType::Http429, true),
             500..=599 => (ErrorType::Http5xx, true),
             408 => (ErrorType::Http4xx, true),
+            // a redirect (never followed): a misconfigured ingest.base_url or a proxy
+            // in front of the API, for an operator to fix; retried like a 408 meanwhile
+            300..=399 => (ErrorType::Http4xx, true),
             _ => (ErrorType::Http4xx, false),
         };
         let reason = reqwest::StatusCode::from_u16(status)
             .ok()
             .and_then(|s| s.canonical_reason())
             .unwrap_or("");
+        let redirect = if (300..=399).contains(&status) {
+            " (a redirect, not followed: set ingest.base_url to the ingest API itself)"
+        } else {
+            ""
+        };
         let mut f = Failure::new(
             error_type,
             retryable,
             format!("sink answered HTTP {status} {reason}")
                 .trim_end()
-                .to_string(),
+                .to_string()
+                + redirect,
         );
         f.http_status = Some(status);
         f.response_body = body;
@@ -219,6 +228,9 @@ mod tests {
             (503, ErrorType::Http5xx, true),
             (429, ErrorType::Http429, true),
             (408, ErrorType::Http4xx, true),
+            (301, ErrorType::Http4xx, true),
+            (302, ErrorType::Http4xx, true),
+            (307, ErrorType::Http4xx, true),
             (400, ErrorType::Http4xx, false),
             (404, ErrorType::Http4xx, false),
             (422, ErrorType::Http4xx, false),

@@ -494,6 +494,49 @@ async fn a_408_is_retried_not_dead_lettered(backend: Backend) {
     assert_eq!(rows[0].attempts, 1);
 }
 
+both_stores!(a_redirect_is_not_followed_and_not_taken_as_delivered);
+/// A login proxy or an http→https redirect in front of the Frontend: followed, a 302
+/// turns into a GET without the entries whose 200 would mark the rows sent. The relay
+/// does not follow it: the rows stay pending, retried like a 408, and the message says
+/// where it pointed (without the query, which may hold a token).
+async fn a_redirect_is_not_followed_and_not_taken_as_delivered(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    retry_in_an_hour(&mut env);
+    env.sink.set_mode(Mode::Reply(
+        Reply::status(302).header("Location", "/login?next=%2Fapi&token=s3cr3t"),
+    ));
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    let call = Uuid::new_v4();
+    std::fs::create_dir_all(env.root.join(call.to_string())).unwrap();
+    std::fs::write(env.root.join(format!("{call}/mixed.wav")), b"RIFF....WAVE").unwrap();
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        file_payload(call, &format!("{call}/mixed.wav")),
+    )
+    .await;
+
+    env.drain().await.assert_code(3).assert_no_panic();
+
+    assert!(env.sink.strays().is_empty(), "no redirect was followed");
+    assert_eq!(env.count("sync_outbox_sent").await, 0, "nothing taken as delivered");
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        assert_eq!(row.last_http_status, Some(302));
+        assert_eq!(row.last_error_type.as_deref(), Some("http_4xx"));
+        assert_eq!(row.attempts, 1);
+        let message = row.last_error.unwrap_or_default();
+        assert!(
+            message.contains("redirect") && message.contains("/login"),
+            "{message}"
+        );
+        assert!(!message.contains("s3cr3t"), "{message}");
+    }
+}
+
 both_stores!(a_file_that_cannot_be_read_is_unreadable);
 async fn a_file_that_cannot_be_read_is_unreadable(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
