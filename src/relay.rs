@@ -223,6 +223,9 @@ impl Relay {
             }
         }
         self.release_unclaimed_shares().await;
+        if self.drain.is_some() {
+            self.sink.down_if_last_failed();
+        }
         recorded.cancel();
         let _ = recorder.await;
         self.summary(stop.is_cancelled())

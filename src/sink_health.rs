@@ -172,6 +172,28 @@ impl SinkHealth {
         !s.down
     }
 
+    /// A relay that stops (a `drain` run) while its latest word from the sink was a
+    /// sink-level failure takes the sink as down, below the threshold too, so that the
+    /// state it records makes the next relay probe before it charges rows. Without it
+    /// a cron `drain` that sends one batch per run charges every row once per run of
+    /// an outage until they are dead. Returns whether it did.
+    pub fn down_if_last_failed(&self) -> bool {
+        let mut s = self.lock();
+        if s.down || s.consecutive_failures == 0 {
+            return false;
+        }
+        s.down = true;
+        s.probing = false;
+        self.metrics.sink_up.set(0);
+        self.up.send_replace(false);
+        tracing::warn!(
+            consecutive_failures = s.consecutive_failures,
+            "the ingest sink failed this relay's last request: recorded as down, so \
+             the next relay probes before it charges rows"
+        );
+        true
+    }
+
     /// When rows released during an outage should become due again.
     pub fn until_next_probe(&self) -> Duration {
         let s = self.lock();
@@ -248,6 +270,22 @@ mod tests {
         assert!(up.has_changed().unwrap_or(false));
         assert!(*up.borrow_and_update());
         assert_eq!(h.gate(), Gate::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_last_failure_below_the_threshold_is_taken_as_down_only_when_asked() {
+        let h = health(3);
+        assert!(!h.down_if_last_failed(), "nothing seen: nothing to say");
+        h.on_sink_failure("connect", None);
+        assert!(!h.is_down());
+        let mut up = h.subscribe();
+        assert!(h.down_if_last_failed());
+        assert!(h.is_down());
+        assert!(!*up.borrow_and_update(), "the transition is published");
+        let h = health(3);
+        h.on_sink_failure("connect", None);
+        h.on_answer();
+        assert!(!h.down_if_last_failed(), "the sink answered after the failure");
     }
 
     #[tokio::test(start_paused = true)]

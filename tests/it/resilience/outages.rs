@@ -312,6 +312,50 @@ async fn a_sink_refusing_connections_stops_drain_and_pauses_run_without_charging
     assert!(sent_attempts(&env).await.iter().all(|a| *a <= 5));
 }
 
+/// A cron `drain` during an outage that sends one batch per run never sees the
+/// threshold in one process; it still records the outage when its last request
+/// failed, so the next run probes first and charges nothing: a row pays one attempt
+/// for the whole outage, not one per run until it is dead.
+#[tokio::test]
+async fn a_drain_whose_last_request_failed_records_the_outage_below_the_threshold() {
+    let mut env = TestEnv::migrated().await;
+    let n = 15;
+    let mut switch = backlog_behind_a_refusing_sink(&mut env, n).await;
+    env.config
+        .set("dispatch.outage_threshold", 3)
+        .set("retry.max_attempts", 3)
+        // retried after the drain has ended, as with a real backoff and cron
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "500ms")
+        .set("retry.max_delay", "500ms")
+        .set("dispatch.probe_interval", "100ms")
+        .set("dispatch.max_probe_interval", "200ms");
+
+    drain_stopped_by_the_outage(&env).await;
+    assert_eq!(max_pending_attempts(&env).await, 1, "one batch, one charged attempt");
+    assert_eq!(sinks_recorded_down(&env).await, 1, "recorded below the threshold");
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        drain_stopped_by_the_outage(&env).await;
+        assert_eq!(
+            max_pending_attempts(&env).await,
+            1,
+            "drain {round} charged attempts for a recorded outage"
+        );
+    }
+    assert_eq!(tables(&env).await, (n as i64, 0, 0), "(pending, sent, dead)");
+
+    switch.up();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    env.cmd(["drain"])
+        .timeout(Duration::from_secs(30))
+        .output()
+        .await
+        .assert_success();
+    assert_eq!(tables(&env).await, (0, n as i64, 0), "(pending, sent, dead)");
+    assert_eq!(sinks_recorded_down(&env).await, 0, "the recovery is recorded");
+}
+
 /// An idle daemon follows the sink's state too: with nothing due it probes with an
 /// empty batch, so `serversync_sink_up` stays 0 while the sink is down and returns to
 /// 1, with the recorded outage cleared, once it answers, without waiting for a row to
