@@ -142,7 +142,9 @@ pub struct DeadLetter {
     pub id: i64,
     pub outbox_id: i64,
     pub entity_type: String,
-    pub entity_id: Uuid,
+    /// As stored: a row dead-lettered because its id is no UUID (SQLite does not
+    /// enforce the type) must still be listed.
+    pub entity_id: String,
     pub payload: serde_json::Value,
     pub ordering_key: Option<String>,
     pub created_at: DateTime<Utc>,

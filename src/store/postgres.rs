@@ -590,7 +590,7 @@ fn dead_letter_from_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<DeadLette
         id: row.try_get("id")?,
         outbox_id: row.try_get("outbox_id")?,
         entity_type: row.try_get("entity_type")?,
-        entity_id: row.try_get::<Uuid, _>("entity_id")?,
+        entity_id: row.try_get::<Uuid, _>("entity_id")?.to_string(),
         payload: row.try_get("payload")?,
         ordering_key: row.try_get("ordering_key")?,
         created_at: row.try_get("created_at")?,

@@ -635,8 +635,12 @@ fn dead_letter_from_row(row: &SqliteRow) -> anyhow::Result<DeadLetter> {
         id,
         outbox_id: row.try_get("outbox_id")?,
         entity_type: row.try_get("entity_type")?,
-        entity_id: get_uuid(row, "entity_id")?,
-        payload: json("payload")?,
+        entity_id: row.try_get("entity_id")?,
+        // as the producer wrote it, when that was no JSON (it is why the row died)
+        payload: json("payload").or_else(|_| {
+            row.try_get::<String, _>("payload")
+                .map(serde_json::Value::String)
+        })?,
         ordering_key: row.try_get("ordering_key")?,
         created_at: get_time(row, "created_at")?,
         error_type: row.try_get("error_type")?,
@@ -998,8 +1002,8 @@ mod tests {
         assert_eq!(list.len(), 1);
         let dl = &list[0];
         assert_eq!(
-            (dl.outbox_id, dl.entity_id, dl.attempts, dl.max_attempts),
-            (id, entity, 1, 1)
+            (dl.outbox_id, dl.entity_id.clone(), dl.attempts, dl.max_attempts),
+            (id, entity.to_string(), 1, 1)
         );
         assert_eq!(dl.payload, serde_json::json!({"n": 1}));
         assert_eq!(dl.attempt_errors.as_array().map(Vec::len), Some(1));

@@ -72,3 +72,32 @@ async fn migrate_creates_a_missing_database_file() {
     assert_eq!(status.json()["pending"], json!(0), "{status}");
     env.run(&["drain"]).await.assert_success();
 }
+
+/// SQLite does not enforce `entity_id uuid` or `payload jsonb`: a producer can write
+/// anything. Such a row is dead-lettered as `payload_invalid`, and the dead letters
+/// must still list and show, with the values as the producer wrote them.
+#[tokio::test]
+async fn a_dead_letter_with_an_id_that_is_no_uuid_still_lists_and_shows() {
+    let env = TestEnv::migrated_on(Backend::Sqlite).await;
+    env.db
+        .execute(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload) \
+             VALUES ('call_log', 'not-a-uuid', '{}')",
+        )
+        .await;
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    env.drain().await.assert_code(3);
+    assert_eq!(env.sink.entries().len(), 1, "the good row went through");
+
+    let out = env.run(&["dlq", "list", "--json"]).await;
+    out.assert_success();
+    let list = out.json();
+    let dead = list.as_array().expect("an array");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["entityId"], json!("not-a-uuid"));
+    assert_eq!(dead[0]["errorType"], json!("payload_invalid"));
+    let id = dead[0]["id"].as_i64().expect("id").to_string();
+    env.run(&["dlq", "show", &id]).await.assert_success();
+    env.run(&["dlq", "list"]).await.assert_success();
+}
