@@ -410,6 +410,17 @@ impl Settings {
                 self.ingest.signing_secret = Some(read_secret(path, "ingest.signing_secret_file")?);
             }
         }
+        if let Some(token) = &self.ingest.auth_token {
+            // caught here, or every request would fail to build and be charged as a
+            // connect error until the rows are dead
+            let token = token.expose_secret();
+            if token.is_empty() || !token.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+                bail!(
+                    "invalid value for ingest.auth_token: a bearer token must be non-empty \
+                     visible ASCII (no spaces, line breaks or other control characters)"
+                );
+            }
+        }
         Ok(())
     }
 

@@ -191,3 +191,24 @@ async fn batches_and_uploads_are_signed_over_their_exact_bodies(backend: Backend
     assert_eq!(uploads[0].part("meta").expect("meta").bytes, meta);
     assert_eq!(env.count("sync_outbox").await, 0);
 }
+
+both_stores!(an_auth_token_that_cannot_be_a_header_is_a_config_error);
+/// A token with a line break (an environment variable written with a trailing
+/// newline, say) cannot be sent: one line naming the key, at start-up, and no row
+/// charged for it.
+async fn an_auth_token_that_cannot_be_a_header_is_a_config_error(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    for token in ["bad\ntoken", "two words", ""] {
+        env.config.set("ingest.auth_token", token);
+        for command in [&["drain"][..], &["check"]] {
+            let out = env.run(command).await;
+            out.assert_fails_with("ingest.auth_token")
+                .assert_single_stderr_line();
+            assert!(!out.stderr.contains("two words"), "the token is not echoed\n{out}");
+        }
+    }
+    assert_eq!(env.sink.request_count(), 0);
+    assert_eq!(env.outbox().await[0].attempts, 0, "nothing charged");
+}
