@@ -411,7 +411,13 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
             } else {
                 say!(
                     "{:>8} {:>10} {:<16} {:<20} {:>6} {:>8}  {:<24} message",
-                    "id", "outbox_id", "entity_type", "error_type", "http", "attempts", "dead_at"
+                    "id",
+                    "outbox_id",
+                    "entity_type",
+                    "error_type",
+                    "http",
+                    "attempts",
+                    "dead_at"
                 );
                 for d in rows {
                     say!(
@@ -516,6 +522,22 @@ fn selection(
     }
 }
 
+/// The error and its causes, skipping causes already quoted by their parent (sqlx
+/// and reqwest errors repeat their source in their own message).
+pub fn causes(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 fn one_line(text: &str, max: usize) -> String {
     let flat: String = text
         .chars()
@@ -549,13 +571,13 @@ async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => {
                     healthy = false;
-                    say!("FAIL  schema: {}", one_line(&format!("{e:#}"), 300));
+                    say!("FAIL  schema: {}", one_line(&causes(&e), 300));
                 }
             }
         }
         Err(e) => {
             healthy = false;
-            say!("FAIL  database: {}", one_line(&format!("{e:#}"), 300));
+            say!("FAIL  database: {}", one_line(&causes(&e), 300));
         }
     }
     let dispatcher = Dispatcher::new(

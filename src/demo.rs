@@ -72,7 +72,11 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     for d in &dead {
         say!(
             "  #{} outbox {} {}: {} — {}",
-            d.id, d.outbox_id, d.entity_type, d.error_type, d.error_message
+            d.id,
+            d.outbox_id,
+            d.entity_type,
+            d.error_type,
+            d.error_message
         );
     }
     say!();

@@ -412,7 +412,11 @@ async fn failure_from_response(mut response: Response) -> Failure {
 
 /// Where a redirect points, without its query or credentials (they may hold tokens).
 fn redirect_target(response: &Response) -> Option<String> {
-    let value = response.headers().get(reqwest::header::LOCATION)?.to_str().ok()?;
+    let value = response
+        .headers()
+        .get(reqwest::header::LOCATION)?
+        .to_str()
+        .ok()?;
     let mut url = response.url().join(value).ok()?;
     url.set_query(None);
     url.set_fragment(None);

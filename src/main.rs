@@ -12,8 +12,25 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                    | clap::error::ErrorKind::MissingSubcommand
+            ) =>
+        {
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: a command is required (see --help)"
+            );
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "{} (see --help)", clap_one_line(&e.to_string()));
+            let _ = writeln!(
+                std::io::stderr(),
+                "{} (see --help)",
+                clap_one_line(&e.to_string())
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -27,7 +44,10 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "error: cannot start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: cannot start the async runtime: {e}"
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -57,18 +77,7 @@ fn clap_one_line(text: &str) -> String {
     }
 }
 
-/// The error and its causes on one line, skipping causes already quoted by their
-/// parent (sqlx and reqwest errors repeat their source in their own message).
+/// The error and its causes on one line.
 fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-    }
-    line.replace('\n', " ")
+    serversync::app::causes(e).replace('\n', " ")
 }

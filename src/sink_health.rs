@@ -285,7 +285,10 @@ mod tests {
         let h = health(3);
         h.on_sink_failure("connect", None);
         h.on_answer();
-        assert!(!h.down_if_last_failed(), "the sink answered after the failure");
+        assert!(
+            !h.down_if_last_failed(),
+            "the sink answered after the failure"
+        );
     }
 
     #[tokio::test(start_paused = true)]

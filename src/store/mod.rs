@@ -277,7 +277,7 @@ impl Store {
             SchemaState::Current => Ok(()),
             SchemaState::Outdated { missing } => bail!(
                 "the database schema is outdated ({} migration(s) not applied): run `serversync migrate` \
-                 or pass --migrate",
+                 (`run` and `drain` also take --migrate)",
                 missing.len()
             ),
             SchemaState::Newer { unknown } => bail!(

@@ -1002,7 +1002,12 @@ mod tests {
         assert_eq!(list.len(), 1);
         let dl = &list[0];
         assert_eq!(
-            (dl.outbox_id, dl.entity_id.clone(), dl.attempts, dl.max_attempts),
+            (
+                dl.outbox_id,
+                dl.entity_id.clone(),
+                dl.attempts,
+                dl.max_attempts
+            ),
             (id, entity.to_string(), 1, 1)
         );
         assert_eq!(dl.payload, serde_json::json!({"n": 1}));

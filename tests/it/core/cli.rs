@@ -228,6 +228,8 @@ async fn bad_arguments_name_what_is_wrong_on_one_line() {
             &["--max-rows", "abc"][..],
         ),
         (&["drain", "--bogus"][..], &["--bogus"][..]),
+        (&[][..], &["error: a command is required"][..]),
+        (&["dlq"][..], &["error: a command is required"][..]),
     ] {
         let out = env.run(args).await;
         for needle in needles {
@@ -292,9 +294,14 @@ async fn closed_output_pipes_neither_panic_nor_hang_a_drain() {
         env.insert("call_log", Uuid::new_v4(), serde_json::json!({"n": 1}))
             .await;
     }
-    env.config
-        .set("ingest.base_url", format!("http://127.0.0.1:{}", closed_port()));
-    for args in [["--log-level", "debug", "drain"], ["--log-format", "json", "drain"]] {
+    env.config.set(
+        "ingest.base_url",
+        format!("http://127.0.0.1:{}", closed_port()),
+    );
+    for args in [
+        ["--log-level", "debug", "drain"],
+        ["--log-format", "json", "drain"],
+    ] {
         let code = env
             .cmd(args)
             .timeout(Duration::from_secs(30))
@@ -308,8 +315,16 @@ async fn closed_output_pipes_neither_panic_nor_hang_a_drain() {
     .fetch_one(env.db.pg())
     .await
     .expect("count");
-    assert_eq!(leased, 0, "the drains settled what they tried and left no lease");
-    for args in [&["status"][..], &["status", "--json"], &["dlq", "list"], &["check"]] {
+    assert_eq!(
+        leased, 0,
+        "the drains settled what they tried and left no lease"
+    );
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["dlq", "list"],
+        &["check"],
+    ] {
         let code = env.cmd(args).output_to_closed_pipes().await;
         assert!(
             matches!(code, Some(0 | 1)),

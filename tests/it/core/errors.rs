@@ -520,7 +520,11 @@ async fn a_redirect_is_not_followed_and_not_taken_as_delivered(backend: Backend)
     env.drain().await.assert_code(3).assert_no_panic();
 
     assert!(env.sink.strays().is_empty(), "no redirect was followed");
-    assert_eq!(env.count("sync_outbox_sent").await, 0, "nothing taken as delivered");
+    assert_eq!(
+        env.count("sync_outbox_sent").await,
+        0,
+        "nothing taken as delivered"
+    );
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
     let rows = env.outbox().await;
     assert_eq!(rows.len(), 2);

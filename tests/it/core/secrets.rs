@@ -206,7 +206,10 @@ async fn an_auth_token_that_cannot_be_a_header_is_a_config_error(backend: Backen
             let out = env.run(command).await;
             out.assert_fails_with("ingest.auth_token")
                 .assert_single_stderr_line();
-            assert!(!out.stderr.contains("two words"), "the token is not echoed\n{out}");
+            assert!(
+                !out.stderr.contains("two words"),
+                "the token is not echoed\n{out}"
+            );
         }
     }
     assert_eq!(env.sink.request_count(), 0);

@@ -157,7 +157,10 @@ impl Cmd {
                 .code(),
             Err(_) => {
                 let _ = child.kill().await;
-                panic!("`{command}` did not finish within {:?} with its output closed (killed)", self.timeout);
+                panic!(
+                    "`{command}` did not finish within {:?} with its output closed (killed)",
+                    self.timeout
+                );
             }
         }
     }

@@ -332,8 +332,16 @@ async fn a_drain_whose_last_request_failed_records_the_outage_below_the_threshol
         .set("dispatch.max_probe_interval", "200ms");
 
     drain_stopped_by_the_outage(&env).await;
-    assert_eq!(max_pending_attempts(&env).await, 1, "one batch, one charged attempt");
-    assert_eq!(sinks_recorded_down(&env).await, 1, "recorded below the threshold");
+    assert_eq!(
+        max_pending_attempts(&env).await,
+        1,
+        "one batch, one charged attempt"
+    );
+    assert_eq!(
+        sinks_recorded_down(&env).await,
+        1,
+        "recorded below the threshold"
+    );
     for round in 0..4 {
         tokio::time::sleep(Duration::from_millis(600)).await;
         drain_stopped_by_the_outage(&env).await;
@@ -343,7 +351,11 @@ async fn a_drain_whose_last_request_failed_records_the_outage_below_the_threshol
             "drain {round} charged attempts for a recorded outage"
         );
     }
-    assert_eq!(tables(&env).await, (n as i64, 0, 0), "(pending, sent, dead)");
+    assert_eq!(
+        tables(&env).await,
+        (n as i64, 0, 0),
+        "(pending, sent, dead)"
+    );
 
     switch.up();
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -352,8 +364,16 @@ async fn a_drain_whose_last_request_failed_records_the_outage_below_the_threshol
         .output()
         .await
         .assert_success();
-    assert_eq!(tables(&env).await, (0, n as i64, 0), "(pending, sent, dead)");
-    assert_eq!(sinks_recorded_down(&env).await, 0, "the recovery is recorded");
+    assert_eq!(
+        tables(&env).await,
+        (0, n as i64, 0),
+        "(pending, sent, dead)"
+    );
+    assert_eq!(
+        sinks_recorded_down(&env).await,
+        0,
+        "the recovery is recorded"
+    );
 }
 
 /// An idle daemon follows the sink's state too: with nothing due it probes with an
