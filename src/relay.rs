@@ -509,12 +509,19 @@ impl Relay {
         step
     }
 
-    /// The sink is down, a probe is due and nothing is due to probe with: ask with an
-    /// empty batch. Without it an idle daemon would report the sink down (and keep it
+    /// The sink is down, a probe is due and the outbox is empty: ask with an empty
+    /// batch. Without it an idle daemon would report the sink down (and keep it
     /// recorded as down for other relays) until the next row arrives, however long
-    /// ago the sink came back. `drain` does not: it has nothing to deliver either way.
+    /// ago the sink came back. Only when no row waits at all: a Frontend whose storage
+    /// is down may still answer an empty batch, and rows waiting for their retry would
+    /// then be charged for the outage; they probe it themselves when due. `drain`
+    /// does not: it has nothing to deliver either way.
     async fn probe_empty_handed(&self) {
-        tracing::debug!("probing the ingest sink with an empty batch: nothing is due");
+        if !matches!(self.store.has_pending().await, Ok(false)) {
+            self.sink.probe_abandoned();
+            return;
+        }
+        tracing::debug!("probing the ingest sink with an empty batch: the outbox is empty");
         match self.dispatcher.send_json(&[]).await {
             Ok(()) => self.sink.on_answer(),
             Err(f) if f.error_type.is_sink_level() => {

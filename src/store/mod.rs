@@ -351,6 +351,11 @@ impl Store {
         Ok(self.status().await?.due)
     }
 
+    /// Whether any row is in the outbox at all (due, waiting or in flight).
+    pub async fn has_pending(&self) -> anyhow::Result<bool> {
+        delegate!(self, s => s.has_pending().await)
+    }
+
     pub async fn enqueue(&self, row: &NewRow) -> anyhow::Result<i64> {
         delegate!(self, s => s.enqueue(row).await)
     }

@@ -423,6 +423,15 @@ impl PgStore {
         })
     }
 
+    /// Whether any row is in the outbox at all (due, waiting or in flight).
+    pub async fn has_pending(&self) -> anyhow::Result<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sync_outbox)")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn enqueue(&self, row: &NewRow) -> anyhow::Result<i64> {
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key) \
