@@ -49,9 +49,12 @@ impl RecordingsRoot {
                 Failure::file_unreadable(msg)
             }
         })?;
-        self.check_resolves_inside(&relative)?;
+        // Opened by the path it resolves to: cap-std refuses every absolute symlink,
+        // also one that points inside the root, and the resolved path has none left.
+        // cap-std still confines the open, should the tree change in between.
+        let resolved = self.resolve_inside(&relative)?;
         let file = dir
-            .open(&relative)
+            .open(resolved.as_deref().unwrap_or(&relative))
             .map_err(|e| self.open_error(path, &relative, e))?;
         let meta = file
             .metadata()
@@ -118,16 +121,18 @@ impl RecordingsRoot {
         Ok(rel)
     }
 
-    /// A symlink that points out of the root is a denial, not a missing file.
-    fn check_resolves_inside(&self, relative: &Path) -> Result<(), Failure> {
+    /// Where `relative` leads, relative to the root: a symlink that points out of
+    /// the root is a denial, not a missing file. `None` when it does not resolve
+    /// (missing: the open reports it).
+    fn resolve_inside(&self, relative: &Path) -> Result<Option<PathBuf>, Failure> {
         let (Ok(root), Ok(target)) = (
             self.root.canonicalize(),
             self.root.join(relative).canonicalize(),
         ) else {
-            return Ok(()); // missing: the open reports it
+            return Ok(None);
         };
-        if target.starts_with(&root) {
-            Ok(())
+        if let Ok(inside) = target.strip_prefix(&root) {
+            Ok(Some(inside.to_path_buf()))
         } else {
             Err(Failure::path_denied(format!(
                 "{}: resolves outside the recordings root (symlink)",

@@ -398,6 +398,36 @@ async fn symlinks_out_of_the_recordings_root_are_denied(backend: Backend) {
     assert_eq!(env.sink.request_count(), 0);
 }
 
+both_stores!(an_absolute_symlink_that_stays_inside_the_root_is_followed);
+/// Only symlinks that lead out of the root are denied: one with an absolute target
+/// inside it (as `ln -s "$PWD/take1.wav" mixed.wav` makes) is uploaded, byte for byte,
+/// under the name the payload gave.
+async fn an_absolute_symlink_that_stays_inside_the_root_is_followed(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
+    let call = Uuid::new_v4();
+    let audio = fixtures::wav(5000);
+    fixtures::write_file(&env.root.join(call.to_string()), "take1.wav", &audio);
+    std::os::unix::fs::symlink(
+        env.root.join(format!("{call}/take1.wav")),
+        env.root.join(format!("{call}/mixed.wav")),
+    )
+    .unwrap();
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        file_payload(call, &format!("{call}/mixed.wav")),
+    )
+    .await;
+
+    env.drain().await.assert_success();
+
+    let uploads = env.sink.uploads();
+    assert_eq!(uploads.len(), 1);
+    let part = uploads[0].part("audio").expect("audio part");
+    assert_eq!(part.bytes, audio, "the file's bytes");
+    assert_eq!(part.file_name.as_deref(), Some("mixed.wav"));
+}
+
 both_stores!(file_payloads_without_required_fields_are_invalid);
 async fn file_payloads_without_required_fields_are_invalid(backend: Backend) {
     let env = TestEnv::migrated_on(backend).await;
