@@ -438,6 +438,14 @@ impl Settings {
         if !url.username().is_empty() || url.password().is_some() {
             bail!("invalid value for ingest.base_url: put credentials in ingest.auth_token, not the URL");
         }
+        check_type_names(
+            "dispatch.file_entity_types",
+            &self.dispatch.file_entity_types,
+        )?;
+        check_type_names(
+            "dispatch.json_entity_types",
+            &self.dispatch.json_entity_types,
+        )?;
         check_range("dispatch.batch_size", self.dispatch.batch_size, 1, 10_000)?;
         check_range(
             "metrics.backlog_exact_rows",
@@ -521,6 +529,21 @@ fn read_secret(path: &Path, key: &str) -> anyhow::Result<SecretString> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read {key} ({})", path.display()))?;
     Ok(SecretString::from(text.trim().to_string()))
+}
+
+/// Entity type names in a routing list: a JSON array written into an environment
+/// variable (`["a","b"]`) is split on commas into `["a"` and `"b"]`, which would route
+/// every row wrongly without a word; and an empty name routes nothing.
+fn check_type_names(key: &str, names: &[String]) -> anyhow::Result<()> {
+    for name in names {
+        if name.trim().is_empty() || name.contains(['[', ']', '"', '\'']) {
+            bail!(
+                "invalid value for {key}: {name:?} is not an entity type name \
+                 (in the environment, write the list as comma-separated names: a,b)"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn check_range(key: &str, value: u32, min: u32, max: u32) -> anyhow::Result<()> {

@@ -333,3 +333,36 @@ async fn closed_output_pipes_neither_panic_nor_hang_a_drain() {
         );
     }
 }
+
+/// A JSON array in an environment variable is split on commas by the config loader
+/// (`["call_log"` and `"recording"]`): taken as names, every row would be misrouted.
+/// It is refused, naming the key; comma-separated names work.
+#[tokio::test]
+async fn a_json_array_in_an_environment_list_is_refused_naming_the_key() {
+    let env = TestEnv::migrated_on(Backend::Sqlite).await;
+    for (key, name) in [
+        (
+            "SERVERSYNC__DISPATCH__JSON_ENTITY_TYPES",
+            "dispatch.json_entity_types",
+        ),
+        (
+            "SERVERSYNC__DISPATCH__FILE_ENTITY_TYPES",
+            "dispatch.file_entity_types",
+        ),
+    ] {
+        let out = env
+            .cmd(["drain"])
+            .env(key, r#"["call_log","recording"]"#)
+            .output()
+            .await;
+        out.assert_fails_with(name).assert_single_stderr_line();
+    }
+    env.cmd(["drain"])
+        .env(
+            "SERVERSYNC__DISPATCH__JSON_ENTITY_TYPES",
+            "call_log,recording",
+        )
+        .output()
+        .await
+        .assert_success();
+}
