@@ -143,12 +143,26 @@ impl Default for DispatchSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryPolicyKind {
     Exponential,
     EqualJitter,
     Fixed,
+}
+
+/// By hand, so that a wrong name lists the right ones instead of a Rust type name.
+impl<'de> Deserialize<'de> for RetryPolicyKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        match name.as_str() {
+            "exponential" => Ok(RetryPolicyKind::Exponential),
+            "equal_jitter" => Ok(RetryPolicyKind::EqualJitter),
+            "fixed" => Ok(RetryPolicyKind::Fixed),
+            _ => Err(serde::de::Error::custom(format!(
+                "unknown retry policy {name:?}, expected exponential, equal_jitter or fixed"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -585,6 +599,14 @@ fn describe_config_error(err: config::ConfigError) -> anyhow::Error {
             return anyhow::anyhow!("unknown configuration key `{key}`");
         }
     }
+    // "expected struct DatabaseSettings": a section given as a plain value
+    let text = match text.split_once("expected struct ") {
+        Some((head, tail)) => {
+            let rest = tail.split_once(' ').map_or("", |(_, r)| r);
+            format!("{head}expected a table {rest}")
+        }
+        None => text,
+    };
     anyhow::anyhow!("invalid configuration: {text}")
 }
 

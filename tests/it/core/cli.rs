@@ -366,3 +366,18 @@ async fn a_json_array_in_an_environment_list_is_refused_naming_the_key() {
         .await
         .assert_success();
 }
+
+/// A wrong retry policy names the key and the policies there are, not a Rust type.
+#[tokio::test]
+async fn a_wrong_retry_policy_lists_the_right_ones() {
+    let mut env = TestEnv::migrated_on(Backend::Sqlite).await;
+    for key in ["retry.policy", "retry.overrides.call_log.policy"] {
+        env.config.set(key, "linear");
+        env.run(&["drain"])
+            .await
+            .assert_fails_with(key)
+            .assert_fails_with("expected exponential, equal_jitter or fixed")
+            .assert_single_stderr_line();
+        env.config.remove(key);
+    }
+}
