@@ -24,6 +24,9 @@ pub enum Gate {
 #[derive(Debug)]
 struct State {
     consecutive_failures: u32,
+    /// The latest failure was the sink not answering at all (connect, timeout),
+    /// which no row can cause, unlike a 5xx.
+    last_unreachable: bool,
     down: bool,
     probing: bool,
     probe_delay: Duration,
@@ -52,6 +55,7 @@ impl SinkHealth {
         SinkHealth {
             state: Mutex::new(State {
                 consecutive_failures: 0,
+                last_unreachable: false,
                 down: false,
                 probing: false,
                 probe_delay: probe_base,
@@ -148,6 +152,7 @@ impl SinkHealth {
         let mut s = self.lock();
         let was_down = s.down;
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+        s.last_unreachable = matches!(error_type, "connect" | "timeout");
         s.probing = false;
         if was_down {
             s.probe_delay = (s.probe_delay * 2).min(self.probe_max);
@@ -172,14 +177,16 @@ impl SinkHealth {
         !s.down
     }
 
-    /// A relay that stops (a `drain` run) while its latest word from the sink was a
-    /// sink-level failure takes the sink as down, below the threshold too, so that the
-    /// state it records makes the next relay probe before it charges rows. Without it
-    /// a cron `drain` that sends one batch per run charges every row once per run of
-    /// an outage until they are dead. Returns whether it did.
+    /// A relay that stops (a `drain` run) while the sink did not answer its latest
+    /// request at all (refused, reset, timed out) takes the sink as down, below the
+    /// threshold too, so that the state it records makes the next relay probe before
+    /// it charges rows. Without it a cron `drain` that sends one batch per run charges
+    /// every row once per run of an outage until they are dead. Not after a 5xx or
+    /// 429: one row can cause those, and it must still reach the dead letters.
+    /// Returns whether it did.
     pub fn down_if_last_failed(&self) -> bool {
         let mut s = self.lock();
-        if s.down || s.consecutive_failures == 0 {
+        if s.down || s.consecutive_failures == 0 || !s.last_unreachable {
             return false;
         }
         s.down = true;
@@ -289,6 +296,9 @@ mod tests {
             !h.down_if_last_failed(),
             "the sink answered after the failure"
         );
+        let h = health(3);
+        h.on_sink_failure("http_5xx", None);
+        assert!(!h.down_if_last_failed(), "a 5xx may be one row's doing");
     }
 
     #[tokio::test(start_paused = true)]
