@@ -21,7 +21,9 @@ use crate::dispatch::{Dispatcher, FileJob};
 use crate::metrics::{Health, Metrics};
 use crate::retry::next_delay;
 use crate::sink_health::{Gate, SinkHealth};
-use crate::store::{Claim, ClaimedRow, DeadRow, ErrorRecord, Held, RetryRow, Settlement, Store};
+use crate::store::{
+    Claim, ClaimedRow, DeadRow, ErrorRecord, Held, RetryRow, SchemaState, Settlement, Store,
+};
 use crate::taxonomy::{ErrorType, Failure};
 
 /// How long before the next probe rows released during an outage fall due again.
@@ -1116,12 +1118,32 @@ impl Relay {
                 Ok(backlog) => {
                     self.metrics.set_backlog(&backlog);
                     self.database_up();
+                    self.check_schema().await;
                 }
                 Err(e) => self.database_down(&e),
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// `/readyz` follows the schema too: a migration rolled back, or a database
+    /// restored from an older dump, while the daemon runs.
+    async fn check_schema(&self) {
+        let Ok(state) = self.store.schema_state().await else {
+            return;
+        };
+        let current = matches!(state, SchemaState::Current);
+        if self.health.schema_current.swap(current, Ordering::Relaxed) != current {
+            if current {
+                tracing::info!("the database schema is current again: ready");
+            } else {
+                tracing::error!(
+                    "the database schema is no longer what this binary expects: not ready \
+                     (run `serversync migrate`, or upgrade serversync)"
+                );
             }
         }
     }

@@ -343,3 +343,39 @@ async fn past_backlog_exact_rows_the_pending_gauges_are_estimated() {
         .unwrap();
     assert_eq!(pending, 90, "nothing was delivered or lost meanwhile");
 }
+
+/// `/readyz` follows the schema while the daemon runs, not only at start: a
+/// migration that is rolled back (here: its record removed) makes it 503 until the
+/// schema is current again.
+#[tokio::test]
+async fn readiness_follows_the_schema_while_running() {
+    let mut env = TestEnv::migrated().await;
+    env.config.set("metrics.refresh_interval", "200ms");
+    let metrics = crate::harness::MetricsEndpoint::enable(&mut env);
+    let relay = env.spawn_run(&metrics.flag());
+    metrics
+        .wait_for_status("/readyz", 200, Duration::from_secs(15))
+        .await;
+    let pool = env.db.pg();
+    let newest: i64 = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations")
+        .fetch_one(pool)
+        .await
+        .expect("newest migration");
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+        .bind(newest)
+        .execute(pool)
+        .await
+        .expect("forget the newest migration");
+    metrics
+        .wait_for_status("/readyz", 503, Duration::from_secs(10))
+        .await;
+    env.run(&["migrate"]).await.assert_success();
+    metrics
+        .wait_for_status("/readyz", 200, Duration::from_secs(10))
+        .await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+}
