@@ -30,10 +30,10 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "URL")]
     pub ingest_url: Option<String>,
     /// Overrides dispatch.batch_size.
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
     pub batch_size: Option<u32>,
     /// Overrides dispatch.concurrency.
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
     pub concurrency: Option<u32>,
     /// Overrides metrics.listen.
     #[arg(long, global = true, value_name = "ADDR")]
@@ -53,7 +53,7 @@ pub enum Command {
     /// Deliver everything due now, then exit (0 all delivered, 3 some dead or left, 1 fatal).
     Drain {
         /// Stop after claiming this many rows.
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
         max_rows: Option<u64>,
         /// Stop after this long (e.g. 30s, 5m).
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]

@@ -228,6 +228,14 @@ async fn bad_arguments_name_what_is_wrong_on_one_line() {
             &["--max-rows", "abc"][..],
         ),
         (&["drain", "--bogus"][..], &["--bogus"][..]),
+        (
+            &["--batch-size", "-1", "status"][..],
+            &["--batch-size", "-1"][..],
+        ),
+        (
+            &["drain", "--max-rows", "-5"][..],
+            &["--max-rows", "-5"][..],
+        ),
         (&[][..], &["error: a command is required"][..]),
         (&["dlq"][..], &["error: a command is required"][..]),
     ] {
