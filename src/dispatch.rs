@@ -405,7 +405,7 @@ async fn failure_from_response(mut response: Response) -> Failure {
     };
     let mut failure = Failure::from_status(status, text, retry_after);
     if let Some(to) = location {
-        failure.message = format!("{} to {to}", failure.message);
+        failure.message = format!("{}; it pointed to {to}", failure.message);
     }
     failure
 }

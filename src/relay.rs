@@ -526,13 +526,12 @@ impl Relay {
         tracing::debug!("probing the ingest sink with an empty batch: the outbox is empty");
         match self.dispatcher.send_json(&[]).await {
             Ok(()) => self.sink.on_answer(),
-            Err(f) if f.error_type.is_sink_level() => {
-                self.sink
-                    .on_sink_failure(f.error_type.as_str(), f.retry_after);
+            Err(f) => {
+                // as for any request: a 4xx is an answer, a sink-level failure counts;
+                // whatever it was, this probe is over
+                self.account(&f);
+                self.sink.probe_abandoned();
             }
-            // a 4xx about the empty request: the sink is there and answering
-            Err(f) if f.error_type == ErrorType::Http4xx => self.sink.on_answer(),
-            Err(_) => self.sink.probe_abandoned(),
         }
     }
 

@@ -426,8 +426,6 @@ impl SqliteStore {
         })
     }
 
-    /// The entity id is stored as hyphenated text (what producers write, and what the
-    /// ordering trigger copies), never as sqlx's default 16-byte blob.
     /// Whether any row is in the outbox at all (due, waiting or in flight).
     pub async fn has_pending(&self) -> anyhow::Result<bool> {
         Ok(
@@ -437,6 +435,8 @@ impl SqliteStore {
         )
     }
 
+    /// The entity id is stored as hyphenated text (what producers write, and what the
+    /// ordering trigger copies), never as sqlx's default 16-byte blob.
     pub async fn enqueue(&self, row: &NewRow) -> anyhow::Result<i64> {
         let mut tx = self.write_tx().await?;
         let id: i64 = sqlx::query_scalar(
