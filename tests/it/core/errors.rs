@@ -538,8 +538,7 @@ async fn a_redirect_is_not_followed_and_not_taken_as_delivered(backend: Backend)
     env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
         .await;
     let call = Uuid::new_v4();
-    std::fs::create_dir_all(env.root.join(call.to_string())).unwrap();
-    std::fs::write(env.root.join(format!("{call}/mixed.wav")), b"RIFF....WAVE").unwrap();
+    write_recording(&env, call);
     env.insert(
         "recording_file",
         Uuid::new_v4(),

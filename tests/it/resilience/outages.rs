@@ -146,6 +146,46 @@ async fn sinks_recorded_down(env: &TestEnv) -> i64 {
         .expect("sink state")
 }
 
+/// Four drains, `pause` apart, through an outage the sink state records: each says
+/// it probes first, charges nothing (the most attempts a row has stay at `charged`)
+/// and stops; the `n` rows stay pending.
+async fn drains_charge_nothing_for_a_recorded_outage(
+    env: &TestEnv,
+    n: usize,
+    pause: Duration,
+    charged: i32,
+) {
+    for round in 0..4 {
+        tokio::time::sleep(pause).await;
+        let out = drain_stopped_by_the_outage(env).await;
+        assert!(
+            out.stderr.contains("taken as down by a relay"),
+            "drain {round} says why it probes first\n{out}"
+        );
+        assert_eq!(
+            max_pending_attempts(env).await,
+            charged,
+            "drain {round} charged attempts for a known outage"
+        );
+    }
+    assert_eq!(tables(env).await, (n as i64, 0, 0), "(pending, sent, dead)");
+}
+
+/// Once the sink is back: a drain delivers all `n` rows and records the recovery.
+async fn a_drain_delivers_everything_and_records_the_recovery(env: &TestEnv, n: usize) {
+    env.cmd(["drain"])
+        .timeout(Duration::from_secs(30))
+        .output()
+        .await
+        .assert_success();
+    assert_eq!(tables(env).await, (0, n as i64, 0), "(pending, sent, dead)");
+    assert_eq!(
+        sinks_recorded_down(env).await,
+        0,
+        "the recovery is recorded"
+    );
+}
+
 /// `serversync drain` against a sink that is down: it must stop by itself, with 3.
 async fn drain_stopped_by_the_outage(env: &TestEnv) -> Output {
     let out = env
@@ -342,38 +382,12 @@ async fn a_drain_whose_last_request_failed_records_the_outage_below_the_threshol
         1,
         "recorded below the threshold"
     );
-    for round in 0..4 {
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        drain_stopped_by_the_outage(&env).await;
-        assert_eq!(
-            max_pending_attempts(&env).await,
-            1,
-            "drain {round} charged attempts for a recorded outage"
-        );
-    }
-    assert_eq!(
-        tables(&env).await,
-        (n as i64, 0, 0),
-        "(pending, sent, dead)"
-    );
+    // each after the rows' retry delay, as cron would run it
+    drains_charge_nothing_for_a_recorded_outage(&env, n, Duration::from_millis(600), 1).await;
 
     switch.up();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    env.cmd(["drain"])
-        .timeout(Duration::from_secs(30))
-        .output()
-        .await
-        .assert_success();
-    assert_eq!(
-        tables(&env).await,
-        (0, n as i64, 0),
-        "(pending, sent, dead)"
-    );
-    assert_eq!(
-        sinks_recorded_down(&env).await,
-        0,
-        "the recovery is recorded"
-    );
+    a_drain_delivers_everything_and_records_the_recovery(&env, n).await;
 }
 
 /// An idle daemon follows the sink's state too: with nothing due it probes with an
@@ -500,23 +514,7 @@ async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
         "the outage is recorded for the next relay"
     );
 
-    for round in 0..4 {
-        let out = drain_stopped_by_the_outage(&env).await;
-        assert!(
-            out.stderr.contains("taken as down by a relay"),
-            "drain {round} says why it probes first\n{out}"
-        );
-        assert_eq!(
-            max_pending_attempts(&env).await,
-            after_first,
-            "drain {round} charged attempts for a known outage"
-        );
-    }
-    assert_eq!(
-        tables(&env).await,
-        (n as i64, 0, 0),
-        "(pending, sent, dead)"
-    );
+    drains_charge_nothing_for_a_recorded_outage(&env, n, Duration::ZERO, after_first).await;
 
     switch.up();
     // the last probe's rows are due again at the next probe time (max_probe_interval
@@ -527,19 +525,5 @@ async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
         || async { env.count_waiting().await == 0 },
     )
     .await;
-    env.cmd(["drain"])
-        .timeout(Duration::from_secs(30))
-        .output()
-        .await
-        .assert_success();
-    assert_eq!(
-        tables(&env).await,
-        (0, n as i64, 0),
-        "(pending, sent, dead)"
-    );
-    assert_eq!(
-        sinks_recorded_down(&env).await,
-        0,
-        "the recovery is recorded too"
-    );
+    a_drain_delivers_everything_and_records_the_recovery(&env, n).await;
 }
