@@ -112,8 +112,8 @@ struct Args {
     /// Relay: dispatch.concurrency.
     #[arg(long)]
     concurrency: Option<u32>,
-    /// Relay: dispatch.claim_concurrency (default 1: one claim at a time, shared
-    /// with the workers queued behind it; 4: every worker claims for itself).
+    /// Relay: dispatch.claim_concurrency (claim lanes, default 2; 1: one claim at a
+    /// time for the whole relay, shared with the workers queued behind it).
     #[arg(long)]
     claim_concurrency: Option<u32>,
     /// Relay: retention.delete_sent = true.

@@ -95,9 +95,11 @@ pub struct DispatchSettings {
     pub batch_size: u32,
     /// Batches in flight at once in one instance.
     pub concurrency: u32,
-    /// Claim statements running at once in one instance. With 1 (the default) one
-    /// worker claims at a time, for itself and for every worker queued behind it,
-    /// instead of several claims scanning and skipping each other's rows.
+    /// Claim lanes in one instance. Each lane makes one claim at a time, for the
+    /// worker that gets through and every worker of the lane queued behind it, from
+    /// its own share of the ordering keys; so claims of different lanes run at once
+    /// without scanning and skipping each other's rows. Workers are spread over the
+    /// lanes. A lane whose share has nothing due claims from every key.
     pub claim_concurrency: u32,
     /// Poll for due rows this often when no notification arrives.
     #[serde(with = "duration_str")]
@@ -128,8 +130,8 @@ impl Default for DispatchSettings {
     fn default() -> Self {
         Self {
             batch_size: 100,
-            concurrency: 6,
-            claim_concurrency: 1,
+            concurrency: 12,
+            claim_concurrency: 2,
             poll_interval: Duration::from_secs(1),
             lease_duration: Duration::from_secs(60),
             file_entity_types: vec!["recording_file".into()],

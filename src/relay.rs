@@ -22,9 +22,14 @@ use crate::metrics::{Health, Metrics};
 use crate::retry::next_delay;
 use crate::sink_health::{Gate, SinkHealth};
 use crate::store::{
-    Claim, ClaimedRow, DeadRow, ErrorRecord, Held, RetryRow, SchemaState, Settlement, Store,
+    Claim, ClaimedRow, DeadRow, ErrorRecord, Held, KeyShare, RetryRow, SchemaState, Settlement,
+    Store,
 };
 use crate::taxonomy::{ErrorType, Failure};
+
+/// How long an idle drain worker waits for another worker's settle before it looks
+/// again (a safety net: settles wake it).
+const DRAIN_SETTLE_WAIT: Duration = Duration::from_millis(250);
 
 /// How long before the next probe rows released during an outage fall due again.
 const PROBE_LEAD: Duration = Duration::from_millis(100);
@@ -120,14 +125,47 @@ pub struct Relay {
     started: Instant,
     pub stats: Stats,
     drain: Option<DrainState>,
-    /// Bounds the claims running at once (`dispatch.claim_concurrency`).
-    claim_gate: tokio::sync::Semaphore,
-    /// Workers queued at the gate. The worker that gets through claims for them
-    /// too and leaves their batches here; each takes one when its turn comes.
-    claim_waiting: AtomicUsize,
-    /// Only with one claim at a time: two claimers would both count the same queue.
-    share_claims: bool,
-    shared_batches: Mutex<Vec<(u64, Claim)>>,
+    /// The claim lanes (`dispatch.claim_concurrency`); worker `i` claims in lane
+    /// `i % lanes.len()`.
+    lanes: Vec<Lane>,
+}
+
+/// One claim at a time, for every worker queued at the lane's gate: the worker that
+/// gets through claims for the ones behind it too and leaves their batches here, so
+/// the database scans the front of the queue once instead of once per worker. With
+/// several lanes, each claims from its own share of the ordering keys, so that their
+/// claims can run at once without skipping each other's rows.
+struct Lane {
+    gate: tokio::sync::Semaphore,
+    /// Workers queued at the gate.
+    waiting: AtomicUsize,
+    /// Batches claimed for queued workers; each takes one when its turn comes.
+    batches: Mutex<Vec<(u64, Claim)>>,
+    /// Claims started in this lane, and the number of the last one that found fewer
+    /// rows than it asked for: a worker queued before that claim started has nothing
+    /// to claim (a commit or a settle since wakes it), so a wake-up does not turn
+    /// into one empty claim per worker.
+    claims: AtomicU64,
+    last_short: AtomicU64,
+    /// `None` with a single lane: every key.
+    share: Option<KeyShare>,
+}
+
+impl Lane {
+    fn new(share: Option<KeyShare>) -> Lane {
+        Lane {
+            gate: tokio::sync::Semaphore::new(1),
+            waiting: AtomicUsize::new(0),
+            batches: Mutex::new(Vec::new()),
+            claims: AtomicU64::new(0),
+            last_short: AtomicU64::new(0),
+            share,
+        }
+    }
+
+    fn lock_batches(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Claim)>> {
+        self.batches.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 enum Attempt {
@@ -149,7 +187,10 @@ impl Relay {
             d.max_probe_interval,
             parts.metrics.clone(),
         );
-        let claim_permits = d.claim_concurrency.clamp(1, d.concurrency.max(1));
+        let lanes = d.claim_concurrency.clamp(1, d.concurrency.max(1));
+        let lanes = (0..lanes)
+            .map(|index| Lane::new((lanes > 1).then_some(KeyShare { index, of: lanes })))
+            .collect();
         let drain = match mode {
             Mode::Run => None,
             Mode::Drain { max_rows } => Some(DrainState {
@@ -172,10 +213,7 @@ impl Relay {
             started: Instant::now(),
             stats: Stats::default(),
             drain,
-            claim_gate: tokio::sync::Semaphore::new(claim_permits as usize),
-            claim_waiting: AtomicUsize::new(0),
-            share_claims: claim_permits == 1,
-            shared_batches: Mutex::new(Vec::new()),
+            lanes,
         })
     }
 
@@ -208,10 +246,11 @@ impl Relay {
         let recorder = self.record_sink_state(sink, started_down, recorded.clone());
         let tracker = TaskTracker::new();
         let finished = stop.child_token();
-        for _ in 0..self.settings.dispatch.concurrency {
+        for i in 0..self.settings.dispatch.concurrency as usize {
             let relay = Arc::clone(self);
             let finished = finished.clone();
-            tracker.spawn(async move { relay.worker(finished).await });
+            let lane = i % self.lanes.len();
+            tracker.spawn(async move { relay.worker(lane, finished).await });
         }
         tracker.close();
         // Workers stop claiming on `finished`; a batch in flight is finished and settled.
@@ -307,7 +346,11 @@ impl Relay {
     /// Batches claimed for workers that never came for them (none should be left:
     /// every worker counted at the gate takes one). Released, not left to expire.
     async fn release_unclaimed_shares(&self) {
-        let left: Vec<(u64, Claim)> = std::mem::take(&mut *self.lock_shared());
+        let left: Vec<(u64, Claim)> = self
+            .lanes
+            .iter()
+            .flat_map(|lane| std::mem::take(&mut *lane.lock_batches()))
+            .collect();
         if left.is_empty() {
             return;
         }
@@ -384,7 +427,7 @@ impl Relay {
         finished.cancel();
     }
 
-    async fn worker(self: Arc<Self>, finished: CancellationToken) {
+    async fn worker(self: Arc<Self>, lane: usize, finished: CancellationToken) {
         let mut wake = self.wake.subscribe();
         let mut backoff = db_backoff();
         let poll = self.settings.dispatch.poll_interval;
@@ -395,12 +438,16 @@ impl Relay {
                 .drain
                 .as_ref()
                 .map_or(0, |d| d.settles.load(Ordering::SeqCst));
-            match self.step(&finished).await {
+            match self.step(lane, &finished).await {
                 Step::Delivered(_) => backoff = db_backoff(),
                 Step::Idle => {
                     if let Some(d) = &self.drain {
                         let settled_meanwhile = d.settles.load(Ordering::SeqCst) != settles_before;
-                        if d.busy.load(Ordering::SeqCst) == 0 && !settled_meanwhile {
+                        if settled_meanwhile {
+                            // a settle may have unblocked rows of its keys: look again
+                            continue;
+                        }
+                        if d.busy.load(Ordering::SeqCst) == 0 {
                             let end = if d
                                 .max_rows
                                 .is_some_and(|m| d.claimed.load(Ordering::SeqCst) >= m)
@@ -412,8 +459,13 @@ impl Relay {
                             self.finish_drain(end, &finished);
                             break;
                         }
-                        // another worker's batch may unblock rows of its ordering keys
-                        wait(&finished, Duration::from_millis(10), &mut wake).await;
+                        // Another worker is claiming or delivering: wait for its settle
+                        // (which may unblock rows of its keys, and wakes this worker), or
+                        // for the last worker to find nothing and end the drain. Not a
+                        // short poll: at the end of a drain every worker would claim
+                        // again and again, each keeping the others from seeing the
+                        // relay idle.
+                        wait(&finished, DRAIN_SETTLE_WAIT, &mut wake).await;
                         continue;
                     }
                     wait(&finished, poll, &mut wake).await;
@@ -454,8 +506,8 @@ impl Relay {
         }
     }
 
-    /// One claim → deliver → settle. Once `finished`, no new claim is made.
-    async fn step(&self, finished: &CancellationToken) -> Step {
+    /// One claim (in `lane`) → deliver → settle. Once `finished`, no new claim is made.
+    async fn step(&self, lane: usize, finished: &CancellationToken) -> Step {
         let probing = match self.sink.gate() {
             Gate::Open => false,
             Gate::Probe => true,
@@ -487,7 +539,7 @@ impl Relay {
         let step = if limit == 0 {
             Step::Idle
         } else {
-            self.claim_and_deliver(limit, probing, finished).await
+            self.claim_and_deliver(lane, limit, probing, finished).await
         };
         if let Some(drain) = &self.drain {
             if drain.max_rows.is_some() {
@@ -537,15 +589,14 @@ impl Relay {
 
     async fn claim_and_deliver(
         &self,
+        lane: usize,
         limit: u32,
         probing: bool,
         finished: &CancellationToken,
     ) -> Step {
         // a probe is one small batch, and a drain with --max-rows claims its quota
-        let share = self.share_claims
-            && !probing
-            && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
-        let (batch, claim) = match self.take_batch(limit, share, finished).await {
+        let share = !probing && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
+        let (batch, claim) = match self.take_batch(lane, limit, share, finished).await {
             Ok(Some(taken)) => taken,
             Ok(None) => return Step::Idle,
             Err(e) => {
@@ -572,28 +623,34 @@ impl Relay {
     }
 
     /// A batch of up to `limit` rows, registered in flight: one left by a worker that
-    /// claimed for this one, or a claim of its own. When `share`, a claim also takes
-    /// a batch for every worker queued behind it at the gate (one statement instead
-    /// of several that would scan and skip each other's rows). The split is safe for
-    /// ordering: a claim holds at most one row per ordering key. Once `finished`, a
-    /// worker that was queued at the gate takes a batch already claimed for it, but
-    /// claims nothing new.
+    /// claimed for this one, or a claim of its own in `lane`. When `share`, a claim
+    /// also takes a batch for every worker queued behind it at the lane's gate (one
+    /// statement instead of several that would scan and skip each other's rows). The
+    /// split is safe for ordering: a claim holds at most one row per ordering key. A
+    /// lane whose share of the keys has nothing due claims from all of them, so a
+    /// backlog of one share is never left to half the workers (and a drain ends only
+    /// when nothing at all is due). Once `finished`, a worker that was queued at the
+    /// gate takes a batch already claimed for it, but claims nothing new.
     async fn take_batch(
         &self,
+        lane: usize,
         limit: u32,
         share: bool,
         finished: &CancellationToken,
     ) -> anyhow::Result<Option<(u64, Claim)>> {
-        self.claim_waiting.fetch_add(1, Ordering::SeqCst);
+        let lane = &self.lanes[lane];
+        let queued_at = lane.claims.load(Ordering::SeqCst);
+        lane.waiting.fetch_add(1, Ordering::SeqCst);
         // the semaphore is never closed; were it, claiming unbounded is harmless
-        let _permit = self.claim_gate.acquire().await.ok();
-        let queued = self.claim_waiting.fetch_sub(1, Ordering::SeqCst) - 1;
-        if let Some(left) = self.lock_shared().pop() {
+        let _permit = lane.gate.acquire().await.ok();
+        let queued = lane.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
+        if let Some(left) = lane.lock_batches().pop() {
             return Ok(Some(left));
         }
-        if finished.is_cancelled() {
+        if finished.is_cancelled() || lane.last_short.load(Ordering::SeqCst) > queued_at {
             return Ok(None);
         }
+        let number = lane.claims.fetch_add(1, Ordering::SeqCst) + 1;
         let others = if share {
             queued.min(self.settings.dispatch.concurrency as usize)
         } else {
@@ -601,7 +658,16 @@ impl Relay {
         };
         let want = u32::try_from(others + 1).unwrap_or(1).saturating_mul(limit);
         let lease = self.settings.dispatch.lease_duration;
-        let claim = self.store.claim(want, lease, &self.owner).await?;
+        let mut claim = self
+            .store
+            .claim(want, lease, &self.owner, lane.share)
+            .await?;
+        if claim.rows.is_empty() && lane.share.is_some() {
+            claim = self.store.claim(want, lease, &self.owner, None).await?;
+        }
+        if claim.rows.len() < want as usize {
+            lane.last_short.fetch_max(number, Ordering::SeqCst);
+        }
         if claim.rows.is_empty() {
             return Ok(None);
         }
@@ -623,17 +689,10 @@ impl Relay {
         // this worker takes the first (oldest) batch; the others wait for their workers
         let mine = batches.remove(0);
         if !batches.is_empty() {
-            let mut shared = self.lock_shared();
             // popped from the end: oldest first
-            shared.extend(batches.into_iter().rev());
+            lane.lock_batches().extend(batches.into_iter().rev());
         }
         Ok(Some(mine))
-    }
-
-    fn lock_shared(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Claim)>> {
-        self.shared_batches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
     }
 
     async fn with_heartbeat<T>(&self, fut: impl std::future::Future<Output = T>) -> T {

@@ -223,6 +223,32 @@ macro_rules! delegate {
     };
 }
 
+/// One of `of` equal shares of the ordering keys, by the hash of the key (of the id for
+/// rows without a key), so that claims running at once in one relay look at disjoint
+/// rows: they neither skip each other's locked rows nor probe each other's blocked
+/// successors. Every row of a key is in the same share, so the head-of-key rule is
+/// unaffected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyShare {
+    pub index: u32,
+    pub of: u32,
+}
+
+impl KeyShare {
+    /// The share's range of PostgreSQL's `hashtext` (an `int4`): `lo <= h < hi`, an open
+    /// end as `None`. Shares are contiguous ranges, not `h % of = index`: the planner
+    /// estimates a one-sided comparison on an expression at a third of the rows, an
+    /// equality at half a percent, which would make the claim's `LIMIT` look costly.
+    pub fn bounds(self) -> (Option<i64>, Option<i64>) {
+        let of = i64::from(self.of.max(1));
+        let index = i64::from(self.index.min(self.of.saturating_sub(1)));
+        let span = (1i64 << 32) / of;
+        let lo = (index > 0).then(|| i64::from(i32::MIN) + index * span);
+        let hi = (index + 1 < of).then(|| i64::from(i32::MIN) + (index + 1) * span);
+        (lo, hi)
+    }
+}
+
 /// Rows a relay holds under its claims: every claimed id and every claim token.
 /// A row counts only if its current token is one of `tokens` (the fence).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -300,9 +326,20 @@ impl Store {
         delegate!(self, s => s.set_ordering_rules(rules).await)
     }
 
-    pub async fn claim(&self, limit: u32, lease: Duration, owner: &str) -> anyhow::Result<Claim> {
+    /// Claim up to `limit` due rows, only of ordering keys in `share` when one is given
+    /// (PostgreSQL; SQLite has one relay and ignores it).
+    pub async fn claim(
+        &self,
+        limit: u32,
+        lease: Duration,
+        owner: &str,
+        share: Option<KeyShare>,
+    ) -> anyhow::Result<Claim> {
         let token = new_token();
-        delegate!(self, s => s.claim(token, limit, lease, owner).await)
+        match self {
+            Store::Postgres(s) => s.claim(token, limit, lease, owner, share).await,
+            Store::Sqlite(s) => s.claim(token, limit, lease, owner).await,
+        }
     }
 
     /// Extend the leases of claims still in flight; returns the rows still held.
@@ -458,5 +495,33 @@ pub fn is_transient(err: &anyhow::Error) -> bool {
                 )
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyShare;
+
+    #[test]
+    fn key_shares_split_hashtexts_range_without_gaps_or_overlap() {
+        assert_eq!(KeyShare { index: 0, of: 1 }.bounds(), (None, None));
+        assert_eq!(KeyShare { index: 0, of: 2 }.bounds(), (None, Some(0)));
+        assert_eq!(KeyShare { index: 1, of: 2 }.bounds(), (Some(0), None));
+        for of in 2..=7u32 {
+            let shares: Vec<_> = (0..of)
+                .map(|index| KeyShare { index, of }.bounds())
+                .collect();
+            assert_eq!(shares[0].0, None, "the first share is open below");
+            assert_eq!(
+                shares[of as usize - 1].1,
+                None,
+                "the last share is open above"
+            );
+            for pair in shares.windows(2) {
+                assert_eq!(pair[0].1, pair[1].0, "{of} shares: contiguous");
+                let edge = pair[1].0.unwrap_or(i64::MIN);
+                assert!(edge > i64::from(i32::MIN) && edge <= i64::from(i32::MAX));
+            }
+        }
     }
 }

@@ -514,10 +514,11 @@ async fn drain_max_rows_claims_exactly_that_many() {
     assert_eq!(env.count("sync_outbox").await, 150);
 }
 
-/// `dispatch.claim_concurrency = 1` (the default) takes one claim at a time, for the
-/// workers queued behind it too, yet batches stay in flight together (the gate is
-/// around the claim, never around the POST), every row goes once, and a key's rows
-/// still go one at a time in id order. A claim concurrency of 0 is refused, named.
+/// In a claim lane one worker claims at a time, for the lane's workers queued behind
+/// it too, yet batches stay in flight together (the gate is around the claim, never
+/// around the POST), every row goes once, and a key's rows still go one at a time in
+/// id order: with one lane, and with two lanes (the default) claiming from their own
+/// shares of the keys at once. A claim concurrency of 0 is refused, named.
 #[tokio::test]
 async fn one_claim_at_a_time_still_keeps_batches_in_flight_together() {
     let mut env = TestEnv::migrated_on(Backend::Postgres).await;
@@ -526,33 +527,101 @@ async fn one_claim_at_a_time_still_keeps_batches_in_flight_together() {
         .await
         .assert_fails_with("dispatch.claim_concurrency")
         .assert_single_stderr_line();
-    env.config
-        .set("dispatch.claim_concurrency", 1)
-        .set("dispatch.concurrency", 4)
-        .set("dispatch.batch_size", 5);
-    env.sink.set_mode(Mode::custom(|_| {
-        Reply::ok().delay(Duration::from_millis(100))
-    }));
-    let calls: Vec<Uuid> = (0..12).map(|_| Uuid::new_v4()).collect();
+    for lanes in [1, 2] {
+        env.config
+            .set("dispatch.claim_concurrency", lanes)
+            .set("dispatch.concurrency", 4)
+            .set("dispatch.batch_size", 5);
+        env.sink.clear();
+        env.sink.set_mode(Mode::custom(|_| {
+            Reply::ok().delay(Duration::from_millis(100))
+        }));
+        let calls: Vec<Uuid> = (0..12).map(|_| Uuid::new_v4()).collect();
+        let ids = insert_rounds(&env, &calls, 4).await;
+
+        env.drain().await.assert_success();
+
+        let mut delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+        delivered.sort_unstable();
+        assert_eq!(delivered, ids, "{lanes} lane(s): every row once");
+        let requests = env.sink.sync_requests();
+        assert!(
+            requests.iter().all(|r| r.entries().len() <= 5),
+            "a claim made for several workers is split into batches of dispatch.batch_size"
+        );
+        assert_each_key_one_at_a_time_in_id_order(&requests, &calls);
+        let most_at_once = requests
+            .iter()
+            .map(|r| {
+                requests
+                    .iter()
+                    .filter(|o| {
+                        o.received_at <= r.received_at
+                            && o.answered_at.is_some_and(|a| a > r.received_at)
+                    })
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(
+            most_at_once >= 2,
+            "{lanes} lane(s), 4 workers: batches overlapped at most {most_at_once} at a time"
+        );
+        assert_eq!(env.count("sync_outbox").await, 0);
+    }
+}
+
+/// `rounds` rows of every call, round by round (so a call's rows are far apart in id
+/// order); returns their ids, ascending.
+async fn insert_rounds(env: &TestEnv, calls: &[Uuid], rounds: u32) -> Vec<i64> {
     let mut ids = Vec::new();
-    for round in 0..4 {
-        for call in &calls {
+    for round in 0..rounds {
+        for call in calls {
             let payload = json!({"callLogId": call, "round": round});
             ids.push(env.insert("recording", Uuid::new_v4(), payload).await);
         }
     }
+    ids
+}
 
-    env.drain().await.assert_success();
+/// With two claim lanes, keys that all hash into one lane's share are still delivered
+/// by every worker (the other lane, finding nothing in its own share, claims from all
+/// keys), in key order, and the drain ends once they are all delivered instead of
+/// waiting on the empty share.
+#[tokio::test]
+async fn a_backlog_in_one_lanes_share_is_drained_by_every_lane() {
+    let mut env = TestEnv::migrated_on(Backend::Postgres).await;
+    env.config
+        .set("dispatch.claim_concurrency", 2)
+        .set("dispatch.concurrency", 4)
+        .set("dispatch.batch_size", 3);
+    env.sink.set_mode(Mode::custom(|_| {
+        Reply::ok().delay(Duration::from_millis(100))
+    }));
+    // keys of the lower half of hashtext's range: the first lane's share
+    let mut calls = Vec::new();
+    while calls.len() < 12 {
+        let call = Uuid::new_v4();
+        let hash = env
+            .db
+            .scalar(&format!("SELECT hashtext('{call}')::bigint"))
+            .await;
+        if hash < 0 {
+            calls.push(call);
+        }
+    }
+    let ids = insert_rounds(&env, &calls, 3).await;
+
+    let out = env.drain().await;
+    out.assert_success();
 
     let mut delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
     delivered.sort_unstable();
-    assert_eq!(delivered, ids, "every row once");
+    assert_eq!(delivered, ids, "every row once: {}", out.stdout);
     let requests = env.sink.sync_requests();
-    assert!(
-        requests.iter().all(|r| r.entries().len() <= 5),
-        "a claim made for several workers is split into batches of dispatch.batch_size"
-    );
     assert_each_key_one_at_a_time_in_id_order(&requests, &calls);
+    // 12 heads in batches of 3 are 4 batches: with one lane's two workers alone at most
+    // two are in flight at once
     let most_at_once = requests
         .iter()
         .map(|r| {
@@ -567,8 +636,8 @@ async fn one_claim_at_a_time_still_keeps_batches_in_flight_together() {
         .max()
         .unwrap_or(0);
     assert!(
-        most_at_once >= 2,
-        "with 4 workers, batches overlapped at most {most_at_once} at a time"
+        most_at_once >= 3,
+        "the other lane did not help: at most {most_at_once} batches in flight at once"
     );
     assert_eq!(env.count("sync_outbox").await, 0);
 }
