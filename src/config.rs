@@ -416,6 +416,23 @@ impl Settings {
                 self.database.url = Some(read_secret(path, "database.url_file")?);
             }
         }
+        // a value and a file for one secret: which one was meant is anybody's guess
+        for (set, value, file) in [
+            (
+                self.ingest.auth_token.is_some() && self.ingest.auth_token_file.is_some(),
+                "ingest.auth_token",
+                "ingest.auth_token_file",
+            ),
+            (
+                self.ingest.signing_secret.is_some() && self.ingest.signing_secret_file.is_some(),
+                "ingest.signing_secret",
+                "ingest.signing_secret_file",
+            ),
+        ] {
+            if set {
+                bail!("{value} and {file} are both set: set one of them");
+            }
+        }
         if self.ingest.auth_token.is_none() {
             if let Some(path) = &self.ingest.auth_token_file {
                 self.ingest.auth_token = Some(read_secret(path, "ingest.auth_token_file")?);
@@ -425,6 +442,9 @@ impl Settings {
             if let Some(path) = &self.ingest.signing_secret_file {
                 self.ingest.signing_secret = Some(read_secret(path, "ingest.signing_secret_file")?);
             }
+        }
+        if let Some(secret) = &self.ingest.signing_secret {
+            check_signing_secret(secret.expose_secret())?;
         }
         if let Some(token) = &self.ingest.auth_token {
             // caught here, or every request would fail to build and be charged as a
@@ -545,6 +565,26 @@ fn read_secret(path: &Path, key: &str) -> anyhow::Result<SecretString> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read {key} ({})", path.display()))?;
     Ok(SecretString::from(text.trim().to_string()))
+}
+
+/// A Standard Webhooks secret is `whsec_` and base64; one that says `whsec_` but is
+/// not base64 would otherwise be used as its raw bytes, and every signature would fail
+/// at the Frontend. Any other non-empty secret is used as it is.
+fn check_signing_secret(secret: &str) -> anyhow::Result<()> {
+    use base64::Engine;
+    if secret.is_empty() {
+        bail!("invalid value for ingest.signing_secret: it is empty");
+    }
+    if let Some(b64) = secret.strip_prefix("whsec_") {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(b64);
+        if decoded.map_or(true, |key| key.is_empty()) {
+            bail!(
+                "invalid value for ingest.signing_secret: a whsec_ secret must be followed by \
+                 base64 (standard alphabet, with padding)"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Entity type names in a routing list: a JSON array written into an environment

@@ -185,6 +185,8 @@ pub async fn run(
                 &seconds.to_string(),
             ])
             .arg(&url)
+            // as the relay's sessions run (store/postgres.rs `no_jit`)
+            .env("PGOPTIONS", "-c jit=off")
             .kill_on_drop(true);
         let out = tokio::time::timeout(Duration::from_secs(seconds + 120), cmd.output())
             .await

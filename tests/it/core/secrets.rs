@@ -215,3 +215,36 @@ async fn an_auth_token_that_cannot_be_a_header_is_a_config_error(backend: Backen
     assert_eq!(env.sink.request_count(), 0);
     assert_eq!(env.outbox().await[0].attempts, 0, "nothing charged");
 }
+
+/// One secret given twice (a value and a file), or a `whsec_` signing secret that is
+/// no base64 (it would be used as raw bytes, and every signature would fail at the
+/// Frontend): one line naming the keys, at start-up, nothing sent, nothing echoed.
+#[tokio::test]
+async fn a_secret_set_twice_or_a_malformed_signing_secret_is_a_config_error() {
+    let mut env = TestEnv::migrated_on(Backend::Postgres).await;
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    let file = env.root.join("token");
+    std::fs::write(&file, TOKEN).expect("write the token file");
+    let file = file.to_string_lossy().to_string();
+    env.config
+        .set("ingest.auth_token", TOKEN)
+        .set("ingest.auth_token_file", file.as_str());
+    env.run(&["drain"])
+        .await
+        .assert_fails_with("ingest.auth_token and ingest.auth_token_file are both set")
+        .assert_single_stderr_line();
+    env.config.remove("ingest.auth_token");
+    for secret in ["whsec_not base64!", "whsec_", ""] {
+        env.config.set("ingest.signing_secret", secret);
+        let out = env.run(&["drain"]).await;
+        out.assert_fails_with("ingest.signing_secret")
+            .assert_single_stderr_line();
+        assert!(
+            !out.stderr.contains("not base64!"),
+            "the secret is not echoed\n{out}"
+        );
+    }
+    assert_eq!(env.sink.request_count(), 0);
+    assert_eq!(env.outbox().await[0].attempts, 0, "nothing charged");
+}
