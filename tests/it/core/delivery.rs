@@ -550,25 +550,30 @@ async fn one_claim_at_a_time_still_keeps_batches_in_flight_together() {
             "a claim made for several workers is split into batches of dispatch.batch_size"
         );
         assert_each_key_one_at_a_time_in_id_order(&requests, &calls);
-        let most_at_once = requests
-            .iter()
-            .map(|r| {
-                requests
-                    .iter()
-                    .filter(|o| {
-                        o.received_at <= r.received_at
-                            && o.answered_at.is_some_and(|a| a > r.received_at)
-                    })
-                    .count()
-            })
-            .max()
-            .unwrap_or(0);
+        let most_at_once = most_in_flight_at_once(&requests);
         assert!(
             most_at_once >= 2,
             "{lanes} lane(s), 4 workers: batches overlapped at most {most_at_once} at a time"
         );
         assert_eq!(env.count("sync_outbox").await, 0);
     }
+}
+
+/// The most requests the sink was handling at one moment.
+fn most_in_flight_at_once(requests: &[crate::harness::sink::SyncRequest]) -> usize {
+    requests
+        .iter()
+        .map(|r| {
+            requests
+                .iter()
+                .filter(|o| {
+                    o.received_at <= r.received_at
+                        && o.answered_at.is_some_and(|a| a > r.received_at)
+                })
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// `rounds` rows of every call, round by round (so a call's rows are far apart in id
@@ -622,19 +627,7 @@ async fn a_backlog_in_one_lanes_share_is_drained_by_every_lane() {
     assert_each_key_one_at_a_time_in_id_order(&requests, &calls);
     // 12 heads in batches of 3 are 4 batches: with one lane's two workers alone at most
     // two are in flight at once
-    let most_at_once = requests
-        .iter()
-        .map(|r| {
-            requests
-                .iter()
-                .filter(|o| {
-                    o.received_at <= r.received_at
-                        && o.answered_at.is_some_and(|a| a > r.received_at)
-                })
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
+    let most_at_once = most_in_flight_at_once(&requests);
     assert!(
         most_at_once >= 3,
         "the other lane did not help: at most {most_at_once} batches in flight at once"
