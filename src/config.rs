@@ -35,6 +35,7 @@ pub struct DatabaseSettings {
     pub url: Option<SecretString>,
     /// A file holding the URL (e.g. a systemd credential), read at start-up.
     pub url_file: Option<PathBuf>,
+    #[serde(deserialize_with = "strict::whole")]
     pub max_connections: u32,
     #[serde(with = "duration_str")]
     pub acquire_timeout: Duration,
@@ -70,6 +71,7 @@ pub struct IngestSettings {
     pub signing_secret: Option<SecretString>,
     pub signing_secret_file: Option<PathBuf>,
     /// Turn off TLS certificate verification. Never in production.
+    #[serde(deserialize_with = "strict::flag")]
     pub danger_accept_invalid_certs: bool,
 }
 
@@ -92,14 +94,17 @@ impl Default for IngestSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchSettings {
+    #[serde(deserialize_with = "strict::whole")]
     pub batch_size: u32,
     /// Batches in flight at once in one instance.
+    #[serde(deserialize_with = "strict::whole")]
     pub concurrency: u32,
     /// Claim lanes in one instance. Each lane makes one claim at a time, for the
     /// worker that gets through and every worker of the lane queued behind it, from
     /// its own share of the ordering keys; so claims of different lanes run at once
     /// without scanning and skipping each other's rows. Workers are spread over the
     /// lanes. A lane whose share has nothing due claims from every key.
+    #[serde(deserialize_with = "strict::whole")]
     pub claim_concurrency: u32,
     /// Poll for due rows this often when no notification arrives.
     #[serde(with = "duration_str")]
@@ -113,9 +118,11 @@ pub struct DispatchSettings {
     /// (that is not a file type) is dead-lettered as `unknown_entity_type`.
     pub json_entity_types: Vec<String>,
     /// File uploads in flight at once within one batch.
+    #[serde(deserialize_with = "strict::whole")]
     pub file_concurrency: u32,
     /// Consecutive sink-level failures (connect, timeout, 5xx, 429) after which the
     /// sink is taken as down: the relay pauses as a whole and stops charging attempts.
+    #[serde(deserialize_with = "strict::whole")]
     pub outage_threshold: u32,
     /// First delay between probes while the sink is down (doubles up to max).
     #[serde(with = "duration_str")]
@@ -123,6 +130,7 @@ pub struct DispatchSettings {
     #[serde(with = "duration_str")]
     pub max_probe_interval: Duration,
     /// LISTEN for inserts (PostgreSQL). Off behind poolers that forbid LISTEN.
+    #[serde(deserialize_with = "strict::flag")]
     pub listen: bool,
 }
 
@@ -171,6 +179,7 @@ impl<'de> Deserialize<'de> for RetryPolicyKind {
 #[serde(deny_unknown_fields, default)]
 pub struct RetrySettings {
     pub policy: RetryPolicyKind,
+    #[serde(deserialize_with = "strict::whole")]
     pub max_attempts: u32,
     #[serde(with = "duration_str")]
     pub base_delay: Duration,
@@ -195,6 +204,7 @@ impl Default for RetrySettings {
 #[serde(deny_unknown_fields)]
 pub struct RetryOverride {
     pub policy: Option<RetryPolicyKind>,
+    #[serde(default, deserialize_with = "strict::some_whole")]
     pub max_attempts: Option<u32>,
     #[serde(default, with = "duration_str::option")]
     pub base_delay: Option<Duration>,
@@ -206,6 +216,7 @@ pub struct RetryOverride {
 #[serde(deny_unknown_fields, default)]
 pub struct OrderingSettings {
     /// Derive an ordering key for rows whose `ordering_key` is null.
+    #[serde(deserialize_with = "strict::flag")]
     pub enabled: bool,
     /// entity_type → `entity_id` or `payload.<field>`.
     pub keys: BTreeMap<String, String>,
@@ -245,6 +256,7 @@ impl Default for StorageSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSettings {
+    #[serde(deserialize_with = "strict::flag")]
     pub enabled: bool,
     pub listen: SocketAddr,
     /// How often backlog gauges are refreshed from the database.
@@ -252,6 +264,7 @@ pub struct MetricsSettings {
     pub refresh_interval: Duration,
     /// Pending rows counted exactly per refresh; beyond, the gauges are estimated
     /// (PostgreSQL), so a huge backlog is never scanned every refresh.
+    #[serde(deserialize_with = "strict::whole")]
     pub backlog_exact_rows: u32,
 }
 
@@ -272,9 +285,11 @@ pub struct RetentionSettings {
     #[serde(with = "duration_str")]
     pub sent_ttl: Duration,
     /// Keep no record of delivered rows at all.
+    #[serde(deserialize_with = "strict::flag")]
     pub delete_sent: bool,
     #[serde(with = "duration_str")]
     pub prune_interval: Duration,
+    #[serde(deserialize_with = "strict::whole")]
     pub prune_batch: u32,
 }
 
@@ -650,6 +665,78 @@ fn describe_config_error(err: config::ConfigError) -> anyhow::Error {
         None => text,
     };
     anyhow::anyhow!("invalid configuration: {text}")
+}
+
+/// Whole numbers and booleans as written. The config crate converts between kinds:
+/// `max_attempts = 1.5` became 2 and `delete_sent = "yes"` became true, without a
+/// word. Strings are accepted where they hold the right kind (environment values that
+/// were not parsed), nothing else.
+pub mod strict {
+    use serde::de::{Deserializer, Error, Visitor};
+    use std::fmt;
+
+    pub fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        d.deserialize_any(Whole)
+    }
+
+    pub fn some_whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        whole(d).map(Some)
+    }
+
+    pub fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(Flag)
+    }
+
+    struct Whole;
+
+    impl Visitor<'_> for Whole {
+        type Value = u32;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a whole number")
+        }
+
+        fn visit_u64<E: Error>(self, v: u64) -> Result<u32, E> {
+            u32::try_from(v).map_err(|_| E::custom(format!("{v} is too large")))
+        }
+
+        fn visit_i64<E: Error>(self, v: i64) -> Result<u32, E> {
+            u32::try_from(v)
+                .map_err(|_| E::custom(format!("expected a whole number ≥ 0, found {v}")))
+        }
+
+        fn visit_f64<E: Error>(self, v: f64) -> Result<u32, E> {
+            Err(E::custom(format!("expected a whole number, found {v}")))
+        }
+
+        fn visit_str<E: Error>(self, v: &str) -> Result<u32, E> {
+            v.trim()
+                .parse()
+                .map_err(|_| E::custom(format!("expected a whole number, found {v:?}")))
+        }
+    }
+
+    struct Flag;
+
+    impl Visitor<'_> for Flag {
+        type Value = bool;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("true or false")
+        }
+
+        fn visit_bool<E: Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+
+        fn visit_str<E: Error>(self, v: &str) -> Result<bool, E> {
+            match v.trim() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                _ => Err(E::custom(format!("expected true or false, found {v:?}"))),
+            }
+        }
+    }
 }
 
 /// Durations as human strings: `250ms`, `30s`, `5m`, `7d`.

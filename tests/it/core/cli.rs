@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::harness::config::TomlValue;
 use crate::harness::{both_stores, closed_port, Backend, TestEnv};
 
 both_stores!(an_unknown_config_key_is_named);
@@ -388,4 +389,51 @@ async fn a_wrong_retry_policy_lists_the_right_ones() {
             .assert_single_stderr_line();
         env.config.remove(key);
     }
+}
+
+/// A number or a switch of the wrong kind is refused, naming the key, in the file and
+/// in the environment: the config crate used to round `1.5` to 2 and read `"yes"` as
+/// true without a word. The right kinds still load, also as environment strings.
+#[tokio::test]
+async fn numbers_and_switches_of_the_wrong_kind_are_refused_by_name() {
+    let mut env = TestEnv::migrated_on(Backend::Sqlite).await;
+    for (key, value) in [
+        ("retry.max_attempts", "1.5"),
+        ("retry.overrides.call_log.max_attempts", "2.5"),
+        ("dispatch.batch_size", "-5"),
+        ("retention.delete_sent", "\"yes\""),
+        ("dispatch.listen", "1"),
+    ] {
+        env.config.set(key, TomlValue::raw(value));
+        env.run(&["drain"])
+            .await
+            .assert_fails_with(key)
+            .assert_single_stderr_line();
+        env.config.remove(key);
+    }
+    for (var, value, key) in [
+        (
+            "SERVERSYNC__RETRY__MAX_ATTEMPTS",
+            "1.5",
+            "retry.max_attempts",
+        ),
+        (
+            "SERVERSYNC__RETENTION__DELETE_SENT",
+            "yes",
+            "retention.delete_sent",
+        ),
+    ] {
+        env.cmd(["drain"])
+            .env(var, value)
+            .output()
+            .await
+            .assert_fails_with(key)
+            .assert_single_stderr_line();
+    }
+    env.cmd(["drain"])
+        .env("SERVERSYNC__RETRY__MAX_ATTEMPTS", "7")
+        .env("SERVERSYNC__RETENTION__DELETE_SENT", "true")
+        .output()
+        .await
+        .assert_success();
 }
