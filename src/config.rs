@@ -103,7 +103,9 @@ pub struct DispatchSettings {
     /// worker that gets through and every worker of the lane queued behind it, from
     /// its own share of the ordering keys; so claims of different lanes run at once
     /// without scanning and skipping each other's rows. Workers are spread over the
-    /// lanes. A lane whose share has nothing due claims from every key.
+    /// lanes. A lane whose share has nothing due claims from every key. Lanes split
+    /// the keys only while a backlog is drained (the last claim came back full);
+    /// otherwise every worker queues at the first lane and it claims from every key.
     #[serde(deserialize_with = "strict::whole")]
     pub claim_concurrency: u32,
     /// Poll for due rows this often when no notification arrives.

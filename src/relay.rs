@@ -5,7 +5,7 @@
 //! while HTTP is in flight: the claim commits a lease, the settle is fenced on it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -126,8 +126,13 @@ pub struct Relay {
     pub stats: Stats,
     drain: Option<DrainState>,
     /// The claim lanes (`dispatch.claim_concurrency`); worker `i` claims in lane
-    /// `i % lanes.len()`.
+    /// `i % lanes.len()` while `backlog`, else every worker in the first lane.
     lanes: Vec<Lane>,
+    /// The last claim found as many rows as it asked for: a backlog is being drained,
+    /// and the lanes claim from their own shares of the keys. Otherwise one claim at a
+    /// time for the whole relay, from every key, so that a handful of rows goes out
+    /// as one batch (and a wake-up is one claim), as with a single lane.
+    backlog: AtomicBool,
 }
 
 /// One claim at a time, for every worker queued at the lane's gate: the worker that
@@ -187,7 +192,10 @@ impl Relay {
             d.max_probe_interval,
             parts.metrics.clone(),
         );
-        let lanes = d.claim_concurrency.clamp(1, d.concurrency.max(1));
+        let lanes = parts
+            .store
+            .claim_lanes(d.claim_concurrency)
+            .clamp(1, d.concurrency.max(1));
         let lanes = (0..lanes)
             .map(|index| Lane::new((lanes > 1).then_some(KeyShare { index, of: lanes })))
             .collect();
@@ -214,6 +222,7 @@ impl Relay {
             stats: Stats::default(),
             drain,
             lanes,
+            backlog: AtomicBool::new(false),
         })
     }
 
@@ -623,14 +632,16 @@ impl Relay {
     }
 
     /// A batch of up to `limit` rows, registered in flight: one left by a worker that
-    /// claimed for this one, or a claim of its own in `lane`. When `share`, a claim
-    /// also takes a batch for every worker queued behind it at the lane's gate (one
-    /// statement instead of several that would scan and skip each other's rows). The
-    /// split is safe for ordering: a claim holds at most one row per ordering key. A
-    /// lane whose share of the keys has nothing due claims from all of them, so a
-    /// backlog of one share is never left to half the workers (and a drain ends only
-    /// when nothing at all is due). Once `finished`, a worker that was queued at the
-    /// gate takes a batch already claimed for it, but claims nothing new.
+    /// claimed for this one, or a claim of its own. When `share`, a claim also takes a
+    /// batch for every worker queued behind it at the gate (one statement instead of
+    /// several that would scan and skip each other's rows). The split is safe for
+    /// ordering: a claim holds at most one row per ordering key. While a backlog is
+    /// being drained each worker claims in its own `lane`, from the lane's share of
+    /// the keys, and a lane whose share has nothing due claims from all of them (a
+    /// backlog of one share is not left to some of the workers, and a drain ends only
+    /// when nothing at all is due); otherwise every worker claims in the first lane,
+    /// from every key. Once `finished`, a worker that was queued at the gate takes a
+    /// batch already claimed for it, but claims nothing new.
     async fn take_batch(
         &self,
         lane: usize,
@@ -638,7 +649,12 @@ impl Relay {
         share: bool,
         finished: &CancellationToken,
     ) -> anyhow::Result<Option<(u64, Claim)>> {
-        let lane = &self.lanes[lane];
+        let split = self.lanes.len() > 1 && self.backlog.load(Ordering::SeqCst);
+        let lane = if split {
+            &self.lanes[lane]
+        } else {
+            &self.lanes[0]
+        };
         let queued_at = lane.claims.load(Ordering::SeqCst);
         lane.waiting.fetch_add(1, Ordering::SeqCst);
         // the semaphore is never closed; were it, claiming unbounded is harmless
@@ -658,16 +674,16 @@ impl Relay {
         };
         let want = u32::try_from(others + 1).unwrap_or(1).saturating_mul(limit);
         let lease = self.settings.dispatch.lease_duration;
-        let mut claim = self
-            .store
-            .claim(want, lease, &self.owner, lane.share)
-            .await?;
-        if claim.rows.is_empty() && lane.share.is_some() {
+        let keys = lane.share.filter(|_| self.backlog.load(Ordering::SeqCst));
+        let mut claim = self.store.claim(want, lease, &self.owner, keys).await?;
+        if claim.rows.is_empty() && keys.is_some() {
             claim = self.store.claim(want, lease, &self.owner, None).await?;
         }
-        if claim.rows.len() < want as usize {
+        let full = claim.rows.len() >= want as usize;
+        if !full {
             lane.last_short.fetch_max(number, Ordering::SeqCst);
         }
+        self.backlog.store(full, Ordering::SeqCst);
         if claim.rows.is_empty() {
             return Ok(None);
         }

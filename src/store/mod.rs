@@ -326,6 +326,15 @@ impl Store {
         delegate!(self, s => s.set_ordering_rules(rules).await)
     }
 
+    /// How many claim lanes are worth running, of `wanted`: SQLite has one writer at a
+    /// time (claims would only queue for its lock) and ignores key shares, so one.
+    pub fn claim_lanes(&self, wanted: u32) -> u32 {
+        match self {
+            Store::Postgres(_) => wanted,
+            Store::Sqlite(_) => 1,
+        }
+    }
+
     /// Claim up to `limit` due rows, only of ordering keys in `share` when one is given
     /// (PostgreSQL; SQLite has one relay and ignores it).
     pub async fn claim(
