@@ -433,33 +433,17 @@ impl Settings {
                 self.database.url = Some(read_secret(path, "database.url_file")?);
             }
         }
-        // a value and a file for one secret: which one was meant is anybody's guess
-        for (set, value, file) in [
-            (
-                self.ingest.auth_token.is_some() && self.ingest.auth_token_file.is_some(),
-                "ingest.auth_token",
-                "ingest.auth_token_file",
-            ),
-            (
-                self.ingest.signing_secret.is_some() && self.ingest.signing_secret_file.is_some(),
-                "ingest.signing_secret",
-                "ingest.signing_secret_file",
-            ),
-        ] {
-            if set {
-                bail!("{value} and {file} are both set: set one of them");
-            }
-        }
-        if self.ingest.auth_token.is_none() {
-            if let Some(path) = &self.ingest.auth_token_file {
-                self.ingest.auth_token = Some(read_secret(path, "ingest.auth_token_file")?);
-            }
-        }
-        if self.ingest.signing_secret.is_none() {
-            if let Some(path) = &self.ingest.signing_secret_file {
-                self.ingest.signing_secret = Some(read_secret(path, "ingest.signing_secret_file")?);
-            }
-        }
+        let ingest = &mut self.ingest;
+        only_value_or_file(
+            &mut ingest.auth_token,
+            ingest.auth_token_file.as_deref(),
+            "ingest.auth_token",
+        )?;
+        only_value_or_file(
+            &mut ingest.signing_secret,
+            ingest.signing_secret_file.as_deref(),
+            "ingest.signing_secret",
+        )?;
         if let Some(secret) = &self.ingest.signing_secret {
             check_signing_secret(secret.expose_secret())?;
         }
@@ -582,6 +566,21 @@ fn read_secret(path: &Path, key: &str) -> anyhow::Result<SecretString> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read {key} ({})", path.display()))?;
     Ok(SecretString::from(text.trim().to_string()))
+}
+
+/// An ingest secret given as `key` or as `key_file`, read from the file when that is
+/// the one set. Both set is an error: which one was meant is anybody's guess.
+fn only_value_or_file(
+    value: &mut Option<SecretString>,
+    file: Option<&Path>,
+    key: &str,
+) -> anyhow::Result<()> {
+    match (value.is_some(), file) {
+        (true, Some(_)) => bail!("{key} and {key}_file are both set: set one of them"),
+        (false, Some(path)) => *value = Some(read_secret(path, &format!("{key}_file"))?),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// A Standard Webhooks secret is `whsec_` and base64; one that says `whsec_` but is
