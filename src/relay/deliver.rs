@@ -1,0 +1,226 @@
+//! Delivering a claim: JSON rows in one request (split until a rejected or failing
+//! entry is alone), file rows as concurrent streamed uploads; each outcome told to
+//! the sink-health tracker, which decides whether a failure is charged to its rows.
+
+use std::collections::HashMap;
+
+use futures_util::StreamExt;
+
+use super::Relay;
+use crate::dispatch::{Dispatcher, FileJob};
+use crate::store::{Claim, ClaimedRow};
+use crate::taxonomy::{ErrorType, Failure};
+
+/// What became of one row's delivery.
+pub(super) enum Attempt {
+    Sent,
+    Failed { failure: Failure, charged: bool },
+}
+
+pub(super) enum Route {
+    Json,
+    File(FileJob),
+}
+
+impl Relay {
+    /// Deliver every row of a claim: JSON rows in one request (split on rejection),
+    /// file rows as concurrent uploads. Returns one attempt per row id.
+    pub(super) async fn deliver(&self, claim: &Claim, probing: bool) -> HashMap<i64, Attempt> {
+        let mut attempts = HashMap::with_capacity(claim.rows.len());
+        let mut json = Vec::new();
+        let mut files = Vec::new();
+        for row in &claim.rows {
+            match self.route(row) {
+                Ok(Route::Json) => json.push(row),
+                Ok(Route::File(job)) => files.push((row, job)),
+                Err(failure) => {
+                    attempts.insert(
+                        row.id,
+                        Attempt::Failed {
+                            failure,
+                            charged: true,
+                        },
+                    );
+                }
+            }
+        }
+        if probing {
+            tracing::info!(
+                rows = claim.rows.len(),
+                "probing the ingest sink with a batch"
+            );
+        }
+        self.deliver_json(&json, &mut attempts).await;
+        let mut futures = Vec::with_capacity(files.len());
+        for (row, job) in &files {
+            futures.push(upload(&self.dispatcher, row, job));
+        }
+        let uploads = futures_util::stream::iter(futures)
+            .buffer_unordered(self.settings.dispatch.file_concurrency as usize)
+            .collect::<Vec<_>>()
+            .await;
+        for (id, result) in uploads {
+            let attempt = match result {
+                Ok(()) => {
+                    self.sink.on_answer();
+                    Attempt::Sent
+                }
+                Err(failure) => {
+                    let charged = self.account(&failure);
+                    Attempt::Failed { failure, charged }
+                }
+            };
+            attempts.insert(id, attempt);
+        }
+        attempts
+    }
+
+    /// Send JSON rows. A batch rejected with a non-retryable 4xx is split in halves
+    /// until the offending entries are alone. So is a batch answered with a 5xx: a
+    /// Frontend that fails on one bad entity answers 500 to every batch holding it,
+    /// and without the split that one row would hold its batch back for ever (and
+    /// make the sink look down). Whether a lone 5xx row is the row's fault or the
+    /// sink's is decided at the end: if any part of the batch went through, the sink
+    /// works and the row is charged; if nothing did, it is one sink-level failure of
+    /// the whole delivery, counted towards the outage threshold like any other.
+    pub(super) async fn deliver_json(
+        &self,
+        rows: &[&ClaimedRow],
+        attempts: &mut HashMap<i64, Attempt>,
+    ) {
+        if rows.is_empty() {
+            return;
+        }
+        let mut pending: Vec<&[&ClaimedRow]> = vec![rows];
+        // while nothing has answered, a descent of log2(n) halvings finds a lone bad
+        // row, and one more failure says it is more likely the sink; with answers,
+        // room for a few bad rows
+        let depth = usize::BITS - (rows.len().saturating_sub(1)).leading_zeros();
+        let blind_budget = depth as usize + 1;
+        let budget = 2 * blind_budget;
+        let mut failures = 0usize;
+        let mut answered = false;
+        // rows whose requests failed with a 5xx, awaiting the verdict
+        let mut suspects: Vec<(&ClaimedRow, Failure)> = Vec::new();
+        while let Some(chunk) = pending.pop() {
+            match self.dispatcher.send_json(chunk).await {
+                Ok(()) => {
+                    answered = true;
+                    self.sink.on_answer();
+                    for row in chunk {
+                        attempts.insert(row.id, Attempt::Sent);
+                    }
+                }
+                Err(f) if f.error_type == ErrorType::Http4xx && !f.retryable && chunk.len() > 1 => {
+                    answered = true;
+                    self.sink.on_answer();
+                    let (left, right) = chunk.split_at(chunk.len() / 2);
+                    tracing::info!(
+                        rows = chunk.len(),
+                        http_status = f.http_status,
+                        "batch rejected: splitting it to isolate the offending entries"
+                    );
+                    pending.push(right);
+                    pending.push(left);
+                }
+                Err(f) if f.error_type == ErrorType::Http5xx => {
+                    failures += 1;
+                    let room = if answered { budget } else { blind_budget };
+                    if failures >= room {
+                        // give up isolating: this chunk and what is left fail together
+                        suspects.extend(chunk.iter().map(|row| (*row, f.clone())));
+                        for rest in pending.drain(..) {
+                            suspects.extend(rest.iter().map(|row| (*row, f.clone())));
+                        }
+                    } else if chunk.len() > 1 {
+                        tracing::info!(
+                            rows = chunk.len(),
+                            http_status = f.http_status,
+                            "batch failed with a server error: splitting it in case one entry causes it"
+                        );
+                        let (left, right) = chunk.split_at(chunk.len() / 2);
+                        pending.push(right);
+                        pending.push(left);
+                    } else {
+                        suspects.push((chunk[0], f));
+                    }
+                }
+                Err(failure) => {
+                    let charged = self.account(&failure);
+                    for row in chunk {
+                        attempts.insert(
+                            row.id,
+                            Attempt::Failed {
+                                failure: failure.clone(),
+                                charged,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        if suspects.is_empty() {
+            return;
+        }
+        // The verdict. Something went through: the sink works, these rows fail it.
+        // Nothing did: one sink-level failure (charged only below the threshold).
+        let charged = if answered {
+            true
+        } else {
+            self.account(&suspects[0].1)
+        };
+        for (row, failure) in suspects {
+            attempts.insert(row.id, Attempt::Failed { failure, charged });
+        }
+    }
+
+    /// Tell the sink-health tracker about a failure; returns whether it is charged.
+    pub(super) fn account(&self, failure: &Failure) -> bool {
+        match failure.error_type {
+            t if t.is_sink_level() => self.sink.on_sink_failure(t.as_str(), failure.retry_after),
+            ErrorType::Http4xx => {
+                self.sink.on_answer();
+                true
+            }
+            // the request never left: says nothing about the sink
+            _ => true,
+        }
+    }
+
+    pub(super) fn route(&self, row: &ClaimedRow) -> Result<Route, Failure> {
+        if let Some(defect) = &row.defect {
+            return Err(Failure::payload_invalid(defect.clone()));
+        }
+        let d = &self.settings.dispatch;
+        let t = row.entity_type.as_str();
+        // any name a JSON entity type may have (SPEC §1.2), but not an empty one, a
+        // novel, or one with control characters (it goes into logs and metric labels)
+        let well_formed =
+            !t.trim().is_empty() && t.len() <= 100 && !t.chars().any(char::is_control);
+        if !well_formed {
+            return Err(Failure::unknown_entity_type(format!(
+                "entity type {t:?} is not routable"
+            )));
+        }
+        if d.file_entity_types.iter().any(|f| f == t) {
+            return FileJob::from_row(row).map(Route::File);
+        }
+        if !d.json_entity_types.is_empty() && !d.json_entity_types.iter().any(|j| j == t) {
+            return Err(Failure::unknown_entity_type(format!(
+                "entity type {t:?} is not in dispatch.json_entity_types or dispatch.file_entity_types"
+            )));
+        }
+        if !row.payload.get().trim_start().starts_with('{') {
+            return Err(Failure::payload_invalid("payload is not a JSON object"));
+        }
+        Ok(Route::Json)
+    }
+}
+
+async fn upload(
+    dispatcher: &Dispatcher,
+    row: &ClaimedRow,
+    job: &FileJob,
+) -> (i64, Result<(), Failure>) {
+    (row.id, dispatcher.send_file(row, job).await)
+}

@@ -1,0 +1,188 @@
+//! Claim lanes: how workers get their batches. One claim at a time per lane, shared
+//! with the workers queued behind it, from the lane's share of the ordering keys while
+//! a backlog is drained; and the bookkeeping of what is in flight, for renewal and
+//! release.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Relay;
+use crate::store::{Claim, Held, KeyShare};
+
+/// One claim at a time, for every worker queued at the lane's gate: the worker that
+/// gets through claims for the ones behind it too and leaves their batches here, so
+/// the database scans the front of the queue once instead of once per worker. With
+/// several lanes, each claims from its own share of the ordering keys, so that their
+/// claims can run at once without skipping each other's rows.
+pub(super) struct Lane {
+    pub(super) gate: tokio::sync::Semaphore,
+    /// Workers queued at the gate.
+    pub(super) waiting: AtomicUsize,
+    /// Batches claimed for queued workers; each takes one when its turn comes.
+    pub(super) batches: Mutex<Vec<(u64, Claim)>>,
+    /// Claims started in this lane, and the number of the last one that found fewer
+    /// rows than it asked for: a worker queued before that claim started has nothing
+    /// to claim (a commit or a settle since wakes it), so a wake-up does not turn
+    /// into one empty claim per worker.
+    pub(super) claims: AtomicU64,
+    pub(super) last_short: AtomicU64,
+    /// `None` with a single lane: every key.
+    pub(super) share: Option<KeyShare>,
+}
+
+impl Lane {
+    pub(super) fn new(share: Option<KeyShare>) -> Lane {
+        Lane {
+            gate: tokio::sync::Semaphore::new(1),
+            waiting: AtomicUsize::new(0),
+            batches: Mutex::new(Vec::new()),
+            claims: AtomicU64::new(0),
+            last_short: AtomicU64::new(0),
+            share,
+        }
+    }
+
+    pub(super) fn lock_batches(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Claim)>> {
+        self.batches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Relay {
+    /// A batch of up to `limit` rows, registered in flight: one left by a worker that
+    /// claimed for this one, or a claim of its own. When `share`, a claim also takes a
+    /// batch for every worker queued behind it at the gate (one statement instead of
+    /// several that would scan and skip each other's rows). The split is safe for
+    /// ordering: a claim holds at most one row per ordering key. While a backlog is
+    /// being drained each worker claims in its own `lane`, from the lane's share of
+    /// the keys, and a lane whose share has nothing due claims from all of them (a
+    /// backlog of one share is not left to some of the workers, and a drain ends only
+    /// when nothing at all is due); otherwise every worker claims in the first lane,
+    /// from every key. Once `finished`, a worker that was queued at the gate takes a
+    /// batch already claimed for it, but claims nothing new.
+    pub(super) async fn take_batch(
+        &self,
+        lane: usize,
+        limit: u32,
+        share: bool,
+        finished: &CancellationToken,
+    ) -> anyhow::Result<Option<(u64, Claim)>> {
+        let split = self.lanes.len() > 1 && self.backlog.load(Ordering::SeqCst);
+        let lane = if split {
+            &self.lanes[lane]
+        } else {
+            &self.lanes[0]
+        };
+        let queued_at = lane.claims.load(Ordering::SeqCst);
+        lane.waiting.fetch_add(1, Ordering::SeqCst);
+        // the semaphore is never closed; were it, claiming unbounded is harmless
+        let _permit = lane.gate.acquire().await.ok();
+        let queued = lane.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
+        if let Some(left) = lane.lock_batches().pop() {
+            return Ok(Some(left));
+        }
+        if finished.is_cancelled() || lane.last_short.load(Ordering::SeqCst) > queued_at {
+            return Ok(None);
+        }
+        let number = lane.claims.fetch_add(1, Ordering::SeqCst) + 1;
+        let others = if share {
+            queued.min(self.settings.dispatch.concurrency as usize)
+        } else {
+            0
+        };
+        let want = u32::try_from(others + 1).unwrap_or(1).saturating_mul(limit);
+        let lease = self.settings.dispatch.lease_duration;
+        let keys = lane.share.filter(|_| self.backlog.load(Ordering::SeqCst));
+        let mut claim = self.store.claim(want, lease, &self.owner, keys).await?;
+        if claim.rows.is_empty() && keys.is_some() {
+            claim = self.store.claim(want, lease, &self.owner, None).await?;
+        }
+        let full = claim.rows.len() >= want as usize;
+        if !full {
+            lane.last_short.fetch_max(number, Ordering::SeqCst);
+        }
+        self.backlog.store(full, Ordering::SeqCst);
+        if claim.rows.is_empty() {
+            return Ok(None);
+        }
+        let token = claim.token;
+        let mut batches: Vec<(u64, Claim)> = Vec::new();
+        let mut rows = claim.rows;
+        while !rows.is_empty() {
+            let rest = rows.split_off(rows.len().min(limit as usize));
+            let batch = self.next_batch.fetch_add(1, Ordering::Relaxed);
+            batches.push((batch, Claim { token, rows }));
+            rows = rest;
+        }
+        {
+            let mut in_flight = self.lock_in_flight();
+            for (batch, claim) in &batches {
+                in_flight.insert(*batch, (token, claim.rows.iter().map(|r| r.id).collect()));
+            }
+        }
+        // this worker takes the first (oldest) batch; the others wait for their workers
+        let mine = batches.remove(0);
+        if !batches.is_empty() {
+            // popped from the end: oldest first
+            lane.lock_batches().extend(batches.into_iter().rev());
+        }
+        Ok(Some(mine))
+    }
+
+    pub(super) fn lock_in_flight(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, (i64, Vec<i64>)>> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Everything in flight, for renewal or release.
+    pub(super) fn held(&self) -> Held {
+        held_of(self.lock_in_flight().values())
+    }
+
+    /// Batches claimed for workers that never came for them (none should be left:
+    /// every worker counted at the gate takes one). Released, not left to expire.
+    pub(super) async fn release_unclaimed_shares(&self) {
+        let left: Vec<(u64, Claim)> = self
+            .lanes
+            .iter()
+            .flat_map(|lane| std::mem::take(&mut *lane.lock_batches()))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        let held = {
+            let mut in_flight = self.lock_in_flight();
+            let removed: Vec<(i64, Vec<i64>)> = left
+                .iter()
+                .filter_map(|(batch, _)| in_flight.remove(batch))
+                .collect();
+            held_of(removed.iter())
+        };
+        match self.store.release(&held).await {
+            Ok(n) => tracing::debug!(
+                rows = n,
+                "released batches claimed for workers that stopped"
+            ),
+            Err(e) => tracing::warn!(
+                error = %format!("{e:#}"),
+                "releasing undelivered batches failed: rows return when their lease expires"
+            ),
+        }
+    }
+}
+
+/// The rows and tokens of some in-flight batches, as renewal and release take them
+/// (a shared claim's batches have the same token: it is listed once).
+pub(super) fn held_of<'a>(batches: impl Iterator<Item = &'a (i64, Vec<i64>)>) -> Held {
+    let mut held = Held::default();
+    for (token, ids) in batches {
+        held.tokens.push(*token);
+        held.ids.extend_from_slice(ids);
+    }
+    held.tokens.sort_unstable();
+    held.tokens.dedup();
+    held
+}

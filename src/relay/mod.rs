@@ -1,0 +1,543 @@
+//! The relay: workers that claim a batch, deliver it, and settle it, in a loop.
+//!
+//! `step` does one claim → deliver → settle and returns what happened; the worker
+//! loop owns sleeping, backoff and shutdown. No transaction or row lock is held
+//! while HTTP is in flight: the claim commits a lease, the settle is fenced on it.
+//!
+//! This file holds the loop and the step; the step's three parts and the side tasks
+//! live beside it: `lanes` (claiming, and what is in flight), `deliver` (requests and
+//! uploads), `settle` (outcomes, persisted backoff, metrics), `sink_state` (the
+//! sink's up/down state shared through the database) and `tasks` (lease renewal,
+//! LISTEN, gauges, pruning).
+
+mod deliver;
+mod lanes;
+mod settle;
+mod sink_state;
+mod tasks;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::dispatch::Dispatcher;
+use crate::metrics::{Health, Metrics};
+use crate::sink_health::{Gate, SinkHealth};
+use crate::store::{KeyShare, Store};
+use lanes::Lane;
+
+/// How long an idle drain worker waits for another worker's settle before it looks
+/// again (a safety net: settles wake it).
+const DRAIN_SETTLE_WAIT: Duration = Duration::from_millis(250);
+
+/// How long before the next probe rows released during an outage fall due again.
+const PROBE_LEAD: Duration = Duration::from_millis(100);
+
+/// What one step did; the loop decides how to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A batch was delivered and settled (whatever the rows' outcomes).
+    Delivered(usize),
+    /// Nothing is due.
+    Idle,
+    /// The sink is down or rate-limiting: do not claim before this instant.
+    Paused(Instant),
+    /// The database did not answer; nothing was claimed.
+    DatabaseUnavailable,
+}
+
+/// How the relay runs: as a daemon, or until nothing is due (`drain`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Run,
+    Drain { max_rows: Option<u64> },
+}
+
+/// Counters of settled rows, for drain's progress and summary.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead: AtomicU64,
+    pub lease_lost: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// Nothing due is left.
+    Empty,
+    /// `--max-rows` rows were claimed.
+    MaxRows,
+    /// The sink is down; what is left waits for it.
+    SinkDown,
+    /// The sink answered 429; what is left waits for its Retry-After.
+    RateLimited,
+    /// Stopped by a signal or `--timeout`.
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub delivered: u64,
+    pub retried: u64,
+    pub dead: u64,
+    /// Rows this run scheduled for a retry that are still waiting for it.
+    pub left_for_retry: u64,
+    pub end: DrainEnd,
+}
+
+/// Everything the relay needs, built once at start-up.
+pub struct RelayParts {
+    pub store: Store,
+    pub dispatcher: Dispatcher,
+    pub settings: Arc<Settings>,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+}
+
+#[derive(Default)]
+struct DrainState {
+    busy: AtomicUsize,
+    /// Settles so far: a claim that found nothing proves the drain is over only if
+    /// no settle (which may have unblocked rows of its keys) landed meanwhile.
+    settles: AtomicU64,
+    claimed: AtomicU64,
+    max_rows: Option<u64>,
+    left_for_retry: Mutex<HashSet<i64>>,
+    end: Mutex<Option<DrainEnd>>,
+}
+
+pub struct Relay {
+    store: Store,
+    dispatcher: Dispatcher,
+    settings: Arc<Settings>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    sink: SinkHealth,
+    owner: String,
+    wake: watch::Sender<u64>,
+    /// Batches claimed and not yet settled, by batch number: (claim token, ids), for
+    /// renewal and release. A shared claim's batches have the same token.
+    in_flight: Mutex<HashMap<u64, (i64, Vec<i64>)>>,
+    next_batch: AtomicU64,
+    heartbeat: AtomicU64,
+    started: Instant,
+    pub stats: Stats,
+    drain: Option<DrainState>,
+    /// The claim lanes (`dispatch.claim_concurrency`); worker `i` claims in lane
+    /// `i % lanes.len()` while `backlog`, else every worker in the first lane.
+    lanes: Vec<Lane>,
+    /// The last claim found as many rows as it asked for: a backlog is being drained,
+    /// and the lanes claim from their own shares of the keys. Otherwise one claim at a
+    /// time for the whole relay, from every key, so that a handful of rows goes out
+    /// as one batch (and a wake-up is one claim), as with a single lane.
+    backlog: AtomicBool,
+}
+
+impl Relay {
+    pub fn new(parts: RelayParts, mode: Mode) -> Arc<Relay> {
+        let d = &parts.settings.dispatch;
+        let sink = SinkHealth::new(
+            d.outage_threshold,
+            d.probe_interval,
+            d.max_probe_interval,
+            parts.metrics.clone(),
+        );
+        let lanes = parts
+            .store
+            .claim_lanes(d.claim_concurrency)
+            .clamp(1, d.concurrency.max(1));
+        let lanes = (0..lanes)
+            .map(|index| Lane::new((lanes > 1).then_some(KeyShare { index, of: lanes })))
+            .collect();
+        let drain = match mode {
+            Mode::Run => None,
+            Mode::Drain { max_rows } => Some(DrainState {
+                max_rows,
+                ..Default::default()
+            }),
+        };
+        Arc::new(Relay {
+            store: parts.store,
+            dispatcher: parts.dispatcher,
+            settings: parts.settings,
+            metrics: parts.metrics,
+            health: parts.health,
+            sink,
+            owner: owner_name(),
+            wake: watch::channel(0).0,
+            in_flight: Mutex::new(HashMap::new()),
+            next_batch: AtomicU64::new(0),
+            heartbeat: AtomicU64::new(0),
+            started: Instant::now(),
+            stats: Stats::default(),
+            drain,
+            lanes,
+            backlog: AtomicBool::new(false),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Wake idle workers (a row was committed, or notifications may have been lost).
+    pub fn wake(&self) {
+        self.wake.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Milliseconds since the worker loop last showed life (for the systemd watchdog).
+    pub fn heartbeat_age(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.heartbeat.load(Ordering::Relaxed)))
+    }
+
+    fn beat(&self) {
+        self.heartbeat
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Run `concurrency` workers until `stop` (or, draining, until nothing is due),
+    /// then wait for in-flight batches up to `shutdown.grace` and release the rest.
+    pub async fn run_workers(self: &Arc<Self>, stop: CancellationToken) -> Summary {
+        let sink = self.sink_name();
+        let started_down = self.restore_sink_state(&sink).await;
+        let recorded = CancellationToken::new();
+        let recorder = self.record_sink_state(sink, started_down, recorded.clone());
+        let tracker = TaskTracker::new();
+        let finished = stop.child_token();
+        for i in 0..self.settings.dispatch.concurrency as usize {
+            let relay = Arc::clone(self);
+            let finished = finished.clone();
+            let lane = i % self.lanes.len();
+            tracker.spawn(async move { relay.worker(lane, finished).await });
+        }
+        tracker.close();
+        // Workers stop claiming on `finished`; a batch in flight is finished and settled.
+        tokio::select! {
+            _ = tracker.wait() => {}
+            _ = finished.cancelled() => {
+                let grace = self.settings.shutdown.grace;
+                if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+                    self.release_in_flight(grace).await;
+                }
+            }
+        }
+        self.release_unclaimed_shares().await;
+        if self.drain.is_some() {
+            self.sink.down_if_last_failed();
+        }
+        recorded.cancel();
+        let _ = recorder.await;
+        self.summary(stop.is_cancelled())
+    }
+
+    async fn release_in_flight(&self, grace: Duration) {
+        let held = self.held();
+        match self.store.release(&held).await {
+            Ok(n) => tracing::warn!(
+                rows = n,
+                ?grace,
+                "shutdown grace elapsed: released in-flight rows for redelivery"
+            ),
+            Err(e) => tracing::warn!(
+                error = %format!("{e:#}"),
+                "shutdown grace elapsed and releasing leases failed: rows return when their lease expires"
+            ),
+        }
+    }
+
+    fn summary(&self, stopped: bool) -> Summary {
+        let (left_for_retry, end) = match &self.drain {
+            Some(d) => {
+                let left = d.left_for_retry.lock().map(|s| s.len()).unwrap_or(0) as u64;
+                let end = d.end.lock().ok().and_then(|e| *e);
+                (
+                    left,
+                    end.unwrap_or(if stopped {
+                        DrainEnd::Stopped
+                    } else {
+                        DrainEnd::Empty
+                    }),
+                )
+            }
+            None => (0, DrainEnd::Stopped),
+        };
+        Summary {
+            delivered: self.stats.delivered.load(Ordering::Relaxed),
+            retried: self.stats.retried.load(Ordering::Relaxed),
+            dead: self.stats.dead.load(Ordering::Relaxed),
+            left_for_retry,
+            end: if stopped && end == DrainEnd::Empty {
+                DrainEnd::Stopped
+            } else {
+                end
+            },
+        }
+    }
+
+    fn finish_drain(&self, end: DrainEnd, finished: &CancellationToken) {
+        if let Some(d) = &self.drain {
+            if let Ok(mut slot) = d.end.lock() {
+                slot.get_or_insert(end);
+            }
+        }
+        finished.cancel();
+    }
+
+    async fn worker(self: Arc<Self>, lane: usize, finished: CancellationToken) {
+        let mut wake = self.wake.subscribe();
+        let mut backoff = db_backoff();
+        let poll = self.settings.dispatch.poll_interval;
+        while !finished.is_cancelled() {
+            self.beat();
+            wake.borrow_and_update();
+            let settles_before = self
+                .drain
+                .as_ref()
+                .map_or(0, |d| d.settles.load(Ordering::SeqCst));
+            match self.step(lane, &finished).await {
+                Step::Delivered(_) => backoff = db_backoff(),
+                Step::Idle => {
+                    if let Some(d) = &self.drain {
+                        let settled_meanwhile = d.settles.load(Ordering::SeqCst) != settles_before;
+                        if settled_meanwhile {
+                            // a settle may have unblocked rows of its keys: look again
+                            continue;
+                        }
+                        if d.busy.load(Ordering::SeqCst) == 0 {
+                            let end = if d
+                                .max_rows
+                                .is_some_and(|m| d.claimed.load(Ordering::SeqCst) >= m)
+                            {
+                                DrainEnd::MaxRows
+                            } else {
+                                DrainEnd::Empty
+                            };
+                            self.finish_drain(end, &finished);
+                            break;
+                        }
+                        // Another worker is claiming or delivering: wait for its settle
+                        // (which may unblock rows of its keys, and wakes this worker), or
+                        // for the last worker to find nothing and end the drain. Not a
+                        // short poll: at the end of a drain every worker would claim
+                        // again and again, each keeping the others from seeing the
+                        // relay idle.
+                        wait(&finished, DRAIN_SETTLE_WAIT, &mut wake).await;
+                        continue;
+                    }
+                    wait(&finished, poll, &mut wake).await;
+                }
+                Step::Paused(until) => {
+                    if self.drain.is_some() && self.sink.is_probing() {
+                        // a probe is out: its answer decides whether this drain goes on
+                        wait(&finished, Duration::from_millis(10), &mut wake).await;
+                        continue;
+                    }
+                    if self.drain.is_some() {
+                        // drain delivers what is due now; it does not sit out an outage
+                        // or a rate limit: what is left waits for the next run
+                        let end = if self.sink.is_down() {
+                            tracing::error!("ingest sink is down: drain stops");
+                            DrainEnd::SinkDown
+                        } else {
+                            tracing::warn!("ingest sink asked to slow down (429): drain stops");
+                            DrainEnd::RateLimited
+                        };
+                        self.finish_drain(end, &finished);
+                        break;
+                    }
+                    let nap = until.saturating_duration_since(Instant::now()).min(poll);
+                    tokio::select! {
+                        _ = finished.cancelled() => {}
+                        _ = tokio::time::sleep(nap) => {}
+                    }
+                }
+                Step::DatabaseUnavailable => {
+                    let nap = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tokio::select! {
+                        _ = finished.cancelled() => {}
+                        _ = tokio::time::sleep(nap) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One claim (in `lane`) → deliver → settle. Once `finished`, no new claim is made.
+    async fn step(&self, lane: usize, finished: &CancellationToken) -> Step {
+        let probing = match self.sink.gate() {
+            Gate::Open => false,
+            Gate::Probe => true,
+            Gate::WaitUntil(until) => return Step::Paused(until),
+        };
+        let d = &self.settings.dispatch;
+        let mut reserved = 0u64;
+        let mut limit = if probing {
+            d.batch_size.min(10)
+        } else {
+            d.batch_size
+        };
+        if let Some(drain) = &self.drain {
+            if let Some(max) = drain.max_rows {
+                // reserve this claim's share of --max-rows up front, so concurrent
+                // workers cannot together claim more than asked
+                let want = u64::from(limit);
+                let before = drain
+                    .claimed
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                        Some(c + want.min(max.saturating_sub(c)))
+                    })
+                    .unwrap_or(max);
+                reserved = want.min(max.saturating_sub(before));
+                limit = u32::try_from(reserved).unwrap_or(u32::MAX);
+            }
+            drain.busy.fetch_add(1, Ordering::SeqCst);
+        }
+        let step = if limit == 0 {
+            Step::Idle
+        } else {
+            self.claim_and_deliver(lane, limit, probing, finished).await
+        };
+        if let Some(drain) = &self.drain {
+            if drain.max_rows.is_some() {
+                let used = match step {
+                    Step::Delivered(n) => n as u64,
+                    _ => 0,
+                };
+                drain
+                    .claimed
+                    .fetch_sub(reserved.saturating_sub(used), Ordering::SeqCst);
+            }
+            drain.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+        if probing && !matches!(step, Step::Delivered(_)) {
+            if matches!(step, Step::Idle) && self.drain.is_none() {
+                self.probe_empty_handed().await;
+            } else {
+                self.sink.probe_abandoned();
+            }
+        }
+        step
+    }
+
+    /// The sink is down, a probe is due and the outbox is empty: ask with an empty
+    /// batch. Without it an idle daemon would report the sink down (and keep it
+    /// recorded as down for other relays) until the next row arrives, however long
+    /// ago the sink came back. Only when no row waits at all: a Frontend whose storage
+    /// is down may still answer an empty batch, and rows waiting for their retry would
+    /// then be charged for the outage; they probe it themselves when due. `drain`
+    /// does not: it has nothing to deliver either way.
+    async fn probe_empty_handed(&self) {
+        if !matches!(self.store.has_pending().await, Ok(false)) {
+            self.sink.probe_abandoned();
+            return;
+        }
+        tracing::debug!("probing the ingest sink with an empty batch: the outbox is empty");
+        match self.dispatcher.send_json(&[]).await {
+            Ok(()) => self.sink.on_answer(),
+            Err(f) => {
+                // as for any request: a 4xx is an answer, a sink-level failure counts;
+                // whatever it was, this probe is over
+                self.account(&f);
+                self.sink.probe_abandoned();
+            }
+        }
+    }
+
+    async fn claim_and_deliver(
+        &self,
+        lane: usize,
+        limit: u32,
+        probing: bool,
+        finished: &CancellationToken,
+    ) -> Step {
+        // a probe is one small batch, and a drain with --max-rows claims its quota
+        let share = !probing && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
+        let (batch, claim) = match self.take_batch(lane, limit, share, finished).await {
+            Ok(Some(taken)) => taken,
+            Ok(None) => return Step::Idle,
+            Err(e) => {
+                self.database_down(&e);
+                return Step::DatabaseUnavailable;
+            }
+        };
+        self.database_up();
+        let n = claim.rows.len();
+        if let Some(drain) = self.drain.as_ref().filter(|d| d.max_rows.is_none()) {
+            drain.claimed.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        self.metrics.batch_size.observe(n as f64);
+        let attempts = self.with_heartbeat(self.deliver(&claim, probing)).await;
+        let settlement = self.settlement(&claim, attempts);
+        self.settle(&claim, settlement).await;
+        if let Some(drain) = &self.drain {
+            drain.settles.fetch_add(1, Ordering::SeqCst);
+        }
+        self.lock_in_flight().remove(&batch);
+        // rows of the same ordering keys may be due now
+        self.wake();
+        Step::Delivered(n)
+    }
+
+    async fn with_heartbeat<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(fut);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = tick.tick() => self.beat(),
+            }
+        }
+    }
+
+    fn database_down(&self, e: &anyhow::Error) {
+        if self.health.db_up.swap(false, Ordering::Relaxed) {
+            tracing::error!(error = %format!("{e:#}"), "database unavailable: retrying with backoff");
+        }
+        self.metrics.db_up.set(0);
+    }
+
+    fn database_up(&self) {
+        if !self.health.db_up.swap(true, Ordering::Relaxed) {
+            tracing::info!("database available");
+        }
+        self.metrics.db_up.set(1);
+    }
+}
+
+async fn wait(stop: &CancellationToken, max: Duration, wake: &mut watch::Receiver<u64>) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(max) => {}
+        _ = wake.changed() => {}
+    }
+}
+
+fn db_backoff_builder() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+}
+
+fn db_backoff() -> backon::ExponentialBackoff {
+    db_backoff_builder().build()
+}
+
+/// `host:pid`, shown as the lease owner.
+fn owner_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}

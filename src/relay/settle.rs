@@ -1,0 +1,216 @@
+//! Settling a batch: each row's outcome decided (sent, retried with its persisted
+//! backoff, charged or not, or dead-lettered), written in one fenced transaction, and
+//! counted in the metrics and the drain's summary.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use backon::Retryable;
+
+use super::deliver::Attempt;
+use super::{db_backoff_builder, Relay, PROBE_LEAD};
+use crate::retry::next_delay;
+use crate::store::{Claim, DeadRow, ErrorRecord, RetryRow, Settlement};
+
+impl Relay {
+    /// Decide each row's outcome: sent, retry later (charged or not), or dead.
+    pub(super) fn settlement(
+        &self,
+        claim: &Claim,
+        mut attempts: HashMap<i64, Attempt>,
+    ) -> Settlement {
+        let mut s = Settlement {
+            token: claim.token,
+            ..Default::default()
+        };
+        let now = chrono::Utc::now();
+        for row in &claim.rows {
+            let Some(attempt) = attempts.remove(&row.id) else {
+                continue;
+            };
+            let (failure, charged) = match attempt {
+                Attempt::Sent => {
+                    s.sent.push(row.id);
+                    continue;
+                }
+                Attempt::Failed { failure, charged } => (failure, charged),
+            };
+            let params = self.settings.retry.for_entity(&row.entity_type);
+            let number = row.attempts.saturating_add(1);
+            let error = ErrorRecord {
+                error_type: failure.error_type.as_str().to_string(),
+                http_status: failure.http_status.map(i32::from),
+                message: failure.message.clone(),
+                response_body: failure.response_body.clone(),
+                history_entry: serde_json::json!({
+                    "attempt": number,
+                    "at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    "errorType": failure.error_type.as_str(),
+                    "httpStatus": failure.http_status,
+                    "message": failure.message,
+                }),
+            };
+            let out_of_attempts =
+                charged && number >= i32::try_from(params.max_attempts).unwrap_or(i32::MAX);
+            if !failure.retryable || out_of_attempts {
+                tracing::warn!(
+                    outbox_id = row.id,
+                    entity_type = %row.entity_type,
+                    attempt = number,
+                    error_type = %failure.error_type,
+                    http_status = failure.http_status,
+                    "dead-lettered: {}",
+                    failure.log_message()
+                );
+                s.dead.push(DeadRow {
+                    id: row.id,
+                    error,
+                    max_attempts: i32::try_from(params.max_attempts).unwrap_or(i32::MAX),
+                });
+                continue;
+            }
+            let delay = if charged {
+                next_delay(&params, number as u32, failure.retry_after)
+            } else {
+                // due a little before the next probe, so that the probe finds them
+                // (the database's clock and this process's need not agree to the
+                // millisecond) rather than an empty outbox
+                self.sink
+                    .until_next_probe()
+                    .saturating_sub(PROBE_LEAD)
+                    .max(failure.retry_after.unwrap_or_default())
+            };
+            if charged {
+                tracing::warn!(
+                    outbox_id = row.id,
+                    entity_type = %row.entity_type,
+                    attempt = number,
+                    error_type = %failure.error_type,
+                    http_status = failure.http_status,
+                    retry_in = ?delay,
+                    "delivery failed: {}",
+                    failure.log_message()
+                );
+            } else {
+                tracing::debug!(
+                    outbox_id = row.id,
+                    entity_type = %row.entity_type,
+                    error_type = %failure.error_type,
+                    "delivery failed while the sink is down (not charged)"
+                );
+            }
+            s.retries.push(RetryRow {
+                id: row.id,
+                delay,
+                error,
+                charged,
+            });
+        }
+        s
+    }
+
+    /// Write the outcome; database errors are retried with backoff (they never cost
+    /// a row an attempt), and a lost lease is reported, not overwritten.
+    pub(super) async fn settle(&self, claim: &Claim, s: Settlement) {
+        let keep_sent = !self.settings.retention.delete_sent;
+        let write = || async { self.store.settle(&s, keep_sent).await };
+        let report = write
+            .retry(db_backoff_builder())
+            .when(crate::store::is_transient)
+            .notify(|e: &anyhow::Error, wait: Duration| {
+                self.beat();
+                self.database_down(e);
+                tracing::warn!(?wait, "settling a batch failed; retrying");
+            })
+            .await;
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "settling a batch failed; its rows return when the lease expires");
+                return;
+            }
+        };
+        self.database_up();
+        if report.lost > 0 {
+            self.metrics.lease_lost.inc_by(report.lost);
+            self.stats
+                .lease_lost
+                .fetch_add(report.lost, Ordering::Relaxed);
+            tracing::warn!(
+                rows = report.lost,
+                claim_token = claim.token,
+                "lease lost: another relay took these rows over; left its outcome alone"
+            );
+        }
+        self.record(claim, &s);
+    }
+
+    pub(super) fn record(&self, claim: &Claim, s: &Settlement) {
+        // claimed rows are in id order; metrics are added up per batch, not per row
+        let row_of = |id: i64| {
+            claim
+                .rows
+                .binary_search_by_key(&id, |r| r.id)
+                .ok()
+                .map(|i| &claim.rows[i])
+        };
+        let now = chrono::Utc::now();
+        let mut deliveries: Vec<([&str; 2], u64)> = Vec::new();
+        for row in s.sent.iter().filter_map(|id| row_of(*id)) {
+            tally(&mut deliveries, [row.entity_type.as_str(), "sent"]);
+            let lag = (now - row.created_at)
+                .num_microseconds()
+                .unwrap_or(0)
+                .max(0) as f64
+                / 1e6;
+            self.metrics.delivery_lag.observe(lag);
+        }
+        let mut errors: Vec<([&str; 1], u64)> = Vec::new();
+        let failures = s.retries.iter().map(|r| (r.id, &r.error, "retry"));
+        let dead = s.dead.iter().map(|d| (d.id, &d.error, "dead"));
+        for (id, error, outcome) in failures.chain(dead) {
+            if let Some(row) = row_of(id) {
+                tally(&mut deliveries, [row.entity_type.as_str(), outcome]);
+            }
+            tally(&mut errors, [error.error_type.as_str()]);
+        }
+        for (labels, n) in &deliveries {
+            self.metrics.deliveries.with_label_values(labels).inc_by(*n);
+        }
+        for (labels, n) in &errors {
+            self.metrics
+                .delivery_errors
+                .with_label_values(labels)
+                .inc_by(*n);
+        }
+        self.stats
+            .delivered
+            .fetch_add(s.sent.len() as u64, Ordering::Relaxed);
+        self.stats
+            .retried
+            .fetch_add(s.retries.len() as u64, Ordering::Relaxed);
+        self.stats
+            .dead
+            .fetch_add(s.dead.len() as u64, Ordering::Relaxed);
+        if let Some(drain) = &self.drain {
+            if let Ok(mut left) = drain.left_for_retry.lock() {
+                if !left.is_empty() {
+                    for id in s.sent.iter().chain(s.dead.iter().map(|d| &d.id)) {
+                        left.remove(id);
+                    }
+                }
+                left.extend(s.retries.iter().map(|r| r.id));
+            }
+        }
+    }
+}
+
+/// Add one to the count of `labels`, kept in a short list (a batch has a handful of
+/// distinct label sets).
+fn tally<'a, const N: usize>(counts: &mut Vec<([&'a str; N], u64)>, labels: [&'a str; N]) {
+    match counts.iter_mut().find(|(l, _)| *l == labels) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((labels, 1)),
+    }
+}

@@ -1,0 +1,82 @@
+//! The sink's up/down state shared through the database, so that a relay that starts
+//! during an outage (a cron `drain`, a restart, another instance) probes before it
+//! charges rows attempts.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Relay;
+
+impl Relay {
+    /// The sink's state as it is recorded for everyone (`ingest.base_url` without
+    /// its query, which may hold a token).
+    pub(super) fn sink_name(&self) -> String {
+        match reqwest::Url::parse(&self.settings.ingest.base_url) {
+            Ok(mut url) => {
+                url.set_query(None);
+                url.set_fragment(None);
+                url.to_string()
+            }
+            Err(_) => self.settings.ingest.base_url.clone(),
+        }
+    }
+
+    /// Start as down if a relay (another instance, or an earlier run) took the sink
+    /// as down and none has seen it answer since: probe first, charge nothing.
+    /// Returns whether it did.
+    pub(super) async fn restore_sink_state(&self, sink: &str) -> bool {
+        match self.store.sink_down_since(sink).await {
+            Ok(Some(since)) => {
+                self.sink.start_down();
+                tracing::warn!(
+                    since = %since,
+                    "ingest sink was taken as down by a relay and has not been seen answering \
+                     since: probing it before delivering; rows are not charged attempts meanwhile"
+                );
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "cannot read the recorded sink state");
+                false
+            }
+        }
+    }
+
+    /// Record every transition of the sink's state in the database, for relays that
+    /// start later (cron drains, restarts, other instances); the last one is written
+    /// before `done` lets this task end.
+    pub(super) fn record_sink_state(
+        self: &Arc<Self>,
+        sink: String,
+        started_down: bool,
+        done: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let relay = Arc::clone(self);
+        let mut up = self.sink.subscribe();
+        tokio::spawn(async move {
+            // what the table says, as far as this relay knows
+            let mut recorded_up = !started_down;
+            loop {
+                let last = tokio::select! {
+                    changed = up.changed() => changed.is_err(),
+                    _ = done.cancelled() => true,
+                };
+                let now_up = *up.borrow_and_update();
+                if recorded_up != now_up {
+                    match relay.store.set_sink_down(&sink, !now_up).await {
+                        Ok(()) => recorded_up = now_up,
+                        Err(e) => tracing::debug!(
+                            error = %format!("{e:#}"),
+                            "cannot record the sink state"
+                        ),
+                    }
+                }
+                if last {
+                    break;
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,140 @@
+//! The relay's side tasks, each running until `stop`: lease renewal, LISTEN wake-ups,
+//! the backlog gauges and schema check behind `/readyz`, and retention pruning.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{db_backoff, Relay};
+use crate::store::SchemaState;
+
+impl Relay {
+    /// Extend the leases of batches in flight every third of the lease, so a slow
+    /// sink never makes a live relay lose its rows.
+    pub async fn renew_leases(self: Arc<Self>, stop: CancellationToken) {
+        let lease = self.settings.dispatch.lease_duration;
+        let every = lease / 3;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let held = self.held();
+            if held.ids.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.store.renew(&held, lease).await {
+                tracing::warn!(error = %format!("{e:#}"), "renewing leases failed; will retry");
+            }
+        }
+    }
+
+    /// Wake workers on insert notifications; reconnect with backoff when the
+    /// listening connection drops. Polling covers whatever is missed.
+    pub async fn listen(self: Arc<Self>, stop: CancellationToken) {
+        if !self.settings.dispatch.listen {
+            return;
+        }
+        let mut backoff = db_backoff();
+        loop {
+            let mut notifications = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = self.store.notifications() => match n {
+                    Ok(Some(n)) => n,
+                    Ok(None) => return, // this backend has no notifications
+                    Err(e) => {
+                        tracing::debug!(error = %format!("{e:#}"), "LISTEN failed; polling meanwhile");
+                        let nap = backoff.next().unwrap_or(Duration::from_secs(5));
+                        tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(nap) => {} }
+                        continue;
+                    }
+                },
+            };
+            backoff = db_backoff();
+            self.wake();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    n = notifications.next() => match n {
+                        Ok(_) => self.wake(),
+                        Err(e) => {
+                            tracing::debug!(error = %format!("{e:#}"), "LISTEN connection lost");
+                            self.wake();
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    /// Refresh the backlog gauges and the database health on an interval.
+    pub async fn refresh_gauges(self: Arc<Self>, stop: CancellationToken) {
+        let every = self.settings.metrics.refresh_interval;
+        loop {
+            match self
+                .store
+                .backlog(self.settings.metrics.backlog_exact_rows)
+                .await
+            {
+                Ok(backlog) => {
+                    self.metrics.set_backlog(&backlog);
+                    self.database_up();
+                    self.check_schema().await;
+                }
+                Err(e) => self.database_down(&e),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// `/readyz` follows the schema too: a migration rolled back, or a database
+    /// restored from an older dump, while the daemon runs.
+    pub(super) async fn check_schema(&self) {
+        let Ok(state) = self.store.schema_state().await else {
+            return;
+        };
+        let current = matches!(state, SchemaState::Current);
+        if self.health.schema_current.swap(current, Ordering::Relaxed) != current {
+            if current {
+                tracing::info!("the database schema is current again: ready");
+            } else {
+                tracing::error!(
+                    "the database schema is no longer what this binary expects: not ready \
+                     (run `serversync migrate`, or upgrade serversync)"
+                );
+            }
+        }
+    }
+
+    /// Delete delivered records past `retention.sent_ttl`, a small batch at a time.
+    pub async fn prune(self: Arc<Self>, stop: CancellationToken) {
+        let r = &self.settings.retention;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(r.prune_interval) => {}
+            }
+            for _ in 0..1000 {
+                match self.store.prune_sent(r.sent_ttl, r.prune_batch).await {
+                    Ok(n) if n >= u64::from(r.prune_batch) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "pruning delivered records failed");
+                        break;
+                    }
+                }
+                if stop.is_cancelled() {
+                    return;
+                }
+            }
+        }
+    }
+}
