@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use futures_util::StreamExt;
 
 use super::Relay;
-use crate::dispatch::{Dispatcher, FileJob};
+use crate::dispatch::FileJob;
 use crate::store::{Claim, ClaimedRow};
 use crate::taxonomy::{ErrorType, Failure};
 
@@ -53,7 +53,7 @@ impl Relay {
         self.deliver_json(&json, &mut attempts).await;
         let mut futures = Vec::with_capacity(files.len());
         for (row, job) in &files {
-            futures.push(upload(&self.dispatcher, row, job));
+            futures.push(self.upload(row, job));
         }
         let uploads = futures_util::stream::iter(futures)
             .buffer_unordered(self.settings.dispatch.file_concurrency as usize)
@@ -217,10 +217,12 @@ impl Relay {
     }
 }
 
-async fn upload(
-    dispatcher: &Dispatcher,
-    row: &ClaimedRow,
-    job: &FileJob,
-) -> (i64, Result<(), Failure>) {
-    (row.id, dispatcher.send_file(row, job).await)
+impl Relay {
+    /// One upload, once the relay has room for it (the wait is not part of the
+    /// request's timeout; the lease is renewed meanwhile).
+    async fn upload(&self, row: &ClaimedRow, job: &FileJob) -> (i64, Result<(), Failure>) {
+        // the semaphore is never closed; were it, uploading unbounded is harmless
+        let _permit = self.uploads.acquire().await.ok();
+        (row.id, self.dispatcher.send_file(row, job).await)
+    }
 }

@@ -140,6 +140,10 @@ pub struct Relay {
     /// time for the whole relay, from every key, so that a handful of rows goes out
     /// as one batch (and a wake-up is one claim), as with a single lane.
     backlog: AtomicBool,
+    /// Uploads in flight across the relay (`dispatch.file_concurrency`): every worker
+    /// may hold a batch of recording files, and each upload keeps up to a few MiB of
+    /// its file in flight, so memory is bounded by this, not by the worker count.
+    uploads: tokio::sync::Semaphore,
 }
 
 impl Relay {
@@ -158,6 +162,7 @@ impl Relay {
         let lanes = (0..lanes)
             .map(|index| Lane::new((lanes > 1).then_some(KeyShare { index, of: lanes })))
             .collect();
+        let uploads = tokio::sync::Semaphore::new(d.file_concurrency.max(1) as usize);
         let drain = match mode {
             Mode::Run => None,
             Mode::Drain { max_rows } => Some(DrainState {
@@ -182,6 +187,7 @@ impl Relay {
             drain,
             lanes,
             backlog: AtomicBool::new(false),
+            uploads,
         })
     }
 

@@ -210,6 +210,55 @@ async fn a_file_of_several_read_chunks_arrives_byte_identical(backend: Backend) 
     );
 }
 
+both_stores!(file_concurrency_bounds_uploads_across_all_workers);
+/// `dispatch.file_concurrency` bounds the uploads of the whole relay, not of each
+/// batch: with four workers each holding a batch of files, no more than two are in
+/// flight at once (each upload keeps a few MiB of its file in flight, so the bound is
+/// what keeps a backlog of recordings from growing memory with the worker count),
+/// and every file still arrives byte for byte.
+async fn file_concurrency_bounds_uploads_across_all_workers(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("dispatch.file_concurrency", 2)
+        .set("dispatch.concurrency", 4)
+        .set("dispatch.batch_size", 3);
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::File(_) => Reply::ok().delay(Duration::from_millis(150)),
+        Incoming::Sync(_) => Reply::ok(),
+    }));
+    let mut files = HashMap::new();
+    for n in 0..12_u8 {
+        let call = Uuid::new_v4();
+        let mut audio = crate::harness::fixtures::wav(20_000);
+        audio.push(n);
+        let path = format!("{call}/mixed.wav");
+        crate::harness::fixtures::write_file(&env.root, &path, &audio);
+        files.insert(call.to_string(), audio);
+        env.insert("recording_file", Uuid::new_v4(), file_payload(call, &path))
+            .await;
+    }
+
+    env.drain().await.assert_success();
+
+    let uploads = env.sink.uploads();
+    assert_eq!(uploads.len(), 12);
+    for upload in &uploads {
+        let call = upload.text("callLogId").expect("a callLogId part");
+        let sent = &upload.part("audio").expect("an audio part").bytes;
+        assert!(*sent == files[&call], "audio of call {call} differs");
+    }
+    let spans: Vec<_> = uploads
+        .iter()
+        .map(|u| (u.received_at, u.answered_at))
+        .collect();
+    let most_at_once = most_at_once(&spans);
+    assert_eq!(
+        most_at_once, 2,
+        "dispatch.file_concurrency = 2 across 4 workers: {most_at_once} uploads were in flight at once"
+    );
+    assert_eq!(env.count("sync_outbox").await, 0);
+}
+
 both_stores!(ten_thousand_mixed_rows_are_each_delivered_exactly_once);
 async fn ten_thousand_mixed_rows_are_each_delivered_exactly_once(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
@@ -561,15 +610,21 @@ async fn one_claim_at_a_time_still_keeps_batches_in_flight_together() {
 
 /// The most requests the sink was handling at one moment.
 fn most_in_flight_at_once(requests: &[crate::harness::sink::SyncRequest]) -> usize {
-    requests
+    let spans: Vec<_> = requests
         .iter()
-        .map(|r| {
-            requests
+        .map(|r| (r.received_at, r.answered_at))
+        .collect();
+    most_at_once(&spans)
+}
+
+/// The most of these (received, answered) spans that overlapped at one moment.
+fn most_at_once(spans: &[(std::time::Instant, Option<std::time::Instant>)]) -> usize {
+    spans
+        .iter()
+        .map(|&(start, _)| {
+            spans
                 .iter()
-                .filter(|o| {
-                    o.received_at <= r.received_at
-                        && o.answered_at.is_some_and(|a| a > r.received_at)
-                })
+                .filter(|(s, end)| *s <= start && end.is_some_and(|e| e > start))
                 .count()
         })
         .max()
