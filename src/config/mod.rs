@@ -1,15 +1,20 @@
 //! Typed settings: one `Settings`, defaults in `Default` impls, loaded from a TOML
 //! file, then `SERVERSYNC__SECTION__KEY` environment variables (and `DATABASE_URL`),
 //! then command-line flags; validated once at start-up.
+//!
+//! The types and their defaults are here, with the deserializers their fields name
+//! (`strict`, `duration_str`); `load` merges the sources and validates, so what a key
+//! means reads apart from how its value arrives and is checked.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Deserialize;
+
+mod load;
 
 /// Default location of the configuration file, used when it exists.
 pub const DEFAULT_CONFIG_PATH: &str = "config/serversync.toml";
@@ -119,7 +124,7 @@ pub struct DispatchSettings {
     /// When non-empty, the only JSON entity types that are routable; any other type
     /// (that is not a file type) is dead-lettered as `unknown_entity_type`.
     pub json_entity_types: Vec<String>,
-    /// File uploads in flight at once within one batch.
+    /// File uploads in flight at once across the whole relay (every worker shares the bound).
     #[serde(deserialize_with = "strict::whole")]
     pub file_concurrency: u32,
     /// Consecutive sink-level failures (connect, timeout, 5xx, 429) after which the
@@ -360,314 +365,6 @@ impl RetrySettings {
     }
 }
 
-impl Settings {
-    /// Load from `path` (or the default path if it exists), the environment and the
-    /// overrides, then validate. Errors name the offending key.
-    pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Settings> {
-        let mut builder = config::Config::builder();
-        match path {
-            Some(p) => {
-                if !p.exists() {
-                    bail!("config file {} does not exist", p.display());
-                }
-                builder =
-                    builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
-            }
-            None => {
-                let p = Path::new(DEFAULT_CONFIG_PATH);
-                if p.exists() {
-                    builder =
-                        builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
-                }
-            }
-        }
-        builder = builder.add_source(
-            config::Environment::with_prefix("SERVERSYNC")
-                .prefix_separator("__")
-                .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("dispatch.file_entity_types")
-                .with_list_parse_key("dispatch.json_entity_types")
-                .try_parsing(true),
-        );
-        let raw = builder.build().map_err(describe_config_error)?;
-        let mut settings: Settings = raw.try_deserialize().map_err(describe_config_error)?;
-
-        // The environment overrides the file (SPEC §6): the conventional DATABASE_URL
-        // too, unless the more specific SERVERSYNC__DATABASE__URL is set.
-        let specific = std::env::var_os("SERVERSYNC__DATABASE__URL").is_some_and(|v| !v.is_empty());
-        if !specific {
-            if let Ok(url) = std::env::var("DATABASE_URL") {
-                if !url.is_empty() {
-                    settings.database.url = Some(SecretString::from(url));
-                }
-            }
-        }
-        settings.apply(overrides);
-        settings.resolve_secret_files()?;
-        settings.validate()?;
-        Ok(settings)
-    }
-
-    fn apply(&mut self, o: &Overrides) {
-        if let Some(url) = &o.database_url {
-            self.database.url = Some(SecretString::from(url.clone()));
-        }
-        if let Some(url) = &o.ingest_url {
-            self.ingest.base_url = url.clone();
-        }
-        if let Some(n) = o.batch_size {
-            self.dispatch.batch_size = n;
-        }
-        if let Some(n) = o.concurrency {
-            self.dispatch.concurrency = n;
-        }
-        if let Some(addr) = o.metrics_listen {
-            self.metrics.listen = addr;
-        }
-    }
-
-    fn resolve_secret_files(&mut self) -> anyhow::Result<()> {
-        if self.database.url.is_none() {
-            if let Some(path) = &self.database.url_file {
-                self.database.url = Some(read_secret(path, "database.url_file")?);
-            }
-        }
-        let ingest = &mut self.ingest;
-        only_value_or_file(
-            &mut ingest.auth_token,
-            ingest.auth_token_file.as_deref(),
-            "ingest.auth_token",
-        )?;
-        only_value_or_file(
-            &mut ingest.signing_secret,
-            ingest.signing_secret_file.as_deref(),
-            "ingest.signing_secret",
-        )?;
-        if let Some(secret) = &self.ingest.signing_secret {
-            check_signing_secret(secret.expose_secret())?;
-        }
-        if let Some(token) = &self.ingest.auth_token {
-            // caught here, or every request would fail to build and be charged as a
-            // connect error until the rows are dead
-            let token = token.expose_secret();
-            if token.is_empty() || !token.bytes().all(|b| (0x21..0x7f).contains(&b)) {
-                bail!(
-                    "invalid value for ingest.auth_token: a bearer token must be non-empty \
-                     visible ASCII (no spaces, line breaks or other control characters)"
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Check values that deserialize but make no sense; the error names the key.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        let url = reqwest::Url::parse(&self.ingest.base_url).with_context(|| {
-            format!(
-                "invalid value for ingest.base_url: {:?}",
-                self.ingest.base_url
-            )
-        })?;
-        if !matches!(url.scheme(), "http" | "https") {
-            bail!("invalid value for ingest.base_url: scheme must be http or https");
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            bail!("invalid value for ingest.base_url: put credentials in ingest.auth_token, not the URL");
-        }
-        check_type_names(
-            "dispatch.file_entity_types",
-            &self.dispatch.file_entity_types,
-        )?;
-        check_type_names(
-            "dispatch.json_entity_types",
-            &self.dispatch.json_entity_types,
-        )?;
-        check_range("dispatch.batch_size", self.dispatch.batch_size, 1, 10_000)?;
-        check_range(
-            "metrics.backlog_exact_rows",
-            self.metrics.backlog_exact_rows,
-            1,
-            1_000_000_000,
-        )?;
-        check_range("dispatch.concurrency", self.dispatch.concurrency, 1, 256)?;
-        check_range(
-            "dispatch.claim_concurrency",
-            self.dispatch.claim_concurrency,
-            1,
-            256,
-        )?;
-        check_range(
-            "dispatch.file_concurrency",
-            self.dispatch.file_concurrency,
-            1,
-            64,
-        )?;
-        check_range(
-            "dispatch.outage_threshold",
-            self.dispatch.outage_threshold,
-            1,
-            1000,
-        )?;
-        check_range(
-            "database.max_connections",
-            self.database.max_connections,
-            1,
-            1000,
-        )?;
-        check_range(
-            "retention.prune_batch",
-            self.retention.prune_batch,
-            1,
-            1_000_000,
-        )?;
-        check_nonzero("dispatch.poll_interval", self.dispatch.poll_interval)?;
-        check_nonzero("dispatch.probe_interval", self.dispatch.probe_interval)?;
-        check_nonzero("ingest.timeout", self.ingest.timeout)?;
-        check_nonzero("ingest.connect_timeout", self.ingest.connect_timeout)?;
-        if let Some(t) = self.ingest.upload_timeout {
-            check_nonzero("ingest.upload_timeout", t)?;
-        }
-        if self.dispatch.lease_duration < Duration::from_secs(1) {
-            bail!("invalid value for dispatch.lease_duration: must be at least 1s");
-        }
-        check_retry("retry", &self.retry.for_entity(""))?;
-        for entity_type in self.retry.overrides.keys() {
-            check_retry(
-                &format!("retry.overrides.{entity_type}"),
-                &self.retry.for_entity(entity_type),
-            )?;
-        }
-        for (entity_type, source) in &self.ordering.keys {
-            if source != "entity_id" && source.strip_prefix("payload.").is_none_or(str::is_empty) {
-                bail!(
-                    "invalid value for ordering.keys.{entity_type}: {source:?} \
-                     (expected \"entity_id\" or \"payload.<field>\")"
-                );
-            }
-        }
-        if let Some(url) = &self.database.url {
-            crate::store::check_url(url.expose_secret())
-                .context("invalid value for database.url")?;
-        }
-        Ok(())
-    }
-
-    /// The database URL, or a clear error saying how to give one.
-    pub fn database_url(&self) -> anyhow::Result<&SecretString> {
-        self.database.url.as_ref().context(
-            "no database configured: set database.url in the config file, \
-             SERVERSYNC__DATABASE__URL or DATABASE_URL, or pass --database-url",
-        )
-    }
-}
-
-fn read_secret(path: &Path, key: &str) -> anyhow::Result<SecretString> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {key} ({})", path.display()))?;
-    Ok(SecretString::from(text.trim().to_string()))
-}
-
-/// An ingest secret given as `key` or as `key_file`, read from the file when that is
-/// the one set. Both set is an error: which one was meant is anybody's guess.
-fn only_value_or_file(
-    value: &mut Option<SecretString>,
-    file: Option<&Path>,
-    key: &str,
-) -> anyhow::Result<()> {
-    match (value.is_some(), file) {
-        (true, Some(_)) => bail!("{key} and {key}_file are both set: set one of them"),
-        (false, Some(path)) => *value = Some(read_secret(path, &format!("{key}_file"))?),
-        _ => {}
-    }
-    Ok(())
-}
-
-/// A Standard Webhooks secret is `whsec_` and base64; one that says `whsec_` but is
-/// not base64 would otherwise be used as its raw bytes, and every signature would fail
-/// at the Frontend. Any other non-empty secret is used as it is.
-fn check_signing_secret(secret: &str) -> anyhow::Result<()> {
-    use base64::Engine;
-    if secret.is_empty() {
-        bail!("invalid value for ingest.signing_secret: it is empty");
-    }
-    if let Some(b64) = secret.strip_prefix("whsec_") {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(b64);
-        if decoded.map_or(true, |key| key.is_empty()) {
-            bail!(
-                "invalid value for ingest.signing_secret: a whsec_ secret must be followed by \
-                 base64 (standard alphabet, with padding)"
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Entity type names in a routing list: a JSON array written into an environment
-/// variable (`["a","b"]`) is split on commas into `["a"` and `"b"]`, which would route
-/// every row wrongly without a word; and an empty name routes nothing.
-fn check_type_names(key: &str, names: &[String]) -> anyhow::Result<()> {
-    for name in names {
-        if name.trim().is_empty() || name.contains(['[', ']', '"', '\'']) {
-            bail!(
-                "invalid value for {key}: {name:?} is not an entity type name \
-                 (in the environment, write the list as comma-separated names: a,b)"
-            );
-        }
-    }
-    Ok(())
-}
-
-fn check_range(key: &str, value: u32, min: u32, max: u32) -> anyhow::Result<()> {
-    if value < min || value > max {
-        bail!("invalid value for {key}: {value} (expected {min}..={max})");
-    }
-    Ok(())
-}
-
-fn check_nonzero(key: &str, value: Duration) -> anyhow::Result<()> {
-    if value.is_zero() {
-        bail!("invalid value for {key}: must be greater than zero");
-    }
-    Ok(())
-}
-
-fn check_retry(prefix: &str, p: &RetryParams) -> anyhow::Result<()> {
-    check_range(&format!("{prefix}.max_attempts"), p.max_attempts, 1, 1000)?;
-    if p.base_delay > p.max_delay {
-        bail!("invalid value for {prefix}.base_delay: greater than {prefix}.max_delay");
-    }
-    Ok(())
-}
-
-/// The `config` crate reports unknown fields as "unknown field `x`, expected … for key
-/// `section`"; turn that into "unknown configuration key `section.x`".
-fn describe_config_error(err: config::ConfigError) -> anyhow::Error {
-    let text = err.to_string();
-    if let Some(rest) = text.strip_prefix("unknown field `") {
-        if let Some((field, tail)) = rest.split_once('`') {
-            let section = tail
-                .rsplit_once("for key `")
-                .and_then(|(_, s)| s.split_once('`'))
-                .map(|(s, _)| s.to_string());
-            let key = match section {
-                Some(s) if !s.is_empty() => format!("{s}.{field}"),
-                _ => field.to_string(),
-            };
-            return anyhow::anyhow!("unknown configuration key `{key}`");
-        }
-    }
-    // "expected struct DatabaseSettings": a section given as a plain value
-    let text = match text.split_once("expected struct ") {
-        Some((head, tail)) => {
-            let rest = tail.split_once(' ').map_or("", |(_, r)| r);
-            format!("{head}expected a table {rest}")
-        }
-        None => text,
-    };
-    anyhow::anyhow!("invalid configuration: {text}")
-}
-
 /// Whole numbers and booleans as written. The config crate converts between kinds:
 /// `max_attempts = 1.5` became 2 and `delete_sent = "yes"` became true, without a
 /// word. Strings are accepted where they hold the right kind (environment values that
@@ -795,11 +492,6 @@ mod tests {
         );
         assert_eq!(duration_str::parse("5m").unwrap(), Duration::from_secs(300));
         assert!(duration_str::parse("soon").is_err());
-    }
-
-    #[test]
-    fn defaults_validate() {
-        Settings::default().validate().unwrap();
     }
 
     #[test]
