@@ -81,7 +81,8 @@ struct Args {
     /// history: rows drained from the pending backlog.
     #[arg(long, default_value_t = 100_000)]
     max_rows: u64,
-    /// pgbench: rows loaded before each strategy (must outlast the run).
+    /// pgbench: rows loaded before each strategy (must outlast the run; the lease-free
+    /// one-statement reference gets twice as many).
     #[arg(long, default_value_t = 1_000_000)]
     pgbench_rows: u64,
     /// pgbench: clients (-c and -j).

@@ -104,7 +104,11 @@ impl Metrics {
                 ]),
         )?;
         let batch_size = Histogram::with_opts(
-            HistogramOpts::new("serversync_batch_size", "Rows per claimed batch").buckets(vec![
+            HistogramOpts::new(
+                "serversync_batch_size",
+                "Rows per batch (up to dispatch.batch_size)",
+            )
+            .buckets(vec![
                 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0,
             ]),
         )?;

@@ -143,6 +143,12 @@ impl Settings {
             1,
             1_000_000_000,
         )?;
+        check_range(
+            "dispatch.batches_per_settle",
+            self.dispatch.batches_per_settle,
+            1,
+            100,
+        )?;
         check_range("dispatch.concurrency", self.dispatch.concurrency, 1, 256)?;
         check_range(
             "dispatch.claim_concurrency",

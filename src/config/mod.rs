@@ -101,7 +101,14 @@ impl Default for IngestSettings {
 pub struct DispatchSettings {
     #[serde(deserialize_with = "strict::whole")]
     pub batch_size: u32,
-    /// Batches in flight at once in one instance.
+    /// Batches a worker claims at once and settles in one transaction. Each batch is
+    /// still its own request of up to `batch_size` entries, and a worker's requests go
+    /// out at once; the workers are `concurrency ÷ batches_per_settle` (rounded down),
+    /// so `concurrency` still bounds the batches in flight. Fewer, larger claims and
+    /// settles cost the database less per row.
+    #[serde(deserialize_with = "strict::whole")]
+    pub batches_per_settle: u32,
+    /// Batches (requests) in flight at once in one instance.
     #[serde(deserialize_with = "strict::whole")]
     pub concurrency: u32,
     /// Claim lanes in one instance. Each lane makes one claim at a time, for the
@@ -145,6 +152,7 @@ impl Default for DispatchSettings {
     fn default() -> Self {
         Self {
             batch_size: 100,
+            batches_per_settle: 3,
             concurrency: 12,
             claim_concurrency: 2,
             poll_interval: Duration::from_secs(1),

@@ -1,6 +1,7 @@
-//! Delivering a claim: JSON rows in one request (split until a rejected or failing
-//! entry is alone), file rows as concurrent streamed uploads; each outcome told to
-//! the sink-health tracker, which decides whether a failure is charged to its rows.
+//! Delivering a claim: JSON rows in requests of up to `dispatch.batch_size` entries,
+//! sent at once (each split until a rejected or failing entry is alone), file rows as
+//! concurrent streamed uploads; each outcome told to the sink-health tracker, which
+//! decides whether a failure is charged to its rows.
 
 use std::collections::HashMap;
 
@@ -23,8 +24,13 @@ pub(super) enum Route {
 }
 
 impl Relay {
-    /// Deliver every row of a claim: JSON rows in one request (split on rejection),
-    /// file rows as concurrent uploads. Returns one attempt per row id.
+    /// Deliver every row of a claim: JSON rows in batches of `dispatch.batch_size`,
+    /// one request each (split on rejection), all at once (a worker holds at most
+    /// `batches_per_settle` batches, and the workers are `concurrency` divided by
+    /// that, so no more requests are in flight than `concurrency`); then file rows as
+    /// concurrent uploads. Returns one attempt per row id.
+    /// A claim holds at most one row per ordering key, so its batches need no order
+    /// among themselves.
     pub(super) async fn deliver(&self, claim: &Claim, probing: bool) -> HashMap<i64, Attempt> {
         let mut attempts = HashMap::with_capacity(claim.rows.len());
         let mut json = Vec::new();
@@ -50,7 +56,13 @@ impl Relay {
                 "probing the ingest sink with a batch"
             );
         }
-        self.deliver_json(&json, &mut attempts).await;
+        let batch_size = self.settings.dispatch.batch_size.max(1) as usize;
+        let batches = json
+            .chunks(batch_size)
+            .map(|batch| self.deliver_json(batch));
+        for outcome in futures_util::future::join_all(batches).await {
+            attempts.extend(outcome);
+        }
         let mut futures = Vec::with_capacity(files.len());
         for (row, job) in &files {
             futures.push(self.upload(row, job));
@@ -75,7 +87,7 @@ impl Relay {
         attempts
     }
 
-    /// Send JSON rows. A batch rejected with a non-retryable 4xx is split in halves
+    /// Send one batch of JSON rows. A batch rejected with a non-retryable 4xx is split in halves
     /// until the offending entries are alone. So is a batch answered with a 5xx: a
     /// Frontend that fails on one bad entity answers 500 to every batch holding it,
     /// and without the split that one row would hold its batch back for ever (and
@@ -83,13 +95,10 @@ impl Relay {
     /// sink's is decided at the end: if any part of the batch went through, the sink
     /// works and the row is charged; if nothing did, it is one sink-level failure of
     /// the whole delivery, counted towards the outage threshold like any other.
-    pub(super) async fn deliver_json(
-        &self,
-        rows: &[&ClaimedRow],
-        attempts: &mut HashMap<i64, Attempt>,
-    ) {
+    pub(super) async fn deliver_json(&self, rows: &[&ClaimedRow]) -> HashMap<i64, Attempt> {
+        let mut attempts = HashMap::with_capacity(rows.len());
         if rows.is_empty() {
-            return;
+            return attempts;
         }
         let mut pending: Vec<&[&ClaimedRow]> = vec![rows];
         // while nothing has answered, a descent of log2(n) halvings finds a lone bad
@@ -160,7 +169,7 @@ impl Relay {
             }
         }
         if suspects.is_empty() {
-            return;
+            return attempts;
         }
         // The verdict. Something went through: the sink works, these rows fail it.
         // Nothing did: one sink-level failure (charged only below the threshold).
@@ -172,6 +181,7 @@ impl Relay {
         for (row, failure) in suspects {
             attempts.insert(row.id, Attempt::Failed { failure, charged });
         }
+        attempts
     }
 
     /// Tell the sink-health tracker about a failure; returns whether it is charged.

@@ -87,11 +87,7 @@ impl Relay {
             return Ok(None);
         }
         let number = lane.claims.fetch_add(1, Ordering::SeqCst) + 1;
-        let others = if share {
-            queued.min(self.settings.dispatch.concurrency as usize)
-        } else {
-            0
-        };
+        let others = if share { queued.min(self.workers) } else { 0 };
         let want = u32::try_from(others + 1).unwrap_or(1).saturating_mul(limit);
         let lease = self.settings.dispatch.lease_duration;
         let keys = lane.share.filter(|_| self.backlog.load(Ordering::SeqCst));

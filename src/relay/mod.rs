@@ -144,6 +144,13 @@ pub struct Relay {
     /// may hold a batch of recording files, and each upload keeps up to a few MiB of
     /// its file in flight, so memory is bounded by this, not by the worker count.
     uploads: tokio::sync::Semaphore,
+    /// Batches each worker claims and settles together: `dispatch.batches_per_settle`,
+    /// at most `dispatch.concurrency`.
+    batches_per_worker: u32,
+    /// `dispatch.concurrency ÷ batches_per_worker` (rounded down): the batches in
+    /// flight, and so the requests and the rows a crash can deliver twice, stay
+    /// within `concurrency` batches however they are grouped.
+    workers: usize,
 }
 
 impl Relay {
@@ -155,10 +162,12 @@ impl Relay {
             d.max_probe_interval,
             parts.metrics.clone(),
         );
+        let batches_per_worker = d.batches_per_settle.clamp(1, d.concurrency.max(1));
+        let workers = (d.concurrency.max(1) / batches_per_worker) as usize;
         let lanes = parts
             .store
             .claim_lanes(d.claim_concurrency)
-            .clamp(1, d.concurrency.max(1));
+            .clamp(1, workers as u32);
         let lanes = (0..lanes)
             .map(|index| Lane::new((lanes > 1).then_some(KeyShare { index, of: lanes })))
             .collect();
@@ -188,6 +197,8 @@ impl Relay {
             lanes,
             backlog: AtomicBool::new(false),
             uploads,
+            batches_per_worker,
+            workers,
         })
     }
 
@@ -211,7 +222,7 @@ impl Relay {
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Run `concurrency` workers until `stop` (or, draining, until nothing is due),
+    /// Run the workers (`concurrency ÷ batches_per_settle`) until `stop` (or, draining, until nothing is due),
     /// then wait for in-flight batches up to `shutdown.grace` and release the rest.
     pub async fn run_workers(self: &Arc<Self>, stop: CancellationToken) -> Summary {
         let sink = self.sink_name();
@@ -220,7 +231,7 @@ impl Relay {
         let recorder = self.record_sink_state(sink, started_down, recorded.clone());
         let tracker = TaskTracker::new();
         let finished = stop.child_token();
-        for i in 0..self.settings.dispatch.concurrency as usize {
+        for i in 0..self.workers {
             let relay = Arc::clone(self);
             let finished = finished.clone();
             let lane = i % self.lanes.len();
@@ -387,10 +398,11 @@ impl Relay {
         };
         let d = &self.settings.dispatch;
         let mut reserved = 0u64;
+        // a worker's claim: `batches_per_settle` requests' worth, settled together
         let mut limit = if probing {
             d.batch_size.min(10)
         } else {
-            d.batch_size
+            d.batch_size.saturating_mul(self.batches_per_worker)
         };
         if let Some(drain) = &self.drain {
             if let Some(max) = drain.max_rows {
@@ -481,7 +493,12 @@ impl Relay {
         if let Some(drain) = self.drain.as_ref().filter(|d| d.max_rows.is_none()) {
             drain.claimed.fetch_add(n as u64, Ordering::SeqCst);
         }
-        self.metrics.batch_size.observe(n as f64);
+        for batch in claim
+            .rows
+            .chunks(self.settings.dispatch.batch_size.max(1) as usize)
+        {
+            self.metrics.batch_size.observe(batch.len() as f64);
+        }
         let attempts = self.with_heartbeat(self.deliver(&claim, probing)).await;
         let settlement = self.settlement(&claim, attempts);
         self.settle(&claim, settlement).await;

@@ -401,6 +401,7 @@ async fn numbers_and_switches_of_the_wrong_kind_are_refused_by_name() {
         ("retry.max_attempts", "1.5"),
         ("retry.overrides.call_log.max_attempts", "2.5"),
         ("dispatch.batch_size", "-5"),
+        ("dispatch.batches_per_settle", "0"),
         ("retention.delete_sent", "\"yes\""),
         ("dispatch.listen", "1"),
     ] {

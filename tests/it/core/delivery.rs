@@ -259,6 +259,99 @@ async fn file_concurrency_bounds_uploads_across_all_workers(backend: Backend) {
     assert_eq!(env.count("sync_outbox").await, 0);
 }
 
+both_stores!(a_worker_settles_its_batches_together_within_the_concurrency);
+/// `dispatch.batches_per_settle = 3` with `concurrency = 3`: one worker claims three
+/// batches at once, sends them as three requests of at most `batch_size` entries in
+/// id order, all in flight together, and settles them together: it claims nothing
+/// more until the slowest of the three is answered (three workers of one batch each
+/// would have sent the last rows while it was still out). The batches in flight stay
+/// within `concurrency`.
+async fn a_worker_settles_its_batches_together_within_the_concurrency(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("dispatch.batch_size", 2)
+        .set("dispatch.batches_per_settle", 3)
+        .set("dispatch.concurrency", 3)
+        .set("dispatch.claim_concurrency", 1);
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        ids.push(
+            env.insert("call_log", Uuid::new_v4(), json!({"n": n}))
+                .await,
+        );
+    }
+    let first = ids[0];
+    env.sink
+        .set_mode(Mode::custom(move |incoming| match incoming {
+            Incoming::Sync(r) if r.entries().iter().any(|e| e.outbox_id == first) => {
+                Reply::ok().delay(Duration::from_millis(900))
+            }
+            _ => Reply::ok().delay(Duration::from_millis(100)),
+        }));
+
+    let drain = env.cmd(["drain"]).spawn();
+    env.sink.wait_for_requests(1, Duration::from_secs(20)).await;
+    let leased = env
+        .db
+        .scalar("SELECT count(*) FROM sync_outbox WHERE claim_token IS NOT NULL")
+        .await;
+    assert_eq!(leased, 6, "the worker's first claim is 3 batches of 2 rows");
+    drain
+        .wait(Duration::from_secs(60))
+        .await
+        .assert_success()
+        .assert_no_panic();
+
+    let requests = env.sink.sync_requests();
+    let delivered: Vec<i64> = requests
+        .iter()
+        .flat_map(|r| r.entries())
+        .map(|e| e.outbox_id)
+        .collect();
+    assert_eq!(
+        delivered.iter().copied().collect::<BTreeSet<_>>().len(),
+        8,
+        "every row delivered: {delivered:?}"
+    );
+    assert_eq!(delivered.len(), 8, "none twice: {delivered:?}");
+    for request in &requests {
+        let batch: Vec<i64> = request.entries().iter().map(|e| e.outbox_id).collect();
+        assert!(
+            !batch.is_empty() && batch.len() <= 2,
+            "a request carries at most dispatch.batch_size entries: {batch:?}"
+        );
+        assert!(
+            batch.windows(2).all(|w| w[0] < w[1]),
+            "in id order: {batch:?}"
+        );
+    }
+    let spans: Vec<_> = requests
+        .iter()
+        .map(|r| (r.received_at, r.answered_at))
+        .collect();
+    assert_eq!(
+        most_at_once(&spans),
+        3,
+        "the worker's three batches are in flight together, and no more than concurrency"
+    );
+    let slow = requests
+        .iter()
+        .find(|r| r.entries().iter().any(|e| e.outbox_id == first))
+        .and_then(|r| r.answered_at)
+        .expect("the slow request was answered");
+    let last = requests
+        .iter()
+        .find(|r| r.entries().iter().any(|e| e.outbox_id == ids[7]))
+        .expect("the last rows were sent");
+    assert!(
+        last.received_at >= slow,
+        "the last rows went out while the worker's slow batch was still in flight: \
+         its batches were not settled together"
+    );
+    assert_eq!(env.count("sync_outbox").await, 0);
+    assert_eq!(env.sent_ids().await, ids);
+}
+
 both_stores!(ten_thousand_mixed_rows_are_each_delivered_exactly_once);
 async fn ten_thousand_mixed_rows_are_each_delivered_exactly_once(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
