@@ -221,6 +221,7 @@ pub async fn run(
         backend,
         ingest = %settings.ingest.base_url,
         batch_size = settings.dispatch.batch_size,
+        batches_per_settle = settings.dispatch.batches_per_settle,
         concurrency = settings.dispatch.concurrency,
         "relay running"
     );
