@@ -193,13 +193,14 @@ pub async fn run(
             .with_context(|| format!("cannot listen on metrics.listen {addr}"))?;
         let bound = listener.local_addr().unwrap_or(addr);
         tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
-        let (metrics, health, stop) = (
+        let (metrics, health, store, stop) = (
             parts.metrics.clone(),
             Arc::clone(&parts.health),
+            parts.store.clone(),
             aux_stop.clone(),
         );
         aux.spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, metrics, health, stop).await {
+            if let Err(e) = crate::metrics::serve(listener, metrics, health, store, stop).await {
                 tracing::error!(error = %format!("{e:#}"), "metrics server failed");
             }
         });

@@ -15,7 +15,7 @@ use prometheus::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Backlog;
+use crate::store::{Backlog, Store};
 
 /// The entity types of the spec: their series exist from the start.
 const KNOWN_ENTITY_TYPES: [&str; 3] = ["call_log", "recording", "recording_file"];
@@ -217,20 +217,29 @@ impl Metrics {
 struct AppState {
     metrics: Metrics,
     health: Arc<Health>,
+    store: Store,
 }
+
+/// How long `/readyz` waits for the database to answer its ping.
+const READY_PING: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serve the endpoints on `listener` until `cancel`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
     health: Arc<Health>,
+    store: Store,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, health });
+        .with_state(AppState {
+            metrics,
+            health,
+            store,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await?;
@@ -244,11 +253,18 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// Asks the database now (a ping of at most a second), not what the relay last saw:
+/// an idle daemon notices an outage or a recovery only on its next claim or gauge
+/// refresh, and a probe should not wait for that. The schema is the last checked.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.health.ready() {
-        (StatusCode::OK, "ready\n")
-    } else if !state.health.db_up.load(Ordering::Relaxed) {
+    let answers = matches!(
+        tokio::time::timeout(READY_PING, state.store.ping()).await,
+        Ok(Ok(()))
+    );
+    if !answers {
         (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n")
+    } else if state.health.schema_current.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "schema not current\n")
     }

@@ -145,8 +145,9 @@ impl SinkHealth {
 
     /// A sink-level failure. Returns whether the rows involved are charged an
     /// attempt: only while the sink is still taken as up after it. The failure that
-    /// trips the sink is not charged either, so an outage alone never exhausts a
-    /// row's attempts, whatever `retry.max_attempts` is.
+    /// trips the sink is not charged either, so an outage costs a row at most
+    /// `threshold - 1` attempts, and never exhausts them when `retry.max_attempts` is
+    /// at least the threshold (the relay warns at start when it is not).
     pub fn on_sink_failure(&self, error_type: &str, retry_after: Option<Duration>) -> bool {
         let now = Instant::now();
         let mut s = self.lock();

@@ -156,6 +156,7 @@ pub struct Relay {
 impl Relay {
     pub fn new(parts: RelayParts, mode: Mode) -> Arc<Relay> {
         let d = &parts.settings.dispatch;
+        warn_if_an_outage_can_dead_letter(&parts.settings);
         let sink = SinkHealth::new(
             d.outage_threshold,
             d.probe_interval,
@@ -534,6 +535,34 @@ impl Relay {
             tracing::info!("database available");
         }
         self.metrics.db_up.set(1);
+    }
+}
+
+/// Before an outage is recognised (`dispatch.outage_threshold` sink-level failures
+/// in a row) its failures are charged like any other, since one row can cause a 5xx
+/// too: `outage_threshold - 1` attempts at most. A row allowed fewer attempts than
+/// the threshold can therefore be dead-lettered by an outage alone; say so at start,
+/// naming the keys.
+fn warn_if_an_outage_can_dead_letter(settings: &Settings) {
+    let threshold = settings.dispatch.outage_threshold;
+    let retry = &settings.retry;
+    let mut low = Vec::new();
+    if retry.max_attempts < threshold {
+        low.push(format!("retry.max_attempts = {}", retry.max_attempts));
+    }
+    for (entity_type, o) in &retry.overrides {
+        if let Some(max) = o.max_attempts.filter(|m| *m < threshold) {
+            low.push(format!(
+                "retry.overrides.{entity_type}.max_attempts = {max}"
+            ));
+        }
+    }
+    if !low.is_empty() {
+        tracing::warn!(
+            "{} below dispatch.outage_threshold = {threshold}: a sink outage can dead-letter \
+             rows before it is recognised as one (keep max_attempts at least the threshold)",
+            low.join(", ")
+        );
     }
 }
 

@@ -438,3 +438,38 @@ async fn numbers_and_switches_of_the_wrong_kind_are_refused_by_name() {
         .await
         .assert_success();
 }
+
+/// A `retry.max_attempts` (or an override's) below `dispatch.outage_threshold` lets an
+/// outage dead-letter rows before it is recognised: the relay says so at start,
+/// naming the keys, and says nothing with the defaults.
+#[tokio::test]
+async fn max_attempts_below_the_outage_threshold_is_warned_about_by_name() {
+    let mut env = TestEnv::migrated_on(Backend::Sqlite).await;
+    let quiet = env.drain().await;
+    quiet.assert_success();
+    assert!(
+        !quiet.stderr.contains("outage_threshold"),
+        "no warning with the defaults:\n{quiet}"
+    );
+
+    env.config
+        .set("retry.max_attempts", 2)
+        .set("retry.overrides.call_log.max_attempts", 1)
+        .set("retry.overrides.recording.max_attempts", 5);
+    let out = env.drain().await;
+    out.assert_success();
+    let warning = out
+        .stderr_lines()
+        .into_iter()
+        .find(|l| l.contains("dispatch.outage_threshold = 3"))
+        .unwrap_or_else(|| panic!("a warning naming the threshold:\n{out}"));
+    assert!(warning.contains("retry.max_attempts = 2"), "{warning}");
+    assert!(
+        warning.contains("retry.overrides.call_log.max_attempts = 1"),
+        "{warning}"
+    );
+    assert!(
+        !warning.contains("recording"),
+        "5 is not below 3: {warning}"
+    );
+}
