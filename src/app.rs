@@ -279,11 +279,21 @@ pub async fn drain(
             stop.cancel();
         });
     }
-    let summary = relay.run_workers(stop).await;
+    let summary = relay.run_workers(stop.clone()).await;
     aux_stop.cancel();
     aux.close();
     // the timeout task is the only one that ignores aux_stop; do not wait for it
     let _ = tokio::time::timeout(Duration::from_millis(500), aux.wait()).await;
+    // retention is kept by drains too, for deployments that only run them from cron
+    if !stop.is_cancelled() {
+        let pruned = relay.prune_once(&stop).await;
+        if pruned > 0 {
+            tracing::info!(
+                records = pruned,
+                "pruned delivered records past retention.sent_ttl"
+            );
+        }
+    }
     let elapsed = started.elapsed();
     let rate = summary.delivered as f64 / elapsed.as_secs_f64().max(1e-3);
     say!(

@@ -112,29 +112,39 @@ impl Relay {
         }
     }
 
-    /// Delete delivered records past `retention.sent_ttl`, a small batch at a time.
+    /// Delete delivered records past `retention.sent_ttl` every `prune_interval`.
     pub async fn prune(self: Arc<Self>, stop: CancellationToken) {
-        let r = &self.settings.retention;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(r.prune_interval) => {}
+                _ = tokio::time::sleep(self.settings.retention.prune_interval) => {}
             }
-            for _ in 0..1000 {
-                match self.store.prune_sent(r.sent_ttl, r.prune_batch).await {
-                    Ok(n) if n >= u64::from(r.prune_batch) => {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "pruning delivered records failed");
-                        break;
-                    }
+            self.prune_once(&stop).await;
+        }
+    }
+
+    /// One pruning pass: delivered records past `retention.sent_ttl`, a small batch
+    /// (`prune_batch`) at a time with a pause between, so no lock is held for long;
+    /// at most 1,000 batches. Returns the records deleted.
+    pub async fn prune_once(&self, stop: &CancellationToken) -> u64 {
+        let r = &self.settings.retention;
+        let mut deleted = 0;
+        for _ in 0..1000 {
+            match self.store.prune_sent(r.sent_ttl, r.prune_batch).await {
+                Ok(n) if n >= u64::from(r.prune_batch) => {
+                    deleted += n;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                if stop.is_cancelled() {
-                    return;
+                Ok(n) => return deleted + n,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "pruning delivered records failed");
+                    return deleted;
                 }
+            }
+            if stop.is_cancelled() {
+                break;
             }
         }
+        deleted
     }
 }

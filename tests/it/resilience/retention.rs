@@ -63,3 +63,33 @@ async fn delivered_records_are_pruned_after_the_ttl_and_dead_letters_are_kept() 
         "records pruned {pruned_after:?} after delivery, before their 1s TTL"
     );
 }
+
+/// A deployment that only runs `drain` (from cron) keeps retention too: each drain
+/// prunes the delivered records past the TTL before it exits, in batches of
+/// `prune_batch`, and keeps the younger ones.
+#[tokio::test]
+async fn a_drain_prunes_records_past_the_ttl_and_keeps_younger_ones() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("retention.sent_ttl", "2s")
+        .set("retention.prune_batch", 7);
+    let old = 20;
+    for _ in 0..old {
+        insert_one(&env).await;
+    }
+    env.drain().await.assert_success();
+    assert_eq!(env.count("sync_outbox_sent").await, old);
+
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let young = 5;
+    for _ in 0..young {
+        insert_one(&env).await;
+    }
+    env.drain().await.assert_success().assert_no_panic();
+    assert_eq!(
+        env.count("sync_outbox_sent").await,
+        young,
+        "the 20 records older than 2s are pruned (3 batches of 7), the 5 new ones kept"
+    );
+    assert_eq!(env.sink.entries().len(), (old + young) as usize);
+}
