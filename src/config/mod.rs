@@ -154,7 +154,7 @@ impl Default for DispatchSettings {
             batch_size: 100,
             batches_per_settle: 3,
             concurrency: 12,
-            claim_concurrency: 2,
+            claim_concurrency: 4,
             poll_interval: Duration::from_secs(1),
             lease_duration: Duration::from_secs(60),
             file_entity_types: vec!["recording_file".into()],
