@@ -37,17 +37,13 @@ pub struct Metrics {
     known_entity_types: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
-/// Whether the relay can do its job: the database answers and the schema is current.
+/// What the relay last saw of the database: whether it answered (for logging and
+/// the `serversync_db_up` transitions) and whether the schema is current (for
+/// `/readyz`, which pings the database itself).
 #[derive(Debug, Default)]
 pub struct Health {
     pub db_up: AtomicBool,
     pub schema_current: AtomicBool,
-}
-
-impl Health {
-    pub fn ready(&self) -> bool {
-        self.db_up.load(Ordering::Relaxed) && self.schema_current.load(Ordering::Relaxed)
-    }
 }
 
 impl Metrics {

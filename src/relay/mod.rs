@@ -223,8 +223,9 @@ impl Relay {
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Run the workers (`concurrency ÷ batches_per_settle`) until `stop` (or, draining, until nothing is due),
-    /// then wait for in-flight batches up to `shutdown.grace` and release the rest.
+    /// Run the workers (`concurrency ÷ batches_per_settle`) until `stop` (or, draining,
+    /// until nothing is due), then wait for in-flight batches up to `shutdown.grace`
+    /// and release the rest.
     pub async fn run_workers(self: &Arc<Self>, stop: CancellationToken) -> Summary {
         let sink = self.sink_name();
         let started_down = self.restore_sink_state(&sink).await;
