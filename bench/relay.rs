@@ -16,8 +16,8 @@ pub struct Knobs {
     pub concurrency: Option<u32>,
     pub claim_concurrency: Option<u32>,
     pub delete_sent: bool,
-    /// Connect with `synchronous_commit=off` (an experiment; see docs/BENCHMARKS.md).
-    pub async_commit: bool,
+    /// `database.synchronous_commit = true` (see docs/BENCHMARKS.md).
+    pub synchronous_commit: bool,
 }
 
 pub struct Relay {
@@ -139,17 +139,10 @@ impl Relay {
         if let Some(n) = self.knobs.claim_concurrency {
             cmd.env("SERVERSYNC__DISPATCH__CLAIM_CONCURRENCY", n.to_string());
         }
-        let database_url = if self.knobs.async_commit {
-            let sep = if run.database_url.contains('?') {
-                '&'
-            } else {
-                '?'
-            };
-            format!("{}{sep}options[synchronous_commit]=off", run.database_url)
-        } else {
-            run.database_url.to_string()
-        };
-        cmd.env("DATABASE_URL", database_url)
+        if self.knobs.synchronous_commit {
+            cmd.env("SERVERSYNC__DATABASE__SYNCHRONOUS_COMMIT", "true");
+        }
+        cmd.env("DATABASE_URL", run.database_url)
             .env("SERVERSYNC__INGEST__BASE_URL", run.ingest_url)
             .env(
                 "SERVERSYNC__METRICS__ENABLED",

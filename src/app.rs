@@ -124,11 +124,22 @@ pub fn shutdown_signal() -> CancellationToken {
 }
 
 /// `create`: the command migrates what it opens, so a missing SQLite file may be made.
+/// For operator commands: their commits keep the server's `synchronous_commit`.
 pub async fn connect(settings: &Settings, create: bool) -> anyhow::Result<Store> {
+    connect_with(settings, create, true).await
+}
+
+/// The relay's pool (`run`, `drain`): `database.synchronous_commit` applies.
+async fn connect_with(
+    settings: &Settings,
+    create: bool,
+    synchronous_commit: bool,
+) -> anyhow::Result<Store> {
     let options = ConnectOptions {
         max_connections: settings.database.max_connections,
         acquire_timeout: settings.database.acquire_timeout,
         create,
+        synchronous_commit,
     };
     Store::connect(settings.database_url()?, &options).await
 }
@@ -150,7 +161,7 @@ async fn prepare(
     settings: &Arc<Settings>,
     migrate: bool,
 ) -> anyhow::Result<(RelayParts, Option<crate::store::RelayLock>)> {
-    let store = connect(settings, migrate).await?;
+    let store = connect_with(settings, migrate, settings.database.synchronous_commit).await?;
     if migrate {
         store.migrate().await?;
     } else {

@@ -335,4 +335,19 @@ mod tests {
     fn defaults_validate() {
         Settings::default().validate().unwrap();
     }
+
+    /// `config/serversync.example.toml` says it lists every key with its default.
+    #[test]
+    fn the_example_config_holds_the_defaults() {
+        let text = include_str!("../../config/serversync.example.toml");
+        let parsed: Settings = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .unwrap();
+        assert_eq!(
+            format!("{parsed:#?}"),
+            format!("{:#?}", Settings::default())
+        );
+    }
 }

@@ -205,6 +205,13 @@ pub struct ConnectOptions {
     /// Create a missing SQLite file (commands that will migrate it); the others
     /// refuse a path with nothing there instead of leaving an empty database behind.
     pub create: bool,
+    /// PostgreSQL: whether the sessions' commits wait for the WAL flush (the server's
+    /// `synchronous_commit`). `false` for the relay's own pool when
+    /// `database.synchronous_commit = false`: its claims, settles, retries,
+    /// dead-letter moves and lease renewals then commit without waiting; a server
+    /// crash can undo the last fraction of a second of them, which means rows are
+    /// delivered again, never lost. Operator commands always keep the server's setting.
+    pub synchronous_commit: bool,
 }
 
 /// The two backends. Each method is a thin match; the SQL lives in the backend files.
@@ -291,6 +298,14 @@ impl Store {
 
     pub async fn migrate(&self) -> anyhow::Result<()> {
         delegate!(self, s => s.migrate().await)
+    }
+
+    /// A PostgreSQL setting as the pool's sessions see it; `None` for SQLite.
+    pub async fn session_setting(&self, name: &str) -> anyhow::Result<Option<String>> {
+        match self {
+            Store::Postgres(s) => s.session_setting(name).await.map(Some),
+            Store::Sqlite(_) => Ok(None),
+        }
     }
 
     pub async fn schema_state(&self) -> anyhow::Result<SchemaState> {

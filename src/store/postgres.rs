@@ -38,6 +38,11 @@ pub struct PgStore {
 /// lock pins the newest version, whose `ctid` it returns, until the statement's
 /// transaction ends; a stale `ctid` would only match nothing (a shorter claim).
 /// `$5`/`$6` bound the claim to a share of the ordering keys (`KeyShare`), or are null.
+/// The claim's own commit does not wait for the WAL flush (`set_config(…, true)` lasts
+/// until the statement's transaction ends, and is read at its commit): losing a claim
+/// in a server crash only unleases its rows, and any later commit of the relay that
+/// waits for the flush (a settle) flushes the claim first, the WAL being written in
+/// order. +3–5 % rows/s in a drain (docs/BENCHMARKS.md).
 const CLAIM_SQL: &str = r#"
 WITH cand AS (
     SELECT o.ctid FROM sync_outbox o
@@ -55,6 +60,7 @@ WITH cand AS (
 UPDATE sync_outbox o
 SET claim_token = $2, lease_owner = $3, lease_until = now() + $4 * interval '1 millisecond'
 WHERE o.ctid = ANY(ARRAY(SELECT ctid FROM cand))
+  AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL
 RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload, o.created_at, o.attempts, o.ordering_key
 "#;
 
@@ -111,6 +117,7 @@ const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload, order
 
 impl PgStore {
     pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<PgStore> {
+        let synchronous_commit = options.synchronous_commit;
         let connect_options = PgConnectOptions::from_str(url)?.application_name("serversync");
         // One direct connection first: a pool would retry until its timeout and
         // report only "timed out", hiding the cause (refused, auth, unknown db).
@@ -125,7 +132,9 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
-            .after_connect(|conn, _| Box::pin(async move { no_jit(conn).await }))
+            .after_connect(move |conn, _| {
+                Box::pin(async move { session_settings(conn, synchronous_commit).await })
+            })
             .connect_lazy_with(connect_options);
         Ok(PgStore { pool })
     }
@@ -135,12 +144,29 @@ impl PgStore {
         Ok(())
     }
 
+    /// On a connection of its own whose commits wait for the flush whatever the pool's
+    /// sessions do: a relay started with `--migrate` must not go on against a schema
+    /// that a server crash could take back. The connection is closed afterwards.
     pub async fn migrate(&self) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        conn.close_on_drop();
+        sqlx::query("SET synchronous_commit = on")
+            .execute(&mut *conn)
+            .await?;
         MIGRATOR
-            .run(&self.pool)
+            .run(&mut *conn)
             .await
             .context("applying migrations")?;
         Ok(())
+    }
+
+    /// A setting as the pool's sessions see it (`SHOW`), for diagnostics and tests.
+    pub async fn session_setting(&self, name: &str) -> anyhow::Result<String> {
+        let value: String = sqlx::query_scalar("SELECT current_setting($1)")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(value)
     }
 
     pub async fn schema_state(&self) -> anyhow::Result<SchemaState> {
@@ -164,6 +190,11 @@ impl PgStore {
 
     pub async fn set_ordering_rules(&self, rules: &BTreeMap<String, String>) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
+        // rules written at start-up stay written: a relay does not rewrite them after
+        // a server crash, so this commit waits for the flush whatever the pool does
+        sqlx::query("SET LOCAL synchronous_commit = on")
+            .execute(&mut *tx)
+            .await?;
         let (types, sources): (Vec<String>, Vec<String>) =
             rules.iter().map(|(k, v)| (k.clone(), v.clone())).unzip();
         sqlx::query("DELETE FROM sync_outbox_ordering_rules WHERE NOT (entity_type = ANY($1))")
@@ -627,12 +658,25 @@ fn dead_letter_from_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<DeadLette
 /// Turn JIT compilation off for the relay's sessions. Its statements are short, but
 /// the claim's estimated cost grows with the backlog and with how few rows look due
 /// (a backlog mostly waiting for retries): past `jit_above_cost` every claim was
-/// compiled, and a 600-row claim took 196 ms instead of 82 (docs/BENCHMARKS.md). A
-/// `SET` rather than a startup option, which poolers such as PgBouncer refuse; a
-/// server that refuses it too only keeps its default.
-async fn no_jit(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+/// compiled, and a 600-row claim took 196 ms instead of 82 (docs/BENCHMARKS.md).
+/// Unless `synchronous_commit`, also stop the session's commits waiting for the WAL
+/// flush (`ConnectOptions::synchronous_commit`). `SET`s rather than startup options,
+/// which poolers such as PgBouncer refuse; a server that refuses them too only keeps
+/// its defaults.
+async fn session_settings(
+    conn: &mut PgConnection,
+    synchronous_commit: bool,
+) -> Result<(), sqlx::Error> {
     if let Err(e) = sqlx::query("SET jit = off").execute(&mut *conn).await {
         tracing::debug!(error = %e, "cannot turn JIT off for this session");
+    }
+    if !synchronous_commit {
+        if let Err(e) = sqlx::query("SET synchronous_commit = off")
+            .execute(&mut *conn)
+            .await
+        {
+            tracing::debug!(error = %e, "cannot turn synchronous_commit off for this session");
+        }
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //!
 //! Every wait has a deadline; every process and server listens on 127.0.0.1 only.
 
+mod commits;
 mod concurrency;
 mod crash;
 mod leases;

@@ -13,6 +13,7 @@ async fn open(dir: &TempDir) -> anyhow::Result<SqliteStore> {
         max_connections: 4,
         acquire_timeout: Duration::from_secs(5),
         create: true,
+        synchronous_commit: true,
     };
     SqliteStore::connect(&url, &options).await
 }
@@ -378,6 +379,7 @@ async fn an_in_memory_database_works_without_a_lock_file() -> anyhow::Result<()>
         max_connections: 4,
         acquire_timeout: Duration::from_secs(5),
         create: true,
+        synchronous_commit: true,
     };
     let store = SqliteStore::connect("sqlite::memory:", &options).await?;
     store.migrate().await?;
