@@ -120,10 +120,10 @@ struct Args {
     /// Relay: retention.delete_sent = true.
     #[arg(long)]
     delete_sent: bool,
-    /// Relay: database.synchronous_commit = true (settles wait for the WAL flush, as
-    /// before the fourth session of 2026-12-05; the default is false).
+    /// Relay: database.synchronous_commit = false (settles do not wait for the WAL
+    /// flush either; claims never do).
     #[arg(long)]
-    relay_synchronous_commit: bool,
+    relay_async_commit: bool,
     /// pg_stat_statements and wait-event sampling during drains.
     #[arg(long)]
     profile: bool,
@@ -172,7 +172,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         concurrency: args.concurrency,
         claim_concurrency: args.claim_concurrency,
         delete_sent: args.delete_sent,
-        synchronous_commit: args.relay_synchronous_commit,
+        async_commit: args.relay_async_commit,
     };
     let relay = relay::Relay::locate(args.relay.clone(), tmp.path(), knobs)?;
     let server = match &args.database_url {

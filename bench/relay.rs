@@ -16,8 +16,8 @@ pub struct Knobs {
     pub concurrency: Option<u32>,
     pub claim_concurrency: Option<u32>,
     pub delete_sent: bool,
-    /// `database.synchronous_commit = true` (see docs/BENCHMARKS.md).
-    pub synchronous_commit: bool,
+    /// `database.synchronous_commit = false` (see docs/BENCHMARKS.md).
+    pub async_commit: bool,
 }
 
 pub struct Relay {
@@ -139,8 +139,8 @@ impl Relay {
         if let Some(n) = self.knobs.claim_concurrency {
             cmd.env("SERVERSYNC__DISPATCH__CLAIM_CONCURRENCY", n.to_string());
         }
-        if self.knobs.synchronous_commit {
-            cmd.env("SERVERSYNC__DATABASE__SYNCHRONOUS_COMMIT", "true");
+        if self.knobs.async_commit {
+            cmd.env("SERVERSYNC__DATABASE__SYNCHRONOUS_COMMIT", "false");
         }
         cmd.env("DATABASE_URL", run.database_url)
             .env("SERVERSYNC__INGEST__BASE_URL", run.ingest_url)

@@ -45,12 +45,13 @@ pub struct DatabaseSettings {
     #[serde(with = "duration_str")]
     pub acquire_timeout: Duration,
     /// Whether the relay's own commits (settles, retries, dead-letter moves, lease
-    /// renewals) wait for PostgreSQL's WAL flush. `false` (the default): they do not,
-    /// which is safe for at-least-once delivery (a server crash can undo the last
-    /// fraction of a second of them: those rows are delivered again, in order, never
-    /// lost) and worth 7 % of drain throughput (docs/BENCHMARKS.md). `true`: the
-    /// server's `synchronous_commit` applies. Claims never wait for the flush (a later
-    /// settle's flush covers them); operator commands always do.
+    /// renewals) wait for PostgreSQL's WAL flush. `true` (the default): the server's
+    /// `synchronous_commit` applies. `false`: they do not wait, which is still safe
+    /// for at-least-once delivery (a server crash can undo the last fraction of a
+    /// second of them: those rows are delivered again, in order, never lost), for
+    /// servers whose flush is slow; no gain where it is fast (docs/BENCHMARKS.md).
+    /// Claims never wait for the flush (a later settle's flush covers them); operator
+    /// commands always do.
     pub synchronous_commit: bool,
 }
 
@@ -61,7 +62,7 @@ impl Default for DatabaseSettings {
             url_file: None,
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
-            synchronous_commit: false,
+            synchronous_commit: true,
         }
     }
 }

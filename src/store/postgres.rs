@@ -42,7 +42,7 @@ pub struct PgStore {
 /// until the statement's transaction ends, and is read at its commit): losing a claim
 /// in a server crash only unleases its rows, and any later commit of the relay that
 /// waits for the flush (a settle) flushes the claim first, the WAL being written in
-/// order. +3–5 % rows/s in a drain (docs/BENCHMARKS.md).
+/// order. +14 % rows/s (median of six interleaved 300,000-row drains, docs/BENCHMARKS.md).
 const CLAIM_SQL: &str = r#"
 WITH cand AS (
     SELECT o.ctid FROM sync_outbox o

@@ -70,7 +70,8 @@ async fn relay_commits_skip_the_flush_unless_configured_and_operators_keep_the_s
     // Operator commands (enqueue, dlq …) connect with the server's setting, whatever
     // the relay's is.
     let mut settings = Settings::default();
-    assert!(!settings.database.synchronous_commit, "the default");
+    assert!(settings.database.synchronous_commit, "the default");
+    settings.database.synchronous_commit = false;
     settings.database.url = Some(SecretString::from(url));
     let operator = serversync::app::connect(&settings, false)
         .await
