@@ -7,7 +7,7 @@
 //! - `archive`: move it to `sync_outbox_sent` in one statement (the product's default).
 //!
 //! Each pgbench transaction is the relay's pair: the claim (the product's CLAIM_SQL,
-//! committed on its own) then the settle. The claim's ids go to the settle through
+//! committed on its own, without waiting for the WAL flush) then the settle. The claim's ids go to the settle through
 //! `\gset`; the payloads are rendered as text as the relay's claim does, but not sent
 //! to the client.
 //!
@@ -94,6 +94,7 @@ WITH cand AS (
     UPDATE sync_outbox o
     SET claim_token = :tok, lease_owner = 'pgbench', lease_until = now() + 60000 * interval '1 millisecond'
     WHERE o.ctid = ANY(ARRAY(SELECT ctid FROM cand))
+      AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL
     RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload, o.created_at, o.attempts, o.ordering_key
 )
 SELECT COALESCE(array_agg(id), '{{}}') AS ids, COALESCE(sum(length(payload)), 0) AS bytes FROM claimed

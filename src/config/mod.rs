@@ -52,6 +52,7 @@ pub struct DatabaseSettings {
     /// servers whose flush is slow; no gain where it is fast (docs/BENCHMARKS.md).
     /// Claims never wait for the flush (a later settle's flush covers them); operator
     /// commands always do.
+    #[serde(deserialize_with = "strict::flag")]
     pub synchronous_commit: bool,
 }
 

@@ -404,6 +404,7 @@ async fn numbers_and_switches_of_the_wrong_kind_are_refused_by_name() {
         ("dispatch.batches_per_settle", "0"),
         ("retention.delete_sent", "\"yes\""),
         ("dispatch.listen", "1"),
+        ("database.synchronous_commit", "\"off\""),
     ] {
         env.config.set(key, TomlValue::raw(value));
         env.run(&["drain"])
@@ -434,6 +435,7 @@ async fn numbers_and_switches_of_the_wrong_kind_are_refused_by_name() {
     env.cmd(["drain"])
         .env("SERVERSYNC__RETRY__MAX_ATTEMPTS", "7")
         .env("SERVERSYNC__RETENTION__DELETE_SENT", "true")
+        .env("SERVERSYNC__DATABASE__SYNCHRONOUS_COMMIT", "false")
         .output()
         .await
         .assert_success();
