@@ -36,7 +36,7 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
     pub concurrency: Option<u32>,
     /// Overrides metrics.listen.
-    #[arg(long, global = true, value_name = "ADDR")]
+    #[arg(long, global = true, value_name = "ADDR", value_parser = crate::config::listen_addr::parse)]
     pub metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     pub command: Command,

@@ -284,6 +284,7 @@ impl Default for StorageSettings {
 pub struct MetricsSettings {
     #[serde(deserialize_with = "strict::flag")]
     pub enabled: bool,
+    #[serde(deserialize_with = "listen_addr::deserialize")]
     pub listen: SocketAddr,
     /// How often backlog gauges are refreshed from the database.
     #[serde(with = "duration_str")]
@@ -457,6 +458,35 @@ pub mod strict {
 }
 
 /// Durations as human strings: `250ms`, `30s`, `5m`, `7d`.
+/// `metrics.listen` and `--metrics-listen`: `IP:PORT` (`[::1]:PORT` for IPv6), or
+/// `localhost:PORT`, which means 127.0.0.1. Other host names are refused rather than
+/// resolved: where the metrics listen should not depend on DNS.
+pub mod listen_addr {
+    use serde::{Deserialize, Deserializer};
+    use std::net::SocketAddr;
+
+    pub fn parse(text: &str) -> Result<SocketAddr, String> {
+        let text = text.trim();
+        if let Ok(addr) = text.parse() {
+            return Ok(addr);
+        }
+        if let Some(port) = text.strip_prefix("localhost:") {
+            return port
+                .parse::<u16>()
+                .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+                .map_err(|_| format!("invalid port in {text:?}: expected 0–65535"));
+        }
+        Err(format!(
+            "invalid listen address {text:?}: expected IP:PORT (e.g. 127.0.0.1:9464) or localhost:PORT"
+        ))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 pub mod duration_str {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
@@ -511,6 +541,30 @@ mod tests {
         );
         assert_eq!(duration_str::parse("5m").unwrap(), Duration::from_secs(300));
         assert!(duration_str::parse("soon").is_err());
+    }
+
+    #[test]
+    fn listen_addresses_take_ips_and_localhost_only() {
+        use super::listen_addr::parse;
+        assert_eq!(
+            parse("localhost:9464"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+        assert_eq!(
+            parse(" 0.0.0.0:80 "),
+            Ok(SocketAddr::from(([0, 0, 0, 0], 80)))
+        );
+        assert_eq!(parse("[::1]:9464").map(|a| a.ip().is_loopback()), Ok(true));
+        for bad in [
+            "localhost:99999",
+            "localhost",
+            "metrics.example:9464",
+            "9464",
+            "",
+        ] {
+            let err = parse(bad).expect_err(bad);
+            assert!(err.contains(&format!("{:?}", bad.trim())), "{err}");
+        }
     }
 
     #[test]

@@ -379,3 +379,41 @@ async fn readiness_follows_the_schema_while_running() {
         .assert_success()
         .assert_no_panic();
 }
+
+/// `metrics.listen = "localhost:PORT"` serves on 127.0.0.1; a host name that would
+/// need DNS is refused at start-up by key, with nothing delivered or lost.
+#[tokio::test]
+async fn metrics_listen_takes_localhost_and_refuses_other_names_by_key() {
+    let mut env = TestEnv::migrated().await;
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    env.config
+        .set("metrics.enabled", true)
+        .set("metrics.listen", "metrics.example:9464");
+    env.run(&["drain"])
+        .await
+        .assert_fails_with("metrics.listen")
+        .assert_single_stderr_line();
+    assert_eq!(
+        env.outbox().await.len(),
+        1,
+        "the row waits for a relay that starts"
+    );
+
+    let port = crate::harness::free_port();
+    env.config
+        .set("metrics.listen", format!("localhost:{port}"));
+    let relay = env.cmd(["run"]).spawn();
+    wait_until(Duration::from_secs(20), "/healthz on 127.0.0.1", || async {
+        http_get(&format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .0
+            == 200
+    })
+    .await;
+    env.sink.wait_for_entries(1, Duration::from_secs(20)).await;
+    relay
+        .terminate(Duration::from_secs(15))
+        .await
+        .assert_success();
+}
