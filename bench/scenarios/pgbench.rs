@@ -7,9 +7,9 @@
 //! - `archive`: move it to `sync_outbox_sent` in one statement (the product's default).
 //!
 //! Each pgbench transaction is the relay's pair: the claim (the product's CLAIM_SQL,
-//! committed on its own, without waiting for the WAL flush) then the settle. The claim's ids go to the settle through
-//! `\gset`; the payloads are rendered as text as the relay's claim does, but not sent
-//! to the client.
+//! committed on its own, without waiting for the WAL flush) then the settle. The
+//! claim's ids go to the settle through `\gset`; the payloads are rendered as text as
+//! the relay's claim does, but not sent to the client.
 //!
 //! With `--pgbench-reference`, two protocols without a per-row lease are measured too,
 //! to calibrate this machine against the figures (which job queues and

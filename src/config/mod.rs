@@ -457,7 +457,6 @@ pub mod strict {
     }
 }
 
-/// Durations as human strings: `250ms`, `30s`, `5m`, `7d`.
 /// `metrics.listen` and `--metrics-listen`: `IP:PORT` (`[::1]:PORT` for IPv6), or
 /// `localhost:PORT`, which means 127.0.0.1. Other host names are refused rather than
 /// resolved: where the metrics listen should not depend on DNS.
@@ -487,6 +486,7 @@ pub mod listen_addr {
     }
 }
 
+/// Durations as human strings: `250ms`, `30s`, `5m`, `7d`.
 pub mod duration_str {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;

@@ -207,8 +207,9 @@ pub struct ConnectOptions {
     pub create: bool,
     /// PostgreSQL: whether the sessions' commits wait for the WAL flush (the server's
     /// `synchronous_commit`). `false` for the relay's own pool when
-    /// `database.synchronous_commit = false`: its claims, settles, retries,
-    /// dead-letter moves and lease renewals then commit without waiting; a server
+    /// `database.synchronous_commit = false`: its settles, retries, dead-letter
+    /// moves and lease renewals then commit without waiting, as its claims always
+    /// do (`CLAIM_SQL`); a server
     /// crash can undo the last fraction of a second of them, which means rows are
     /// delivered again, never lost. Operator commands always keep the server's setting.
     pub synchronous_commit: bool,
