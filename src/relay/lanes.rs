@@ -1,11 +1,12 @@
 //! Claim lanes: how workers get their batches. One claim at a time per lane, shared
 //! with the workers queued behind it, from the lane's share of the ordering keys while
-//! a backlog is drained; and the bookkeeping of what is in flight, for renewal and
-//! release.
+//! a backlog is drained, starting where the lane's last claim started; and the
+//! bookkeeping of what is in flight, for renewal and release.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -16,7 +17,8 @@ use crate::store::{Claim, Held, KeyShare};
 /// gets through claims for the ones behind it too and leaves their batches here, so
 /// the database scans the front of the queue once instead of once per worker. With
 /// several lanes, each claims from its own share of the ordering keys, so that their
-/// claims can run at once without skipping each other's rows.
+/// claims can run at once without skipping each other's rows, and from its cursor
+/// (`claim_from`), so that they do not step over each other's rows either.
 pub(super) struct Lane {
     pub(super) gate: tokio::sync::Semaphore,
     /// Workers queued at the gate.
@@ -31,6 +33,21 @@ pub(super) struct Lane {
     pub(super) last_short: AtomicU64,
     /// `None` with a single lane: every key.
     pub(super) share: Option<KeyShare>,
+    /// Where the lane's next claim from its share starts (see `claim_from`).
+    cursor: Mutex<Cursor>,
+}
+
+/// How long a lane's claims may start past the oldest row before one looks at the
+/// whole queue again: the longest a row behind the cursor waits for it (a retry
+/// falling due, a lease expiring, a successor of a key another relay delivered).
+pub(super) const RESCAN_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    /// 0: from the oldest row.
+    from_id: i64,
+    /// When a claim last started from the oldest row.
+    rescanned: Instant,
 }
 
 impl Lane {
@@ -42,7 +59,46 @@ impl Lane {
             claims: AtomicU64::new(0),
             last_short: AtomicU64::new(0),
             share,
+            cursor: Mutex::new(Cursor {
+                from_id: 0,
+                rescanned: Instant::now(),
+            }),
         }
+    }
+
+    /// The id the lane's next claim from its share starts at. Draining a backlog, a
+    /// lane's claims would otherwise all start from the oldest row and step over
+    /// everything before their own: the other lanes' rows (three in four with four
+    /// lanes), and the rows of a slower lane the others have long passed. Rows before
+    /// the lane's last full claim are not its to take: they were in flight, waiting
+    /// for a retry, behind an older row of their key, or another lane's; the rows
+    /// behind its own claim's rows (their keys' successors) come after that claim's
+    /// first row. Whatever falls due behind the cursor is found by the claim that
+    /// starts from the oldest row again, at least every `RESCAN_EVERY`, or at once
+    /// after a claim that came back short. Only where the scan starts changes: the
+    /// head-of-key check still looks at the whole queue, so ordering never depends on
+    /// the cursor.
+    pub(super) fn claim_from(&self) -> i64 {
+        let cursor = *self.lock_cursor();
+        if cursor.rescanned.elapsed() < RESCAN_EVERY {
+            cursor.from_id
+        } else {
+            0
+        }
+    }
+
+    /// Move the cursor after a claim that started at `from_id`: to the claim's first
+    /// row when it was a full claim from the lane's share, else back to the oldest row.
+    pub(super) fn claimed(&self, from_id: i64, first_of_full_claim: Option<i64>) {
+        let mut cursor = self.lock_cursor();
+        if from_id == 0 {
+            cursor.rescanned = Instant::now();
+        }
+        cursor.from_id = first_of_full_claim.unwrap_or(0);
+    }
+
+    fn lock_cursor(&self) -> std::sync::MutexGuard<'_, Cursor> {
+        self.cursor.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(super) fn lock_batches(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Claim)>> {
@@ -91,11 +147,21 @@ impl Relay {
         let want = u32::try_from(others + 1).unwrap_or(1).saturating_mul(limit);
         let lease = self.settings.dispatch.lease_duration;
         let keys = lane.share.filter(|_| self.backlog.load(Ordering::SeqCst));
-        let mut claim = self.store.claim(want, lease, &self.owner, keys).await?;
-        if claim.rows.is_empty() && keys.is_some() {
-            claim = self.store.claim(want, lease, &self.owner, None).await?;
+        let from_id = if keys.is_some() { lane.claim_from() } else { 0 };
+        let mut claim = self
+            .store
+            .claim(want, lease, &self.owner, keys, from_id)
+            .await?;
+        let mut from_share = keys.is_some();
+        if claim.rows.is_empty() && from_share {
+            claim = self.store.claim(want, lease, &self.owner, None, 0).await?;
+            from_share = false;
         }
         let full = claim.rows.len() >= want as usize;
+        if keys.is_some() {
+            let first = claim.rows.first().map(|r| r.id);
+            lane.claimed(from_id, first.filter(|_| full && from_share));
+        }
         if !full {
             lane.last_short.fetch_max(number, Ordering::SeqCst);
         }
@@ -181,4 +247,26 @@ pub(super) fn held_of<'a>(batches: impl Iterator<Item = &'a (i64, Vec<i64>)>) ->
     held.tokens.sort_unstable();
     held.tokens.dedup();
     held
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lane;
+    use crate::store::KeyShare;
+
+    #[test]
+    fn a_lane_claims_from_its_last_full_claim_and_from_the_oldest_row_after_a_short_one() {
+        let lane = Lane::new(Some(KeyShare { index: 0, of: 2 }));
+        assert_eq!(lane.claim_from(), 0, "a new lane looks at the whole queue");
+        lane.claimed(0, Some(500));
+        assert_eq!(lane.claim_from(), 500);
+        lane.claimed(500, Some(800));
+        assert_eq!(lane.claim_from(), 800);
+        lane.claimed(800, None);
+        assert_eq!(
+            lane.claim_from(),
+            0,
+            "after a short claim, from the oldest row"
+        );
+    }
 }

@@ -351,18 +351,21 @@ impl Store {
         }
     }
 
-    /// Claim up to `limit` due rows, only of ordering keys in `share` when one is given
-    /// (PostgreSQL; SQLite has one relay and ignores it).
+    /// Claim up to `limit` due rows, only of ordering keys in `share` when one is given,
+    /// looking only at ids from `from_id` on (PostgreSQL; SQLite has one relay and
+    /// ignores both). Ordering does not depend on either: a row is taken only if no
+    /// older row of its key is left anywhere in the outbox.
     pub async fn claim(
         &self,
         limit: u32,
         lease: Duration,
         owner: &str,
         share: Option<KeyShare>,
+        from_id: i64,
     ) -> anyhow::Result<Claim> {
         let token = new_token();
         match self {
-            Store::Postgres(s) => s.claim(token, limit, lease, owner, share).await,
+            Store::Postgres(s) => s.claim(token, limit, lease, owner, share, from_id).await,
             Store::Sqlite(s) => s.claim(token, limit, lease, owner).await,
         }
     }

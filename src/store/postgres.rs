@@ -38,6 +38,9 @@ pub struct PgStore {
 /// lock pins the newest version, whose `ctid` it returns, until the statement's
 /// transaction ends; a stale `ctid` would only match nothing (a shorter claim).
 /// `$5`/`$6` bound the claim to a share of the ordering keys (`KeyShare`), or are null.
+/// `$7` is where the scan starts (a claim lane's cursor, `relay/lanes.rs`; 0 for the
+/// whole queue), an index condition on the primary key, not a filter; the head-of-key
+/// check is not bounded by it.
 /// The claim's own commit does not wait for the WAL flush (`set_config(…, true)` lasts
 /// until the statement's transaction ends, and is read at its commit): losing a claim
 /// in a server crash only unleases its rows, and any later commit of the relay that
@@ -53,6 +56,7 @@ WITH cand AS (
       AND (o.ordering_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM sync_outbox p
             WHERE p.ordering_key = o.ordering_key AND p.id < o.id))
+      AND o.id >= $7
     ORDER BY o.id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -222,6 +226,7 @@ impl PgStore {
         lease: Duration,
         owner: &str,
         share: Option<KeyShare>,
+        from_id: i64,
     ) -> anyhow::Result<Claim> {
         let (lo, hi) = share.map_or((None, None), KeyShare::bounds);
         let rows = sqlx::query(CLAIM_SQL)
@@ -231,6 +236,7 @@ impl PgStore {
             .bind(millis(lease))
             .bind(lo)
             .bind(hi)
+            .bind(from_id)
             .fetch_all(&self.pool)
             .await?;
         let mut claimed = Vec::with_capacity(rows.len());

@@ -787,3 +787,69 @@ async fn a_backlog_in_one_lanes_share_is_drained_by_every_lane() {
     );
     assert_eq!(env.count("sync_outbox").await, 0);
 }
+
+/// Draining a backlog, each claim lane starts its claims at its last full claim's
+/// first row instead of the oldest row. A row that falls due behind the lanes (here a
+/// retry whose time comes while the backlog is drained) is still claimed within about
+/// `RESCAN_EVERY` (1 s), while the backlog is being drained, not once it is gone.
+#[tokio::test]
+async fn a_row_falling_due_behind_the_claim_lanes_is_claimed_within_the_backlog() {
+    let mut env = TestEnv::migrated_on(Backend::Postgres).await;
+    env.config
+        .set("dispatch.claim_concurrency", 2)
+        .set("dispatch.concurrency", 2)
+        .set("dispatch.batches_per_settle", 1)
+        .set("dispatch.batch_size", 10);
+    // at most 2 requests of 10 rows per 20 ms: 1,000 rows/s
+    env.sink.set_mode(Mode::custom(|_| {
+        Reply::ok().delay(Duration::from_millis(20))
+    }));
+    let late = env
+        .insert("call_log", Uuid::new_v4(), json!({"late": true}))
+        .await;
+    env.db
+        .execute(&format!(
+            "UPDATE sync_outbox SET next_attempt_at = now() + interval '1 hour' WHERE id = {late}"
+        ))
+        .await;
+    let n = 3_000;
+    env.db
+        .execute(&format!(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload) \
+             SELECT 'call_log', gen_random_uuid(), jsonb_build_object('n', g) \
+             FROM generate_series(1, {n}) AS g"
+        ))
+        .await;
+
+    let relay = env.spawn_run(&[]);
+    env.sink
+        .wait_for_entries(300, Duration::from_secs(30))
+        .await;
+    env.db
+        .execute(&format!(
+            "UPDATE sync_outbox SET next_attempt_at = now() WHERE id = {late}"
+        ))
+        .await;
+    env.sink
+        .wait_for_entries(n + 1, Duration::from_secs(60))
+        .await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+
+    let order: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), n + 1, "every row once");
+    let position = order
+        .iter()
+        .position(|id| *id == late)
+        .expect("the late row was delivered");
+    assert!(
+        position < n * 3 / 4,
+        "the row that fell due behind the lanes went out only as the {position}th of {}",
+        order.len()
+    );
+}
