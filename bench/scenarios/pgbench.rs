@@ -122,8 +122,7 @@ SELECT COALESCE(array_agg(id), '{}') AS ids, COALESCE(sum(length(payload)), 0) A
 const ARCHIVE_SETTLE: &str = "WITH d AS (\n    DELETE FROM sync_outbox WHERE id = ANY(CAST(:ids AS bigint[])) AND claim_token = :tok\n    \
      RETURNING id, entity_type, entity_id, created_at, attempts\n)\n\
      INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)\n\
-     SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM d\n\
-     ON CONFLICT (id) DO UPDATE SET sent_at = excluded.sent_at, attempts = excluded.attempts;\n";
+     SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM d;\n";
 
 fn script(strategy: Strategy) -> String {
     let settle = match strategy {

@@ -68,6 +68,12 @@ WHERE o.ctid = ANY(ARRAY(SELECT ctid FROM cand))
 RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload, o.created_at, o.attempts, o.ordering_key
 "#;
 
+/// Sent rows move to the archive with a plain `INSERT`: an id is normally archived
+/// once, and `ON CONFLICT` (a speculative insertion per row) cost the database 5–12 %
+/// more CPU per row in pgbench (docs/BENCHMARKS.md). An id can be archived already
+/// only when the outbox's sequence went back (`TRUNCATE … RESTART IDENTITY`, a
+/// restore) while its records were kept: the unique violation that follows rolls the
+/// settle back, and `settle` runs it again with `SENT_ARCHIVE_UPSERT_SQL`.
 const SENT_ARCHIVE_SQL: &str = r#"
 WITH d AS (
     DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2
@@ -75,7 +81,20 @@ WITH d AS (
 )
 INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)
 SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM d
-ON CONFLICT (id) DO UPDATE SET sent_at = excluded.sent_at, attempts = excluded.attempts
+"#;
+
+/// The archive for ids whose records are there already: the newer delivery's record
+/// replaces the older.
+const SENT_ARCHIVE_UPSERT_SQL: &str = r#"
+WITH d AS (
+    DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2
+    RETURNING id, entity_type, entity_id, created_at, attempts
+)
+INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)
+SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM d
+ON CONFLICT (id) DO UPDATE SET entity_type = excluded.entity_type,
+    entity_id = excluded.entity_id, created_at = excluded.created_at,
+    sent_at = excluded.sent_at, attempts = excluded.attempts
 "#;
 
 const SENT_DELETE_SQL: &str = "DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2";
@@ -290,6 +309,24 @@ impl PgStore {
     /// row sent) it runs alone, a statement being atomic by itself, which saves the
     /// BEGIN and COMMIT round trips.
     pub async fn settle(&self, s: &Settlement, keep_sent: bool) -> anyhow::Result<SettleReport> {
+        let archive = if keep_sent {
+            Archive::Insert
+        } else {
+            Archive::None
+        };
+        match self.settle_with(s, archive).await {
+            Err(e) if keep_sent && is_archived_already(&e) => {
+                tracing::warn!(
+                    "delivered rows' ids are in sync_outbox_sent already (the outbox's id \
+                     sequence went back?): their records are replaced"
+                );
+                self.settle_with(s, Archive::Upsert).await
+            }
+            other => other,
+        }
+    }
+
+    async fn settle_with(&self, s: &Settlement, archive: Archive) -> anyhow::Result<SettleReport> {
         let parts = [
             !s.sent.is_empty(),
             !s.retries.is_empty(),
@@ -300,12 +337,12 @@ impl PgStore {
         .count();
         let mut report = if parts > 1 {
             let mut tx = self.pool.begin().await?;
-            let report = write_settlement(&mut tx, s, keep_sent).await?;
+            let report = write_settlement(&mut tx, s, archive).await?;
             tx.commit().await?;
             report
         } else {
             let mut conn = self.pool.acquire().await?;
-            write_settlement(&mut conn, s, keep_sent).await?
+            write_settlement(&mut conn, s, archive).await?
         };
         let expected = (s.sent.len() + s.retries.len() + s.dead.len()) as u64;
         report.lost = expected.saturating_sub(report.sent + report.retried + report.dead);
@@ -313,17 +350,35 @@ impl PgStore {
     }
 }
 
+/// How a settle removes its sent rows from the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Archive {
+    /// `retention.delete_sent`: no record kept.
+    None,
+    /// Into `sync_outbox_sent`, ids new there (the common case).
+    Insert,
+    /// Into `sync_outbox_sent`, replacing records of the same ids.
+    Upsert,
+}
+
+/// Whether a settle failed because a sent row's id is in `sync_outbox_sent` already.
+fn is_archived_already(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<sqlx::Error>()
+        .and_then(|e| e.as_database_error())
+        .is_some_and(|d| d.is_unique_violation() && d.constraint() == Some("sync_outbox_sent_pkey"))
+}
+
 async fn write_settlement(
     conn: &mut sqlx::PgConnection,
     s: &Settlement,
-    keep_sent: bool,
+    archive: Archive,
 ) -> anyhow::Result<SettleReport> {
     let mut report = SettleReport::default();
     if !s.sent.is_empty() {
-        let sql = if keep_sent {
-            SENT_ARCHIVE_SQL
-        } else {
-            SENT_DELETE_SQL
+        let sql = match archive {
+            Archive::None => SENT_DELETE_SQL,
+            Archive::Insert => SENT_ARCHIVE_SQL,
+            Archive::Upsert => SENT_ARCHIVE_UPSERT_SQL,
         };
         report.sent = sqlx::query(sql)
             .bind(&s.sent)

@@ -71,7 +71,9 @@ const SENT_ARCHIVE_SQL: &str =
     "INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts) \
     SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM sync_outbox \
     WHERE id IN (SELECT value FROM json_each(?1)) AND claim_token = ?2 \
-    ON CONFLICT (id) DO UPDATE SET sent_at = excluded.sent_at, attempts = excluded.attempts";
+    ON CONFLICT (id) DO UPDATE SET entity_type = excluded.entity_type, \
+        entity_id = excluded.entity_id, created_at = excluded.created_at, \
+        sent_at = excluded.sent_at, attempts = excluded.attempts";
 
 const SENT_DELETE_SQL: &str =
     "DELETE FROM sync_outbox WHERE id IN (SELECT value FROM json_each(?1)) AND claim_token = ?2";

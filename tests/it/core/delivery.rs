@@ -853,3 +853,55 @@ async fn a_row_falling_due_behind_the_claim_lanes_is_claimed_within_the_backlog(
         order.len()
     );
 }
+
+both_stores!(a_delivered_id_archived_already_is_settled_and_its_record_replaced);
+/// When the outbox's id sequence went back (`TRUNCATE … RESTART IDENTITY`, a restore)
+/// while `sync_outbox_sent` kept its records, a delivered row's id can have a record
+/// already. The settle still lands, alone (one statement) and together with a dead
+/// letter (one transaction), and the new delivery's record replaces the old one.
+async fn a_delivered_id_archived_already_is_settled_and_its_record_replaced(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
+    for with_dead_letter in [false, true] {
+        let entity = Uuid::new_v4();
+        let id = env.insert("call_log", entity, json!({"n": 1})).await;
+        let dead = if with_dead_letter {
+            let denied = file_payload(Uuid::new_v4(), "../x.wav");
+            Some(env.insert("recording_file", Uuid::new_v4(), denied).await)
+        } else {
+            None
+        };
+        let long_ago = env.db.now_plus(-2 * 86_400);
+        env.db
+            .execute(&format!(
+                "INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, sent_at, attempts) \
+                 VALUES ({id}, 'recording', '{}', {long_ago}, {long_ago}, 7)",
+                Uuid::new_v4()
+            ))
+            .await;
+        let before = env.db_now().await;
+
+        let out = env.drain().await;
+        out.assert_code(if with_dead_letter { 3 } else { 0 });
+
+        assert!(
+            env.sink.entries().iter().any(|e| e.outbox_id == id),
+            "{out}"
+        );
+        assert_eq!(env.count("sync_outbox").await, 0, "settled: {out}");
+        let sent = env.sent().await;
+        let records: Vec<_> = sent.iter().filter(|r| r.id == id).collect();
+        assert_eq!(records.len(), 1, "{sent:?}");
+        let record = records[0];
+        assert_eq!(record.entity_type, "call_log");
+        assert_eq!(record.entity_id, entity);
+        assert_eq!(record.attempts, 1);
+        assert!(
+            record.sent_at >= before - chrono::Duration::seconds(5),
+            "the new delivery's record: {record:?}"
+        );
+        if let Some(dead) = dead {
+            let letters = env.dead_letters().await;
+            assert!(letters.iter().any(|d| d.outbox_id == dead), "{letters:?}");
+        }
+    }
+}
