@@ -79,8 +79,8 @@ pub struct Loaded {
     pub seconds: f64,
 }
 
-/// Enqueue `rows` rows, then VACUUM ANALYZE and CHECKPOINT so every run starts from
-/// the same state.
+/// Enqueue `rows` rows, then VACUUM ANALYZE, CHECKPOINT and `sync` so every run
+/// starts from the same state.
 pub async fn outbox(db: &Database, rows: u64, layout: Layout) -> anyhow::Result<Loaded> {
     let started = std::time::Instant::now();
     let n = i64::try_from(rows).context("--rows is too large")?;
@@ -144,6 +144,13 @@ pub async fn settle_table(pool: &PgPool) -> anyhow::Result<()> {
     // needs superuser or pg_checkpoint: best effort on a server that is not ours
     if let Err(e) = sqlx::raw_sql("CHECKPOINT").execute(pool).await {
         eprintln!("note: CHECKPOINT failed ({e}); a checkpoint may land inside a measurement");
+    }
+    // and what earlier scenarios left for the kernel to write back (a 1 GiB upload's
+    // file, pgbench's databases): otherwise that writeback competes with the WAL
+    // flushes of the measurement that follows
+    match tokio::process::Command::new("sync").status().await {
+        Ok(status) if status.success() => {}
+        other => eprintln!("note: sync failed ({other:?}); writeback may land inside a measurement"),
     }
     Ok(())
 }
