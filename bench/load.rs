@@ -150,7 +150,9 @@ pub async fn settle_table(pool: &PgPool) -> anyhow::Result<()> {
     // flushes of the measurement that follows
     match tokio::process::Command::new("sync").status().await {
         Ok(status) if status.success() => {}
-        other => eprintln!("note: sync failed ({other:?}); writeback may land inside a measurement"),
+        other => {
+            eprintln!("note: sync failed ({other:?}); writeback may land inside a measurement")
+        }
     }
     Ok(())
 }

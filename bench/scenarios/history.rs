@@ -10,28 +10,7 @@ use super::drain::{self, Figures};
 use super::Ctx;
 use crate::load;
 use crate::report::{thousands, Report};
-
-/// The product's claim with literal parameters, for EXPLAIN: the first of two claim
-/// lanes (the default), whose share of the keys hashes below 0.
-const CLAIM_EXPLAIN_SQL: &str = r#"
-EXPLAIN (ANALYZE, BUFFERS)
-WITH cand AS (
-    SELECT o.ctid FROM sync_outbox o
-    WHERE o.next_attempt_at <= now()
-      AND (o.lease_until IS NULL OR o.lease_until < now())
-      AND hashtext(COALESCE(o.ordering_key, o.id::text)) < 0
-      AND (o.ordering_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM sync_outbox p
-            WHERE p.ordering_key = o.ordering_key AND p.id < o.id))
-    ORDER BY o.id
-    LIMIT 100
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE sync_outbox o
-SET claim_token = 42, lease_owner = 'explain', lease_until = now() + 60000 * interval '1 millisecond'
-WHERE o.ctid = ANY(ARRAY(SELECT ctid FROM cand))
-RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload, o.created_at, o.attempts, o.ordering_key
-"#;
+use serversync::store::{KeyShare, PgStore};
 
 pub struct Outcome {
     pub sent: u64,
@@ -80,10 +59,22 @@ pub async fn run(
     Ok(outcomes)
 }
 
-/// EXPLAIN ANALYZE runs the UPDATE: do it in a transaction that is rolled back.
+/// The product's claim (`PgStore::CLAIM_SQL`, so the plan is the relay's) as the
+/// first of the default four claim lanes makes it while a backlog drains: 100 rows
+/// from its share of the keys, from the oldest row. EXPLAIN ANALYZE runs the UPDATE:
+/// do it in a transaction that is rolled back.
 async fn explain(db: &crate::pg::Database) -> anyhow::Result<String> {
+    let (lo, hi) = KeyShare { index: 0, of: 4 }.bounds();
+    let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", PgStore::CLAIM_SQL);
     let mut tx = db.pool.begin().await?;
-    let rows = sqlx::query(CLAIM_EXPLAIN_SQL)
+    let rows = sqlx::query(&sql)
+        .bind(100_i64)
+        .bind(42_i64)
+        .bind("explain")
+        .bind(60_000_i64)
+        .bind(lo)
+        .bind(hi)
+        .bind(0_i64)
         .fetch_all(&mut *tx)
         .await
         .context("EXPLAIN of the claim")?;

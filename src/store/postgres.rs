@@ -139,6 +139,10 @@ const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload, order
     last_attempt_at, dead_at";
 
 impl PgStore {
+    /// The claim statement (parameters `$1`–`$7` as `claim` binds them), for the
+    /// benchmark's `EXPLAIN` of the very statement the relay runs.
+    pub const CLAIM_SQL: &'static str = CLAIM_SQL;
+
     pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<PgStore> {
         let synchronous_commit = options.synchronous_commit;
         let connect_options = PgConnectOptions::from_str(url)?.application_name("serversync");
