@@ -365,11 +365,15 @@ enum Archive {
     Upsert,
 }
 
-/// Whether a settle failed because a sent row's id is in `sync_outbox_sent` already.
+/// Whether a settle failed on a unique violation: a sent row's id in
+/// `sync_outbox_sent` already (`sync_outbox_sent_pkey`), the only unique key an
+/// archiving settle can collide on. Not matched by the constraint's name, which a
+/// pooler or a renamed constraint may not report: were the violation another one, the
+/// settle with the upsert fails again and its error is the one reported.
 fn is_archived_already(e: &anyhow::Error) -> bool {
     e.downcast_ref::<sqlx::Error>()
         .and_then(|e| e.as_database_error())
-        .is_some_and(|d| d.is_unique_violation() && d.constraint() == Some("sync_outbox_sent_pkey"))
+        .is_some_and(|d| d.is_unique_violation())
 }
 
 async fn write_settlement(
