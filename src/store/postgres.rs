@@ -68,34 +68,41 @@ WHERE o.ctid = ANY(ARRAY(SELECT ctid FROM cand))
 RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload, o.created_at, o.attempts, o.ordering_key
 "#;
 
+/// The archive statement: sent rows leave the outbox (fenced on the claim token) and
+/// their records go to `sync_outbox_sent`, followed by `$tail`. One text for both
+/// forms below, so that they cannot drift apart.
+macro_rules! sent_archive_sql {
+    ($tail:literal) => {
+        concat!(
+            r#"
+WITH d AS (
+    DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2
+    RETURNING id, entity_type, entity_id, created_at, attempts
+)
+INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)
+SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM d
+"#,
+            $tail
+        )
+    };
+}
+
 /// Sent rows move to the archive with a plain `INSERT`: an id is normally archived
 /// once, and `ON CONFLICT` (a speculative insertion per row) cost the database 5–12 %
 /// more CPU per row in pgbench (docs/BENCHMARKS.md). An id can be archived already
 /// only when the outbox's sequence went back (`TRUNCATE … RESTART IDENTITY`, a
 /// restore) while its records were kept: the unique violation that follows rolls the
 /// settle back, and `settle` runs it again with `SENT_ARCHIVE_UPSERT_SQL`.
-const SENT_ARCHIVE_SQL: &str = r#"
-WITH d AS (
-    DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2
-    RETURNING id, entity_type, entity_id, created_at, attempts
-)
-INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)
-SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM d
-"#;
+const SENT_ARCHIVE_SQL: &str = sent_archive_sql!("");
 
 /// The archive for ids whose records are there already: the newer delivery's record
 /// replaces the older.
-const SENT_ARCHIVE_UPSERT_SQL: &str = r#"
-WITH d AS (
-    DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2
-    RETURNING id, entity_type, entity_id, created_at, attempts
-)
-INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)
-SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM d
-ON CONFLICT (id) DO UPDATE SET entity_type = excluded.entity_type,
+const SENT_ARCHIVE_UPSERT_SQL: &str = sent_archive_sql!(
+    "ON CONFLICT (id) DO UPDATE SET entity_type = excluded.entity_type,
     entity_id = excluded.entity_id, created_at = excluded.created_at,
     sent_at = excluded.sent_at, attempts = excluded.attempts
-"#;
+"
+);
 
 const SENT_DELETE_SQL: &str = "DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2";
 
