@@ -340,21 +340,17 @@ pub fn drain_exit_code(summary: &Summary) -> ExitCode {
     }
 }
 
-/// A progress bar on a terminal; a plain line every 5 s otherwise.
 /// Progress of a drain: a bar on a TTY, a line every 5 s otherwise. The total is
 /// counted here, beside the workers, not before them: counting a large backlog
 /// takes a while (a quarter of a second at a million rows) and the rows need not
-/// wait for it.
+/// wait for it. Without a TTY it is counted only when the first line is due, so a
+/// drain that ends within 5 s (a cron job's usual one) never counts the queue.
 async fn progress(relay: Arc<Relay>, max_rows: Option<u64>, stop: CancellationToken) {
-    let total = relay.store().count_due().await.unwrap_or(0).max(0) as u64
-        + relay.stats.delivered.load(Ordering::Relaxed)
-        + relay.stats.dead.load(Ordering::Relaxed);
-    let total = max_rows.map_or(total, |m| total.min(m));
     let done = |r: &Relay| {
         r.stats.delivered.load(Ordering::Relaxed) + r.stats.dead.load(Ordering::Relaxed)
     };
     if std::io::stdout().is_terminal() {
-        let bar = indicatif::ProgressBar::new(total);
+        let bar = indicatif::ProgressBar::new(drain_total(&relay, max_rows).await);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows  {per_sec}  ETA {eta}",
         ) {
@@ -374,16 +370,29 @@ async fn progress(relay: Arc<Relay>, max_rows: Option<u64>, stop: CancellationTo
         bar.finish_and_clear();
     } else {
         let started = Instant::now();
+        let mut counted = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
+            let total = match counted {
+                Some(t) => t,
+                None => *counted.insert(drain_total(&relay, max_rows).await),
+            };
             let n = done(&relay);
             let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-3);
             say_err!("drain: {n}/{total} rows settled ({rate:.0} rows/s)");
         }
     }
+}
+
+/// What a drain has settled plus what is due now: the rows it is expected to settle.
+async fn drain_total(relay: &Relay, max_rows: Option<u64>) -> u64 {
+    let total = relay.store().count_due().await.unwrap_or(0).max(0) as u64
+        + relay.stats.delivered.load(Ordering::Relaxed)
+        + relay.stats.dead.load(Ordering::Relaxed);
+    max_rows.map_or(total, |m| total.min(m))
 }
 
 async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {

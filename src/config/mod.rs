@@ -163,8 +163,8 @@ impl Default for DispatchSettings {
     fn default() -> Self {
         Self {
             batch_size: 100,
-            batches_per_settle: 3,
-            concurrency: 12,
+            batches_per_settle: 4,
+            concurrency: 16,
             claim_concurrency: 4,
             poll_interval: Duration::from_secs(1),
             lease_duration: Duration::from_secs(60),
