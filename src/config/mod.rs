@@ -163,9 +163,9 @@ impl Default for DispatchSettings {
     fn default() -> Self {
         Self {
             batch_size: 100,
-            batches_per_settle: 4,
-            concurrency: 16,
-            claim_concurrency: 4,
+            batches_per_settle: 8,
+            concurrency: 24,
+            claim_concurrency: 3,
             poll_interval: Duration::from_secs(1),
             lease_duration: Duration::from_secs(60),
             file_entity_types: vec!["recording_file".into()],
