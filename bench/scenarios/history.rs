@@ -10,6 +10,7 @@ use super::drain::{self, Figures};
 use super::Ctx;
 use crate::load;
 use crate::report::{thousands, Report};
+use serversync::config::DispatchSettings;
 use serversync::store::{KeyShare, PgStore};
 
 pub struct Outcome {
@@ -60,11 +61,16 @@ pub async fn run(
 }
 
 /// The product's claim (`PgStore::CLAIM_SQL`, so the plan is the relay's) as the
-/// first of the default four claim lanes makes it while a backlog drains: 100 rows
-/// from its share of the keys, from the oldest row. EXPLAIN ANALYZE runs the UPDATE:
-/// do it in a transaction that is rolled back.
+/// first of the default claim lanes (`dispatch.claim_concurrency`) makes it while a
+/// backlog drains: 100 rows from its share of the keys, from the oldest row. EXPLAIN
+/// ANALYZE runs the UPDATE: do it in a transaction that is rolled back.
 async fn explain(db: &crate::pg::Database) -> anyhow::Result<String> {
-    let (lo, hi) = KeyShare { index: 0, of: 4 }.bounds();
+    let lanes = DispatchSettings::default().claim_concurrency;
+    let (lo, hi) = KeyShare {
+        index: 0,
+        of: lanes,
+    }
+    .bounds();
     let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", PgStore::CLAIM_SQL);
     let mut tx = db.pool.begin().await?;
     let rows = sqlx::query(&sql)
