@@ -113,7 +113,7 @@ struct Args {
     /// Relay: dispatch.concurrency.
     #[arg(long)]
     concurrency: Option<u32>,
-    /// Relay: dispatch.claim_concurrency (claim lanes, default 2; 1: one claim at a
+    /// Relay: dispatch.claim_concurrency (claim lanes, default 3; 1: one claim at a
     /// time for the whole relay, shared with the workers queued behind it).
     #[arg(long)]
     claim_concurrency: Option<u32>,
@@ -130,6 +130,11 @@ struct Args {
     /// Extra settings for the throwaway server (repeatable), e.g. shared_buffers=1GB.
     #[arg(long = "pg-setting", value_name = "NAME=VALUE")]
     pg_settings: Vec<String>,
+    /// The throwaway server's locale (`initdb --locale`). C compares text with
+    /// `memcmp`; servers are often initialised with a language's locale
+    /// (`en_US.UTF-8`, or `C.UTF-8`), where text comparisons go through `strcoll`.
+    #[arg(long, value_name = "LOCALE", default_value = "C")]
+    pg_locale: String,
 }
 
 fn main() -> ExitCode {
@@ -183,7 +188,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                 settings.push("shared_preload_libraries=pg_stat_statements".into());
                 settings.push("pg_stat_statements.track_utility=on".into());
             }
-            pg::Server::start(&tmp.path().join("pg"), &settings).await?
+            pg::Server::start(&tmp.path().join("pg"), &settings, &args.pg_locale).await?
         }
     };
     let sink = sink::Sink::start(std::time::Duration::from_millis(args.sink_delay_ms))?;

@@ -53,11 +53,13 @@ pub struct Database {
 }
 
 impl Server {
-    /// `initdb` a cluster under `dir` and start it with `settings` (NAME=VALUE).
-    pub async fn start(dir: &Path, settings: &[String]) -> anyhow::Result<Server> {
+    /// `initdb` a cluster under `dir` with `locale` and start it with `settings`
+    /// (NAME=VALUE).
+    pub async fn start(dir: &Path, settings: &[String], locale: &str) -> anyhow::Result<Server> {
         let dir = dir.to_path_buf();
         let settings = settings.to_vec();
-        let cluster = tokio::task::spawn_blocking(move || Cluster::start(dir, &settings))
+        let locale = locale.to_owned();
+        let cluster = tokio::task::spawn_blocking(move || Cluster::start(dir, &settings, &locale))
             .await
             .context("the start-up task panicked")??;
         let admin_url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port()?);
@@ -254,10 +256,10 @@ pub fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
 }
 
 impl Cluster {
-    fn start(dir: PathBuf, extra: &[String]) -> anyhow::Result<Cluster> {
+    fn start(dir: PathBuf, extra: &[String], locale: &str) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         give_to_server_user(&dir)?;
-        initdb(&dir)?;
+        initdb(&dir, locale)?;
         let mut last = None;
         // a free port can be taken between our probe and the server's bind: retry
         for _ in 0..3 {
@@ -347,11 +349,12 @@ fn start_postgres(dir: &Path, port: u16, extra: &[String]) -> anyhow::Result<pro
     }
 }
 
-fn initdb(dir: &Path) -> anyhow::Result<()> {
+fn initdb(dir: &Path, locale: &str) -> anyhow::Result<()> {
     let mut cmd = Command::new(pg_bin("initdb"));
     cmd.arg("-D")
         .arg(dir.join("data"))
-        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"])
+        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8"])
+        .arg(format!("--locale={locale}"))
         .current_dir(dir)
         .stdin(Stdio::null());
     as_server_user(&mut cmd)?;

@@ -66,9 +66,9 @@ pub struct Outcome {
 /// For mark_sent: what an in-place design needs so the claim skips delivered rows.
 const MARK_SENT_SCHEMA: &str = r#"
 ALTER TABLE sync_outbox ADD COLUMN sent_at timestamptz;
-DROP INDEX sync_outbox_ordering_key_id;
-CREATE INDEX sync_outbox_pending_ordering_key_id ON sync_outbox (ordering_key, id)
-    WHERE ordering_key IS NOT NULL AND status = 'pending';
+DROP INDEX sync_outbox_ordering_key_hash_id;
+CREATE INDEX sync_outbox_pending_ordering_key_hash_id ON sync_outbox (ordering_key_hash, id)
+    WHERE ordering_key_hash IS NOT NULL AND status = 'pending';
 CREATE INDEX sync_outbox_pending_id ON sync_outbox (id) WHERE status = 'pending';
 "#;
 
@@ -84,9 +84,9 @@ WITH cand AS (
     SELECT o.ctid FROM sync_outbox o
     WHERE {outer}o.next_attempt_at <= now()
       AND (o.lease_until IS NULL OR o.lease_until < now())
-      AND (o.ordering_key IS NULL OR NOT EXISTS (
+      AND (o.ordering_key_hash IS NULL OR NOT EXISTS (
             SELECT 1 FROM sync_outbox p
-            WHERE {inner}p.ordering_key = o.ordering_key AND p.id < o.id))
+            WHERE {inner}p.ordering_key_hash = o.ordering_key_hash AND p.id < o.id))
     ORDER BY o.id
     LIMIT 100
     FOR UPDATE SKIP LOCKED
@@ -109,9 +109,9 @@ const HELD_CLAIM: &str = r#"BEGIN;
 SELECT COALESCE(array_agg(id), '{}') AS ids, COALESCE(sum(length(payload)), 0) AS bytes FROM (
     SELECT o.id, o.payload::text AS payload FROM sync_outbox o
     WHERE o.next_attempt_at <= now()
-      AND (o.ordering_key IS NULL OR NOT EXISTS (
+      AND (o.ordering_key_hash IS NULL OR NOT EXISTS (
             SELECT 1 FROM sync_outbox p
-            WHERE p.ordering_key = o.ordering_key AND p.id < o.id))
+            WHERE p.ordering_key_hash = o.ordering_key_hash AND p.id < o.id))
     ORDER BY o.id
     LIMIT 100
     FOR UPDATE SKIP LOCKED

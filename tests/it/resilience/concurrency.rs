@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::support::{by_id, log_events, log_field, ordering_keys, seed_keyed, tables};
 use crate::harness::sink::SyncRequest;
 use crate::harness::{wait_until, TestEnv};
+use serversync::store::{KeyShare, PgStore};
 
 const ROWS: i64 = 20_000;
 const KEYS: i64 = 500;
@@ -99,5 +100,40 @@ fn assert_key_order(requests: &[SyncRequest], key_of: &HashMap<i64, String>) {
             .values()
             .collect::<std::collections::HashSet<_>>()
             .len()
+    );
+}
+
+/// The claim as a lane makes it on a backlog (issue 3: an index path, no sequential
+/// scan): the queue walked by primary key, and the head-of-key check an index-only
+/// lookup of the key's 64-bit hash, not a comparison of text keys.
+#[tokio::test]
+async fn the_claim_walks_the_primary_key_and_probes_heads_by_key_hash() {
+    let env = TestEnv::migrated().await;
+    seed_keyed(&env, ROWS, KEYS).await;
+    env.db.execute("VACUUM ANALYZE sync_outbox").await;
+    let (lo, hi) = KeyShare { index: 0, of: 3 }.bounds();
+    let sql = format!("EXPLAIN (COSTS OFF) {}", PgStore::CLAIM_SQL);
+    let mut tx = env.db.pg().begin().await.expect("begin");
+    let plan: Vec<String> = sqlx::query_scalar(&sql)
+        .bind(100_i64)
+        .bind(42_i64)
+        .bind("explain")
+        .bind(60_000_i64)
+        .bind(lo)
+        .bind(hi)
+        .bind(0_i64)
+        .fetch_all(&mut *tx)
+        .await
+        .expect("EXPLAIN of the claim");
+    tx.rollback().await.expect("rollback");
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    assert!(
+        plan.contains("Index Scan using sync_outbox_pkey on sync_outbox o"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("Index Only Scan using sync_outbox_ordering_key_hash_id on sync_outbox p"),
+        "{plan}"
     );
 }
