@@ -475,3 +475,75 @@ async fn max_attempts_below_the_outage_threshold_is_warned_about_by_name() {
         "5 is not below 3: {warning}"
     );
 }
+
+/// Rows queued before the migration that hashes ordering keys (under the schema of
+/// the releases before it) get their hash from it, and are delivered in key order.
+#[tokio::test]
+async fn rows_queued_before_the_key_hash_migration_keep_their_order() {
+    let env = TestEnv::new().await;
+    let before = tempfile::tempdir().expect("a temporary directory");
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+    for file in std::fs::read_dir(&all).expect("migrations/postgres") {
+        let path = file.expect("a migration").path();
+        let name = path.file_name().expect("a file name").to_owned();
+        if name.to_string_lossy().as_ref() < "20261206000001" {
+            std::fs::copy(&path, before.path().join(name)).expect("copy a migration");
+        }
+    }
+    sqlx::migrate::Migrator::new(before.path())
+        .await
+        .expect("the migrations before the key hash")
+        .run(env.db.pg())
+        .await
+        .expect("apply the migrations before the key hash");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let call = Uuid::new_v4();
+        ids.push(vec![
+            env.insert("call_log", call, serde_json::json!({"id": call}))
+                .await,
+            env.insert(
+                "recording",
+                Uuid::new_v4(),
+                serde_json::json!({"callLogId": call}),
+            )
+            .await,
+        ]);
+    }
+
+    env.migrate().await;
+    assert_eq!(
+        env.db
+            .scalar(
+                "SELECT count(*) FROM sync_outbox WHERE ordering_key IS NOT NULL \
+                 AND ordering_key_hash IS NOT DISTINCT FROM hashtextextended(ordering_key, 0)"
+            )
+            .await,
+        4,
+        "every queued row has its key's hash"
+    );
+    assert_eq!(
+        env.db
+            .scalar("SELECT count(*) FROM pg_class WHERE relname = 'sync_outbox_ordering_key_id'")
+            .await,
+        0,
+        "the text key's index is gone"
+    );
+
+    env.run(&["drain"]).await.assert_success();
+    let requests: Vec<Vec<i64>> = env
+        .sink
+        .sync_requests()
+        .iter()
+        .filter(|r| r.accepted())
+        .map(|r| r.entries().iter().map(|e| e.outbox_id).collect())
+        .collect();
+    for call in &ids {
+        let first = requests.iter().position(|r| r.contains(&call[0]));
+        let second = requests.iter().position(|r| r.contains(&call[1]));
+        assert!(
+            matches!((first, second), (Some(a), Some(b)) if a < b),
+            "a call's log in an earlier request than its recording: {call:?} in {requests:?}"
+        );
+    }
+}
