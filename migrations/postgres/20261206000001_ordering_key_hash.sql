@@ -3,9 +3,9 @@
 -- nearly all of it the descent of the (ordering_key, id) index: text comparisons
 -- under the database's collation (strcoll for anything but C) on 36-byte keys. The
 -- probe now compares a 64-bit hash of the key instead, in an index a third of the
--- size. Two keys with the same hash (about 1 in 10^10 for a million keys in the
--- outbox at once) are only ordered behind each other; no row is ever delivered out
--- of its own key's order.
+-- size. Two keys with the same hash (for a million keys in the outbox at once, the
+-- chance that any two share one is about 3 in 10^8) are only ordered behind each
+-- other; no row is ever delivered out of its own key's order.
 --
 -- A stored generated column: always equal to the key's hash, for rows the
 -- producers insert, rows `dlq requeue` puts back, and rows already queued (adding
