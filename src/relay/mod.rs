@@ -41,6 +41,15 @@ const DRAIN_SETTLE_WAIT: Duration = Duration::from_millis(250);
 /// How long before the next probe rows released during an outage fall due again.
 const PROBE_LEAD: Duration = Duration::from_millis(100);
 
+/// How long a worker's requests may be out before it claims its next rows meanwhile.
+/// A sink that answers within it (the database is then the bottleneck) sees the same
+/// claim → deliver → settle cycle as ever; a slower one (a Frontend that stores what
+/// it receives) no longer waits for the claim after each settle.
+const PREFETCH_AFTER: Duration = Duration::from_millis(10);
+
+/// A worker's next batch, claimed while its requests were out.
+type Prefetched = Option<(u64, crate::store::Claim)>;
+
 /// What one step did; the loop decides how to wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -313,6 +322,12 @@ impl Relay {
     }
 
     async fn worker(self: Arc<Self>, lane: usize, finished: CancellationToken) {
+        let mut next: Prefetched = None;
+        self.work(lane, &finished, &mut next).await;
+        self.release_prefetched(&mut next).await;
+    }
+
+    async fn work(&self, lane: usize, finished: &CancellationToken, next: &mut Prefetched) {
         let mut wake = self.wake.subscribe();
         let mut backoff = db_backoff();
         let poll = self.settings.dispatch.poll_interval;
@@ -323,7 +338,7 @@ impl Relay {
                 .drain
                 .as_ref()
                 .map_or(0, |d| d.settles.load(Ordering::SeqCst));
-            match self.step(lane, &finished).await {
+            match self.step(lane, finished, next).await {
                 Step::Delivered(_) => backoff = db_backoff(),
                 Step::Idle => {
                     if let Some(d) = &self.drain {
@@ -341,7 +356,7 @@ impl Relay {
                             } else {
                                 DrainEnd::Empty
                             };
-                            self.finish_drain(end, &finished);
+                            self.finish_drain(end, finished);
                             break;
                         }
                         // Another worker is claiming or delivering: wait for its settle
@@ -350,15 +365,15 @@ impl Relay {
                         // short poll: at the end of a drain every worker would claim
                         // again and again, each keeping the others from seeing the
                         // relay idle.
-                        wait(&finished, DRAIN_SETTLE_WAIT, &mut wake).await;
+                        wait(finished, DRAIN_SETTLE_WAIT, &mut wake).await;
                         continue;
                     }
-                    wait(&finished, poll, &mut wake).await;
+                    wait(finished, poll, &mut wake).await;
                 }
                 Step::Paused(until) => {
                     if self.drain.is_some() && self.sink.is_probing() {
                         // a probe is out: its answer decides whether this drain goes on
-                        wait(&finished, Duration::from_millis(10), &mut wake).await;
+                        wait(finished, Duration::from_millis(10), &mut wake).await;
                         continue;
                     }
                     if self.drain.is_some() {
@@ -371,7 +386,7 @@ impl Relay {
                             tracing::warn!("ingest sink asked to slow down (429): drain stops");
                             DrainEnd::RateLimited
                         };
-                        self.finish_drain(end, &finished);
+                        self.finish_drain(end, finished);
                         break;
                     }
                     let nap = until.saturating_duration_since(Instant::now()).min(poll);
@@ -392,11 +407,19 @@ impl Relay {
     }
 
     /// One claim (in `lane`) → deliver → settle. Once `finished`, no new claim is made.
-    async fn step(&self, lane: usize, finished: &CancellationToken) -> Step {
+    /// `next` is the batch claimed while the last step's requests were out, delivered
+    /// now if the sink's gate is open, else released.
+    async fn step(&self, lane: usize, finished: &CancellationToken, next: &mut Prefetched) -> Step {
         let probing = match self.sink.gate() {
             Gate::Open => false,
-            Gate::Probe => true,
-            Gate::WaitUntil(until) => return Step::Paused(until),
+            Gate::Probe => {
+                self.release_prefetched(next).await;
+                true
+            }
+            Gate::WaitUntil(until) => {
+                self.release_prefetched(next).await;
+                return Step::Paused(until);
+            }
         };
         let d = &self.settings.dispatch;
         let mut reserved = 0u64;
@@ -425,7 +448,8 @@ impl Relay {
         let step = if limit == 0 {
             Step::Idle
         } else {
-            self.claim_and_deliver(lane, limit, probing, finished).await
+            self.claim_and_deliver(lane, limit, probing, finished, next)
+                .await
         };
         if let Some(drain) = &self.drain {
             if drain.max_rows.is_some() {
@@ -479,10 +503,15 @@ impl Relay {
         limit: u32,
         probing: bool,
         finished: &CancellationToken,
+        next: &mut Prefetched,
     ) -> Step {
         // a probe is one small batch, and a drain with --max-rows claims its quota
         let share = !probing && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
-        let (batch, claim) = match self.take_batch(lane, limit, share, finished).await {
+        let taken = match self.unhold(next) {
+            Some(prefetched) => Ok(Some(prefetched)),
+            None => self.take_batch(lane, limit, share, finished).await,
+        };
+        let (batch, claim) = match taken {
             Ok(Some(taken)) => taken,
             Ok(None) => return Step::Idle,
             Err(e) => {
@@ -501,7 +530,29 @@ impl Relay {
         {
             self.metrics.batch_size.observe(batch.len() as f64);
         }
-        let attempts = self.with_heartbeat(self.deliver(&claim, probing)).await;
+        let deliver = self.with_heartbeat(self.deliver(&claim, probing));
+        // claim ahead only from a backlog (a full claim): a trickle is picked up by
+        // the next step, woken by its commit, with no empty claim per cycle
+        let attempts = if share && n >= limit as usize {
+            // the rows in flight stay in the outbox meanwhile: the claim skips them
+            // and probes their keys' later rows as blocked, so ordering is unchanged
+            tokio::pin!(deliver);
+            tokio::select! {
+                biased;
+                attempts = &mut deliver => attempts,
+                _ = tokio::time::sleep(PREFETCH_AFTER) => {
+                    let (attempts, prefetched) =
+                        tokio::join!(&mut deliver, self.take_batch(lane, limit, share, finished));
+                    // a failed claim is the next step's to notice (and report)
+                    if let Ok(Some(prefetched)) = prefetched {
+                        self.hold(next, prefetched);
+                    }
+                    attempts
+                }
+            }
+        } else {
+            deliver.await
+        };
         let settlement = self.settlement(&claim, attempts);
         self.settle(&claim, settlement).await;
         if let Some(drain) = &self.drain {
@@ -511,6 +562,41 @@ impl Relay {
         // rows of the same ordering keys may be due now
         self.wake();
         Step::Delivered(n)
+    }
+
+    /// Keep a prefetched batch for the worker's next step. A drain counts it as work
+    /// in progress, so that no other worker ends the drain while it is held.
+    fn hold(&self, next: &mut Prefetched, prefetched: (u64, crate::store::Claim)) {
+        if let Some(drain) = &self.drain {
+            drain.busy.fetch_add(1, Ordering::SeqCst);
+        }
+        *next = Some(prefetched);
+    }
+
+    fn unhold(&self, next: &mut Prefetched) -> Prefetched {
+        let taken = next.take();
+        if let (Some(_), Some(drain)) = (&taken, &self.drain) {
+            drain.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+        taken
+    }
+
+    /// Give a prefetched batch back (the sink's gate closed, or the worker stops):
+    /// its rows are released at once for any relay to claim, not left to expire.
+    async fn release_prefetched(&self, next: &mut Prefetched) {
+        let Some((batch, _)) = self.unhold(next) else {
+            return;
+        };
+        let Some(held) = self.lock_in_flight().remove(&batch) else {
+            return;
+        };
+        let held = lanes::held_of(std::iter::once(&held));
+        if let Err(e) = self.store.release(&held).await {
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                "releasing a prefetched batch failed: its rows return when their lease expires"
+            );
+        }
     }
 
     async fn with_heartbeat<T>(&self, fut: impl std::future::Future<Output = T>) -> T {

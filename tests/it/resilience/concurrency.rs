@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::support::{by_id, log_events, log_field, ordering_keys, seed_keyed, tables};
 use crate::harness::sink::SyncRequest;
-use crate::harness::{wait_until, TestEnv};
+use crate::harness::{wait_until, Mode, Reply, TestEnv};
 use serversync::store::{KeyShare, PgStore};
 
 const ROWS: i64 = 20_000;
@@ -65,6 +65,36 @@ async fn three_relays_share_the_outbox_without_duplicates_and_in_key_order() {
 
     assert_key_order(&requests, &key_of);
     eprintln!("{RELAYS} relays: {ROWS} rows in {took:?}, per relay {per_relay:?}");
+}
+
+/// With a sink that takes longer than `PREFETCH_AFTER` to answer, each worker claims
+/// its next rows while its requests are out: still every row once, each key's rows
+/// in order and one at a time, and a drain that ends with nothing left.
+#[tokio::test]
+async fn a_slow_sink_drains_in_key_order_while_workers_claim_ahead() {
+    let env = TestEnv::migrated().await;
+    let (rows, keys) = (12_000, 4_000);
+    seed_keyed(&env, rows, keys).await;
+    let key_of = ordering_keys(&env).await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(30))));
+
+    let out = env
+        .cmd(["drain"])
+        .timeout(Duration::from_secs(120))
+        .output()
+        .await;
+    out.assert_success().assert_no_panic();
+
+    let requests = env.sink.sync_requests();
+    let received = by_id(env.sink.all_entries());
+    assert_eq!(received.len(), rows as usize, "{out}");
+    assert!(
+        received.values().all(|copies| copies.len() == 1),
+        "a row delivered twice\n{out}"
+    );
+    assert_eq!(tables(&env).await, (0, rows, 0), "(pending, sent, dead)");
+    assert_key_order(&requests, &key_of);
 }
 
 /// For every key, its rows arrived in strictly increasing id order, each request
