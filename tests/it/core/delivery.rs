@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{file_payload, parse_time, write_recording};
 use crate::harness::sink::Incoming;
-use crate::harness::{both_stores, Backend, Mode, NewRow, Reply, TestEnv};
+use crate::harness::{both_stores, wait_until, Backend, Mode, NewRow, Reply, TestEnv};
 
 both_stores!(a_call_log_its_recording_and_its_file_arrive_in_order_and_intact);
 async fn a_call_log_its_recording_and_its_file_arrive_in_order_and_intact(backend: Backend) {
@@ -262,10 +262,11 @@ async fn file_concurrency_bounds_uploads_across_all_workers(backend: Backend) {
 both_stores!(a_worker_settles_its_batches_together_within_the_concurrency);
 /// `dispatch.batches_per_settle = 3` with `concurrency = 3`: one worker claims three
 /// batches at once, sends them as three requests of at most `batch_size` entries in
-/// id order, all in flight together, and settles them together: it claims nothing
+/// id order, all in flight together, and settles them together: it sends nothing
 /// more until the slowest of the three is answered (three workers of one batch each
-/// would have sent the last rows while it was still out). The batches in flight stay
-/// within `concurrency`.
+/// would have sent the last rows while it was still out). Meanwhile, its claim having
+/// been full, it claims the rest ahead. The requests in flight stay within
+/// `concurrency`.
 async fn a_worker_settles_its_batches_together_within_the_concurrency(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
     env.config
@@ -291,11 +292,18 @@ async fn a_worker_settles_its_batches_together_within_the_concurrency(backend: B
 
     let drain = env.cmd(["drain"]).spawn();
     env.sink.wait_for_requests(1, Duration::from_secs(20)).await;
-    let leased = env
-        .db
-        .scalar("SELECT count(*) FROM sync_outbox WHERE claim_token IS NOT NULL")
-        .await;
-    assert_eq!(leased, 6, "the worker's first claim is 3 batches of 2 rows");
+    // the slow request is out for 900 ms: the worker claims the last 2 rows ahead
+    wait_until(
+        Duration::from_millis(700),
+        "the worker to claim its next rows while its batches are out",
+        || async {
+            env.db
+                .scalar("SELECT count(*) FROM sync_outbox WHERE claim_token IS NOT NULL")
+                .await
+                == 8
+        },
+    )
+    .await;
     drain
         .wait(Duration::from_secs(60))
         .await
@@ -312,6 +320,17 @@ async fn a_worker_settles_its_batches_together_within_the_concurrency(backend: B
         delivered.iter().copied().collect::<BTreeSet<_>>().len(),
         8,
         "every row delivered: {delivered:?}"
+    );
+    let first_claim: BTreeSet<i64> = requests
+        .iter()
+        .take(3)
+        .flat_map(|r| r.entries())
+        .map(|e| e.outbox_id)
+        .collect();
+    assert_eq!(
+        first_claim,
+        ids[..6].iter().copied().collect(),
+        "the worker's first claim is 3 batches of 2 rows, sent at once"
     );
     assert_eq!(delivered.len(), 8, "none twice: {delivered:?}");
     for request in &requests {
