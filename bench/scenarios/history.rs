@@ -3,9 +3,6 @@
 //! of delivered records in `sync_outbox_sent` and once with none; the claim's plan is
 //! printed for both and must not scan `sync_outbox` sequentially.
 
-use anyhow::Context;
-use sqlx::Row;
-
 use super::drain::{self, Figures};
 use super::Ctx;
 use crate::load;
@@ -60,36 +57,15 @@ pub async fn run(
     Ok(outcomes)
 }
 
-/// The product's claim (`PgStore::CLAIM_SQL`, so the plan is the relay's) as the
+/// The product's claim (`PgStore::explain_claim`, so the plan is the relay's) as the
 /// first of the default claim lanes (`dispatch.claim_concurrency`) makes it while a
-/// backlog drains: 100 rows from its share of the keys, from the oldest row. EXPLAIN
-/// ANALYZE runs the UPDATE: do it in a transaction that is rolled back.
+/// backlog drains: 100 rows from its share of the keys, from the oldest row.
 async fn explain(db: &crate::pg::Database) -> anyhow::Result<String> {
-    let lanes = DispatchSettings::default().claim_concurrency;
-    let (lo, hi) = KeyShare {
+    let share = KeyShare {
         index: 0,
-        of: lanes,
-    }
-    .bounds();
-    let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", PgStore::CLAIM_SQL);
-    let mut tx = db.pool.begin().await?;
-    let rows = sqlx::query(&sql)
-        .bind(100_i64)
-        .bind(42_i64)
-        .bind("explain")
-        .bind(60_000_i64)
-        .bind(lo)
-        .bind(hi)
-        .bind(0_i64)
-        .fetch_all(&mut *tx)
-        .await
-        .context("EXPLAIN of the claim")?;
-    tx.rollback().await?;
-    let mut lines = Vec::with_capacity(rows.len());
-    for row in rows {
-        lines.push(row.try_get::<String, _>(0)?);
-    }
-    Ok(lines.join("\n"))
+        of: DispatchSettings::default().claim_concurrency,
+    };
+    PgStore::explain_claim(&db.pool, "ANALYZE, BUFFERS", 100, Some(share)).await
 }
 
 pub fn add_to_report(report: &mut Report, outcomes: &[Outcome]) {

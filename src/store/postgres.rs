@@ -151,9 +151,35 @@ const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload, order
     last_attempt_at, dead_at";
 
 impl PgStore {
-    /// The claim statement (parameters `$1`–`$7` as `claim` binds them), for the
-    /// benchmark's `EXPLAIN` of the very statement the relay runs.
-    pub const CLAIM_SQL: &'static str = CLAIM_SQL;
+    /// `EXPLAIN (options)` of the very claim statement the relay runs, as a claim
+    /// lane makes it while a backlog drains: `limit` rows from `share` of the keys,
+    /// from the oldest row (for the benchmark and the plan test). `options` is
+    /// EXPLAIN's option list, e.g. `ANALYZE, BUFFERS`, written by the caller, never
+    /// taken from input. The statement runs in a transaction that is rolled back, so
+    /// `ANALYZE` leases nothing.
+    pub async fn explain_claim(
+        pool: &PgPool,
+        options: &str,
+        limit: u32,
+        share: Option<KeyShare>,
+    ) -> anyhow::Result<String> {
+        let (lo, hi) = share.map_or((None, None), KeyShare::bounds);
+        let sql = format!("EXPLAIN ({options}) {CLAIM_SQL}");
+        let mut tx = pool.begin().await?;
+        let lines: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(i64::from(limit))
+            .bind(0_i64)
+            .bind("explain")
+            .bind(60_000_i64)
+            .bind(lo)
+            .bind(hi)
+            .bind(0_i64)
+            .fetch_all(&mut *tx)
+            .await
+            .context("EXPLAIN of the claim")?;
+        tx.rollback().await?;
+        Ok(lines.join("\n"))
+    }
 
     pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<PgStore> {
         let synchronous_commit = options.synchronous_commit;

@@ -141,22 +141,10 @@ async fn the_claim_walks_the_primary_key_and_probes_heads_by_key_hash() {
     let env = TestEnv::migrated().await;
     seed_keyed(&env, ROWS, KEYS).await;
     env.db.execute("VACUUM ANALYZE sync_outbox").await;
-    let (lo, hi) = KeyShare { index: 0, of: 3 }.bounds();
-    let sql = format!("EXPLAIN (COSTS OFF) {}", PgStore::CLAIM_SQL);
-    let mut tx = env.db.pg().begin().await.expect("begin");
-    let plan: Vec<String> = sqlx::query_scalar(&sql)
-        .bind(100_i64)
-        .bind(42_i64)
-        .bind("explain")
-        .bind(60_000_i64)
-        .bind(lo)
-        .bind(hi)
-        .bind(0_i64)
-        .fetch_all(&mut *tx)
+    let share = KeyShare { index: 0, of: 3 };
+    let plan = PgStore::explain_claim(env.db.pg(), "COSTS OFF", 100, Some(share))
         .await
         .expect("EXPLAIN of the claim");
-    tx.rollback().await.expect("rollback");
-    let plan = plan.join("\n");
     assert!(!plan.contains("Seq Scan"), "{plan}");
     assert!(
         plan.contains("Index Scan using sync_outbox_pkey on sync_outbox o"),
