@@ -207,23 +207,16 @@ impl Relay {
     /// Batches claimed for workers that never came for them (none should be left:
     /// every worker counted at the gate takes one). Released, not left to expire.
     pub(super) async fn release_unclaimed_shares(&self) {
-        let left: Vec<(u64, Claim)> = self
+        let left: Vec<u64> = self
             .lanes
             .iter()
             .flat_map(|lane| std::mem::take(&mut *lane.lock_batches()))
+            .map(|(batch, _)| batch)
             .collect();
         if left.is_empty() {
             return;
         }
-        let held = {
-            let mut in_flight = self.lock_in_flight();
-            let removed: Vec<(i64, Vec<i64>)> = left
-                .iter()
-                .filter_map(|(batch, _)| in_flight.remove(batch))
-                .collect();
-            held_of(removed.iter())
-        };
-        match self.store.release(&held).await {
+        match self.release_unsent(&left).await {
             Ok(n) => tracing::debug!(
                 rows = n,
                 "released batches claimed for workers that stopped"
@@ -233,6 +226,23 @@ impl Relay {
                 "releasing undelivered batches failed: rows return when their lease expires"
             ),
         }
+    }
+}
+
+impl Relay {
+    /// Batches claimed and never sent (left for workers that stopped, or claimed
+    /// ahead): out of what is in flight, and their leases released at once, so their
+    /// rows are claimable again without waiting for the leases to expire.
+    pub(super) async fn release_unsent(&self, batches: &[u64]) -> anyhow::Result<u64> {
+        let held = {
+            let mut in_flight = self.lock_in_flight();
+            let removed: Vec<(i64, Vec<i64>)> = batches
+                .iter()
+                .filter_map(|batch| in_flight.remove(batch))
+                .collect();
+            held_of(removed.iter())
+        };
+        self.store.release(&held).await
     }
 }
 

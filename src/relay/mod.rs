@@ -587,11 +587,7 @@ impl Relay {
         let Some((batch, _)) = self.unhold(next) else {
             return;
         };
-        let Some(held) = self.lock_in_flight().remove(&batch) else {
-            return;
-        };
-        let held = lanes::held_of(std::iter::once(&held));
-        if let Err(e) = self.store.release(&held).await {
+        if let Err(e) = self.release_unsent(&[batch]).await {
             tracing::warn!(
                 error = %format!("{e:#}"),
                 "releasing a prefetched batch failed: its rows return when their lease expires"
