@@ -531,13 +531,7 @@ async fn rows_queued_before_the_key_hash_migration_keep_their_order() {
     );
 
     env.run(&["drain"]).await.assert_success();
-    let requests: Vec<Vec<i64>> = env
-        .sink
-        .sync_requests()
-        .iter()
-        .filter(|r| r.accepted())
-        .map(|r| r.entries().iter().map(|e| e.outbox_id).collect())
-        .collect();
+    let requests = env.sink.accepted_batches();
     for call in &ids {
         let first = requests.iter().position(|r| r.contains(&call[0]));
         let second = requests.iter().position(|r| r.contains(&call[1]));

@@ -148,13 +148,7 @@ async fn a_requeued_row_goes_before_the_later_rows_of_its_key(backend: Backend) 
 
     env.config.remove("dispatch.json_entity_types");
     env.drain().await.assert_success();
-    let requests: Vec<Vec<i64>> = env
-        .sink
-        .sync_requests()
-        .iter()
-        .filter(|r| r.accepted())
-        .map(|r| r.entries().iter().map(|e| e.outbox_id).collect())
-        .collect();
+    let requests = env.sink.accepted_batches();
     assert_eq!(
         requests,
         [vec![dead], vec![later]],

@@ -387,6 +387,16 @@ impl Sink {
         self.shared.lock().strays.clone()
     }
 
+    /// The outbox ids of each `/sync` request answered with a 2xx, request by
+    /// request, in arrival order (which rows went out together, and in what order).
+    pub fn accepted_batches(&self) -> Vec<Vec<i64>> {
+        self.sync_requests()
+            .iter()
+            .filter(|r| r.accepted())
+            .map(|r| r.entries().iter().map(|e| e.outbox_id).collect())
+            .collect()
+    }
+
     /// Entries of requests answered with a 2xx (= delivered), in arrival order.
     pub fn entries(&self) -> Vec<Entry> {
         let inner = self.shared.lock();
