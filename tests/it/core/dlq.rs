@@ -156,6 +156,44 @@ async fn a_requeued_row_goes_before_the_later_rows_of_its_key(backend: Backend) 
     );
 }
 
+both_stores!(a_requeued_row_goes_before_a_later_row_whose_predecessor_went_meanwhile);
+/// The same when the rows queued behind the dead one were written together and the
+/// first of them was delivered while it was dead: the second waits for the requeued
+/// row too.
+async fn a_requeued_row_goes_before_a_later_row_whose_predecessor_went_meanwhile(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config.set("dispatch.json_entity_types", ["call_log"]);
+    let key = "call-8";
+    let dead = env
+        .insert_rows(&[NewRow::new("fax", Uuid::new_v4(), json!({"page": 1})).keyed(key)])
+        .await[0];
+    env.drain().await.assert_code(3);
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 1);
+    // a call's two rows, written together while the older row is dead
+    let later = env
+        .insert_rows(&[
+            NewRow::new("call_log", Uuid::new_v4(), json!({"n": 2})).keyed(key),
+            NewRow::new("call_log", Uuid::new_v4(), json!({"n": 3})).keyed(key),
+        ])
+        .await;
+    env.run(&["drain", "--max-rows", "1"])
+        .await
+        .assert_success();
+    assert_eq!(env.sink.accepted_batches(), [vec![later[0]]]);
+
+    let id = env.dead_letter_id(dead).await;
+    env.run(&["dlq", "requeue", &id.to_string()])
+        .await
+        .assert_success();
+    env.config.remove("dispatch.json_entity_types");
+    env.drain().await.assert_success();
+    assert_eq!(
+        env.sink.accepted_batches(),
+        [vec![later[0]], vec![dead], vec![later[1]]],
+        "the requeued row, alone, before the key's row still queued"
+    );
+}
+
 both_stores!(purge_deletes_by_id_by_age_and_all);
 async fn purge_deletes_by_id_by_age_and_all(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;

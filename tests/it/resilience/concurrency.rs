@@ -67,6 +67,50 @@ async fn three_relays_share_the_outbox_without_duplicates_and_in_key_order() {
     eprintln!("{RELAYS} relays: {ROWS} rows in {took:?}, per relay {per_relay:?}");
 }
 
+/// Calls written as applications write them, each call's rows one after the other
+/// in the queue (the claim steps over a call's later rows while its first is out):
+/// three relays still deliver every row once, each call's rows in order and one at
+/// a time.
+#[tokio::test]
+async fn three_relays_deliver_calls_written_together_in_order() {
+    let env = TestEnv::migrated().await;
+    let (rows, per_key) = (9_000, 3);
+    sqlx::query(
+        "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key) \
+         SELECT 'call_log', md5('row' || g)::uuid, jsonb_build_object('seq', g), \
+                'call-' || (g - 1) / $2 \
+         FROM generate_series(1, $1::bigint) AS g ORDER BY g",
+    )
+    .bind(rows)
+    .bind(per_key)
+    .execute(env.db.pg())
+    .await
+    .expect("seed calls");
+    let key_of = ordering_keys(&env).await;
+
+    let relays: Vec<_> = (0..RELAYS).map(|_| env.cmd(["run"]).spawn()).collect();
+    env.sink
+        .wait_for_entries(rows as usize, Duration::from_secs(90))
+        .await;
+    wait_until(
+        Duration::from_secs(10),
+        "every delivered row settled",
+        || async { env.count("sync_outbox_sent").await == rows },
+    )
+    .await;
+    for relay in relays {
+        let out = relay.terminate(Duration::from_secs(10)).await;
+        out.assert_success().assert_no_panic();
+    }
+    let received = by_id(env.sink.all_entries());
+    assert_eq!(received.len(), rows as usize);
+    assert!(
+        received.values().all(|copies| copies.len() == 1),
+        "a row delivered twice"
+    );
+    assert_key_order(&env.sink.sync_requests(), &key_of);
+}
+
 /// With a sink that takes longer than `PREFETCH_AFTER` to answer, each worker claims
 /// its next rows while its requests are out: still every row once, each key's rows
 /// in order and one at a time, and a drain that ends with nothing left.
