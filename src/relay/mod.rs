@@ -44,7 +44,10 @@ const PROBE_LEAD: Duration = Duration::from_millis(100);
 /// How long a worker's requests may be out before it claims its next rows meanwhile.
 /// A sink that answers within it (the database is then the bottleneck) sees the same
 /// claim → deliver → settle cycle as ever; a slower one (a Frontend that stores what
-/// it receives) no longer waits for the claim after each settle.
+/// it receives) no longer waits for the claim after each settle. Once a worker's
+/// requests took longer than this, the next worker claims ahead as soon as its own
+/// are out (`Relay::slow_sink`): waiting first would leave the claim running past
+/// the answer of a sink only a little slower than the claim.
 const PREFETCH_AFTER: Duration = Duration::from_millis(10);
 
 /// A worker's next batch, claimed while its requests were out.
@@ -149,6 +152,9 @@ pub struct Relay {
     /// time for the whole relay, from every key, so that a handful of rows goes out
     /// as one batch (and a wake-up is one claim), as with a single lane.
     backlog: AtomicBool,
+    /// The latest delivery of a full claim took longer than `PREFETCH_AFTER`: claim
+    /// ahead at once.
+    slow_sink: AtomicBool,
     /// Uploads in flight across the relay (`dispatch.file_concurrency`): every worker
     /// may hold a batch of recording files, and each upload keeps up to a few MiB of
     /// its file in flight, so memory is bounded by this, not by the worker count.
@@ -206,6 +212,7 @@ impl Relay {
             drain,
             lanes,
             backlog: AtomicBool::new(false),
+            slow_sink: AtomicBool::new(false),
             uploads,
             batches_per_worker,
             workers,
@@ -536,20 +543,30 @@ impl Relay {
         let attempts = if share && n >= limit as usize {
             // the rows in flight stay in the outbox meanwhile: the claim skips them
             // and probes their keys' later rows as blocked, so ordering is unchanged
+            let sent = Instant::now();
+            let deliver = async { (deliver.await, sent.elapsed()) };
             tokio::pin!(deliver);
-            tokio::select! {
+            let ahead_after = if self.slow_sink.load(Ordering::Relaxed) {
+                Duration::ZERO
+            } else {
+                PREFETCH_AFTER
+            };
+            let (attempts, took) = tokio::select! {
                 biased;
-                attempts = &mut deliver => attempts,
-                _ = tokio::time::sleep(PREFETCH_AFTER) => {
-                    let (attempts, prefetched) =
+                delivered = &mut deliver => delivered,
+                _ = tokio::time::sleep(ahead_after) => {
+                    let (delivered, prefetched) =
                         tokio::join!(&mut deliver, self.take_batch(lane, limit, share, finished));
                     // a failed claim is the next step's to notice (and report)
                     if let Ok(Some(prefetched)) = prefetched {
                         self.hold(next, prefetched);
                     }
-                    attempts
+                    delivered
                 }
-            }
+            };
+            self.slow_sink
+                .store(took > PREFETCH_AFTER, Ordering::Relaxed);
+            attempts
         } else {
             deliver.await
         };
