@@ -118,11 +118,17 @@ impl Relay {
     /// when nothing at all is due); otherwise every worker claims in the first lane,
     /// from every key. Once `finished`, a worker that was queued at the gate takes a
     /// batch already claimed for it, but claims nothing new.
+    /// `after` is the last row of the worker's claim still out, for a claim made ahead:
+    /// the lane's claim then starts past it. From the cursor it would walk the rows
+    /// out and probe every later row of their keys, only to find each blocked behind
+    /// its head; those rows are found by the claim from the oldest row, as whatever
+    /// falls behind the cursor is (`RESCAN_EVERY`, or after a short claim).
     pub(super) async fn take_batch(
         &self,
         lane: usize,
         limit: u32,
         share: bool,
+        after: Option<i64>,
         finished: &CancellationToken,
     ) -> anyhow::Result<Option<(u64, Claim)>> {
         let split = self.lanes.len() > 1 && self.backlog.load(Ordering::SeqCst);
@@ -147,7 +153,10 @@ impl Relay {
         let want = u32::try_from(others + 1).unwrap_or(1).saturating_mul(limit);
         let lease = self.settings.dispatch.lease_duration;
         let keys = lane.share.filter(|_| self.backlog.load(Ordering::SeqCst));
-        let from_id = if keys.is_some() { lane.claim_from() } else { 0 };
+        let from_id = match (keys.is_some(), lane.claim_from()) {
+            (false, _) | (true, 0) => 0,
+            (true, from) => after.map_or(from, |a| from.max(a.saturating_add(1))),
+        };
         let mut claim = self
             .store
             .claim(want, lease, &self.owner, keys, from_id)

@@ -516,7 +516,7 @@ impl Relay {
         let share = !probing && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
         let taken = match self.unhold(next) {
             Some(prefetched) => Ok(Some(prefetched)),
-            None => self.take_batch(lane, limit, share, finished).await,
+            None => self.take_batch(lane, limit, share, None, finished).await,
         };
         let (batch, claim) = match taken {
             Ok(Some(taken)) => taken,
@@ -543,6 +543,7 @@ impl Relay {
         let attempts = if share && n >= limit as usize {
             // the rows in flight stay in the outbox meanwhile: the claim skips them
             // and probes their keys' later rows as blocked, so ordering is unchanged
+            let last = claim.rows.iter().map(|r| r.id).max();
             let sent = Instant::now();
             let deliver = async { (deliver.await, sent.elapsed()) };
             tokio::pin!(deliver);
@@ -556,7 +557,7 @@ impl Relay {
                 delivered = &mut deliver => delivered,
                 _ = tokio::time::sleep(ahead_after) => {
                     let (delivered, prefetched) =
-                        tokio::join!(&mut deliver, self.take_batch(lane, limit, share, finished));
+                        tokio::join!(&mut deliver, self.take_batch(lane, limit, share, last, finished));
                     // a failed claim is the next step's to notice (and report)
                     if let Ok(Some(prefetched)) = prefetched {
                         self.hold(next, prefetched);
