@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::support::{by_id, log_events, log_field, ordering_keys, seed_keyed, tables};
+use super::support::{
+    by_id, log_events, log_field, ordering_keys, seed_adjacent_calls, seed_keyed, tables,
+};
 use crate::harness::sink::SyncRequest;
 use crate::harness::{wait_until, Mode, Reply, TestEnv};
 use serversync::store::{KeyShare, PgStore};
@@ -74,18 +76,8 @@ async fn three_relays_share_the_outbox_without_duplicates_and_in_key_order() {
 #[tokio::test]
 async fn three_relays_deliver_calls_written_together_in_order() {
     let env = TestEnv::migrated().await;
-    let (rows, per_key) = (9_000, 3);
-    sqlx::query(
-        "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key) \
-         SELECT 'call_log', md5('row' || g)::uuid, jsonb_build_object('seq', g), \
-                'call-' || (g - 1) / $2 \
-         FROM generate_series(1, $1::bigint) AS g ORDER BY g",
-    )
-    .bind(rows)
-    .bind(per_key)
-    .execute(env.db.pg())
-    .await
-    .expect("seed calls");
+    let rows = 9_000;
+    seed_adjacent_calls(&env, rows, 3).await;
     let key_of = ordering_keys(&env).await;
 
     let relays: Vec<_> = (0..RELAYS).map(|_| env.cmd(["run"]).spawn()).collect();
@@ -139,6 +131,35 @@ async fn a_slow_sink_drains_in_key_order_while_workers_claim_ahead() {
     );
     assert_eq!(tables(&env).await, (0, rows, 0), "(pending, sent, dead)");
     assert_key_order(&requests, &key_of);
+}
+
+/// The same with each call's rows next to each other in the queue: a claim made
+/// ahead starts past the rows still out, and their calls' later rows, left behind
+/// it, are still all delivered, in order, by the claims from the oldest row.
+#[tokio::test]
+async fn a_slow_sink_drains_calls_written_together_while_workers_claim_ahead() {
+    let env = TestEnv::migrated().await;
+    let rows = 6_000;
+    seed_adjacent_calls(&env, rows, 3).await;
+    let key_of = ordering_keys(&env).await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(30))));
+
+    let out = env
+        .cmd(["drain"])
+        .timeout(Duration::from_secs(120))
+        .output()
+        .await;
+    out.assert_success().assert_no_panic();
+
+    let received = by_id(env.sink.all_entries());
+    assert_eq!(received.len(), rows as usize, "{out}");
+    assert!(
+        received.values().all(|copies| copies.len() == 1),
+        "a row delivered twice\n{out}"
+    );
+    assert_eq!(tables(&env).await, (0, rows, 0), "(pending, sent, dead)");
+    assert_key_order(&env.sink.sync_requests(), &key_of);
 }
 
 /// For every key, its rows arrived in strictly increasing id order, each request

@@ -53,6 +53,22 @@ pub async fn seed_keyed(env: &TestEnv, n: i64, keys: i64) {
     .expect("seed keyed outbox rows");
 }
 
+/// `n` rows in calls of `per_key`, each call's rows next to each other in the queue
+/// (as one transaction writes a call), keyed `call-<n>`.
+pub async fn seed_adjacent_calls(env: &TestEnv, n: i64, per_key: i64) {
+    sqlx::query(
+        "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key) \
+         SELECT 'call_log', md5('row' || g)::uuid, jsonb_build_object('seq', g), \
+                'call-' || (g - 1) / $2 \
+         FROM generate_series(1, $1::bigint) AS g ORDER BY g",
+    )
+    .bind(n)
+    .bind(per_key)
+    .execute(env.db.pg())
+    .await
+    .expect("seed calls");
+}
+
 /// Insert one call log of its own ordering key; returns its id.
 pub async fn insert_one(env: &TestEnv) -> i64 {
     let id = uuid::Uuid::new_v4();
