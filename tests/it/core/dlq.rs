@@ -128,13 +128,8 @@ both_stores!(a_requeued_row_goes_before_the_later_rows_of_its_key);
 /// got while it was dead: it is the key's head again, and they wait for it.
 async fn a_requeued_row_goes_before_the_later_rows_of_its_key(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
-    env.config.set("dispatch.json_entity_types", ["call_log"]);
     let key = "call-7";
-    let dead = env
-        .insert_rows(&[NewRow::new("fax", Uuid::new_v4(), json!({"page": 1})).keyed(key)])
-        .await[0];
-    env.drain().await.assert_code(3);
-    assert_eq!(env.count("sync_outbox_dead_letters").await, 1);
+    let dead = dead_row_of_key(&mut env, key).await;
     // the key's later row, queued while its older row is dead: nothing holds it back
     // yet, so this drain would deliver it; leave it queued behind the requeue instead
     let later = env
@@ -162,13 +157,8 @@ both_stores!(a_requeued_row_goes_before_a_later_row_whose_predecessor_went_meanw
 /// row too.
 async fn a_requeued_row_goes_before_a_later_row_whose_predecessor_went_meanwhile(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
-    env.config.set("dispatch.json_entity_types", ["call_log"]);
     let key = "call-8";
-    let dead = env
-        .insert_rows(&[NewRow::new("fax", Uuid::new_v4(), json!({"page": 1})).keyed(key)])
-        .await[0];
-    env.drain().await.assert_code(3);
-    assert_eq!(env.count("sync_outbox_dead_letters").await, 1);
+    let dead = dead_row_of_key(&mut env, key).await;
     // a call's two rows, written together while the older row is dead
     let later = env
         .insert_rows(&[
@@ -192,6 +182,19 @@ async fn a_requeued_row_goes_before_a_later_row_whose_predecessor_went_meanwhile
         [vec![later[0]], vec![dead], vec![later[1]]],
         "the requeued row, alone, before the key's row still queued"
     );
+}
+
+/// A row of ordering key `key` dead-lettered by a drain (an entity type outside
+/// `dispatch.json_entity_types`, which stays set to `call_log` until the test removes
+/// it); returns its outbox id.
+async fn dead_row_of_key(env: &mut TestEnv, key: &str) -> i64 {
+    env.config.set("dispatch.json_entity_types", ["call_log"]);
+    let dead = env
+        .insert_rows(&[NewRow::new("fax", Uuid::new_v4(), json!({"page": 1})).keyed(key)])
+        .await[0];
+    env.drain().await.assert_code(3);
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 1);
+    dead
 }
 
 both_stores!(purge_deletes_by_id_by_age_and_all);

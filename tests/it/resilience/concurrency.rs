@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::support::{
     by_id, log_events, log_field, ordering_keys, seed_adjacent_calls, seed_keyed, tables,
 };
+use crate::harness::relay::Output;
 use crate::harness::sink::SyncRequest;
 use crate::harness::{wait_until, Mode, Reply, TestEnv};
 use serversync::store::{KeyShare, PgStore};
@@ -22,24 +23,11 @@ async fn three_relays_share_the_outbox_without_duplicates_and_in_key_order() {
     let key_of = ordering_keys(&env).await;
     assert_eq!(key_of.len(), ROWS as usize);
 
-    let relays: Vec<_> = (0..RELAYS)
-        .map(|_| env.cmd(["--log-format", "json", "run"]).spawn())
-        .collect();
     let started = Instant::now();
-    env.sink
-        .wait_for_entries(ROWS as usize, Duration::from_secs(90))
-        .await;
+    let outputs = run_relays_until_settled(&env, ROWS).await;
     let took = started.elapsed();
-    wait_until(
-        Duration::from_secs(10),
-        "every delivered row settled",
-        || async { env.count("sync_outbox_sent").await == ROWS },
-    )
-    .await;
     let mut per_relay = Vec::new();
-    for relay in relays {
-        let out = relay.terminate(Duration::from_secs(10)).await;
-        out.assert_success().assert_no_panic();
+    for out in outputs {
         let stopped = log_events(&out.stderr, "stopped");
         assert_eq!(stopped.len(), 1, "one `stopped` summary\n{out}");
         per_relay.push(log_field(&stopped[0], "delivered").unwrap_or_else(|| panic!("{out}")));
@@ -80,20 +68,7 @@ async fn three_relays_deliver_calls_written_together_in_order() {
     seed_adjacent_calls(&env, rows, 3).await;
     let key_of = ordering_keys(&env).await;
 
-    let relays: Vec<_> = (0..RELAYS).map(|_| env.cmd(["run"]).spawn()).collect();
-    env.sink
-        .wait_for_entries(rows as usize, Duration::from_secs(90))
-        .await;
-    wait_until(
-        Duration::from_secs(10),
-        "every delivered row settled",
-        || async { env.count("sync_outbox_sent").await == rows },
-    )
-    .await;
-    for relay in relays {
-        let out = relay.terminate(Duration::from_secs(10)).await;
-        out.assert_success().assert_no_panic();
-    }
+    run_relays_until_settled(&env, rows).await;
     let received = by_id(env.sink.all_entries());
     assert_eq!(received.len(), rows as usize);
     assert!(
@@ -111,26 +86,7 @@ async fn a_slow_sink_drains_in_key_order_while_workers_claim_ahead() {
     let env = TestEnv::migrated().await;
     let (rows, keys) = (12_000, 4_000);
     seed_keyed(&env, rows, keys).await;
-    let key_of = ordering_keys(&env).await;
-    env.sink
-        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(30))));
-
-    let out = env
-        .cmd(["drain"])
-        .timeout(Duration::from_secs(120))
-        .output()
-        .await;
-    out.assert_success().assert_no_panic();
-
-    let requests = env.sink.sync_requests();
-    let received = by_id(env.sink.all_entries());
-    assert_eq!(received.len(), rows as usize, "{out}");
-    assert!(
-        received.values().all(|copies| copies.len() == 1),
-        "a row delivered twice\n{out}"
-    );
-    assert_eq!(tables(&env).await, (0, rows, 0), "(pending, sent, dead)");
-    assert_key_order(&requests, &key_of);
+    drain_through_a_slow_sink_in_key_order(&env, rows).await;
 }
 
 /// The same with each call's rows next to each other in the queue: a claim made
@@ -141,7 +97,38 @@ async fn a_slow_sink_drains_calls_written_together_while_workers_claim_ahead() {
     let env = TestEnv::migrated().await;
     let rows = 6_000;
     seed_adjacent_calls(&env, rows, 3).await;
-    let key_of = ordering_keys(&env).await;
+    drain_through_a_slow_sink_in_key_order(&env, rows).await;
+}
+
+/// `RELAYS` relays running until all `rows` queued rows are delivered and settled;
+/// their outputs once stopped, each a clean exit.
+async fn run_relays_until_settled(env: &TestEnv, rows: i64) -> Vec<Output> {
+    let relays: Vec<_> = (0..RELAYS)
+        .map(|_| env.cmd(["--log-format", "json", "run"]).spawn())
+        .collect();
+    env.sink
+        .wait_for_entries(rows as usize, Duration::from_secs(90))
+        .await;
+    wait_until(
+        Duration::from_secs(10),
+        "every delivered row settled",
+        || async { env.count("sync_outbox_sent").await == rows },
+    )
+    .await;
+    let mut outputs = Vec::with_capacity(RELAYS);
+    for relay in relays {
+        let out = relay.terminate(Duration::from_secs(10)).await;
+        out.assert_success().assert_no_panic();
+        outputs.push(out);
+    }
+    outputs
+}
+
+/// One drain of the `rows` queued rows through a sink that answers in 30 ms (longer
+/// than `PREFETCH_AFTER`, so workers claim ahead): every row delivered once, nothing
+/// left, each key's rows in order and one at a time.
+async fn drain_through_a_slow_sink_in_key_order(env: &TestEnv, rows: i64) {
+    let key_of = ordering_keys(env).await;
     env.sink
         .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(30))));
 
@@ -158,7 +145,7 @@ async fn a_slow_sink_drains_calls_written_together_while_workers_claim_ahead() {
         received.values().all(|copies| copies.len() == 1),
         "a row delivered twice\n{out}"
     );
-    assert_eq!(tables(&env).await, (0, rows, 0), "(pending, sent, dead)");
+    assert_eq!(tables(env).await, (0, rows, 0), "(pending, sent, dead)");
     assert_key_order(&env.sink.sync_requests(), &key_of);
 }
 

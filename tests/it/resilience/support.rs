@@ -39,34 +39,29 @@ pub async fn seed_calls(env: &TestEnv, n: i64, calls: i64) {
 
 /// Insert `n` call logs with an explicit ordering key `k<g % keys>`.
 pub async fn seed_keyed(env: &TestEnv, n: i64, keys: i64) {
-    sqlx::query(
-        "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key) \
-         SELECT 'call_log', md5('row' || g)::uuid, \
-                jsonb_build_object('seq', g, 'key', 'k' || g % $2, 'ok', true), \
-                'k' || g % $2 \
-         FROM generate_series(1, $1::bigint) AS g ORDER BY g",
-    )
-    .bind(n)
-    .bind(keys)
-    .execute(env.db.pg())
-    .await
-    .expect("seed keyed outbox rows");
+    seed_call_logs_keyed(env, n, keys, "'k' || g % $2").await;
 }
 
 /// `n` rows in calls of `per_key`, each call's rows next to each other in the queue
-/// (as one transaction writes a call), keyed `call-<n>`.
+/// (as one transaction writes a call), keyed `k<(g - 1) / per_key>`.
 pub async fn seed_adjacent_calls(env: &TestEnv, n: i64, per_key: i64) {
-    sqlx::query(
+    seed_call_logs_keyed(env, n, per_key, "'k' || (g - 1) / $2").await;
+}
+
+/// `n` call logs (`g` = 1..=n) whose ordering key is `key`, an SQL expression of `g`
+/// and `$2` = `m`.
+async fn seed_call_logs_keyed(env: &TestEnv, n: i64, m: i64, key: &str) {
+    sqlx::query(&format!(
         "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key) \
-         SELECT 'call_log', md5('row' || g)::uuid, jsonb_build_object('seq', g), \
-                'call-' || (g - 1) / $2 \
-         FROM generate_series(1, $1::bigint) AS g ORDER BY g",
-    )
+         SELECT 'call_log', md5('row' || g)::uuid, \
+                jsonb_build_object('seq', g, 'key', {key}, 'ok', true), {key} \
+         FROM generate_series(1, $1::bigint) AS g ORDER BY g"
+    ))
     .bind(n)
-    .bind(per_key)
+    .bind(m)
     .execute(env.db.pg())
     .await
-    .expect("seed calls");
+    .expect("seed keyed outbox rows");
 }
 
 /// Insert one call log of its own ordering key; returns its id.
