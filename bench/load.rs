@@ -74,6 +74,10 @@ FROM generate_series(1, $1) AS g
 pub struct Loaded {
     /// Every id enqueued, sorted.
     pub ids: Vec<i64>,
+    /// Every keyed row as (key, id), sorted: the order the sink must see them in.
+    /// The key is the relay's own 64-bit hash of it (`ordering_key_hash`), which
+    /// orders two keys of one hash behind each other, as the relay does.
+    pub keyed: Vec<(i64, i64)>,
     pub avg_payload_bytes: f64,
     pub ordering_keys: i64,
     pub seconds: f64,
@@ -101,9 +105,16 @@ pub async fn outbox(db: &Database, rows: u64, layout: Layout) -> anyhow::Result<
     }
     loaded?;
     settle_table(&db.pool).await?;
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM sync_outbox ORDER BY id")
-        .fetch_all(&db.pool)
-        .await?;
+    let rows: Vec<(i64, Option<i64>)> =
+        sqlx::query_as("SELECT id, ordering_key_hash FROM sync_outbox ORDER BY id")
+            .fetch_all(&db.pool)
+            .await?;
+    let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+    let mut keyed: Vec<(i64, i64)> = rows
+        .iter()
+        .filter_map(|(id, key)| key.map(|k| (k, *id)))
+        .collect();
+    keyed.sort_unstable();
     let (avg, keys): (Option<f64>, i64) = sqlx::query_as(
         "SELECT avg(length(payload::text))::float8, count(DISTINCT ordering_key) FROM sync_outbox",
     )
@@ -111,6 +122,7 @@ pub async fn outbox(db: &Database, rows: u64, layout: Layout) -> anyhow::Result<
     .await?;
     Ok(Loaded {
         ids,
+        keyed,
         avg_payload_bytes: avg.unwrap_or(0.0),
         ordering_keys: keys,
         seconds: started.elapsed().as_secs_f64(),

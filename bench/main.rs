@@ -22,7 +22,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 
 use report::Report;
-use scenarios::{drain, history, idle, latency, pgbench, upload, Ctx};
+use scenarios::{drain, history, idle, latency, ordering, pgbench, upload, Ctx};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -32,6 +32,7 @@ enum Scenario {
     Upload,
     Pgbench,
     History,
+    Ordering,
 }
 
 #[derive(Debug, Parser)]
@@ -43,11 +44,13 @@ struct Args {
     /// Scenarios to run (default: drain).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
-    /// drain, latency, idle, upload and pgbench, with a table of figures and targets.
+    /// drain, latency, idle, upload, pgbench and ordering, with a table of figures and
+    /// targets.
     #[arg(long, conflicts_with = "smoke")]
     all: bool,
     /// CI size (< 1 min): drain 3,000 rows, 2 s of latency at 200 rows/s, a 1 MiB
-    /// upload; exits non-zero if a row is lost or duplicated.
+    /// upload, ordering's three drains of 3,000 rows; exits non-zero if a row is lost,
+    /// duplicated, or delivered out of its ordering key's order.
     #[arg(long)]
     smoke: bool,
     /// The relay binary (default: serversync beside this bench's target directory).
@@ -57,7 +60,7 @@ struct Args {
     /// serversync_bench_* are created on it and dropped.
     #[arg(long, value_name = "URL")]
     database_url: Option<String>,
-    /// drain: rows to load and deliver.
+    /// drain and ordering: rows to load and deliver.
     #[arg(long, default_value_t = 100_000)]
     rows: u64,
     /// latency: rows per second.
@@ -96,11 +99,12 @@ struct Args {
     /// machine against the figures.
     #[arg(long)]
     pgbench_reference: bool,
-    /// drain and pgbench: run them this many times, alternating, and report the
-    /// median of each (this machine's run-to-run noise is ±10–30 %).
+    /// drain, pgbench and ordering: run them this many times, alternating, and report
+    /// the median of each (this machine's run-to-run noise is ±10–30 %).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
     rounds: u32,
-    /// Where a call's three rows sit in the backlog (drain, pgbench, history).
+    /// Where a call's three rows sit in the backlog (drain, pgbench, history; ordering
+    /// drains all three).
     #[arg(long, value_enum, default_value = "grouped")]
     layout: load::Layout,
     /// Milliseconds the sink takes to answer each JSON request, as a real Frontend
@@ -222,7 +226,12 @@ fn plan(args: &mut Args) -> anyhow::Result<Vec<Scenario>> {
         args.rate = 200;
         args.seconds = 2;
         args.size_mib = 1;
-        return Ok(vec![Scenario::Drain, Scenario::Latency, Scenario::Upload]);
+        return Ok(vec![
+            Scenario::Drain,
+            Scenario::Latency,
+            Scenario::Upload,
+            Scenario::Ordering,
+        ]);
     }
     if args.all {
         return Ok(vec![
@@ -231,6 +240,7 @@ fn plan(args: &mut Args) -> anyhow::Result<Vec<Scenario>> {
             Scenario::Idle,
             Scenario::Upload,
             Scenario::Pgbench,
+            Scenario::Ordering,
         ]);
     }
     if args.scenarios.is_empty() {
@@ -245,9 +255,13 @@ async fn run_scenarios(ctx: &Ctx, args: &Args, scenarios: &[Scenario]) -> anyhow
     let mut report = Report::default();
     let mut drains = Vec::new();
     let mut pgbenches = Vec::new();
+    let mut orderings = Vec::new();
     for round in 1..=args.rounds {
         for scenario in scenarios {
-            let repeated = matches!(scenario, Scenario::Drain | Scenario::Pgbench);
+            let repeated = matches!(
+                scenario,
+                Scenario::Drain | Scenario::Pgbench | Scenario::Ordering
+            );
             if round > 1 && !repeated {
                 continue;
             }
@@ -256,15 +270,13 @@ async fn run_scenarios(ctx: &Ctx, args: &Args, scenarios: &[Scenario]) -> anyhow
             } else {
                 println!("\n== {scenario:?} ==");
             }
-            run_scenario(
-                ctx,
-                args,
-                *scenario,
-                &mut report,
-                &mut drains,
-                &mut pgbenches,
-            )
-            .await?;
+            let runs = Runs {
+                round,
+                drains: &mut drains,
+                pgbenches: &mut pgbenches,
+                orderings: &mut orderings,
+            };
+            run_scenario(ctx, args, *scenario, &mut report, runs).await?;
         }
     }
     if let Some(f) = median_drain(&drains) {
@@ -281,6 +293,7 @@ async fn run_scenarios(ctx: &Ctx, args: &Args, scenarios: &[Scenario]) -> anyhow
             pgbench::relay_share_by_round(&mut report, &pgbenches, &rounds, args.delete_sent);
         }
     }
+    ordering::add_to_report(&mut report, &orderings);
     // (this one includes the bench's own load)
     print_load("at the end", false);
     if args.smoke {
@@ -293,16 +306,25 @@ async fn run_scenarios(ctx: &Ctx, args: &Args, scenarios: &[Scenario]) -> anyhow
     Ok(report)
 }
 
+/// The figures of the scenarios that repeat every round, collected for their medians.
+struct Runs<'a> {
+    round: u32,
+    drains: &'a mut Vec<drain::Figures>,
+    pgbenches: &'a mut Vec<Vec<pgbench::Outcome>>,
+    orderings: &'a mut Vec<ordering::Round>,
+}
+
 async fn run_scenario(
     ctx: &Ctx,
     args: &Args,
     scenario: Scenario,
     report: &mut Report,
-    drains: &mut Vec<drain::Figures>,
-    pgbenches: &mut Vec<Vec<pgbench::Outcome>>,
+    runs: Runs<'_>,
 ) -> anyhow::Result<()> {
     match scenario {
-        Scenario::Drain => drains.push(drain::run(ctx, args.rows, report).await?),
+        Scenario::Drain => runs
+            .drains
+            .push(drain::run(ctx, args.rows, args.layout, report).await?),
         Scenario::Latency => {
             let f = latency::run(ctx, args.rate, args.seconds, args.producers, report).await?;
             latency::add_to_report(report, &f);
@@ -315,7 +337,7 @@ async fn run_scenario(
             let f = upload::run(ctx, args.size_mib, report).await?;
             upload::add_to_report(report, &f);
         }
-        Scenario::Pgbench => pgbenches.push(
+        Scenario::Pgbench => runs.pgbenches.push(
             pgbench::run(
                 ctx,
                 args.pgbench_rows,
@@ -330,6 +352,9 @@ async fn run_scenario(
             let o = history::run(ctx, args.pending, args.sent, args.max_rows, report).await?;
             history::add_to_report(report, &o);
         }
+        Scenario::Ordering => runs
+            .orderings
+            .push(ordering::run(ctx, args.rows, runs.round, report).await?),
     }
     Ok(())
 }

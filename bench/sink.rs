@@ -8,6 +8,7 @@
 //! - `POST /api/ingest/recording-file` streams the multipart body and counts the bytes
 //!   of each part; nothing is buffered.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,6 +31,8 @@ pub struct Arrival {
     pub id: i64,
     /// Microseconds since the Unix epoch.
     pub at_us: i64,
+    /// The request that carried it (numbered in arrival order).
+    pub request: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +53,8 @@ impl Upload {
 #[derive(Default)]
 struct Shared {
     arrivals: Mutex<Vec<Arrival>>,
+    /// When each JSON request was answered: (request, microseconds since the epoch).
+    answered: Mutex<Vec<(u64, i64)>>,
     uploads: Mutex<Vec<Upload>>,
     requests: AtomicU64,
     rejected: AtomicU64,
@@ -130,6 +135,7 @@ impl Sink {
     /// Forget everything recorded so far.
     pub fn clear(&self) {
         lock(&self.shared.arrivals).clear();
+        lock(&self.shared.answered).clear();
         lock(&self.shared.uploads).clear();
         self.shared.requests.store(0, Ordering::Relaxed);
         self.shared.rejected.store(0, Ordering::Relaxed);
@@ -137,6 +143,11 @@ impl Sink {
 
     pub fn arrivals(&self) -> Vec<Arrival> {
         lock(&self.shared.arrivals).clone()
+    }
+
+    /// When each JSON request was answered, by request number.
+    pub fn answered(&self) -> HashMap<u64, i64> {
+        lock(&self.shared.answered).iter().copied().collect()
     }
 
     pub fn arrival_count(&self) -> usize {
@@ -214,7 +225,7 @@ struct Entry {
 }
 
 async fn sync(State(shared): State<Arc<Shared>>, body: Bytes) -> StatusCode {
-    shared.requests.fetch_add(1, Ordering::Relaxed);
+    let request = shared.requests.fetch_add(1, Ordering::Relaxed);
     let batch: Batch = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(_) => {
@@ -226,10 +237,13 @@ async fn sync(State(shared): State<Arc<Shared>>, body: Bytes) -> StatusCode {
     lock(&shared.arrivals).extend(batch.entries.iter().map(|e| Arrival {
         id: e.outbox_id,
         at_us,
+        request,
     }));
     if !shared.delay.is_zero() {
         tokio::time::sleep(shared.delay).await;
     }
+    // before the answer leaves: a row sent after it was read arrives later than this
+    lock(&shared.answered).push((request, now_us()));
     StatusCode::OK
 }
 
@@ -277,6 +291,47 @@ async fn recording_file(State(shared): State<Arc<Shared>>, mut form: Multipart) 
         shared.rejected.fetch_add(1, Ordering::Relaxed);
         StatusCode::BAD_REQUEST
     }
+}
+
+/// Rows that reached the sink out of their ordering key's order: while an earlier
+/// row of the key was still unanswered (in the same request, or in one still out),
+/// or before it (the earlier row arrived later, or not at all). `keyed` is every
+/// keyed row as (key, id), sorted; a row's first arrival counts. SPEC 3.4: rows of
+/// one key are delivered one at a time, in id order.
+pub fn out_of_order(
+    arrivals: &[Arrival],
+    answered: &HashMap<u64, i64>,
+    keyed: &[(i64, i64)],
+) -> usize {
+    let mut first: HashMap<i64, Arrival> = HashMap::with_capacity(arrivals.len());
+    for a in arrivals {
+        first
+            .entry(a.id)
+            .and_modify(|f| {
+                if a.at_us < f.at_us {
+                    *f = *a;
+                }
+            })
+            .or_insert(*a);
+    }
+    keyed
+        .windows(2)
+        .filter(|pair| pair[0].0 == pair[1].0)
+        .filter(|pair| {
+            let Some(later) = first.get(&pair[1].1) else {
+                return false;
+            };
+            match first.get(&pair[0].1) {
+                // the earlier row never arrived, the later one did
+                None => true,
+                Some(earlier) => match answered.get(&earlier.request) {
+                    Some(done) => later.at_us <= *done,
+                    // never answered (the relay gave up on it): judge by arrival
+                    None => later.at_us <= earlier.at_us,
+                },
+            }
+        })
+        .count()
 }
 
 /// What the sink saw of a set of expected ids.
@@ -333,5 +388,42 @@ impl Tally {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::{out_of_order, Arrival};
+
+    fn at(id: i64, at_us: i64, request: u64) -> Arrival {
+        Arrival { id, at_us, request }
+    }
+
+    #[test]
+    fn a_row_counts_as_out_of_order_unless_it_came_after_its_predecessor_was_answered() {
+        // key 7: ids 1, 2, 3; key 9: id 4
+        let keyed = [(7, 1), (7, 2), (7, 3), (9, 4)];
+        let answered: HashMap<u64, i64> = [(0, 150), (1, 250), (2, 350), (3, 120)].into();
+        let in_order = [at(1, 100, 0), at(4, 110, 3), at(2, 200, 1), at(3, 300, 2)];
+        assert_eq!(out_of_order(&in_order, &answered, &keyed), 0);
+
+        let same_request = [at(1, 100, 0), at(2, 100, 0), at(3, 300, 2)];
+        assert_eq!(out_of_order(&same_request, &answered, &keyed), 1);
+
+        // sent while the request with its predecessor was still out
+        let overlapping = [at(1, 100, 0), at(2, 140, 1), at(3, 300, 2)];
+        assert_eq!(out_of_order(&overlapping, &answered, &keyed), 1);
+
+        let reversed = [at(2, 100, 1), at(1, 200, 0), at(3, 300, 2)];
+        assert_eq!(out_of_order(&reversed, &answered, &keyed), 1);
+
+        let predecessor_never_came = [at(1, 100, 0), at(3, 300, 2)];
+        assert_eq!(out_of_order(&predecessor_never_came, &answered, &keyed), 1);
+
+        // a duplicate delivered later does not count against the next row
+        let duplicate = [at(1, 100, 0), at(2, 200, 1), at(1, 260, 1), at(3, 300, 2)];
+        assert_eq!(out_of_order(&duplicate, &answered, &keyed), 0);
     }
 }

@@ -6,11 +6,11 @@ use std::time::Duration;
 use anyhow::bail;
 
 use super::{Ctx, Profiler};
-use crate::load::{self, Loaded};
+use crate::load::{self, Layout, Loaded};
 use crate::pg::Database;
 use crate::relay::{self, Run};
 use crate::report::{thousands, Report};
-use crate::sink::{tally, Tally};
+use crate::sink::{out_of_order, tally, Tally};
 
 /// The figures of one drain.
 #[derive(Debug, Clone)]
@@ -29,13 +29,21 @@ pub struct Figures {
     pub xact_per_row: f64,
     /// JSON requests the sink answered.
     pub requests: u64,
+    /// Rows the sink got while an earlier row of their key was unanswered, or
+    /// before it (`sink::out_of_order`); 0 unless ordering broke.
+    pub out_of_order: usize,
     pub profile: Option<String>,
 }
 
-/// The default scenario: load `rows`, drain them all, verify.
-pub async fn run(ctx: &Ctx, rows: u64, report: &mut Report) -> anyhow::Result<Figures> {
+/// The default scenario: load `rows` in `layout`, drain them all, verify.
+pub async fn run(
+    ctx: &Ctx,
+    rows: u64,
+    layout: Layout,
+    report: &mut Report,
+) -> anyhow::Result<Figures> {
     let db = ctx.migrated_db("drain").await?;
-    let loaded = load::outbox(&db, rows, ctx.layout).await?;
+    let loaded = load::outbox(&db, rows, layout).await?;
     println!(
         "drain: loaded {} rows ({:.0} B payloads, {} ordering keys) in {:.1}s",
         thousands(loaded.ids.len() as f64),
@@ -134,6 +142,13 @@ pub async fn measure(
         )]);
     }
     let t = tally(&arrivals, &loaded.ids);
+    let out_of_order = out_of_order(&arrivals, &ctx.sink.answered(), &loaded.keyed);
+    if out_of_order > 0 {
+        report.problems([format!(
+            "drain: {out_of_order} rows reached the sink while an earlier row of their \
+             ordering key was unanswered, or before it"
+        )]);
+    }
     match max_rows {
         None => report.problems(t.problems("drain")),
         Some(m) => {
@@ -169,6 +184,7 @@ pub async fn measure(
         bench_cpu_per_10k: per_10k(bench_cpu),
         xact_per_row: xact as f64 / rows.max(1) as f64,
         requests,
+        out_of_order,
         profile,
     };
     println!("relay said: {}", output.lines().last().unwrap_or("").trim());
@@ -177,11 +193,12 @@ pub async fn measure(
 
 pub fn print_figures(label: &str, f: &Figures) {
     println!(
-        "{label}: {} rows in {:.2}s = {} rows/s ({} rows/s first→last delivery)",
+        "{label}: {} rows in {:.2}s = {} rows/s ({} rows/s first→last delivery); {} out of their key's order",
         thousands(f.rows as f64),
         f.seconds,
         thousands(f.rows_per_s),
-        thousands(f.steady_rows_per_s)
+        thousands(f.steady_rows_per_s),
+        f.out_of_order
     );
     println!(
         "{label}: relay CPU {:.3} s/10k rows, peak RSS {:.1} MiB; PostgreSQL CPU {}; sink+bench CPU {:.3} s/10k; {:.3} transactions/row; {:.1} rows/request",

@@ -5,6 +5,7 @@ pub mod drain;
 pub mod history;
 pub mod idle;
 pub mod latency;
+pub mod ordering;
 pub mod pgbench;
 pub mod upload;
 
