@@ -16,6 +16,8 @@
 
 use super::drain::{self, Figures};
 use super::Ctx;
+use clap::ValueEnum;
+
 use crate::load::Layout;
 use crate::report::{thousands, Report};
 
@@ -37,7 +39,11 @@ pub async fn run(ctx: &Ctx, rows: u64, round: u32, report: &mut Report) -> anyho
     for step in 0..LAYOUTS.len() {
         let at = (first + step) % LAYOUTS.len();
         let layout = LAYOUTS[at];
-        let label = format!("ordering ({})", name(layout));
+        let name = layout
+            .to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default();
+        let label = format!("ordering ({name})");
         let f = drain::run(ctx, rows, layout, report).await?;
         println!(
             "{label}: {} rows/s, PostgreSQL CPU {}",
@@ -53,14 +59,6 @@ pub async fn run(ctx: &Ctx, rows: u64, round: u32, report: &mut Report) -> anyho
             unordered,
         }),
         _ => anyhow::bail!("ordering: a layout was not drained"),
-    }
-}
-
-fn name(layout: Layout) -> &'static str {
-    match layout {
-        Layout::Grouped => "grouped",
-        Layout::Spread => "spread",
-        Layout::Unordered => "unordered",
     }
 }
 
