@@ -136,13 +136,7 @@ async fn a_requeued_row_goes_before_the_later_rows_of_its_key(backend: Backend) 
         .insert_rows(&[NewRow::new("call_log", Uuid::new_v4(), json!({"n": 2})).keyed(key)])
         .await[0];
     assert!(dead < later);
-    let id = env.dead_letter_id(dead).await;
-    env.run(&["dlq", "requeue", &id.to_string()])
-        .await
-        .assert_success();
-
-    env.config.remove("dispatch.json_entity_types");
-    env.drain().await.assert_success();
+    requeue_and_drain(&mut env, dead).await;
     let requests = env.sink.accepted_batches();
     assert_eq!(
         requests,
@@ -171,12 +165,7 @@ async fn a_requeued_row_goes_before_a_later_row_whose_predecessor_went_meanwhile
         .assert_success();
     assert_eq!(env.sink.accepted_batches(), [vec![later[0]]]);
 
-    let id = env.dead_letter_id(dead).await;
-    env.run(&["dlq", "requeue", &id.to_string()])
-        .await
-        .assert_success();
-    env.config.remove("dispatch.json_entity_types");
-    env.drain().await.assert_success();
+    requeue_and_drain(&mut env, dead).await;
     assert_eq!(
         env.sink.accepted_batches(),
         [vec![later[0]], vec![dead], vec![later[1]]],
@@ -195,6 +184,17 @@ async fn dead_row_of_key(env: &mut TestEnv, key: &str) -> i64 {
     env.drain().await.assert_code(3);
     assert_eq!(env.count("sync_outbox_dead_letters").await, 1);
     dead
+}
+
+/// Put the row `dead_row_of_key` made back with `dlq requeue ID`, let every entity
+/// type through again, and drain.
+async fn requeue_and_drain(env: &mut TestEnv, dead: i64) {
+    let id = env.dead_letter_id(dead).await;
+    env.run(&["dlq", "requeue", &id.to_string()])
+        .await
+        .assert_success();
+    env.config.remove("dispatch.json_entity_types");
+    env.drain().await.assert_success();
 }
 
 both_stores!(purge_deletes_by_id_by_age_and_all);
