@@ -541,8 +541,9 @@ impl Relay {
         // claim ahead only from a backlog (a full claim): a trickle is picked up by
         // the next step, woken by its commit, with no empty claim per cycle
         let attempts = if share && n >= limit as usize {
-            // the rows in flight stay in the outbox meanwhile: the claim skips them
-            // and probes their keys' later rows as blocked, so ordering is unchanged
+            // the rows in flight stay in the outbox meanwhile: the claim starts past
+            // them, and their keys' later rows stay blocked behind them, so ordering
+            // is unchanged
             let last = claim.rows.iter().map(|r| r.id).max();
             let sent = Instant::now();
             let deliver = async { (deliver.await, sent.elapsed()) };
