@@ -80,6 +80,14 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("invalid --entity-id {entity_id:?}: {e}"))?;
             let payload: serde_json::Value = serde_json::from_str(&payload)
                 .map_err(|e| anyhow::anyhow!("invalid --payload: not JSON: {e}"))?;
+            // what the relay would only dead-letter (`payload_invalid`), or what
+            // PostgreSQL's jsonb refuses with a message that does not say where
+            if !payload.is_object() {
+                bail!("invalid --payload: must be a JSON object (the entity)");
+            }
+            if has_nul(&payload) {
+                bail!("invalid --payload: contains \\u0000, which PostgreSQL's jsonb cannot store");
+            }
             if entity_type.trim().is_empty() {
                 bail!("invalid --entity-type: must not be empty");
             }
@@ -98,6 +106,16 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check => check(&settings).await,
         Command::Demo { .. } | Command::DevSink { .. } => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Whether a string anywhere in `value` (a key too) holds a NUL character.
+fn has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(has_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 
@@ -284,17 +302,22 @@ pub async fn drain(
     let stop = shutdown.child_token();
     if let Some(timeout) = options.timeout {
         let stop = stop.clone();
+        let done = aux_stop.clone();
         aux.spawn(async move {
-            tokio::time::sleep(timeout).await;
-            tracing::warn!(?timeout, "drain --timeout reached: stopping");
-            stop.cancel();
+            tokio::select! {
+                () = tokio::time::sleep(timeout) => {
+                    tracing::warn!(?timeout, "drain --timeout reached: stopping");
+                    stop.cancel();
+                }
+                // the drain ended first: no warning, and nothing left to wait for
+                () = done.cancelled() => {}
+            }
         });
     }
     let summary = relay.run_workers(stop.clone()).await;
     aux_stop.cancel();
     aux.close();
-    // the timeout task is the only one that ignores aux_stop; do not wait for it
-    let _ = tokio::time::timeout(Duration::from_millis(500), aux.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), aux.wait()).await;
     // retention is kept by drains too, for deployments that only run them from cron
     if !stop.is_cancelled() {
         let pruned = relay.prune_once(&stop).await;

@@ -53,7 +53,8 @@ pub enum Command {
     /// Deliver everything due now, then exit (0 all delivered, 3 some dead or left, 1 fatal).
     Drain {
         /// Stop after claiming this many rows.
-        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        #[arg(long, value_name = "N", allow_negative_numbers = true,
+              value_parser = clap::value_parser!(u64).range(1..))]
         max_rows: Option<u64>,
         /// Stop after this long (e.g. 30s, 5m).
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
@@ -110,7 +111,8 @@ pub enum DlqCommand {
         error_type: Option<String>,
         #[arg(long, value_name = "T")]
         entity_type: Option<String>,
-        #[arg(long, default_value_t = 100, value_name = "N")]
+        #[arg(long, default_value_t = 100, value_name = "N", allow_negative_numbers = true,
+              value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
         #[arg(long)]
         json: bool,

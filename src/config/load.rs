@@ -5,7 +5,7 @@
 //! `config` crate's own errors are reworded to do the same, so a mistake stops the
 //! daemon at start-up instead of surfacing later as failed deliveries.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -34,25 +34,47 @@ impl Settings {
                 }
             }
         }
+        // Environment values stay the strings they were written as: the config
+        // crate's `try_parsing` would turn a token `007` into `7` and `1e3` into
+        // `1000`. Numbers, switches and lists are read from strings by their fields'
+        // deserializers (`strict`, `names`).
         builder = builder.add_source(
             config::Environment::with_prefix("SERVERSYNC")
                 .prefix_separator("__")
                 .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("dispatch.file_entity_types")
-                .with_list_parse_key("dispatch.json_entity_types")
-                .try_parsing(true),
+                .try_parsing(false),
         );
         let raw = builder.build().map_err(describe_config_error)?;
         let mut settings: Settings = raw.try_deserialize().map_err(describe_config_error)?;
 
-        // The environment overrides the file (SPEC §6): the conventional DATABASE_URL
-        // too, unless the more specific SERVERSYNC__DATABASE__URL is set.
-        let specific = std::env::var_os("SERVERSYNC__DATABASE__URL").is_some_and(|v| !v.is_empty());
+        // The environment overrides the file (SPEC §6), for a secret given in the
+        // other form too: `…_FILE` in the environment replaces a value in the file.
+        let database = &mut settings.database;
+        prefer_environment_form(
+            &mut database.url,
+            &mut database.url_file,
+            "SERVERSYNC__DATABASE__URL",
+        );
+        let ingest = &mut settings.ingest;
+        prefer_environment_form(
+            &mut ingest.auth_token,
+            &mut ingest.auth_token_file,
+            "SERVERSYNC__INGEST__AUTH_TOKEN",
+        );
+        prefer_environment_form(
+            &mut ingest.signing_secret,
+            &mut ingest.signing_secret_file,
+            "SERVERSYNC__INGEST__SIGNING_SECRET",
+        );
+        // The conventional DATABASE_URL too, unless the more specific
+        // SERVERSYNC__DATABASE__URL (or its _FILE) is set.
+        let specific =
+            env_is_set("SERVERSYNC__DATABASE__URL") || env_is_set("SERVERSYNC__DATABASE__URL_FILE");
         if !specific {
             if let Ok(url) = std::env::var("DATABASE_URL") {
                 if !url.is_empty() {
                     settings.database.url = Some(SecretString::from(url));
+                    settings.database.url_file = None;
                 }
             }
         }
@@ -218,6 +240,26 @@ impl Settings {
             "no database configured: set database.url in the config file, \
              SERVERSYNC__DATABASE__URL or DATABASE_URL, or pass --database-url",
         )
+    }
+}
+
+fn env_is_set(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty())
+}
+
+/// A secret is given as its value or as a file holding it (`…_file`). Set in the
+/// environment in one form, it replaces whatever the config file says in the other:
+/// the environment overrides the file, whichever form either uses. (Both forms in
+/// one source stay an error, `only_value_or_file`.)
+fn prefer_environment_form(
+    value: &mut Option<SecretString>,
+    file: &mut Option<PathBuf>,
+    var: &str,
+) {
+    match (env_is_set(var), env_is_set(&format!("{var}_FILE"))) {
+        (true, false) => *file = None,
+        (false, true) => *value = None,
+        _ => {}
     }
 }
 

@@ -138,9 +138,11 @@ pub struct DispatchSettings {
     #[serde(with = "duration_str")]
     pub lease_duration: Duration,
     /// Entity types delivered as multipart file uploads.
+    #[serde(deserialize_with = "names::deserialize")]
     pub file_entity_types: Vec<String>,
     /// When non-empty, the only JSON entity types that are routable; any other type
     /// (that is not a file type) is dead-lettered as `unknown_entity_type`.
+    #[serde(deserialize_with = "names::deserialize")]
     pub json_entity_types: Vec<String>,
     /// File uploads in flight at once across the whole relay (every worker shares the bound).
     #[serde(deserialize_with = "strict::whole")]
@@ -448,11 +450,47 @@ pub mod strict {
         }
 
         fn visit_str<E: Error>(self, v: &str) -> Result<bool, E> {
-            match v.trim() {
-                "true" => Ok(true),
-                "false" => Ok(false),
-                _ => Err(E::custom(format!("expected true or false, found {v:?}"))),
+            let v = v.trim();
+            if v.eq_ignore_ascii_case("true") {
+                Ok(true)
+            } else if v.eq_ignore_ascii_case("false") {
+                Ok(false)
+            } else {
+                Err(E::custom(format!("expected true or false, found {v:?}")))
             }
+        }
+    }
+}
+
+/// A list of names: an array in the file, comma-separated in the environment
+/// (`SERVERSYNC__DISPATCH__FILE_ENTITY_TYPES=recording_file,voicemail_file`).
+pub mod names {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use std::fmt;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        d.deserialize_any(Names)
+    }
+
+    struct Names;
+
+    impl<'de> Visitor<'de> for Names {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of names (comma-separated in the environment)")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(v.split(',').map(|name| name.trim().to_string()).collect())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut names = Vec::new();
+            while let Some(name) = seq.next_element::<String>()? {
+                names.push(name);
+            }
+            Ok(names)
         }
     }
 }
@@ -491,9 +529,17 @@ pub mod duration_str {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
+    /// Longer than any setting means (a century): a larger value is a typo, and
+    /// would only fail later, as an interval PostgreSQL cannot hold.
+    const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
     pub fn parse(text: &str) -> Result<Duration, String> {
-        humantime::parse_duration(text.trim())
-            .map_err(|e| format!("invalid duration {text:?}: {e}"))
+        let duration = humantime::parse_duration(text.trim())
+            .map_err(|e| format!("invalid duration {text:?}: {e}"))?;
+        if duration > LONGEST {
+            return Err(format!("invalid duration {text:?}: longer than 100 years"));
+        }
+        Ok(duration)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -29,6 +29,8 @@ async fn an_unknown_config_key_is_named(backend: Backend) {
 }
 
 both_stores!(a_bad_duration_names_its_key);
+/// Not a duration, or one too long to mean anything (it would fail later, as an
+/// interval the database cannot hold, and a drain would retry that forever).
 async fn a_bad_duration_names_its_key(backend: Backend) {
     let mut env = TestEnv::new_on(backend).await;
     for key in ["ingest.timeout", "retry.base_delay", "shutdown.grace"] {
@@ -39,6 +41,21 @@ async fn a_bad_duration_names_its_key(backend: Backend) {
             .assert_single_stderr_line();
         env.config.remove(key);
     }
+    for key in ["dispatch.lease_duration", "retention.sent_ttl"] {
+        env.config.set(key, "500000000y");
+        env.run(&["drain"])
+            .await
+            .assert_fails_with(key)
+            .assert_fails_with("longer than 100 years")
+            .assert_single_stderr_line();
+        env.config.remove(key);
+    }
+    env.cmd(["drain"])
+        .env("SERVERSYNC__DISPATCH__LEASE_DURATION", "500000000y")
+        .output()
+        .await
+        .assert_fails_with("dispatch.lease_duration")
+        .assert_single_stderr_line();
 }
 
 #[tokio::test]
@@ -236,6 +253,15 @@ async fn bad_arguments_name_what_is_wrong_on_one_line() {
         (
             &["drain", "--max-rows", "-5"][..],
             &["--max-rows", "-5"][..],
+        ),
+        (&["drain", "--max-rows", "0"][..], &["--max-rows", "0"][..]),
+        (
+            &["dlq", "list", "--limit", "-1"][..],
+            &["--limit", "-1"][..],
+        ),
+        (
+            &["dlq", "purge", "--older-than", "500000000y"][..],
+            &["--older-than", "longer than 100 years"][..],
         ),
         (&[][..], &["error: a command is required"][..]),
         (&["dlq"][..], &["error: a command is required"][..]),
@@ -540,4 +566,145 @@ async fn rows_queued_before_the_key_hash_migration_keep_their_order() {
             "a call's log in an earlier request than its recording: {call:?} in {requests:?}"
         );
     }
+}
+
+/// An environment value is taken as written, whatever it looks like: a token `007`
+/// is not the number 7, nor `1e3` a thousand (the config loader used to parse every
+/// environment value as a number first, and the Frontend got `Bearer 7`).
+#[tokio::test]
+async fn environment_values_are_taken_as_written() {
+    let env = TestEnv::migrated_on(Backend::Sqlite).await;
+    let tokens = ["007", "1e3", "1.50", "true"];
+    for token in tokens {
+        env.insert("call_log", Uuid::new_v4(), serde_json::json!({"n": token}))
+            .await;
+        env.cmd(["drain"])
+            .env("SERVERSYNC__INGEST__AUTH_TOKEN", token)
+            .output()
+            .await
+            .assert_success();
+    }
+    let sent: Vec<Option<String>> = env
+        .sink
+        .sync_requests()
+        .iter()
+        .map(|r| r.headers.get("authorization").map(str::to_string))
+        .collect();
+    let expected: Vec<Option<String>> =
+        tokens.iter().map(|t| Some(format!("Bearer {t}"))).collect();
+    assert_eq!(sent, expected);
+}
+
+/// The environment overrides the config file for a secret given in the other form:
+/// `…_FILE` in the environment beats the value written in the file (and the other
+/// way round), where it used to be ignored or refused as "both set".
+#[tokio::test]
+async fn a_secret_in_the_environment_overrides_the_file_in_either_form() {
+    let mut env = TestEnv::migrated_on(Backend::Postgres).await;
+    let secrets = tempfile::tempdir().expect("a temporary directory");
+    let url_file = secrets.path().join("database-url");
+    std::fs::write(&url_file, format!("{}\n", env.db.url())).expect("write the url file");
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, "from-the-environment\n").expect("write the token file");
+    let nowhere = format!("postgres://nobody@127.0.0.1:{}/nothing", closed_port());
+    env.config
+        .set("database.url", nowhere.as_str())
+        .set("ingest.auth_token", "from-the-file");
+    env.insert("call_log", Uuid::new_v4(), serde_json::json!({"n": 1}))
+        .await;
+    env.cmd(["drain"])
+        .env("SERVERSYNC__DATABASE__URL_FILE", &url_file)
+        .env("SERVERSYNC__INGEST__AUTH_TOKEN_FILE", &token_file)
+        .output()
+        .await
+        .assert_success();
+    // and a value in the environment beats a file named in the config file
+    env.config
+        .remove("database.url")
+        .remove("ingest.auth_token")
+        .set("database.url_file", nowhere.as_str())
+        .set(
+            "ingest.auth_token_file",
+            token_file.to_string_lossy().as_ref(),
+        );
+    env.insert("call_log", Uuid::new_v4(), serde_json::json!({"n": 2}))
+        .await;
+    env.cmd(["drain"])
+        .env("SERVERSYNC__DATABASE__URL", env.db.url())
+        .env(
+            "SERVERSYNC__INGEST__AUTH_TOKEN",
+            "plain-from-the-environment",
+        )
+        .output()
+        .await
+        .assert_success();
+    let sent: Vec<Option<String>> = env
+        .sink
+        .sync_requests()
+        .iter()
+        .map(|r| r.headers.get("authorization").map(str::to_string))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            Some("Bearer from-the-environment".to_string()),
+            Some("Bearer plain-from-the-environment".to_string())
+        ]
+    );
+}
+
+/// A drain that ends before its `--timeout` ends then: it neither waits for the
+/// timer nor warns that the timeout was reached (it used to do both, for up to half
+/// a second after the last row).
+#[tokio::test]
+async fn a_drain_that_ends_before_its_timeout_does_not_report_reaching_it() {
+    let env = TestEnv::migrated_on(Backend::Sqlite).await;
+    env.insert("call_log", Uuid::new_v4(), serde_json::json!({"n": 1}))
+        .await;
+    // The timer fires 400 ms after the start: before the fix, a drain that was done
+    // sooner still waited up to 500 ms for it, and it fired in that wait.
+    let mut finished_in_time = 0;
+    for _ in 0..5 {
+        let out = env.run(&["drain", "--timeout", "400ms"]).await;
+        out.assert_no_panic();
+        if out.code != Some(0) {
+            continue; // a slow machine: the drain really was stopped by its timeout
+        }
+        finished_in_time += 1;
+        assert!(
+            !out.stderr.contains("timeout reached"),
+            "a drain that was done reported its timeout\n{out}"
+        );
+        assert!(out.stdout.contains("drain: delivered"), "{out}");
+    }
+    assert!(finished_in_time > 0, "no drain finished within 400 ms");
+    assert_eq!(env.sink.entries().len(), 1);
+}
+
+/// `enqueue` refuses what the relay could only dead-letter or the database would
+/// refuse without saying why: one line naming `--payload`, nothing inserted.
+#[tokio::test]
+async fn enqueue_refuses_a_payload_the_relay_could_not_deliver() {
+    let env = TestEnv::migrated_on(Backend::Postgres).await;
+    let id = Uuid::new_v4().to_string();
+    for (payload, needle) in [
+        (r#""just a string""#, "must be a JSON object"),
+        ("[1, 2]", "must be a JSON object"),
+        (r#"{"note": "a\u0000b"}"#, "\\u0000"),
+    ] {
+        env.run(&[
+            "enqueue",
+            "--entity-type",
+            "call_log",
+            "--entity-id",
+            &id,
+            "--payload",
+            payload,
+        ])
+        .await
+        .assert_fails_with("--payload")
+        .assert_fails_with(needle)
+        .assert_single_stderr_line();
+    }
+    assert_eq!(env.count("sync_outbox").await, 0);
 }
