@@ -7,13 +7,19 @@
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
+use std::time::Duration;
+
 use cap_std::ambient_authority;
-use cap_std::fs::Dir;
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
 use crate::taxonomy::Failure;
 
 /// Largest meta file sent (it is read into memory; the audio is streamed).
 pub const META_LIMIT: u64 = 1024 * 1024;
+
+/// Longest an open may take (`open_within`): a recording on a network mount that
+/// stopped answering fails as `file_unreadable` instead of holding a worker.
+pub const OPEN_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct RecordingsRoot {
@@ -53,14 +59,25 @@ impl RecordingsRoot {
         // also one that points inside the root, and the resolved path has none left.
         // cap-std still confines the open, should the tree change in between.
         let resolved = self.resolve_inside(&relative)?;
+        // Non-blocking, so that opening a FIFO returns at once instead of waiting
+        // for a writer that never comes (it is refused below). On a regular file the
+        // flag changes nothing: reads from disk do not return EAGAIN.
         let file = dir
-            .open(resolved.as_deref().unwrap_or(&relative))
+            .open_with(
+                resolved.as_deref().unwrap_or(&relative),
+                OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK),
+            )
             .map_err(|e| self.open_error(path, &relative, e))?;
         let meta = file
             .metadata()
             .map_err(|e| Failure::file_unreadable(format!("{path}: cannot stat: {e}")))?;
         if meta.is_dir() {
             return Err(Failure::file_unreadable(format!("{path}: is a directory")));
+        }
+        if !meta.is_file() {
+            return Err(Failure::file_unreadable(format!(
+                "{path}: not a regular file (a FIFO, socket or device)"
+            )));
         }
         let name = relative
             .file_name()
@@ -71,6 +88,41 @@ impl RecordingsRoot {
             len: meta.len(),
             name,
         })
+    }
+
+    /// `open` on a blocking thread, given at most `limit`: an open can hang in the
+    /// kernel (a network mount that stopped answering), which must not hold up the
+    /// runtime's workers, nor the relay's shutdown.
+    pub async fn open_within(&self, path: &str, limit: Duration) -> Result<OpenedFile, Failure> {
+        self.off_runtime(path, limit, "opening", RecordingsRoot::open)
+            .await?
+    }
+
+    /// `exists`, the same way.
+    pub async fn exists_within(&self, path: &str, limit: Duration) -> Result<bool, Failure> {
+        self.off_runtime(path, limit, "looking for", |root, path| root.exists(path))
+            .await
+    }
+
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        path: &str,
+        limit: Duration,
+        doing: &str,
+        work: fn(&RecordingsRoot, &str) -> T,
+    ) -> Result<T, Failure> {
+        let root = self.clone();
+        let owned = path.to_string();
+        let task = tokio::task::spawn_blocking(move || work(&root, &owned));
+        match tokio::time::timeout(limit, task).await {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(e)) => Err(Failure::file_unreadable(format!(
+                "{path}: {doing} it failed: {e}"
+            ))),
+            Err(_) => Err(Failure::file_unreadable(format!(
+                "{path}: {doing} it took longer than {limit:?}"
+            ))),
+        }
     }
 
     /// Whether a file exists under the root (for the optional default meta file).
@@ -194,6 +246,28 @@ mod tests {
 
     fn kind(r: Result<OpenedFile, Failure>) -> ErrorType {
         r.err().map(|f| f.error_type).expect("expected a failure")
+    }
+
+    /// A FIFO is refused at once: opened for reading without `O_NONBLOCK`, it would
+    /// wait for a writer forever (so the open runs on a thread the test can give up on).
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let (_tmp, root) = setup();
+        let fifo = root.path().join("call/pipe.wav");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(root.open("call/pipe.wav").map(|_| ()));
+        });
+        let opened = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the open of a FIFO returns");
+        let failure = opened.expect_err("a FIFO is not a recording");
+        assert_eq!(failure.error_type, ErrorType::FileUnreadable);
     }
 
     #[test]

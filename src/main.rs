@@ -51,7 +51,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serversync::app::execute(cli)) {
+    let result = runtime.block_on(serversync::app::execute(cli));
+    // Dropping the runtime would wait for every blocking task, with no limit: one
+    // stuck in the kernel (a file open on a mount that stopped answering) would
+    // keep a finished process from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(code) => code,
         Err(e) => {
             let line = one_line(&e);

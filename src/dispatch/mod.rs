@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::config::IngestSettings;
-use crate::files::{RecordingsRoot, META_LIMIT};
+use crate::files::{RecordingsRoot, META_LIMIT, OPEN_LIMIT};
 use crate::metrics::Metrics;
 use crate::retry::parse_retry_after;
 use crate::store::ClaimedRow;
@@ -254,9 +254,9 @@ impl Dispatcher {
     /// Stream one recording file (and its meta file) to `/api/ingest/recording-file`.
     /// The file is reopened on every attempt.
     pub async fn send_file(&self, row: &ClaimedRow, job: &FileJob) -> Result<(), Failure> {
-        let audio = self.root.open(&job.file_path)?;
+        let audio = self.root.open_within(&job.file_path, OPEN_LIMIT).await?;
         let (meta_path, explicit) = job.meta_path();
-        let meta = if explicit || self.root.exists(&meta_path) {
+        let meta = if explicit || self.root.exists_within(&meta_path, OPEN_LIMIT).await? {
             Some(self.read_meta(&meta_path).await?)
         } else {
             None
@@ -326,7 +326,7 @@ impl Dispatcher {
     }
 
     async fn read_meta(&self, path: &str) -> Result<(String, Vec<u8>), Failure> {
-        let opened = self.root.open(path)?;
+        let opened = self.root.open_within(path, OPEN_LIMIT).await?;
         if opened.len > META_LIMIT {
             return Err(Failure::file_unreadable(format!(
                 "{path}: meta file larger than {META_LIMIT} bytes"

@@ -88,7 +88,8 @@ impl Relay {
     }
 
     /// Send one batch of JSON rows. A batch rejected with a non-retryable 4xx is split in halves
-    /// until the offending entries are alone. So is a batch answered with a 5xx: a
+    /// until the offending entries are alone. So is a batch answered with a 5xx
+    /// (but a 503, `says_unavailable`): a
     /// Frontend that fails on one bad entity answers 500 to every batch holding it,
     /// and without the split that one row would hold its batch back for ever (and
     /// make the sink look down). Whether a lone 5xx row is the row's fault or the
@@ -132,7 +133,9 @@ impl Relay {
                     pending.push(right);
                     pending.push(left);
                 }
-                Err(f) if f.error_type == ErrorType::Http5xx => {
+                // a 503: the Frontend says it is unavailable, not that an entry
+                // broke it; splitting would only multiply the requests it refuses
+                Err(f) if f.error_type == ErrorType::Http5xx && !says_unavailable(&f) => {
                     failures += 1;
                     let room = if answered { budget } else { blind_budget };
                     if failures >= room {
@@ -235,4 +238,10 @@ impl Relay {
         let _permit = self.uploads.acquire().await.ok();
         (row.id, self.dispatcher.send_file(row, job).await)
     }
+}
+
+/// A server error that names the server as the cause: `503 Service Unavailable`
+/// (the one 5xx whose `Retry-After` is honoured, `Failure::from_status`).
+fn says_unavailable(failure: &Failure) -> bool {
+    failure.http_status == Some(503)
 }

@@ -56,7 +56,7 @@ impl Relay {
             if !failure.retryable || out_of_attempts {
                 tracing::warn!(
                     outbox_id = row.id,
-                    entity_type = %row.entity_type,
+                    entity_type = %row.entity_type.escape_debug(),
                     attempt = number,
                     error_type = %failure.error_type,
                     http_status = failure.http_status,
@@ -84,7 +84,7 @@ impl Relay {
             if charged {
                 tracing::warn!(
                     outbox_id = row.id,
-                    entity_type = %row.entity_type,
+                    entity_type = %row.entity_type.escape_debug(),
                     attempt = number,
                     error_type = %failure.error_type,
                     http_status = failure.http_status,
@@ -95,7 +95,7 @@ impl Relay {
             } else {
                 tracing::debug!(
                     outbox_id = row.id,
-                    entity_type = %row.entity_type,
+                    entity_type = %row.entity_type.escape_debug(),
                     error_type = %failure.error_type,
                     "delivery failed while the sink is down (not charged)"
                 );

@@ -196,6 +196,59 @@ async fn a_500_caused_by_one_entry_holds_back_only_that_entry(backend: Backend) 
     );
 }
 
+both_stores!(a_503_is_retried_whole_not_split);
+/// A Frontend that answers 503 says it is unavailable: the batch is not split to
+/// look for a bad entry (which would multiply the requests it refuses, as it does
+/// for a 500), but retried whole, under the same `Idempotency-Key`.
+async fn a_503_is_retried_whole_not_split(backend: Backend) {
+    for reply in [
+        Reply::status(503),
+        Reply::status(503).header("Retry-After", "1"),
+    ] {
+        let mut env = TestEnv::migrated_on(backend).await;
+        env.config
+            .set("retry.policy", "fixed")
+            .set("retry.base_delay", "300ms")
+            .set("retry.max_delay", "300ms");
+        env.sink.set_mode(Mode::Reply(reply));
+        for n in 0..5 {
+            env.insert("call_log", Uuid::new_v4(), json!({"n": n}))
+                .await;
+        }
+
+        env.drain().await.assert_code(3);
+
+        let rows = env.outbox().await;
+        assert_eq!(rows.len(), 5, "every row left for retry");
+        for row in &rows {
+            assert_eq!(row.last_error_type.as_deref(), Some("http_5xx"), "{row:#?}");
+            assert!(row.attempts >= 1, "{row:#?}");
+        }
+        env.sink.set_mode(Mode::Reply(Reply::ok()));
+        drain_until(&env, "the rows delivered", || async {
+            env.count("sync_outbox").await == 0
+        })
+        .await;
+        let requests = env.sink.sync_requests();
+        assert!(requests.len() >= 2, "{requests:#?}");
+        let key = |n: usize| {
+            requests[n]
+                .headers
+                .get("idempotency-key")
+                .map(str::to_string)
+        };
+        for (n, request) in requests.iter().enumerate() {
+            let sizes: Vec<usize> = requests.iter().map(|r| r.entries().len()).collect();
+            assert_eq!(
+                request.entries().len(),
+                5,
+                "request {n} carried every row: {sizes:?}"
+            );
+            assert_eq!(key(n), key(0), "the same rows, the same key");
+        }
+    }
+}
+
 both_stores!(a_sink_slower_than_ingest_timeout_is_a_timeout);
 async fn a_sink_slower_than_ingest_timeout_is_a_timeout(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
@@ -597,6 +650,64 @@ async fn a_file_that_cannot_be_read_is_unreadable(backend: Backend) {
     assert_eq!(env.sink.request_count(), 0);
 }
 
+both_stores!(a_fifo_where_a_recording_should_be_is_unreadable_and_holds_up_nothing);
+/// A FIFO (or socket, or device) in place of the audio file: opening it for reading
+/// would wait for a writer that never comes. It is refused at once as
+/// `file_unreadable`, and the rows claimed with it are delivered and settled (the open
+/// used to block a runtime thread: the drain never ended, not even on SIGTERM).
+async fn a_fifo_where_a_recording_should_be_is_unreadable_and_holds_up_nothing(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    retry_in_an_hour(&mut env);
+    let fifo_call = Uuid::new_v4();
+    std::fs::create_dir_all(env.root.join(fifo_call.to_string())).expect("a call directory");
+    let fifo = env.root.join(format!("{fifo_call}/mixed.wav"));
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    let fifo_row = env
+        .insert(
+            "recording_file",
+            Uuid::new_v4(),
+            file_payload(fifo_call, &format!("{fifo_call}/mixed.wav")),
+        )
+        .await;
+    let good_call = Uuid::new_v4();
+    let (audio, _) = write_recording(&env, good_call);
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        file_payload(good_call, &format!("{good_call}/mixed.wav")),
+    )
+    .await;
+    for _ in 0..2 {
+        env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+            .await;
+    }
+
+    let out = env
+        .cmd(["drain"])
+        .timeout(Duration::from_secs(60))
+        .output()
+        .await;
+    out.assert_code(3);
+
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1, "only the FIFO's row is left: {rows:#?}");
+    assert_eq!(rows[0].id, fifo_row);
+    assert_eq!(rows[0].last_error_type.as_deref(), Some("file_unreadable"));
+    let message = rows[0].last_error.clone().unwrap_or_default();
+    assert!(message.contains("not a regular file"), "{message}");
+    assert_eq!(env.sink.entries().len(), 2, "both call logs delivered");
+    let uploads = env.sink.uploads();
+    assert_eq!(uploads.len(), 1, "the other recording uploaded");
+    assert_eq!(
+        uploads[0].part("audio").map(|p| p.bytes.as_slice()),
+        Some(audio.as_slice())
+    );
+}
+
 both_stores!(a_sink_down_as_a_whole_does_not_burn_attempts);
 async fn a_sink_down_as_a_whole_does_not_burn_attempts(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
@@ -746,11 +857,18 @@ async fn any_named_entity_type_goes_to_sync_and_a_blank_one_is_unknown(backend: 
         routable.push(env.insert(t, Uuid::new_v4(), json!({"t": t})).await);
     }
     let blank = env.insert(" ", Uuid::new_v4(), json!({"n": 1})).await;
+    // a line break in the name would also forge a log line, were it logged raw
+    let forged = "FORGED serversync::app: all rows delivered";
     let control = env
-        .insert("call\nlog", Uuid::new_v4(), json!({"n": 2}))
+        .insert(&format!("call\n{forged}"), Uuid::new_v4(), json!({"n": 2}))
         .await;
 
-    env.drain().await.assert_code(3);
+    let out = env.drain().await;
+    out.assert_code(3);
+    assert!(
+        !out.stderr.lines().any(|line| line.starts_with(forged)),
+        "a forged log line\n{out}"
+    );
 
     let mut delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
     delivered.sort();
