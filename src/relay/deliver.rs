@@ -102,16 +102,19 @@ impl Relay {
             return attempts;
         }
         let mut pending: Vec<&[&ClaimedRow]> = vec![rows];
-        // while nothing has answered, a descent of log2(n) halvings finds a lone bad
-        // row, and one more failure says it is more likely the sink; with answers,
-        // room for a few bad rows
+        // while nothing has answered, a descent of log2(n) halvings (and the first
+        // request) finds a lone bad row; its sibling's request then tells a bad row
+        // (it goes through) from the sink (it fails too); with answers, room for a
+        // few bad rows
         let depth = usize::BITS - (rows.len().saturating_sub(1)).leading_zeros();
-        let blind_budget = depth as usize + 1;
+        let blind_budget = depth as usize + 2;
         let budget = 2 * blind_budget;
         let mut failures = 0usize;
         let mut answered = false;
         // rows whose requests failed with a 5xx, awaiting the verdict
         let mut suspects: Vec<(&ClaimedRow, Failure)> = Vec::new();
+        // rows not sent when the isolating gave up, with the failure that stopped it
+        let mut unsent: Vec<(&ClaimedRow, Failure)> = Vec::new();
         while let Some(chunk) = pending.pop() {
             match self.dispatcher.send_json(chunk).await {
                 Ok(()) => {
@@ -139,10 +142,18 @@ impl Relay {
                     failures += 1;
                     let room = if answered { budget } else { blind_budget };
                     if failures >= room {
-                        // give up isolating: this chunk and what is left fail together
+                        // give up isolating: this chunk failed; what is left was never
+                        // sent and is not charged for it (next time it goes without
+                        // this chunk's rows, which back off)
                         suspects.extend(chunk.iter().map(|row| (*row, f.clone())));
+                        let mut not_sent = f.clone();
+                        not_sent.message = format!(
+                            "not sent: its batch was given up after {failures} server errors \
+                             ({})",
+                            f.message
+                        );
                         for rest in pending.drain(..) {
-                            suspects.extend(rest.iter().map(|row| (*row, f.clone())));
+                            unsent.extend(rest.iter().map(|row| (*row, not_sent.clone())));
                         }
                     } else if chunk.len() > 1 {
                         tracing::info!(
@@ -170,6 +181,15 @@ impl Relay {
                     }
                 }
             }
+        }
+        for (row, failure) in unsent {
+            attempts.insert(
+                row.id,
+                Attempt::Failed {
+                    failure,
+                    charged: false,
+                },
+            );
         }
         if suspects.is_empty() {
             return attempts;

@@ -196,6 +196,61 @@ async fn a_500_caused_by_one_entry_holds_back_only_that_entry(backend: Backend) 
     );
 }
 
+both_stores!(entries_failing_first_in_a_batch_charge_no_other_entry);
+/// Entries that make the Frontend answer 500, first in their batch: splitting finds
+/// the first (its sibling, sent alone, goes through, so the sink works), and when
+/// the isolating gives up (two bad entries side by side), the halves never sent are
+/// not charged. The other entries are delivered on their first attempt, the bad ones
+/// dead-lettered; before, with a batch of a power of two, the other entries were
+/// charged with the bad one, the sink taken as down, and delivery stalled for good.
+async fn entries_failing_first_in_a_batch_charge_no_other_entry(backend: Backend) {
+    for (batch_size, rows, bad) in [(2, 2, 1_usize), (8, 8, 1), (4, 4, 2)] {
+        let mut env = TestEnv::migrated_on(backend).await;
+        env.config
+            .set("dispatch.batch_size", batch_size)
+            .set("retry.max_attempts", 2)
+            .set("retry.policy", "fixed")
+            .set("retry.base_delay", "100ms")
+            .set("retry.max_delay", "100ms");
+        env.sink.set_mode(Mode::custom(|incoming| match incoming {
+            Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["crash"] == true) => {
+                Reply::status(500).body("NullPointerException")
+            }
+            _ => Reply::ok(),
+        }));
+        let mut ids = Vec::new();
+        for n in 0..rows {
+            ids.push(
+                env.insert(
+                    "call_log",
+                    Uuid::new_v4(),
+                    json!({"n": n, "crash": n < bad}),
+                )
+                .await,
+            );
+        }
+        let good: Vec<i64> = ids.split_off(bad);
+
+        drain_until(&env, "the bad entries dead-lettered", || async {
+            env.count("sync_outbox_dead_letters").await == bad as i64
+        })
+        .await;
+
+        assert_eq!(env.count("sync_outbox").await, 0, "batch of {batch_size}");
+        let sent = env.sent().await;
+        let mut sent_ids: Vec<i64> = sent.iter().map(|r| r.id).collect();
+        sent_ids.sort();
+        assert_eq!(sent_ids, good, "batch of {batch_size}");
+        for record in &sent {
+            assert_eq!(record.attempts, 1, "charged for another entry: {record:#?}");
+        }
+        let dead = env.dead_letters().await;
+        for id in &ids {
+            assert_dead(&dead, *id, "http_5xx", 2);
+        }
+    }
+}
+
 both_stores!(a_503_is_retried_whole_not_split);
 /// A Frontend that answers 503 says it is unavailable: the batch is not split to
 /// look for a bad entry (which would multiply the requests it refuses, as it does
