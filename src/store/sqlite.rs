@@ -612,47 +612,76 @@ fn bind_selection<'q>(
 
 fn claimed_from_row(row: &SqliteRow) -> anyhow::Result<ClaimedRow> {
     let id: i64 = row.try_get("id")?;
-    let payload: String = row.try_get("payload")?;
     // SQLite does not type-check: a row a producer wrote badly is claimed anyway and
     // carries its defect, so the relay dead-letters it instead of stalling on it.
     let mut defect = None;
-    let entity_id = get_uuid(row, "entity_id").unwrap_or_else(|e| {
-        defect = Some(format!("{e:#}"));
-        Uuid::nil()
+    let mut note = |e: anyhow::Error| {
+        defect.get_or_insert_with(|| format!("{e:#}"));
+    };
+    let entity_type = get_text(row, "entity_type").unwrap_or_else(|e| {
+        note(e);
+        String::new()
     });
-    let payload = RawValue::from_string(payload).unwrap_or_else(|e| {
-        defect = Some(format!("payload is not valid JSON: {e}"));
-        RawValue::from_string("null".into()).unwrap_or_default()
-    });
+    let entity_id = get_text(row, "entity_id")
+        .and_then(|text| {
+            Uuid::parse_str(&text).with_context(|| format!("entity_id {text:?} is not a UUID"))
+        })
+        .unwrap_or_else(|e| {
+            note(e);
+            Uuid::nil()
+        });
+    let payload = get_text(row, "payload")
+        .and_then(|text| RawValue::from_string(text).context("payload is not valid JSON"))
+        .unwrap_or_else(|e| {
+            note(e);
+            RawValue::from_string("null".into()).unwrap_or_default()
+        });
+    let ordering_key = row
+        .try_get::<Option<Vec<u8>>, _>("ordering_key")?
+        .map(|key| String::from_utf8_lossy(&key).into_owned());
     Ok(ClaimedRow {
         id,
-        entity_type: row.try_get("entity_type")?,
+        entity_type,
         entity_id,
         payload,
         created_at: get_time(row, "created_at")?,
         attempts: row.try_get("attempts")?,
-        ordering_key: row.try_get("ordering_key")?,
+        ordering_key,
         defect,
     })
+}
+
+/// A text column as stored: SQLite keeps a value a producer bound as bytes as a
+/// blob, which a read as text refuses outright (one such row failed every claim).
+/// The migrations turn such values into text; this reads any left, or not UTF-8.
+fn get_text(row: &SqliteRow, col: &str) -> anyhow::Result<String> {
+    let bytes: Vec<u8> = row.try_get(col)?;
+    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{col} is not UTF-8 text"))
+}
+
+/// `get_text`, for showing: bytes that are no UTF-8 are replaced, not refused.
+fn get_text_lossy(row: &SqliteRow, col: &str) -> anyhow::Result<String> {
+    let bytes: Vec<u8> = row.try_get(col)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn dead_letter_from_row(row: &SqliteRow) -> anyhow::Result<DeadLetter> {
     let id: i64 = row.try_get("id")?;
     let json = |col: &str| -> anyhow::Result<serde_json::Value> {
-        let text: String = row.try_get(col)?;
+        let text = get_text(row, col)?;
         serde_json::from_str(&text).with_context(|| format!("dead letter {id}: {col} is not JSON"))
     };
     Ok(DeadLetter {
         id,
         outbox_id: row.try_get("outbox_id")?,
-        entity_type: row.try_get("entity_type")?,
-        entity_id: row.try_get("entity_id")?,
+        entity_type: get_text_lossy(row, "entity_type")?,
+        entity_id: get_text_lossy(row, "entity_id")?,
         // as the producer wrote it, when that was no JSON (it is why the row died)
-        payload: json("payload").or_else(|_| {
-            row.try_get::<String, _>("payload")
-                .map(serde_json::Value::String)
-        })?,
-        ordering_key: row.try_get("ordering_key")?,
+        payload: json("payload")
+            .or_else(|_| get_text_lossy(row, "payload").map(serde_json::Value::String))?,
+        ordering_key: row
+            .try_get::<Option<Vec<u8>>, _>("ordering_key")?
+            .map(|key| String::from_utf8_lossy(&key).into_owned()),
         created_at: get_time(row, "created_at")?,
         error_type: row.try_get("error_type")?,
         http_status: row.try_get("http_status")?,
@@ -665,11 +694,6 @@ fn dead_letter_from_row(row: &SqliteRow) -> anyhow::Result<DeadLetter> {
         last_attempt_at: get_opt_time(row, "last_attempt_at")?,
         dead_at: get_time(row, "dead_at")?,
     })
-}
-
-fn get_uuid(row: &SqliteRow, col: &str) -> anyhow::Result<Uuid> {
-    let text: String = row.try_get(col)?;
-    Uuid::parse_str(&text).with_context(|| format!("{col} {text:?} is not a UUID"))
 }
 
 fn get_time(row: &SqliteRow, col: &str) -> anyhow::Result<DateTime<Utc>> {

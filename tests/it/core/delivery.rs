@@ -149,6 +149,36 @@ async fn a_call_log_its_recording_and_its_file_arrive_in_order_and_intact(backen
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
 }
 
+both_stores!(a_call_id_spelled_otherwise_in_a_payload_keys_the_call_together);
+/// The key a recording and its file get from `payload.callLogId` is the call log's
+/// (its `entity_id` as text) however the producer spelled the UUID: upper case, in
+/// braces, without hyphens. A field that is no UUID is the key as written.
+async fn a_call_id_spelled_otherwise_in_a_payload_keys_the_call_together(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
+    let call = Uuid::new_v4();
+    env.insert("call_log", call, json!({"id": call})).await;
+    for spelled in [
+        call.to_string().to_uppercase(),
+        format!("{{{call}}}"),
+        call.simple().to_string(),
+        format!("urn:uuid:{call}"),
+    ] {
+        env.insert("recording", Uuid::new_v4(), json!({"callLogId": spelled}))
+            .await;
+    }
+    env.insert("recording", Uuid::new_v4(), json!({"callLogId": "Call-7"}))
+        .await;
+    let keys: Vec<Option<String>> = env
+        .outbox()
+        .await
+        .iter()
+        .map(|r| r.ordering_key.clone())
+        .collect();
+    let mut expected = vec![Some(call.to_string()); 5];
+    expected.push(Some("Call-7".to_string()));
+    assert_eq!(keys, expected);
+}
+
 both_stores!(a_recording_id_defaults_to_the_entity_id_and_no_meta_part_without_a_meta_file);
 async fn a_recording_id_defaults_to_the_entity_id_and_no_meta_part_without_a_meta_file(
     backend: Backend,

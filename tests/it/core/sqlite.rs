@@ -101,3 +101,68 @@ async fn a_dead_letter_with_an_id_that_is_no_uuid_still_lists_and_shows() {
     env.run(&["dlq", "show", &id]).await.assert_success();
     env.run(&["dlq", "list"]).await.assert_success();
 }
+
+/// SQLite keeps values as producers bind them: a UUID as 16 bytes (sqlx's encoding of
+/// `uuid::Uuid`), JSON as bytes, a UUID in upper case or in braces. Such rows are
+/// delivered like any other, with the UUID in its canonical spelling, and a call's
+/// rows share one ordering key however its id is spelled. (A blob used to fail every
+/// claim, so nothing at all was delivered; an upper-case id keyed its call apart from
+/// the lower-case `callLogId` of its recording.)
+#[tokio::test]
+async fn values_bound_as_bytes_or_spelled_otherwise_are_delivered_in_order() {
+    let mut env = TestEnv::migrated_on(Backend::Sqlite).await;
+    env.config
+        .set("dispatch.batch_size", 1)
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "100ms")
+        .set("retry.max_delay", "100ms");
+    let a = Uuid::new_v4();
+    let b = Uuid::new_v4();
+    let hex = a.simple().to_string();
+    let upper_a = a.to_string().to_uppercase();
+    env.db
+        .execute(&format!(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload) VALUES \
+             ('call_log', X'{hex}', CAST('{{\"call\":\"a\"}}' AS BLOB)), \
+             ('call_log', '{{{upper_b}}}', '{{\"call\":\"b\"}}'), \
+             ('recording', '{rec_a}', '{{\"callLogId\":\"{upper_a}\"}}'), \
+             ('recording', '{rec_b}', '{{\"callLogId\":\"{simple_b}\"}}')",
+            upper_b = b.to_string().to_uppercase(),
+            rec_a = Uuid::new_v4().to_string().to_uppercase(),
+            rec_b = Uuid::new_v4(),
+            simple_b = b.simple(),
+        ))
+        .await;
+    let rows = env.outbox().await;
+    let keys: Vec<Option<String>> = rows.iter().map(|r| r.ordering_key.clone()).collect();
+    assert_eq!(
+        keys,
+        [a, b, a, b].map(|id| Some(id.to_string())),
+        "one canonical key per call"
+    );
+    assert_eq!(rows[0].entity_id, a);
+    assert_eq!(rows[1].entity_id, b);
+
+    // the first request fails: that call's recording waits for its call log
+    env.sink.fail_next(1, 500);
+    super::drain_until(&env, "every row delivered", || async {
+        env.count("sync_outbox").await == 0
+    })
+    .await;
+
+    let entries = env.sink.entries();
+    assert_eq!(entries.len(), 4, "{entries:#?}");
+    let position = |id: i64| entries.iter().position(|e| e.outbox_id == id);
+    for (log, recording) in [(rows[0].id, rows[2].id), (rows[1].id, rows[3].id)] {
+        assert!(
+            position(log) < position(recording),
+            "the call log first: {entries:#?}"
+        );
+    }
+    let a_entry = entries
+        .iter()
+        .find(|e| e.outbox_id == rows[0].id)
+        .expect("the blob row delivered");
+    assert_eq!(a_entry.entity_id, a.to_string());
+    assert_eq!(a_entry.payload, json!({"call": "a"}));
+}
