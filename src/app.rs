@@ -21,6 +21,9 @@ use crate::store::{ConnectOptions, DlqFilter, DlqSelection, NewRow, SchemaState,
 
 /// Exit code of a drain that dead-lettered rows or left some for a retry.
 pub const EXIT_INCOMPLETE: u8 = 3;
+/// A second SIGTERM/SIGINT during the shutdown grace: exit at once (128 + SIGINT, as
+/// shells report an interrupted command).
+pub const EXIT_FORCED: i32 = 130;
 
 pub fn overrides(cli: &Cli) -> Overrides {
     Overrides {
@@ -137,6 +140,24 @@ pub fn shutdown_signal() -> CancellationToken {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
         }
         trigger.cancel();
+        // A second signal (an impatient Ctrl-C) does not wait for the grace: rows
+        // in flight keep their leases and return when those expire.
+        let again = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = again => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::warn!(
+            "second signal: exiting now; rows in flight return when their lease expires"
+        );
+        std::process::exit(EXIT_FORCED);
     });
     token
 }

@@ -38,6 +38,10 @@ use lanes::Lane;
 /// again (a safety net: settles wake it).
 const DRAIN_SETTLE_WAIT: Duration = Duration::from_millis(250);
 
+/// Longest the bookkeeping after the workers (releasing leases, recording the sink's
+/// state) may take once they are done or the shutdown grace is over.
+const CLEANUP_LIMIT: Duration = Duration::from_secs(5);
+
 /// How long before the next probe rows released during an outage fall due again.
 const PROBE_LEAD: Duration = Duration::from_millis(100);
 
@@ -257,26 +261,43 @@ impl Relay {
         }
         tracker.close();
         // Workers stop claiming on `finished`; a batch in flight is finished and settled.
+        let mut grace_elapsed = false;
         tokio::select! {
             _ = tracker.wait() => {}
             _ = finished.cancelled() => {
                 let grace = self.settings.shutdown.grace;
                 if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                    self.release_in_flight(grace).await;
+                    grace_elapsed = true;
                 }
             }
         }
-        self.release_unclaimed_shares().await;
-        if self.drain.is_some() {
-            self.sink.down_if_last_failed();
+        // What is left is bookkeeping: releasing leases, recording the sink's state.
+        // A lock held on the outbox (an operator's, a long migration) would hold each
+        // of those statements, and the shutdown with them, for as long as it lasts.
+        let cleanup = async {
+            if grace_elapsed {
+                self.release_in_flight().await;
+            }
+            self.release_unclaimed_shares().await;
+            if self.drain.is_some() {
+                self.sink.down_if_last_failed();
+            }
+            recorded.cancel();
+            let _ = recorder.await;
+        };
+        if tokio::time::timeout(CLEANUP_LIMIT, cleanup).await.is_err() {
+            tracing::warn!(
+                limit = ?CLEANUP_LIMIT,
+                "the database did not answer in time to release leases: stopping anyway; \
+                 rows in flight return when their lease expires"
+            );
         }
-        recorded.cancel();
-        let _ = recorder.await;
         self.summary(stop.is_cancelled())
     }
 
-    async fn release_in_flight(&self, grace: Duration) {
+    async fn release_in_flight(&self) {
         let held = self.held();
+        let grace = self.settings.shutdown.grace;
         match self.store.release(&held).await {
             Ok(n) => tracing::warn!(
                 rows = n,

@@ -125,3 +125,86 @@ async fn past_the_grace_the_batch_in_flight_is_released_for_redelivery() {
     assert_all_received(&received, n);
     assert_eq!(tables(&env).await, (0, n, 0), "(pending, sent, dead)");
 }
+
+/// A lock held on the outbox (an operator's `LOCK TABLE`, a long migration) holds
+/// every statement of the relay, the releases after the grace too: the relay stops
+/// anyway, soon after the grace, instead of when the lock is let go (it used to wait
+/// for it, however long). Nothing is lost: the rows come back when their lease
+/// expires, or at once once the lock is gone and a relay releases them.
+#[tokio::test]
+async fn a_lock_held_on_the_outbox_does_not_hold_the_shutdown_past_the_grace() {
+    let mut env = TestEnv::migrated().await;
+    let n = 300;
+    seed_calls(&env, n, 300).await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(2))));
+    env.config
+        .set("shutdown.grace", "1s")
+        .set("dispatch.lease_duration", "2s");
+
+    let relay = env.spawn_run(&[]);
+    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    // the settles of the batches out, and every later statement, now wait on this
+    let mut lock = env.db.pg().begin().await.unwrap();
+    sqlx::query("LOCK TABLE sync_outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    let out = relay.wait(Duration::from_secs(40)).await;
+    let took = signalled.elapsed();
+    lock.rollback().await.unwrap();
+    out.assert_success().assert_no_panic();
+    assert!(
+        took < Duration::from_secs(15),
+        "exit {took:?} after SIGTERM, with grace 1s, held by the lock\n{out}"
+    );
+    assert!(
+        out.stderr.contains("stopping anyway"),
+        "says why the leases were not released\n{out}"
+    );
+
+    // the rows out when the relay stopped come back when their 2 s leases expire
+    env.sink.set_mode(Mode::Accept);
+    crate::harness::wait_until(Duration::from_secs(60), "every row delivered", || async {
+        env.drain().await;
+        tables(&env).await == (0, n, 0)
+    })
+    .await;
+    let received = by_id(env.sink.all_entries());
+    assert_all_received(&received, n);
+}
+
+/// A second SIGTERM or SIGINT during the grace exits at once (130), without waiting
+/// for the batches in flight: their rows return when their lease expires.
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let mut env = TestEnv::migrated().await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(30))));
+    env.config
+        .set("shutdown.grace", "30s")
+        .set("ingest.timeout", "60s");
+
+    for second in [libc::SIGTERM, libc::SIGINT] {
+        // new rows each time: the last relay's stay leased
+        seed_calls(&env, 100, 100).await;
+        let relay = env.spawn_run(&[]);
+        env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+        relay.signal(libc::SIGTERM);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        relay.signal(second);
+        let signalled = Instant::now();
+        let out = relay.wait(Duration::from_secs(20)).await;
+        out.assert_code(130).assert_no_panic();
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "{:?}\n{out}",
+            signalled.elapsed()
+        );
+        assert!(out.stderr.contains("second signal"), "{out}");
+        env.sink.clear();
+    }
+}
