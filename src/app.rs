@@ -249,8 +249,11 @@ pub async fn run(
             parts.store.clone(),
             aux_stop.clone(),
         );
+        let backlog = crate::metrics::ScrapeRefresh::new(settings.metrics.backlog_exact_rows);
         aux.spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, metrics, health, store, stop).await {
+            if let Err(e) =
+                crate::metrics::serve(listener, metrics, health, store, backlog, stop).await
+            {
                 tracing::error!(error = %format!("{e:#}"), "metrics server failed");
             }
         });

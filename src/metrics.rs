@@ -214,6 +214,43 @@ struct AppState {
     metrics: Metrics,
     health: Arc<Health>,
     store: Store,
+    backlog: Arc<ScrapeRefresh>,
+}
+
+/// The backlog gauges, refreshed when scraped (at most once per `MIN_AGE`) as well
+/// as every `metrics.refresh_interval`: a scrape shows the outbox as it is, not as
+/// it was up to an interval ago.
+pub struct ScrapeRefresh {
+    exact_rows: u32,
+    last: tokio::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl ScrapeRefresh {
+    /// Gauges refreshed this recently are served as they are.
+    const MIN_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+    /// A scrape waits this long for the database at most, then serves the last values.
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+    pub fn new(exact_rows: u32) -> ScrapeRefresh {
+        ScrapeRefresh {
+            exact_rows,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn refresh(&self, store: &Store, metrics: &Metrics) {
+        // one scrape refreshes; scrapes arriving meanwhile wait for it and reuse it
+        let mut last = self.last.lock().await;
+        if last.is_some_and(|at| at.elapsed() < Self::MIN_AGE) {
+            return;
+        }
+        if let Ok(Ok(backlog)) =
+            tokio::time::timeout(Self::WAIT, store.backlog(self.exact_rows)).await
+        {
+            metrics.set_backlog(&backlog);
+        }
+        *last = Some(std::time::Instant::now());
+    }
 }
 
 /// How long `/readyz` waits for the database to answer its ping.
@@ -225,6 +262,7 @@ pub async fn serve(
     metrics: Metrics,
     health: Arc<Health>,
     store: Store,
+    backlog: ScrapeRefresh,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let app = Router::new()
@@ -235,6 +273,7 @@ pub async fn serve(
             metrics,
             health,
             store,
+            backlog: Arc::new(backlog),
         });
     axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
@@ -243,6 +282,7 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state.backlog.refresh(&state.store, &state.metrics).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -279,6 +279,42 @@ async fn every_spec_series_is_in_the_first_scrape_at_zero() {
         .assert_success();
 }
 
+/// A scrape shows the outbox as it is: the backlog gauges are counted when scraped
+/// (at most once a second), not only every `metrics.refresh_interval` (here an hour).
+#[tokio::test]
+async fn a_scrape_shows_the_backlog_as_it_is_now() {
+    let mut env = TestEnv::migrated().await;
+    let metrics = crate::harness::MetricsEndpoint::enable(&mut env);
+    env.config.set("metrics.refresh_interval", "1h");
+    let relay = env.cmd(["run"]).args(metrics.flag()).spawn();
+    metrics
+        .wait_for_sample(
+            "serversync_outbox_pending{entity_type=\"call_log\"}",
+            0.0,
+            Duration::from_secs(20),
+        )
+        .await;
+    // not due for an hour: the relay leaves them, and they stay pending
+    env.db
+        .execute(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload, next_attempt_at) \
+             SELECT 'call_log', gen_random_uuid(), '{}', now() + interval '1 hour' \
+             FROM generate_series(1, 3)",
+        )
+        .await;
+    metrics
+        .wait_for_sample(
+            "serversync_outbox_pending{entity_type=\"call_log\"}",
+            3.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+}
+
 #[tokio::test]
 async fn past_backlog_exact_rows_the_pending_gauges_are_estimated() {
     let mut env = TestEnv::migrated().await;
