@@ -343,8 +343,10 @@ pub async fn drain(
     aux.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), aux.wait()).await;
     // retention is kept by drains too, for deployments that only run them from cron
-    if !stop.is_cancelled() {
-        let pruned = relay.prune_once(&stop).await;
+    // (also by one that reached its --timeout, as a cron drain on a steady stream
+    // always does; not after SIGTERM, which asks it to stop)
+    if !shutdown.is_cancelled() {
+        let pruned = relay.prune_once(&shutdown).await;
         if pruned > 0 {
             tracing::info!(
                 records = pruned,
@@ -664,19 +666,33 @@ async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
         RecordingsRoot::new(settings.storage.recordings_root.clone()),
         Metrics::new()?,
     )?;
-    match dispatcher.probe().await {
-        Ok(status) => say!(
-            "ok    ingest {} reachable (HTTP {status})",
-            settings.ingest.base_url
-        ),
-        Err(e) => {
-            healthy = false;
-            say!(
-                "FAIL  ingest {}: {}",
-                settings.ingest.base_url,
-                one_line(&format!("{e:#}"), 300)
-            );
-        }
+    // What the relay itself sends when it probes an empty outbox: an empty batch to
+    // the sync endpoint, with the token and the signature. It tests the path, the
+    // token and whether the Frontend answers now, and delivers nothing.
+    let base = &settings.ingest.base_url;
+    match dispatcher.send_json(&[]).await {
+        Ok(()) => say!("ok    ingest {base} accepts requests (an empty batch)"),
+        Err(f) => match f.http_status {
+            // it answered, authorized, and only refused the empty batch itself
+            Some(400 | 422) => say!(
+                "warn  ingest {base} reachable, but refused an empty batch: {}",
+                one_line(&f.message, 300)
+            ),
+            Some(status) => {
+                healthy = false;
+                let hint = match status {
+                    401 | 403 => " (check ingest.auth_token)",
+                    404 | 405 => " (check ingest.base_url: the API is not at that path)",
+                    300..=399 => "",
+                    _ => " (the Frontend is failing now)",
+                };
+                say!("FAIL  ingest {base}: {}{hint}", one_line(&f.message, 300));
+            }
+            None => {
+                healthy = false;
+                say!("FAIL  ingest {base}: {}", one_line(&f.message, 300));
+            }
+        },
     }
     if settings.storage.recordings_root.is_dir() {
         say!(

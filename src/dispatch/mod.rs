@@ -19,7 +19,7 @@ use crate::files::{RecordingsRoot, META_LIMIT, OPEN_LIMIT};
 use crate::metrics::Metrics;
 use crate::retry::parse_retry_after;
 use crate::store::ClaimedRow;
-use crate::taxonomy::{error_chain, Failure, RESPONSE_BODY_LIMIT};
+use crate::taxonomy::{Failure, RESPONSE_BODY_LIMIT};
 
 mod signing;
 mod upload;
@@ -369,19 +369,6 @@ impl Dispatcher {
             .with_label_values(&[endpoint])
             .observe(started.elapsed().as_secs_f64());
         outcome
-    }
-
-    /// Is anything listening at the base URL? (for `check`)
-    pub async fn probe(&self) -> anyhow::Result<u16> {
-        let mut url = self.sync_url.clone();
-        url.set_path("/");
-        let response = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!(error_chain(&e.without_url())))?;
-        Ok(response.status().as_u16())
     }
 }
 

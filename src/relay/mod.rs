@@ -396,7 +396,9 @@ impl Relay {
                         wait(finished, DRAIN_SETTLE_WAIT, &mut wake).await;
                         continue;
                     }
-                    wait(finished, poll, &mut wake).await;
+                    // waiting for work is the loop alive, not stuck: the watchdog is
+                    // fed through a `poll_interval` longer than its own
+                    self.with_heartbeat(wait(finished, poll, &mut wake)).await;
                 }
                 Step::Paused(until) => {
                     if self.drain.is_some() && self.sink.is_probing() {
@@ -418,10 +420,13 @@ impl Relay {
                         break;
                     }
                     let nap = until.saturating_duration_since(Instant::now()).min(poll);
-                    tokio::select! {
-                        _ = finished.cancelled() => {}
-                        _ = tokio::time::sleep(nap) => {}
-                    }
+                    self.with_heartbeat(async {
+                        tokio::select! {
+                            _ = finished.cancelled() => {}
+                            _ = tokio::time::sleep(nap) => {}
+                        }
+                    })
+                    .await;
                 }
                 Step::DatabaseUnavailable => {
                     let nap = backoff.next().unwrap_or(Duration::from_secs(5));

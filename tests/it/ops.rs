@@ -153,6 +153,49 @@ async fn systemd_readiness_watchdog_and_stopping_reach_a_real_notify_socket() {
     relay.wait(Duration::from_secs(10)).await.assert_success();
 }
 
+/// An idle relay waits `dispatch.poll_interval` between looks at the outbox; a wait
+/// longer than the watchdog's interval is the loop alive, not stuck, and the pings
+/// go on (they used to stop, and systemd restarted an idle relay that polled slowly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_interval_longer_than_the_watchdog_keeps_it_fed() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("dispatch.poll_interval", "10s")
+        .set("dispatch.listen", false);
+    let path = env.work_dir().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let relay = env
+        .cmd(["run"])
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "2000000")
+        .spawn();
+    tokio::task::block_in_place(|| await_notify(&socket, "READY=1", Duration::from_secs(20)));
+    // 5 s idle, past two watchdog intervals: a ping every second all along
+    let mut pings = 0;
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < until {
+        if let Ok(n) = socket.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "WATCHDOG=1")
+            {
+                pings += 1;
+            }
+        }
+    }
+    let out = relay.terminate(Duration::from_secs(15)).await;
+    out.assert_success();
+    assert!(
+        !out.stderr.contains("withholding the watchdog ping"),
+        "an idle relay is not a stuck one\n{out}"
+    );
+    assert!(pings >= 4, "{pings} pings in 5 s\n{out}");
+}
+
 #[tokio::test]
 async fn readiness_is_not_sent_for_an_outdated_schema() {
     let env = TestEnv::new().await; // no migrations

@@ -318,6 +318,49 @@ async fn check_reports_each_part_and_exits_1_when_one_is_wrong() {
         .assert_single_stderr_line();
 }
 
+/// `check` sends the ingest API what the relay sends it when the outbox is empty
+/// (an empty batch, with the token): a Frontend that fails, refuses the token or is
+/// not at `ingest.base_url`'s path fails the check, naming what to look at. (It used
+/// to `GET /` and call any answer, a 503 included, reachable.)
+#[tokio::test]
+async fn check_tries_the_ingest_api_itself() {
+    let mut env = TestEnv::migrated_on(Backend::Sqlite).await;
+    env.config.set("ingest.auth_token", "t0ken");
+    let out = env.run(&["check"]).await;
+    out.assert_success();
+    assert!(out.stdout.contains("ok    ingest"), "{out}");
+    let probe = env.sink.sync_requests();
+    assert_eq!(probe.len(), 1, "{probe:#?}");
+    assert_eq!(probe[0].entries().len(), 0, "an empty batch");
+    assert_eq!(
+        probe[0].headers.get("authorization"),
+        Some("Bearer t0ken"),
+        "with the token"
+    );
+    for (status, hint) in [
+        (503, "failing"),
+        (401, "ingest.auth_token"),
+        (404, "ingest.base_url"),
+    ] {
+        env.sink.set_mode(crate::harness::Mode::Always(status));
+        let out = env.run(&["check"]).await;
+        out.assert_code(1);
+        assert!(
+            out.stdout.contains("FAIL  ingest") && out.stdout.contains(hint),
+            "HTTP {status}\n{out}"
+        );
+    }
+    env.sink.set_mode(crate::harness::Mode::Always(422));
+    let out = env.run(&["check"]).await;
+    out.assert_success();
+    assert!(out.stdout.contains("warn  ingest"), "{out}");
+    assert_eq!(
+        env.count("sync_outbox").await,
+        0,
+        "nothing enqueued or sent"
+    );
+}
+
 /// Output that goes nowhere (`serversync status | head -1`, `drain 2>&1 | head`) must
 /// neither panic a command nor hang a drain: a log line that panicked on a closed
 /// stderr used to kill a worker mid-batch (its rows stayed leased, the drain waited for

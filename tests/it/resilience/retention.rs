@@ -7,7 +7,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::support::insert_one;
-use crate::harness::{wait_until, Mode, TestEnv};
+use crate::harness::{wait_until, Mode, Reply, TestEnv};
 
 #[tokio::test]
 async fn delivered_records_are_pruned_after_the_ttl_and_dead_letters_are_kept() {
@@ -92,4 +92,32 @@ async fn a_drain_prunes_records_past_the_ttl_and_keeps_younger_ones() {
         "the 20 records older than 2s are pruned (3 batches of 7), the 5 new ones kept"
     );
     assert_eq!(env.sink.entries().len(), (old + young) as usize);
+}
+
+/// A cron drain on a steady stream often ends at its `--timeout`: it prunes all the
+/// same (it used to prune only when the outbox ran empty, so the delivered records
+/// of such a deployment were never pruned).
+#[tokio::test]
+async fn a_drain_that_reaches_its_timeout_prunes_too() {
+    let mut env = TestEnv::migrated().await;
+    env.config.set("retention.sent_ttl", "2s");
+    let old = 20;
+    for _ in 0..old {
+        insert_one(&env).await;
+    }
+    env.drain().await.assert_success();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+
+    // a request that outlasts the timeout: the drain stops claiming, settles it
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(1))));
+    insert_one(&env).await;
+    let out = env.run(&["drain", "--timeout", "300ms"]).await;
+    out.assert_code(3).assert_no_panic();
+    assert!(out.stderr.contains("timeout reached"), "{out}");
+    assert_eq!(
+        env.count("sync_outbox_sent").await,
+        1,
+        "the 20 old records pruned, the new one kept\n{out}"
+    );
 }
