@@ -85,6 +85,10 @@ pub struct Failure {
     pub response_body: Option<String>,
     /// The sink's `Retry-After`, when it sent one.
     pub retry_after: Option<Duration>,
+    /// No connection was made (refused, DNS, TLS handshake, connect timeout): the
+    /// request never reached the sink, so no row in it can have caused the failure,
+    /// and none is charged an attempt for it.
+    pub unsent: bool,
 }
 
 impl Failure {
@@ -112,6 +116,7 @@ impl Failure {
             message: message.into(),
             response_body: None,
             retry_after: None,
+            unsent: false,
         }
     }
 
@@ -165,7 +170,9 @@ impl Failure {
         } else {
             ErrorType::Connect
         };
-        Failure::new(error_type, true, err_without_url)
+        let mut f = Failure::new(error_type, true, err_without_url);
+        f.unsent = err.is_connect();
+        f
     }
 
     pub fn file_missing(message: impl Into<String>) -> Failure {

@@ -210,7 +210,11 @@ impl Relay {
     /// Tell the sink-health tracker about a failure; returns whether it is charged.
     pub(super) fn account(&self, failure: &Failure) -> bool {
         match failure.error_type {
-            t if t.is_sink_level() => self.sink.on_sink_failure(t.as_str(), failure.retry_after),
+            // counted towards the outage either way; never charged when the request
+            // did not get through (SPEC 3.6: a refused connection burns no attempt)
+            t if t.is_sink_level() => {
+                self.sink.on_sink_failure(t.as_str(), failure.retry_after) && !failure.unsent
+            }
             ErrorType::Http4xx => {
                 self.sink.on_answer();
                 true

@@ -388,7 +388,7 @@ async fn closed_output_pipes_neither_panic_nor_hang_a_drain() {
         assert_eq!(code, Some(3), "`{}`: rows left for retry", args.join(" "));
     }
     let leased: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM sync_outbox WHERE lease_until > now() OR attempts = 0",
+        "SELECT count(*) FROM sync_outbox WHERE lease_until > now() OR last_error_type IS NULL",
     )
     .fetch_one(env.db.pg())
     .await

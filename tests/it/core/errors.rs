@@ -369,8 +369,16 @@ async fn a_refused_connection_is_connect(backend: Backend) {
     out.assert_code(3);
     assert!(out.elapsed < Duration::from_secs(10), "{out}");
 
-    let row = the_row_left_for_retry(&env, "connect").await;
+    // a refused connection is the sink's, never the row's: classified, recorded,
+    // and no attempt charged for it (SPEC 3.6)
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1, "the row stays in sync_outbox: {rows:#?}");
+    let row = &rows[0];
+    assert_eq!(row.last_error_type.as_deref(), Some("connect"), "{row:#?}");
     assert_eq!(row.last_http_status, None);
+    assert_eq!(row.attempts, 0, "{row:#?}");
+    assert_eq!(row.attempt_errors, json!([]), "{row:#?}");
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
 }
 
 both_stores!(a_missing_file_is_retried);
