@@ -496,3 +496,57 @@ async fn metrics_listen_takes_localhost_and_refuses_other_names_by_key() {
         .await
         .assert_success();
 }
+
+/// Under systemd (stderr is the journal's stream, named by `JOURNAL_STREAM`) each log
+/// line starts with its syslog priority, which the journal keeps as the line's level
+/// (`journalctl -p warning` finds the relay's warnings and errors) and strips from the
+/// text; anywhere else lines are as they were.
+#[tokio::test]
+async fn under_the_journal_each_log_line_carries_its_priority() {
+    let mut env = TestEnv::migrated_on(crate::harness::Backend::Sqlite).await;
+    env.config.set(
+        "ingest.base_url",
+        format!("http://127.0.0.1:{}", crate::harness::closed_port()),
+    );
+    env.insert(
+        "call_log",
+        uuid::Uuid::new_v4(),
+        serde_json::json!({"n": 1}),
+    )
+    .await;
+    let config = env.write_config();
+    for format in ["pretty", "json"] {
+        // the journal's stream here is the pipe the test reads: name it as systemd does
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"JOURNAL_STREAM=$(stat -L -c %d:%i /dev/stderr) exec "$0" "$@""#)
+            .arg(env!("CARGO_BIN_EXE_serversync"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--log-level", "info", "--log-format", format, "drain"])
+            .current_dir(env.work_dir())
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .expect("run sh");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() >= 2, "{stderr}");
+        assert!(
+            lines.iter().all(|l| l.starts_with('<')),
+            "every line prefixed:\n{stderr}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("<3>") && l.contains("ERROR")),
+            "errors at priority 3:\n{stderr}"
+        );
+    }
+    let plain = env.run(&["--log-level", "info", "drain"]).await;
+    assert!(
+        plain.stderr_lines().iter().all(|l| !l.starts_with('<')),
+        "no prefix off the journal\n{plain}"
+    );
+}
