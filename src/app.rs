@@ -122,44 +122,39 @@ fn has_nul(value: &serde_json::Value) -> bool {
     }
 }
 
-/// SIGTERM or SIGINT, once, as a cancellation token.
+/// SIGTERM or SIGINT, once, as a cancellation token. A second one (an impatient
+/// Ctrl-C) does not wait for the grace: the process exits at once, and rows in
+/// flight keep their leases and return when those expire.
 pub fn shutdown_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
     tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = term => tracing::info!("SIGTERM: stopping"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        }
+        let first = next_signal().await;
+        tracing::info!("{first}: stopping");
         trigger.cancel();
-        // A second signal (an impatient Ctrl-C) does not wait for the grace: rows
-        // in flight keep their leases and return when those expire.
-        let again = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = again => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        next_signal().await;
         tracing::warn!(
             "second signal: exiting now; rows in flight return when their lease expires"
         );
         std::process::exit(EXIT_FORCED);
     });
     token
+}
+
+/// The next SIGTERM or SIGINT, by name.
+async fn next_signal() -> &'static str {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
 }
 
 /// `create`: the command migrates what it opens, so a missing SQLite file may be made.

@@ -114,7 +114,7 @@ impl Relay {
         // rows whose requests failed with a 5xx, awaiting the verdict
         let mut suspects: Vec<(&ClaimedRow, Failure)> = Vec::new();
         // rows not sent when the isolating gave up, with the failure that stopped it
-        let mut unsent: Vec<(&ClaimedRow, Failure)> = Vec::new();
+        let mut untried: Vec<(&ClaimedRow, Failure)> = Vec::new();
         while let Some(chunk) = pending.pop() {
             match self.dispatcher.send_json(chunk).await {
                 Ok(()) => {
@@ -153,7 +153,7 @@ impl Relay {
                             f.message
                         );
                         for rest in pending.drain(..) {
-                            unsent.extend(rest.iter().map(|row| (*row, not_sent.clone())));
+                            untried.extend(rest.iter().map(|row| (*row, not_sent.clone())));
                         }
                     } else if chunk.len() > 1 {
                         tracing::info!(
@@ -182,7 +182,7 @@ impl Relay {
                 }
             }
         }
-        for (row, failure) in unsent {
+        for (row, failure) in untried {
             attempts.insert(
                 row.id,
                 Attempt::Failed {

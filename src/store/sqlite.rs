@@ -636,9 +636,7 @@ fn claimed_from_row(row: &SqliteRow) -> anyhow::Result<ClaimedRow> {
             note(e);
             RawValue::from_string("null".into()).unwrap_or_default()
         });
-    let ordering_key = row
-        .try_get::<Option<Vec<u8>>, _>("ordering_key")?
-        .map(|key| String::from_utf8_lossy(&key).into_owned());
+    let ordering_key = get_opt_text_lossy(row, "ordering_key")?;
     Ok(ClaimedRow {
         id,
         entity_type,
@@ -665,6 +663,12 @@ fn get_text_lossy(row: &SqliteRow, col: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// `get_text_lossy` for a nullable column.
+fn get_opt_text_lossy(row: &SqliteRow, col: &str) -> anyhow::Result<Option<String>> {
+    let bytes: Option<Vec<u8>> = row.try_get(col)?;
+    Ok(bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
+}
+
 fn dead_letter_from_row(row: &SqliteRow) -> anyhow::Result<DeadLetter> {
     let id: i64 = row.try_get("id")?;
     let json = |col: &str| -> anyhow::Result<serde_json::Value> {
@@ -679,9 +683,7 @@ fn dead_letter_from_row(row: &SqliteRow) -> anyhow::Result<DeadLetter> {
         // as the producer wrote it, when that was no JSON (it is why the row died)
         payload: json("payload")
             .or_else(|_| get_text_lossy(row, "payload").map(serde_json::Value::String))?,
-        ordering_key: row
-            .try_get::<Option<Vec<u8>>, _>("ordering_key")?
-            .map(|key| String::from_utf8_lossy(&key).into_owned()),
+        ordering_key: get_opt_text_lossy(row, "ordering_key")?,
         created_at: get_time(row, "created_at")?,
         error_type: row.try_get("error_type")?,
         http_status: row.try_get("http_status")?,
