@@ -109,6 +109,17 @@ async fn metrics_health_and_readiness_follow_the_spec() {
     );
 }
 
+/// A systemd notify socket in `env`'s work directory (its path, for NOTIFY_SOCKET),
+/// read with a short timeout.
+fn notify_socket(env: &TestEnv) -> (std::path::PathBuf, UnixDatagram) {
+    let path = env.work_dir().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    (path, socket)
+}
+
 /// Messages received on a notify socket, until `want` appears or the deadline.
 fn await_notify(socket: &UnixDatagram, want: &str, timeout: Duration) -> Vec<String> {
     let deadline = Instant::now() + timeout;
@@ -130,11 +141,7 @@ fn await_notify(socket: &UnixDatagram, want: &str, timeout: Duration) -> Vec<Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_readiness_watchdog_and_stopping_reach_a_real_notify_socket() {
     let env = TestEnv::migrated().await;
-    let path = env.work_dir().join("notify.sock");
-    let socket = UnixDatagram::bind(&path).expect("bind notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("timeout");
+    let (path, socket) = notify_socket(&env);
     let relay = env
         .cmd(["run"])
         .env("NOTIFY_SOCKET", &path)
@@ -162,11 +169,7 @@ async fn a_poll_interval_longer_than_the_watchdog_keeps_it_fed() {
     env.config
         .set("dispatch.poll_interval", "10s")
         .set("dispatch.listen", false);
-    let path = env.work_dir().join("notify.sock");
-    let socket = UnixDatagram::bind(&path).expect("bind notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("timeout");
+    let (path, socket) = notify_socket(&env);
     let relay = env
         .cmd(["run"])
         .env("NOTIFY_SOCKET", &path)
@@ -199,11 +202,7 @@ async fn a_poll_interval_longer_than_the_watchdog_keeps_it_fed() {
 #[tokio::test]
 async fn readiness_is_not_sent_for_an_outdated_schema() {
     let env = TestEnv::new().await; // no migrations
-    let path = env.work_dir().join("notify.sock");
-    let socket = UnixDatagram::bind(&path).expect("bind notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("timeout");
+    let (path, socket) = notify_socket(&env);
     let out = env.cmd(["run"]).env("NOTIFY_SOCKET", &path).output().await;
     out.assert_code(1).assert_fails_with("serversync migrate");
     let mut buf = [0u8; 1024];

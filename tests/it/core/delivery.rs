@@ -524,21 +524,36 @@ async fn enqueue_inserts_a_row_that_drain_delivers(backend: Backend) {
 }
 
 both_stores!(enqueue_rejects_bad_json_and_bad_uuids_with_one_line);
+/// Also a payload the relay could only dead-letter (no JSON object) or PostgreSQL's
+/// jsonb would refuse without saying why (`\u0000`): one line naming `--payload`.
 async fn enqueue_rejects_bad_json_and_bad_uuids_with_one_line(backend: Backend) {
     let env = TestEnv::migrated_on(backend).await;
     let id = Uuid::new_v4().to_string();
-    env.run(&[
-        "enqueue",
-        "--entity-type",
-        "call_log",
-        "--entity-id",
-        &id,
-        "--payload",
-        "{not json",
-    ])
-    .await
-    .assert_fails_with("payload")
-    .assert_single_stderr_line();
+    for (payload, needles) in [
+        ("{not json", &["payload"][..]),
+        (
+            r#""just a string""#,
+            &["--payload", "must be a JSON object"][..],
+        ),
+        ("[1, 2]", &["--payload", "must be a JSON object"][..]),
+        (r#"{"note": "a\u0000b"}"#, &["--payload", "\\u0000"][..]),
+    ] {
+        let out = env
+            .run(&[
+                "enqueue",
+                "--entity-type",
+                "call_log",
+                "--entity-id",
+                &id,
+                "--payload",
+                payload,
+            ])
+            .await;
+        for needle in needles {
+            out.assert_fails_with(needle);
+        }
+        out.assert_single_stderr_line();
+    }
     env.run(&[
         "enqueue",
         "--entity-type",

@@ -78,12 +78,7 @@ async fn the_auth_token_is_sent_and_no_secret_or_payload_reaches_the_output(back
 
     assert_eq!(env.sink.uploads().len(), 1);
     assert_eq!(env.sink.entries().len(), 4);
-    let mut authorizations: Vec<Option<String>> = env
-        .sink
-        .sync_requests()
-        .iter()
-        .map(|r| r.headers.get("authorization").map(str::to_string))
-        .collect();
+    let mut authorizations = env.sink.sync_authorizations();
     authorizations.extend(
         env.sink
             .all_uploads()

@@ -366,6 +366,14 @@ impl Sink {
         self.shared.lock().syncs.clone()
     }
 
+    /// The `Authorization` header of every `/sync` request, in arrival order.
+    pub fn sync_authorizations(&self) -> Vec<Option<String>> {
+        self.sync_requests()
+            .iter()
+            .map(|r| r.headers.get("authorization").map(str::to_string))
+            .collect()
+    }
+
     /// Every upload, in arrival order, whatever the answer.
     pub fn all_uploads(&self) -> Vec<Upload> {
         self.shared.lock().uploads.clone()
