@@ -350,9 +350,9 @@ pub async fn drain(
         }
     }
     let elapsed = started.elapsed();
-    let rate = summary.delivered as f64 / elapsed.as_secs_f64().max(1e-3);
+    let rate = rows_per_second(summary.delivered, elapsed);
     say!(
-        "drain: delivered {}, retried {}, dead {}, left for retry {} in {:.2}s ({:.0} rows/s){}",
+        "drain: delivered {}, retried {}, dead {}, left for retry {} in {:.2}s ({} rows/s){}",
         summary.delivered,
         summary.retried,
         summary.dead,
@@ -425,15 +425,28 @@ async fn progress(relay: Arc<Relay>, max_rows: Option<u64>, stop: CancellationTo
                 None => *counted.insert(drain_total(&relay, max_rows).await),
             };
             let n = done(&relay);
-            let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-3);
-            say_err!("drain: {n}/{total} rows settled ({rate:.0} rows/s)");
+            let rate = rows_per_second(n, started.elapsed());
+            say_err!("drain: {n}/{total} rows settled ({rate} rows/s)");
         }
     }
 }
 
-/// What a drain has settled plus what is due now: the rows it is expected to settle.
+/// A drain's rate, whole above 10 rows/s, with a decimal below (a trickle of rows
+/// to a slow sink is not "0 rows/s").
+fn rows_per_second(rows: u64, elapsed: Duration) -> String {
+    let rate = rows as f64 / elapsed.as_secs_f64().max(1e-3);
+    if rate >= 10.0 || rate == 0.0 {
+        format!("{rate:.0}")
+    } else {
+        format!("{rate:.1}")
+    }
+}
+
+/// What a drain has settled, has out and finds due now: the rows it is expected to
+/// settle (a batch settling meanwhile may be counted twice; the bar grows to fit).
 async fn drain_total(relay: &Relay, max_rows: Option<u64>) -> u64 {
     let total = relay.store().count_due().await.unwrap_or(0).max(0) as u64
+        + relay.rows_in_flight()
         + relay.stats.delivered.load(Ordering::Relaxed)
         + relay.stats.dead.load(Ordering::Relaxed);
     max_rows.map_or(total, |m| total.min(m))
