@@ -169,3 +169,92 @@ async fn a_slow_but_alive_relay_renews_its_lease_and_keeps_its_batch() {
         "(pending, sent, dead)"
     );
 }
+
+/// A relay that stalls (here: stopped by SIGSTOP, as a VM pause would) loses its
+/// lease, and another relay takes the rows over. When the stalled one wakes up and
+/// settles what it had (its Frontend accepted the batch, long ago), the settle is
+/// fenced on the lease: it is reported as lost and leaves the rows to their new
+/// holder, whose own outcome (a failure, to be retried) stands. Unfenced, the stale
+/// settle would have taken them out of the outbox behind the new holder's back.
+#[tokio::test]
+async fn a_stalled_relay_that_wakes_up_after_a_takeover_cannot_overwrite_the_outcome() {
+    let mut env = TestEnv::migrated().await;
+    let n = 20;
+    for _ in 0..n {
+        insert_one(&env).await;
+    }
+    let answer_after = Duration::from_secs(6);
+    let slow = Sink::start();
+    slow.set_mode(Mode::Reply(Reply::ok().delay(answer_after)));
+    env.sink.set_mode(Mode::Always(503));
+    env.config
+        .set("dispatch.lease_duration", "2s")
+        .set("dispatch.poll_interval", "100ms")
+        .set("dispatch.concurrency", 1)
+        .set("dispatch.outage_threshold", 1000)
+        .set("retry.max_attempts", 1000)
+        .set("retry.base_delay", "100ms")
+        .set("retry.max_delay", "200ms")
+        .set("ingest.timeout", "60s");
+    let a = env.spawn_run(&["--ingest-url", slow.url()]);
+    slow.wait_for_requests(1, Duration::from_secs(15)).await;
+    let sent_at = Instant::now();
+    a.signal(libc::SIGSTOP);
+    // the batch out keeps its 200; once awake, A delivers nothing more
+    slow.set_mode(Mode::Always(503));
+
+    // B takes the rows over once A's lease expires, and fails with them.
+    let b = env.spawn_run(&[]);
+    wait_until(
+        Duration::from_secs(10),
+        "B to take the rows over",
+        || async { env.sink.sync_requests().len() >= 2 },
+    )
+    .await;
+    // A wakes up once its Frontend has answered: the 200 is there to be read.
+    tokio::time::sleep_until((sent_at + answer_after + Duration::from_millis(300)).into()).await;
+    a.signal(libc::SIGCONT);
+    wait_until(
+        Duration::from_secs(10),
+        "A to report its lost lease",
+        || async { a.stderr().contains("lease lost") },
+    )
+    .await;
+    assert_eq!(
+        tables(&env).await,
+        (n as i64, 0, 0),
+        "(pending, sent, dead): A's stale outcome took nothing out of the outbox"
+    );
+    let failed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sync_outbox WHERE last_error_type = 'http_5xx' AND attempts >= 1",
+    )
+    .fetch_one(env.db.pg())
+    .await
+    .expect("count B's outcome");
+    assert_eq!(failed, n as i64, "B's outcome stands");
+
+    env.sink.set_mode(Mode::Accept);
+    wait_until(Duration::from_secs(10), "B to deliver the rows", || async {
+        env.count("sync_outbox_sent").await == n as i64
+    })
+    .await;
+    let a_out = a.terminate(Duration::from_secs(10)).await;
+    a_out.assert_success().assert_no_panic();
+    b.terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+    assert_eq!(
+        tables(&env).await,
+        (0, n as i64, 0),
+        "(pending, sent, dead)"
+    );
+    let received = by_id(env.sink.entries());
+    assert_eq!(received.len(), n);
+    assert!(received.values().all(|copies| copies.len() == 1));
+    assert_eq!(
+        slow.accepted_batches().len(),
+        1,
+        "A's Frontend accepted only the stale batch"
+    );
+}
