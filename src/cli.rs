@@ -18,6 +18,7 @@ pub struct Cli {
     /// Configuration file (default: config/serversync.toml if it exists).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Log lines for people (pretty) or one JSON object per line (json).
     #[arg(long, global = true, value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
     /// trace, debug, info, warn or error (RUST_LOG overrides).
@@ -59,6 +60,7 @@ pub enum Command {
         /// Stop after this long (e.g. 30s, 5m).
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         timeout: Option<Duration>,
+        /// Apply pending migrations first instead of refusing an outdated schema.
         #[arg(long)]
         migrate: bool,
     },
@@ -66,6 +68,7 @@ pub enum Command {
     Migrate,
     /// Show the backlog.
     Status {
+        /// One JSON object (pending, due, in_flight, oldest_pending_age_seconds, …).
         #[arg(long)]
         json: bool,
     },
@@ -76,12 +79,16 @@ pub enum Command {
     },
     /// Insert one outbox row (operator tool).
     Enqueue {
+        /// The entity type (call_log, recording, recording_file, …).
         #[arg(long, value_name = "T")]
         entity_type: String,
+        /// The entity's id.
         #[arg(long, value_name = "UUID")]
         entity_id: String,
+        /// The entity as a JSON object, in the Frontend's camelCase keys.
         #[arg(long, value_name = "JSON")]
         payload: String,
+        /// Deliver after the queued rows of this key (default: derived per entity type).
         #[arg(long, value_name = "KEY")]
         ordering_key: Option<String>,
     },
@@ -95,6 +102,7 @@ pub enum Command {
     },
     /// Development stand-in for the Frontend ingest API (never for production).
     DevSink {
+        /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:3000", value_name = "ADDR")]
         listen: SocketAddr,
         /// Where received entries and files are stored.
@@ -107,37 +115,49 @@ pub enum Command {
 pub enum DlqCommand {
     /// List dead letters.
     List {
+        /// Only this error type (timeout, http_4xx, file_missing, …).
         #[arg(long, value_name = "T")]
         error_type: Option<String>,
+        /// Only this entity type.
         #[arg(long, value_name = "T")]
         entity_type: Option<String>,
+        /// At most this many, oldest first.
         #[arg(long, default_value_t = 100, value_name = "N", allow_negative_numbers = true,
               value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
+        /// A JSON array of dead letters, camelCase keys.
         #[arg(long)]
         json: bool,
     },
     /// Show one dead letter with its attempt history.
     Show {
+        /// The dead letter's id (first column of `dlq list`).
         id: i64,
+        /// One JSON object, attempt history included.
         #[arg(long)]
         json: bool,
     },
     /// Move dead letters back to the outbox as pending, attempts reset.
     #[command(group(ArgGroup::new("which").required(true).args(["ids", "all", "error_type"])))]
     Requeue {
+        /// Dead-letter ids.
         ids: Vec<i64>,
+        /// Every dead letter.
         #[arg(long)]
         all: bool,
+        /// Every dead letter of this error type.
         #[arg(long, value_name = "T")]
         error_type: Option<String>,
     },
     /// Delete dead letters.
     #[command(group(ArgGroup::new("which").required(true).args(["ids", "all", "older_than"])))]
     Purge {
+        /// Dead-letter ids.
         ids: Vec<i64>,
+        /// Every dead letter.
         #[arg(long)]
         all: bool,
+        /// Dead letters that died longer ago than this (e.g. 30d).
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         older_than: Option<Duration>,
     },
@@ -145,4 +165,35 @@ pub enum DlqCommand {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     crate::config::duration_str::parse(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--help` explains every flag and argument of every command: an operator
+    /// should not have to read the source to learn what `--migrate` does.
+    #[test]
+    fn every_argument_of_every_command_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "serversync", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 }
