@@ -12,7 +12,7 @@ use std::time::Duration;
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
-use crate::taxonomy::Failure;
+use crate::taxonomy::{ErrorType, Failure};
 
 /// Largest meta file sent (it is read into memory; the audio is streamed).
 pub const META_LIMIT: u64 = 1024 * 1024;
@@ -46,6 +46,32 @@ impl RecordingsRoot {
 
     /// Open `path` (relative to the root, or absolute inside it) for reading.
     pub fn open(&self, path: &str) -> Result<OpenedFile, Failure> {
+        let (file, meta, relative) = self.open_entry(path)?;
+        if meta.is_dir() {
+            return Err(Failure::file_unreadable(format!("{path}: is a directory")));
+        }
+        if !meta.is_file() {
+            return Err(Failure::file_unreadable(format!(
+                "{path}: not a regular file (a FIFO, socket or device)"
+            )));
+        }
+        let name = relative
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "file".into());
+        Ok(OpenedFile {
+            file: file.into_std(),
+            len: meta.len(),
+            name,
+        })
+    }
+
+    /// Whatever `path` names inside the root (a file, a directory, a FIFO), opened
+    /// for reading, with its metadata and its path relative to the root.
+    fn open_entry(
+        &self,
+        path: &str,
+    ) -> Result<(cap_std::fs::File, cap_std::fs::Metadata, PathBuf), Failure> {
         let relative = self.relative(path)?;
         let dir = Dir::open_ambient_dir(&self.root, ambient_authority()).map_err(|e| {
             let msg = format!("recordings root {}: {e}", self.root.display());
@@ -67,27 +93,11 @@ impl RecordingsRoot {
                 resolved.as_deref().unwrap_or(&relative),
                 OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK),
             )
-            .map_err(|e| self.open_error(path, &relative, e))?;
+            .map_err(|e| open_error(path, e))?;
         let meta = file
             .metadata()
             .map_err(|e| Failure::file_unreadable(format!("{path}: cannot stat: {e}")))?;
-        if meta.is_dir() {
-            return Err(Failure::file_unreadable(format!("{path}: is a directory")));
-        }
-        if !meta.is_file() {
-            return Err(Failure::file_unreadable(format!(
-                "{path}: not a regular file (a FIFO, socket or device)"
-            )));
-        }
-        let name = relative
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "file".into());
-        Ok(OpenedFile {
-            file: file.into_std(),
-            len: meta.len(),
-            name,
-        })
+        Ok((file, meta, relative))
     }
 
     /// `open` on a blocking thread, given at most `limit`: an open can hang in the
@@ -100,8 +110,8 @@ impl RecordingsRoot {
 
     /// `exists`, the same way.
     pub async fn exists_within(&self, path: &str, limit: Duration) -> Result<bool, Failure> {
-        self.off_runtime(path, limit, "looking for", |root, path| root.exists(path))
-            .await
+        self.off_runtime(path, limit, "looking for", RecordingsRoot::exists)
+            .await?
     }
 
     async fn off_runtime<T: Send + 'static>(
@@ -125,15 +135,25 @@ impl RecordingsRoot {
         }
     }
 
-    /// Whether a file exists under the root (for the optional default meta file).
-    pub fn exists(&self, path: &str) -> bool {
-        self.relative(path)
-            .map(|rel| self.root.join(rel).is_file())
-            .unwrap_or(false)
+    /// Whether a regular file is there to send (the optional default meta file),
+    /// looked up as `open` would: a link out of the root is refused whether or not
+    /// its target exists, so that what lies outside the root cannot be told from the
+    /// outcome. Nothing there, a directory or a FIFO: `false`.
+    pub fn exists(&self, path: &str) -> Result<bool, Failure> {
+        match self.open_entry(path) {
+            Ok((_, meta, _)) => Ok(meta.is_file()),
+            Err(f) if f.error_type == ErrorType::FileMissing => Ok(false),
+            Err(f) => Err(f),
+        }
     }
 
     /// The path relative to the root; `..`, and absolute paths elsewhere, are denied.
     fn relative(&self, path: &str) -> Result<PathBuf, Failure> {
+        if path.contains('\0') {
+            return Err(Failure::payload_invalid(
+                "file path contains a NUL character",
+            ));
+        }
         let p = Path::new(path);
         let rel = if p.is_absolute() {
             let canonical_root = self
@@ -167,8 +187,10 @@ impl RecordingsRoot {
                 }
             }
         }
-        if rel.as_os_str().is_empty() {
-            return Err(Failure::payload_invalid("empty file path"));
+        if !rel.components().any(|c| matches!(c, Component::Normal(_))) {
+            return Err(Failure::payload_invalid(format!(
+                "{path:?} names the recordings root itself, not a file"
+            )));
         }
         Ok(rel)
     }
@@ -192,24 +214,22 @@ impl RecordingsRoot {
             )))
         }
     }
+}
 
-    fn open_error(&self, path: &str, relative: &Path, e: io::Error) -> Failure {
-        match e.kind() {
-            io::ErrorKind::NotFound => Failure::file_missing(format!("{path}: no such file")),
-            io::ErrorKind::PermissionDenied
-                if self
-                    .root
-                    .join(relative)
-                    .symlink_metadata()
-                    .is_ok_and(|m| m.is_symlink()) =>
-            {
-                Failure::path_denied(format!("{path}: symlink leads outside the recordings root"))
-            }
-            _ if e.to_string().contains("outside of the filesystem") => {
-                Failure::path_denied(format!("{path}: leads outside the recordings root"))
-            }
-            _ => Failure::file_unreadable(format!("{path}: {e}")),
+/// What a failed confined open means. cap-std reports a path that would leave the
+/// root (through `..` in a symlink, or an absolute symlink) as "a path led outside
+/// of the filesystem"; any other permission error is the file's own, inside the
+/// root. A name longer than the filesystem takes can never be opened.
+fn open_error(path: &str, e: io::Error) -> Failure {
+    if e.to_string().contains("outside of the filesystem") {
+        return Failure::path_denied(format!("{path}: leads outside the recordings root"));
+    }
+    match e.kind() {
+        io::ErrorKind::NotFound => Failure::file_missing(format!("{path}: no such file")),
+        _ if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+            Failure::payload_invalid(format!("file path too long for the filesystem: {e}"))
         }
+        _ => Failure::file_unreadable(format!("{path}: {e}")),
     }
 }
 
@@ -306,6 +326,70 @@ mod tests {
         assert_eq!(kind(root.open("call")), ErrorType::FileUnreadable);
         let gone = RecordingsRoot::new("/nonexistent/serversync/root");
         assert_eq!(kind(gone.open("a.wav")), ErrorType::FileMissing);
+    }
+
+    /// A permission error inside the root is the file's (`file_unreadable`, retried),
+    /// also when the path names it through a symlink that stays inside: only a path
+    /// that leads out is `path_denied`. (Tests run as root, whom mode 000 does not
+    /// stop, so the error is handed to the classification directly.)
+    #[test]
+    fn a_permission_error_through_a_link_inside_is_unreadable() {
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            open_error("link.wav", denied).error_type,
+            ErrorType::FileUnreadable
+        );
+        let (_tmp, root) = setup();
+        std::os::unix::fs::symlink("call/mixed.wav", root.path().join("link.wav")).unwrap();
+        assert_eq!(root.open("link.wav").unwrap().len, 8);
+    }
+
+    /// Paths that can never name a file dead-letter at once instead of being retried.
+    #[test]
+    fn paths_that_can_never_succeed_are_invalid() {
+        let (_tmp, root) = setup();
+        let long_name = "a".repeat(300);
+        let deep = format!("{}x.wav", "a/".repeat(3000));
+        let abs_root = root.path().to_str().unwrap().to_string();
+        for path in [
+            "call/mixed.wav\0",
+            ".",
+            "./",
+            "./.",
+            long_name.as_str(),
+            deep.as_str(),
+            abs_root.as_str(),
+        ] {
+            assert_eq!(
+                kind(root.open(path)),
+                ErrorType::PayloadInvalid,
+                "{:?}",
+                &path[..path.len().min(40)]
+            );
+        }
+    }
+
+    /// The default meta file's lookup: what is not there (or not a file) is skipped;
+    /// a link out of the root is refused, whether its target exists or not.
+    #[test]
+    fn exists_is_confined_like_open() {
+        let (tmp, root) = setup();
+        std::fs::write(root.path().join("call/meta.json"), b"{}").unwrap();
+        assert_eq!(root.exists("call/meta.json").ok(), Some(true));
+        assert_eq!(root.exists("call/none.json").ok(), Some(false));
+        assert_eq!(root.exists("call").ok(), Some(false));
+        for (name, target) in [
+            ("out.json", tmp.path().join("secret.txt")),
+            ("gone.json", tmp.path().join("no-such-file")),
+        ] {
+            std::os::unix::fs::symlink(&target, root.path().join("call").join(name)).unwrap();
+            let looked = root.exists(&format!("call/{name}"));
+            assert_eq!(
+                looked.err().map(|f| f.error_type),
+                Some(ErrorType::PathDenied),
+                "{name}"
+            );
+        }
     }
 
     #[test]

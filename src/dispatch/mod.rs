@@ -64,8 +64,16 @@ impl FileJob {
             #[serde(rename = "metaPath")]
             meta_path: Option<serde_json::Value>,
         }
-        let fields: Fields = serde_json::from_str(row.payload.get())
-            .map_err(|_| Failure::payload_invalid("recording_file payload is not a JSON object"))?;
+        let payload = row.payload.get();
+        let fields: Fields = serde_json::from_str(payload).map_err(|e| {
+            if payload.trim_start().starts_with('{') {
+                // a syntax error or a duplicate field: serde names the place or the
+                // field, never a value
+                Failure::payload_invalid(format!("recording_file payload cannot be read: {e}"))
+            } else {
+                Failure::payload_invalid("recording_file payload is not a JSON object")
+            }
+        })?;
         let text = |name: &str,
                     v: Option<serde_json::Value>,
                     required: bool|
@@ -332,13 +340,16 @@ impl Dispatcher {
                 "{path}: meta file larger than {META_LIMIT} bytes"
             )));
         }
-        let name = opened.name.clone();
-        let mut file = tokio::fs::File::from_std(opened.file);
-        let mut bytes = Vec::with_capacity(opened.len as usize);
-        tokio::io::AsyncReadExt::read_to_end(&mut file, &mut bytes)
-            .await
-            .map_err(|e| Failure::file_unreadable(format!("{path}: {e}")))?;
-        Ok((name, bytes))
+        let file = tokio::fs::File::from_std(opened.file);
+        // bounded by what is read, not by the size seen at the open: a file that
+        // grows meanwhile is not read into memory past the limit
+        match read_at_most(file, META_LIMIT, opened.len).await {
+            Ok(Some(bytes)) => Ok((opened.name, bytes)),
+            Ok(None) => Err(Failure::file_unreadable(format!(
+                "{path}: meta file grew past {META_LIMIT} bytes while it was read"
+            ))),
+            Err(e) => Err(Failure::file_unreadable(format!("{path}: {e}"))),
+        }
     }
 
     fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -430,9 +441,31 @@ pub fn batch_key(ids: impl Iterator<Item = i64>) -> String {
     format!("sync:{hex}")
 }
 
+/// All of `reader` if it holds at most `limit` bytes, else `None`, never holding
+/// more than `limit + 1` bytes; `expected` sizes the buffer.
+async fn read_at_most(
+    reader: impl tokio::io::AsyncRead + Unpin,
+    limit: u64,
+    expected: u64,
+) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::with_capacity(expected.min(limit) as usize);
+    reader.take(limit + 1).read_to_end(&mut bytes).await?;
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_meta_read_stops_past_its_limit() {
+        let exactly = [1u8; 100];
+        let read = read_at_most(&exactly[..], 100, 10).await.unwrap();
+        assert_eq!(read.as_deref(), Some(&exactly[..]));
+        let more = [1u8; 101];
+        assert_eq!(read_at_most(&more[..], 100, 10).await.unwrap(), None);
+    }
 
     #[test]
     fn created_at_is_written_as_rfc3339_with_the_digits_it_needs() {

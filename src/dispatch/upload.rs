@@ -91,9 +91,12 @@ impl UploadForm {
 }
 
 /// A file name inside a quoted `Content-Disposition` parameter, escaped as browsers
-/// do (WHATWG): `"` → `%22`, CR → `%0D`, LF → `%0A`.
+/// do (WHATWG): `"` → `%22`, CR → `%0D`, LF → `%0A`; and `\` → `%5C`, which browsers
+/// leave, but which a parser of RFC quoted strings (Python's `email`) takes as an
+/// escape, reading `a\"` as `a"` and running past the closing quote.
 fn quote_file_name(name: &str) -> String {
-    name.replace('"', "%22")
+    name.replace('\\', "%5C")
+        .replace('"', "%22")
         .replace('\r', "%0D")
         .replace('\n', "%0A")
 }
@@ -249,7 +252,7 @@ mod tests {
         };
         let form = UploadForm::new(
             &job,
-            "we\"ird\r\nname.wav",
+            "we\"ird\r\nna\\me.wav",
             Some(("meta.json".into(), b"{}".to_vec())),
         );
         let head = String::from_utf8(form.head.to_vec()).unwrap();
@@ -260,7 +263,7 @@ mod tests {
         assert!(head.contains("name=\"recordingId\"\r\n\r\nr1\r\n"));
         assert!(
             head.ends_with(
-                "filename=\"we%22ird%0D%0Aname.wav\"\r\nContent-Type: audio/wav\r\n\r\n"
+                "filename=\"we%22ird%0D%0Ana%5Cme.wav\"\r\nContent-Type: audio/wav\r\n\r\n"
             ),
             "{head}"
         );
