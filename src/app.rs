@@ -352,11 +352,20 @@ pub async fn drain(
     let elapsed = started.elapsed();
     let rate = rows_per_second(summary.delivered, elapsed);
     say!(
-        "drain: delivered {}, retried {}, dead {}, left for retry {} in {:.2}s ({} rows/s){}",
+        "drain: delivered {}, retried {}, dead {}, left for retry {}{} in {:.2}s ({} rows/s){}",
         summary.delivered,
         summary.retried,
         summary.dead,
         summary.left_for_retry,
+        if summary.unsettled > 0 {
+            format!(
+                ", not settled {} (the database refused their outcome; they return when \
+                 their lease expires)",
+                summary.unsettled
+            )
+        } else {
+            String::new()
+        },
         elapsed.as_secs_f64(),
         rate,
         match summary.end {
@@ -373,6 +382,7 @@ pub async fn drain(
 pub fn drain_exit_code(summary: &Summary) -> ExitCode {
     let incomplete = summary.dead > 0
         || summary.left_for_retry > 0
+        || summary.unsettled > 0
         || matches!(
             summary.end,
             DrainEnd::SinkDown | DrainEnd::RateLimited | DrainEnd::Stopped
@@ -546,6 +556,13 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
             );
             say!("message:       {}", d.error_message);
             say!("attempts:      {}/{}", d.attempts, d.max_attempts);
+            if let (Some(first), Some(last)) = (d.first_attempt_at, d.last_attempt_at) {
+                say!(
+                    "tried:         {} … {}",
+                    first.to_rfc3339(),
+                    last.to_rfc3339()
+                );
+            }
             say!("created:       {}", d.created_at.to_rfc3339());
             say!("dead since:    {}", d.dead_at.to_rfc3339());
             if let Some(body) = &d.response_body {
@@ -561,6 +578,9 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
                     entry["httpStatus"],
                     entry["message"].as_str().unwrap_or("")
                 );
+                if let Some(at) = entry["requeuedAt"].as_str() {
+                    say!("  requeued {at} (attempts counted from 1 again)");
+                }
             }
             say!("payload:       {}", d.payload);
             Ok(ExitCode::SUCCESS)
@@ -570,6 +590,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
             all,
             error_type,
         } => {
+            let asked = distinct(&ids);
             let n = store
                 .dlq_requeue(&selection(
                     ids,
@@ -578,6 +599,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
                 )?)
                 .await?;
             say!("requeued {n} dead letter(s)");
+            note_missing(asked, n);
             Ok(ExitCode::SUCCESS)
         }
         DlqCommand::Purge {
@@ -585,6 +607,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
             all,
             older_than,
         } => {
+            let asked = distinct(&ids);
             let n = store
                 .dlq_purge(&selection(
                     ids,
@@ -593,8 +616,24 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
                 )?)
                 .await?;
             say!("purged {n} dead letter(s)");
+            note_missing(asked, n);
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn distinct(ids: &[i64]) -> u64 {
+    ids.iter().collect::<std::collections::HashSet<_>>().len() as u64
+}
+
+/// Ids given that named no dead letter: said, not failed (SPEC §5: exit 0), since
+/// a script that requeues or purges twice has nothing left to do the second time.
+fn note_missing(asked: u64, done: u64) {
+    if asked > done {
+        say_err!(
+            "note: {} of the {asked} id(s) given named no dead letter (see `dlq list`)",
+            asked - done
+        );
     }
 }
 

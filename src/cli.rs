@@ -116,7 +116,7 @@ pub enum DlqCommand {
     /// List dead letters.
     List {
         /// Only this error type (timeout, http_4xx, file_missing, …).
-        #[arg(long, value_name = "T")]
+        #[arg(long, value_name = "T", value_parser = parse_error_type)]
         error_type: Option<String>,
         /// Only this entity type.
         #[arg(long, value_name = "T")]
@@ -146,7 +146,7 @@ pub enum DlqCommand {
         #[arg(long)]
         all: bool,
         /// Every dead letter of this error type.
-        #[arg(long, value_name = "T")]
+        #[arg(long, value_name = "T", value_parser = parse_error_type)]
         error_type: Option<String>,
     },
     /// Delete dead letters.
@@ -161,6 +161,17 @@ pub enum DlqCommand {
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         older_than: Option<Duration>,
     },
+}
+
+fn parse_error_type(text: &str) -> Result<String, String> {
+    use crate::taxonomy::ErrorType;
+    match ErrorType::parse(text) {
+        Some(t) => Ok(t.as_str().to_string()),
+        None => Err(format!(
+            "no such error type; one of: {}",
+            ErrorType::ALL.map(ErrorType::as_str).join(", ")
+        )),
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -44,8 +44,10 @@ pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Opt
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
-    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    let delta = when.with_timezone(&chrono::Utc) - now;
+    // an HTTP date in any of the three forms a recipient must accept (RFC 9110
+    // §5.6.7): IMF-fixdate, RFC 850, asctime
+    let when: chrono::DateTime<chrono::Utc> = httpdate::parse_http_date(value).ok()?.into();
+    let delta = when - now;
     Some(
         delta
             .to_std()
@@ -116,6 +118,15 @@ mod tests {
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
             Some(Duration::ZERO)
+        );
+        // the two obsolete forms a recipient must accept too (RFC 9110 §5.6.7)
+        assert_eq!(
+            parse_retry_after("Wednesday, 21-Oct-15 07:28:40 GMT", now),
+            Some(Duration::from_secs(40))
+        );
+        assert_eq!(
+            parse_retry_after("Wed Oct 21 07:28:50 2015", now),
+            Some(Duration::from_secs(50))
         );
         assert_eq!(parse_retry_after("99999999", now), Some(MAX_RETRY_AFTER));
         assert_eq!(parse_retry_after("soon", now), None);

@@ -154,11 +154,18 @@ impl SinkHealth {
         let was_down = s.down;
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);
         s.last_unreachable = matches!(error_type, "connect" | "timeout");
-        s.probing = false;
-        if was_down {
+        if was_down && s.probing {
+            s.probing = false;
             s.probe_delay = (s.probe_delay * 2).min(self.probe_max);
             s.not_before = now + s.probe_delay.max(retry_after.unwrap_or_default());
             tracing::debug!(error_type, next_probe_in = ?s.probe_delay, "probe failed: ingest sink still down");
+        } else if was_down {
+            // a request sent before the sink was taken as down, answered since: it
+            // says nothing new, and must not put the first probe off (it used to
+            // double the delay once per request still out, to `max_probe_interval`)
+            if let Some(ra) = retry_after {
+                s.not_before = s.not_before.max(now + ra);
+            }
         } else if s.consecutive_failures >= self.threshold {
             s.down = true;
             s.probe_delay = self.probe_base;
@@ -256,6 +263,27 @@ mod tests {
         assert!(!h.is_down());
         assert_eq!(h.gate(), Gate::Open);
         assert_eq!(h.metrics.sink_up.get(), 1);
+    }
+
+    /// Requests that were out when the sink was taken as down fail afterwards, one
+    /// by one: the first probe still comes after `probe_interval`, not after a delay
+    /// doubled once per request (which reached `max_probe_interval` with 18 out).
+    #[tokio::test(start_paused = true)]
+    async fn failures_of_requests_out_before_the_outage_do_not_delay_the_first_probe() {
+        let h = health(3);
+        for _ in 0..20 {
+            h.on_sink_failure("http_5xx", None);
+        }
+        assert!(h.is_down());
+        assert_eq!(h.until_next_probe(), Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(h.gate(), Gate::Probe);
+        h.on_sink_failure("http_5xx", Some(Duration::from_secs(5)));
+        assert_eq!(
+            h.until_next_probe(),
+            Duration::from_secs(5),
+            "the probe's failure doubles the delay (2 s), its Retry-After is longer"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -72,6 +72,25 @@ impl fmt::Display for ErrorType {
 /// How much of a sink's response body is kept for operators.
 pub const RESPONSE_BODY_LIMIT: usize = 4096;
 
+/// A sink's response body as text for operators: its first [`RESPONSE_BODY_LIMIT`]
+/// bytes of UTF-8, [`storable`] (invalid bytes and NULs become U+FFFD, which is wider
+/// than they were, so the cut comes after the decoding, on a character boundary).
+pub fn response_body_text(bytes: &[u8]) -> String {
+    let text = storable(&String::from_utf8_lossy(bytes));
+    let mut end = text.len().min(RESPONSE_BODY_LIMIT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// Text as a database column takes it: PostgreSQL's `text` and `jsonb` refuse NUL,
+/// and a refused settle would leave every row of the batch unsettled (a sink's
+/// response body can hold anything).
+pub fn storable(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
 /// One classified delivery failure.
 #[derive(Debug, Clone)]
 pub struct Failure {

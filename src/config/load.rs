@@ -336,7 +336,17 @@ fn check_nonzero(key: &str, value: Duration) -> anyhow::Result<()> {
 fn check_retry(prefix: &str, p: &RetryParams) -> anyhow::Result<()> {
     check_range(&format!("{prefix}.max_attempts"), p.max_attempts, 1, 1000)?;
     if p.base_delay > p.max_delay {
-        bail!("invalid value for {prefix}.base_delay: greater than {prefix}.max_delay");
+        let inherited = if prefix == "retry" {
+            ""
+        } else {
+            " (an override's unset keys come from [retry])"
+        };
+        bail!(
+            "invalid value for {prefix}.base_delay: {} is greater than {prefix}.max_delay, \
+             {}{inherited}",
+            humantime::format_duration(p.base_delay),
+            humantime::format_duration(p.max_delay)
+        );
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ use crate::files::{RecordingsRoot, META_LIMIT, OPEN_LIMIT};
 use crate::metrics::Metrics;
 use crate::retry::parse_retry_after;
 use crate::store::ClaimedRow;
-use crate::taxonomy::{Failure, RESPONSE_BODY_LIMIT};
+use crate::taxonomy::{response_body_text, Failure, RESPONSE_BODY_LIMIT};
 
 mod signing;
 mod upload;
@@ -403,11 +403,7 @@ async fn failure_from_response(mut response: Response) -> Failure {
         }
     }
     body.truncate(RESPONSE_BODY_LIMIT);
-    let text = if body.is_empty() {
-        None
-    } else {
-        Some(String::from_utf8_lossy(&body).into_owned())
-    };
+    let text = (!body.is_empty()).then(|| response_body_text(&body));
     let mut failure = Failure::from_status(status, text, retry_after);
     if let Some(to) = location {
         failure.message = format!("{}; it pointed to {to}", failure.message);

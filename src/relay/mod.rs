@@ -84,6 +84,9 @@ pub struct Stats {
     pub retried: AtomicU64,
     pub dead: AtomicU64,
     pub lease_lost: AtomicU64,
+    /// Rows whose outcome the database refused to record (after retrying what is
+    /// transient): they return when their lease expires.
+    pub unsettled: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +110,8 @@ pub struct Summary {
     pub dead: u64,
     /// Rows this run scheduled for a retry that are still waiting for it.
     pub left_for_retry: u64,
+    /// Rows whose outcome could not be written (`Stats::unsettled`).
+    pub unsettled: u64,
     pub end: DrainEnd,
 }
 
@@ -332,6 +337,7 @@ impl Relay {
             retried: self.stats.retried.load(Ordering::Relaxed),
             dead: self.stats.dead.load(Ordering::Relaxed),
             left_for_retry,
+            unsettled: self.stats.unsettled.load(Ordering::Relaxed),
             end: if stopped && end == DrainEnd::Empty {
                 DrainEnd::Stopped
             } else {

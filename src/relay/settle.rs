@@ -12,6 +12,7 @@ use super::deliver::Attempt;
 use super::{db_backoff_builder, Relay, PROBE_LEAD};
 use crate::retry::next_delay;
 use crate::store::{Claim, DeadRow, ErrorRecord, RetryRow, Settlement};
+use crate::taxonomy::storable;
 
 impl Relay {
     /// Decide each row's outcome: sent, retry later (charged or not), or dead.
@@ -41,14 +42,14 @@ impl Relay {
             let error = ErrorRecord {
                 error_type: failure.error_type.as_str().to_string(),
                 http_status: failure.http_status.map(i32::from),
-                message: failure.message.clone(),
-                response_body: failure.response_body.clone(),
+                message: storable(&failure.message),
+                response_body: failure.response_body.as_deref().map(storable),
                 history_entry: serde_json::json!({
                     "attempt": number,
                     "at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                     "errorType": failure.error_type.as_str(),
                     "httpStatus": failure.http_status,
-                    "message": failure.message,
+                    "message": storable(&failure.message),
                 }),
             };
             let out_of_attempts =
@@ -128,6 +129,9 @@ impl Relay {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "settling a batch failed; its rows return when the lease expires");
+                self.stats
+                    .unsettled
+                    .fetch_add(claim.rows.len() as u64, Ordering::Relaxed);
                 return;
             }
         };

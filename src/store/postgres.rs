@@ -620,10 +620,15 @@ impl PgStore {
         let (filter, bind) = selection_filter(sel);
         let sql = format!(
             "WITH d AS (DELETE FROM sync_outbox_dead_letters WHERE {filter} \
-                RETURNING outbox_id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
-             INSERT INTO sync_outbox (id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
+                RETURNING outbox_id, entity_type, entity_id, payload, ordering_key, created_at, \
+                          attempt_errors, first_attempt_at) \
+             INSERT INTO sync_outbox (id, entity_type, entity_id, payload, ordering_key, created_at, \
+                                      attempt_errors, first_attempt_at) \
              SELECT outbox_id, entity_type, entity_id, payload, ordering_key, created_at, \
-                    jsonb_set(attempt_errors, '{{-1,requeuedAt}}', to_jsonb(now())) FROM d"
+                    jsonb_set(attempt_errors, '{{-1,requeuedAt}}', \
+                              to_jsonb(to_char(now() AT TIME ZONE 'UTC', \
+                                               'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'))), \
+                    first_attempt_at FROM d"
         );
         let done = bind_selection(sqlx::query(&sql), bind)
             .execute(&self.pool)

@@ -498,11 +498,12 @@ impl SqliteStore {
         let ids = serde_json::to_string(&ids)?;
         // the history is kept, its last attempt marked with the requeue (as on PostgreSQL)
         sqlx::query(concat!(
-            "INSERT INTO sync_outbox (id, entity_type, entity_id, payload, ordering_key, created_at, attempt_errors) \
+            "INSERT INTO sync_outbox (id, entity_type, entity_id, payload, ordering_key, created_at, \
+                                      attempt_errors, first_attempt_at) \
              SELECT outbox_id, entity_type, entity_id, payload, ordering_key, created_at, \
                json_set(attempt_errors, '$[#-1].requeuedAt', ",
             now!(),
-            ") FROM sync_outbox_dead_letters WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id"
+            "), first_attempt_at FROM sync_outbox_dead_letters WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id"
         ))
         .bind(&ids)
         .execute(&mut *tx)

@@ -48,6 +48,8 @@ async fn requeue_by_id_puts_the_row_back_and_the_next_drain_delivers_it(backend:
     let mut env = TestEnv::migrated_on(backend).await;
     let outbox_id = dead_faxes(&mut env, 1).await[0];
     let id = env.dead_letter_id(outbox_id).await;
+    let first_attempt_at = env.dead_letters().await[0].first_attempt_at;
+    assert!(first_attempt_at.is_some());
 
     env.run(&["dlq", "requeue", &id.to_string()])
         .await
@@ -74,10 +76,28 @@ async fn requeue_by_id_puts_the_row_back_and_the_next_drain_delivers_it(backend:
         history[0]["errorType"], "unknown_entity_type",
         "{history:#?}"
     );
-    super::parse_time(
-        history[0]["requeuedAt"]
-            .as_str()
-            .unwrap_or_else(|| panic!("the last attempt carries requeuedAt: {history:#?}")),
+    let requeued_at = history[0]["requeuedAt"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the last attempt carries requeuedAt: {history:#?}"));
+    super::parse_time(requeued_at);
+    // written as the attempts' `at` are, on both stores: UTC, milliseconds, `Z`
+    let shape = |t: &str| {
+        t.chars()
+            .map(|c| if c.is_ascii_digit() { '0' } else { c })
+            .collect::<String>()
+    };
+    assert_eq!(
+        shape(requeued_at),
+        "0000-00-00T00:00:00.000Z",
+        "{history:#?}"
+    );
+    assert_eq!(
+        shape(history[0]["at"].as_str().unwrap_or_default()),
+        "0000-00-00T00:00:00.000Z"
+    );
+    assert_eq!(
+        rows[0].first_attempt_at, first_attempt_at,
+        "the history goes on, and so does its first attempt"
     );
     assert!(rows[0].next_attempt_at <= env.db_now().await, "due at once");
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
@@ -215,6 +235,23 @@ async fn purge_deletes_by_id_by_age_and_all(backend: Backend) {
     env.run(&["dlq", "purge", &first.to_string()])
         .await
         .assert_success();
+    // a second time: nothing left to do, said on stderr, still a success (SPEC §5)
+    let again = env.run(&["dlq", "purge", &first.to_string()]).await;
+    again.assert_success();
+    assert!(
+        again
+            .stderr
+            .contains("1 of the 1 id(s) given named no dead letter"),
+        "{}",
+        again.stderr
+    );
+    // an error type that does not exist is a mistake, not an empty selection
+    env.run(&["dlq", "requeue", "--error-type", "http_4x"])
+        .await
+        .assert_fails_with("one of: timeout, connect, http_5xx");
+    env.run(&["dlq", "list", "--error-type", "bogus"])
+        .await
+        .assert_fails_with("no such error type");
     let left: Vec<i64> = env
         .dead_letters()
         .await

@@ -147,6 +147,48 @@ async fn a_400_for_one_entry_dead_letters_only_that_entry(backend: Backend) {
     assert_eq!(env.count("sync_outbox").await, 0);
 }
 
+both_stores!(a_response_body_of_any_bytes_is_kept_as_at_most_4_kib_of_text);
+/// A Frontend that answers with a NUL and invalid UTF-8 in its body: PostgreSQL's
+/// `text` refuses a NUL, which used to roll the whole settle back, so the rejected
+/// row was never dead-lettered and the batch's delivered rows never settled (sent
+/// again every lease, for ever). The body is kept as text, cut to 4 KiB after its
+/// invalid bytes became U+FFFD.
+async fn a_response_body_of_any_bytes_is_kept_as_at_most_4_kib_of_text(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
+    let mut body = b"bad\0entry ".to_vec();
+    body.extend(std::iter::repeat_n(0xFF_u8, 5000));
+    env.sink
+        .set_mode(Mode::custom(move |incoming| match incoming {
+            Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["poison"] == true) => {
+                Reply::status(400).body(body.clone())
+            }
+            _ => Reply::ok(),
+        }));
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(
+            env.insert(
+                "call_log",
+                Uuid::new_v4(),
+                json!({"n": n, "poison": n == 2}),
+            )
+            .await,
+        );
+    }
+    let poison = ids.remove(2);
+
+    env.drain().await.assert_code(3);
+
+    let dead = env.dead_letters().await;
+    let d = assert_dead(&dead, poison, "http_4xx", 1);
+    let kept = d.response_body.as_deref().unwrap_or_default();
+    assert!(kept.starts_with("bad\u{FFFD}entry \u{FFFD}"), "{kept:?}");
+    assert!(kept.len() <= 4096, "{} bytes kept", kept.len());
+    assert!(!kept.contains('\0'));
+    assert_eq!(env.sent_ids().await, ids, "the batch's other rows settled");
+    assert_eq!(env.count("sync_outbox").await, 0);
+}
+
 both_stores!(a_500_caused_by_one_entry_holds_back_only_that_entry);
 async fn a_500_caused_by_one_entry_holds_back_only_that_entry(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;

@@ -66,7 +66,7 @@ impl Mode {
 pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
-    pub body: String,
+    pub body: Vec<u8>,
     pub delay: Duration,
 }
 
@@ -79,12 +79,13 @@ impl Reply {
         Reply {
             status,
             headers: Vec::new(),
-            body: format!(r#"{{"error":"sink says {status}"}}"#),
+            body: format!(r#"{{"error":"sink says {status}"}}"#).into_bytes(),
             delay: Duration::ZERO,
         }
     }
 
-    pub fn body(mut self, body: impl Into<String>) -> Reply {
+    /// Any bytes, not only UTF-8 (what a broken Frontend might send).
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Reply {
         self.body = body.into();
         self
     }
