@@ -78,7 +78,7 @@ impl Relay {
                     Attempt::Sent
                 }
                 Err(failure) => {
-                    let charged = self.account(&failure);
+                    let charged = self.row_or_sink(&failure).await;
                     Attempt::Failed { failure, charged }
                 }
             };
@@ -195,16 +195,37 @@ impl Relay {
             return attempts;
         }
         // The verdict. Something went through: the sink works, these rows fail it.
-        // Nothing did: one sink-level failure (charged only below the threshold).
+        // Nothing did: the sink is asked whether it works at all.
         let charged = if answered {
             true
         } else {
-            self.account(&suspects[0].1)
+            self.row_or_sink(&suspects[0].1).await
         };
         for (row, failure) in suspects {
             attempts.insert(row.id, Attempt::Failed { failure, charged });
         }
         attempts
+    }
+
+    /// A delivery of which nothing got through, failed with a server error: the
+    /// rows' doing, or the sink's? The sink is asked with an empty batch (as `check`
+    /// and an idle relay's probe do). A 2xx says it works: the rows are charged like
+    /// any failing row, and the sink is taken as up. Without this, a row that makes
+    /// the Frontend fail (500 for every request holding it), with nothing else to
+    /// send, looked like an outage: the sink was taken as down, the row became the
+    /// probe, uncharged, and stayed there for ever, its key's later rows behind it.
+    /// A 503 says the Frontend is unavailable, and a failure to answer at all
+    /// (connect, timeout) or a 429 no row causes: those count towards the outage
+    /// without asking. Returns whether the rows are charged.
+    async fn row_or_sink(&self, failure: &Failure) -> bool {
+        if failure.error_type == ErrorType::Http5xx
+            && !says_unavailable(failure)
+            && self.dispatcher.send_json(&[]).await.is_ok()
+        {
+            self.sink.on_answer();
+            return true;
+        }
+        self.account(failure)
     }
 
     /// Tell the sink-health tracker about a failure; returns whether it is charged.

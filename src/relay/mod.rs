@@ -38,6 +38,10 @@ use lanes::Lane;
 /// again (a safety net: settles wake it).
 const DRAIN_SETTLE_WAIT: Duration = Duration::from_millis(250);
 
+/// The longest rate-limit pause (`Retry-After` of a 429 or 503) a `drain` sits out
+/// before going on; a longer one ends it, what is left waiting for the next run.
+const DRAIN_SHORT_PAUSE: Duration = Duration::from_secs(5);
+
 /// Longest the bookkeeping after the workers (releasing leases, recording the sink's
 /// state) may take once they are done or the shutdown grace is over.
 const CLEANUP_LIMIT: Duration = Duration::from_secs(5);
@@ -412,9 +416,23 @@ impl Relay {
                         wait(finished, Duration::from_millis(10), &mut wake).await;
                         continue;
                     }
+                    let pause = until.saturating_duration_since(Instant::now());
+                    if self.drain.is_some() && !self.sink.is_down() && pause <= DRAIN_SHORT_PAUSE {
+                        // a short rate-limit pause: sat out, then the drain goes on;
+                        // a little longer than asked, so that the rows held back (due
+                        // from their settle, a moment after the answer) are due again
+                        self.with_heartbeat(async {
+                            tokio::select! {
+                                _ = finished.cancelled() => {}
+                                _ = tokio::time::sleep(pause + DRAIN_SETTLE_WAIT) => {}
+                            }
+                        })
+                        .await;
+                        continue;
+                    }
                     if self.drain.is_some() {
                         // drain delivers what is due now; it does not sit out an outage
-                        // or a rate limit: what is left waits for the next run
+                        // or a long rate limit: what is left waits for the next run
                         let end = if self.sink.is_down() {
                             tracing::error!("ingest sink is down: drain stops");
                             DrainEnd::SinkDown

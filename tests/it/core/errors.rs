@@ -45,8 +45,15 @@ async fn a_500_until_out_of_attempts_is_dead_lettered_with_its_history(backend: 
         assert_eq!(attempt["httpStatus"], 500);
     }
     assert_eq!(env.count("sync_outbox").await, 0);
-    let requests = env.sink.sync_requests();
+    // after each, the sink is asked with an empty batch whether it works at all
+    // (it fails that too: this is the sink's failure, so the threshold counts it)
+    let (requests, asks): (Vec<_>, Vec<_>) = env
+        .sink
+        .sync_requests()
+        .into_iter()
+        .partition(|r| !r.entries().is_empty());
     assert_eq!(requests.len(), 2, "one request per attempt");
+    assert_eq!(asks.len(), 2, "one empty batch per failed attempt");
     let keys: Vec<_> = requests
         .iter()
         .map(|r| r.headers.get("idempotency-key").map(str::to_string))
@@ -187,6 +194,74 @@ async fn a_response_body_of_any_bytes_is_kept_as_at_most_4_kib_of_text(backend: 
     assert!(!kept.contains('\0'));
     assert_eq!(env.sent_ids().await, ids, "the batch's other rows settled");
     assert_eq!(env.count("sync_outbox").await, 0);
+}
+
+both_stores!(a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down);
+/// The only rows to send make the Frontend fail: 500 for every request that holds
+/// the call's log (or its recording file), while anything else, an empty batch
+/// included, is answered. A daemon with nothing else to send used to take the sink
+/// as down after `outage_threshold` such requests, probe with the same rows,
+/// uncharged, for ever, and hold the call's later rows behind them. Now the empty
+/// batch says the sink works: the rows are charged until they are dead-lettered,
+/// the call's recording follows, and the sink is never taken as down.
+async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("retry.max_attempts", 5)
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "50ms")
+        .set("retry.max_delay", "50ms")
+        .set("dispatch.poll_interval", "50ms");
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["crash"] == true) => {
+            Reply::status(500).body("NullPointerException: marker-crash")
+        }
+        Incoming::File(upload) if upload.text("recordingId").as_deref() == Some("crash") => {
+            Reply::status(500).body("NullPointerException: marker-crash")
+        }
+        _ => Reply::ok(),
+    }));
+    let call = Uuid::new_v4();
+    let log = env.insert("call_log", call, json!({"crash": true})).await;
+    let recording = env
+        .insert("recording", Uuid::new_v4(), json!({"callLogId": call}))
+        .await;
+    let other = Uuid::new_v4();
+    write_recording(&env, other);
+    let mut crashing_file = file_payload(other, &format!("{other}/mixed.wav"));
+    crashing_file["recordingId"] = json!("crash");
+    let file = env
+        .insert("recording_file", Uuid::new_v4(), crashing_file)
+        .await;
+    let relay = env.spawn_run(&[]);
+
+    crate::harness::wait_until(
+        Duration::from_secs(30),
+        "both rows dead-lettered",
+        || async { env.count("sync_outbox_dead_letters").await == 2 },
+    )
+    .await;
+    env.sink.wait_for_entries(1, Duration::from_secs(10)).await;
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success();
+
+    let dead = env.dead_letters().await;
+    for id in [log, file] {
+        let d = assert_dead(&dead, id, "http_5xx", 5);
+        assert_eq!(d.http_status, Some(500));
+    }
+    let delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    assert_eq!(
+        delivered,
+        [recording],
+        "the call's recording follows its dead log"
+    );
+    assert_eq!(env.count("sync_outbox").await, 0);
+    assert!(
+        !out.stderr.contains("ingest sink is DOWN"),
+        "the sink was taken as down:\n{}",
+        out.stderr
+    );
 }
 
 both_stores!(a_500_caused_by_one_entry_holds_back_only_that_entry);
@@ -635,6 +710,44 @@ async fn a_type_outside_the_json_allow_list_is_an_unknown_entity_type(backend: B
             .all(|e| e.entity_type != "fax"),
         "fax never reaches the sink"
     );
+}
+
+both_stores!(a_drain_sits_out_a_short_retry_after_and_goes_on);
+/// One 429 with `Retry-After: 1` in the middle of a drain: the drain waits the
+/// second and delivers everything, the held-back batch included, instead of
+/// stopping with most of the backlog untried (it stops only for a long one).
+async fn a_drain_sits_out_a_short_retry_after_and_goes_on(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("dispatch.batch_size", 10)
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "100ms")
+        .set("retry.max_delay", "100ms");
+    let mut rows = Vec::new();
+    for n in 0..200 {
+        rows.push(crate::harness::NewRow::new(
+            "call_log",
+            Uuid::new_v4(),
+            json!({"n": n}),
+        ));
+    }
+    let mut ids = env.insert_rows(&rows).await;
+    env.sink
+        .push_reply(Reply::status(429).header("Retry-After", "1"));
+
+    let out = env.drain().await;
+    out.assert_success();
+
+    assert!(
+        out.elapsed >= Duration::from_millis(900),
+        "the pause was sat out\n{out}"
+    );
+    let mut delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    delivered.sort();
+    delivered.dedup();
+    ids.sort();
+    assert_eq!(delivered, ids);
+    assert_eq!(env.count("sync_outbox").await, 0);
 }
 
 both_stores!(a_429_honours_an_http_date_retry_after);
