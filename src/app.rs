@@ -1,5 +1,7 @@
-//! What each command does. `main` parses, `execute` runs; errors come back as one
-//! line each, and `run`/`drain` get their shutdown signal passed in.
+//! Which command runs, and the ones that deliver (`run`, `drain`) or shape the
+//! database (`migrate`); the operator's commands are in `admin`. `main` parses,
+//! `execute` runs; errors come back as one line each, and `run`/`drain` get their
+//! shutdown signal passed in.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -7,17 +9,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cli::{Cli, Command, DlqCommand};
+use crate::admin;
+use crate::cli::{Cli, Command};
 use crate::config::{Overrides, Settings};
 use crate::dispatch::Dispatcher;
 use crate::files::RecordingsRoot;
 use crate::metrics::{Health, Metrics};
 use crate::relay::{DrainEnd, Mode, Relay, RelayParts, Summary};
-use crate::store::{ConnectOptions, DlqFilter, DlqSelection, NewRow, SchemaState, Store};
+use crate::store::{ConnectOptions, Store};
 
 /// Exit code of a drain that dead-lettered rows or left some for a retry.
 pub const EXIT_INCOMPLETE: u8 = 3;
@@ -71,54 +74,16 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             say!("migrations applied: the schema is current");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => status(&settings, json).await,
-        Command::Dlq { command } => dlq(&settings, command).await,
+        Command::Status { json } => admin::status(&settings, json).await,
+        Command::Dlq { command } => admin::dlq(&settings, command).await,
         Command::Enqueue {
             entity_type,
             entity_id,
             payload,
             ordering_key,
-        } => {
-            let entity_id = uuid::Uuid::parse_str(&entity_id)
-                .map_err(|e| anyhow::anyhow!("invalid --entity-id {entity_id:?}: {e}"))?;
-            let payload: serde_json::Value = serde_json::from_str(&payload)
-                .map_err(|e| anyhow::anyhow!("invalid --payload: not JSON: {e}"))?;
-            // what the relay would only dead-letter (`payload_invalid`), or what
-            // PostgreSQL's jsonb refuses with a message that does not say where
-            if !payload.is_object() {
-                bail!("invalid --payload: must be a JSON object (the entity)");
-            }
-            if has_nul(&payload) {
-                bail!("invalid --payload: contains \\u0000, which PostgreSQL's jsonb cannot store");
-            }
-            if entity_type.trim().is_empty() {
-                bail!("invalid --entity-type: must not be empty");
-            }
-            let store = connect(&settings, false).await?;
-            store.require_current_schema().await?;
-            let id = store
-                .enqueue(&NewRow {
-                    entity_type,
-                    entity_id,
-                    payload,
-                    ordering_key,
-                })
-                .await?;
-            say!("{id}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Check => check(&settings).await,
+        } => admin::enqueue(&settings, entity_type, &entity_id, &payload, ordering_key).await,
+        Command::Check => admin::check(&settings).await,
         Command::Demo { .. } | Command::DevSink { .. } => Ok(ExitCode::SUCCESS),
-    }
-}
-
-/// Whether a string anywhere in `value` (a key too) holds a NUL character.
-fn has_nul(value: &serde_json::Value) -> bool {
-    match value {
-        serde_json::Value::String(s) => s.contains('\0'),
-        serde_json::Value::Array(items) => items.iter().any(has_nul),
-        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        _ => false,
     }
 }
 
@@ -462,194 +427,6 @@ async fn drain_total(relay: &Relay, max_rows: Option<u64>) -> u64 {
     max_rows.map_or(total, |m| total.min(m))
 }
 
-async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
-    let store = connect(settings, false).await?;
-    store.require_current_schema().await?;
-    let s = store.status().await?;
-    if json {
-        say!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    say!("pending:        {}", s.pending);
-    say!("due now:        {}", s.due);
-    say!("in flight:      {}", s.in_flight);
-    match s.oldest_pending_age_seconds {
-        Some(age) => say!(
-            "oldest pending: {}",
-            humantime::format_duration(Duration::from_secs(age as u64))
-        ),
-        None => say!("oldest pending: -"),
-    }
-    say!("sent (last 5m): {}", s.sent_last_5m);
-    say!("dead letters:   {}", s.dead_letters);
-    for (error_type, n) in &s.dead_letters_by_error_type {
-        say!("  {error_type:<20} {n}");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
-    let store = connect(settings, false).await?;
-    store.require_current_schema().await?;
-    match command {
-        DlqCommand::List {
-            error_type,
-            entity_type,
-            limit,
-            json,
-        } => {
-            let rows = store
-                .dlq_list(&DlqFilter {
-                    error_type,
-                    entity_type,
-                    limit: limit.max(0),
-                })
-                .await?;
-            if json {
-                say!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                say!(
-                    "{:>8} {:>10} {:<16} {:<20} {:>6} {:>8}  {:<24} message",
-                    "id",
-                    "outbox_id",
-                    "entity_type",
-                    "error_type",
-                    "http",
-                    "attempts",
-                    "dead_at"
-                );
-                for d in rows {
-                    say!(
-                        "{:>8} {:>10} {:<16} {:<20} {:>6} {:>8}  {:<24} {}",
-                        d.id,
-                        d.outbox_id,
-                        d.entity_type,
-                        d.error_type,
-                        d.http_status
-                            .map(|s| s.to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        format!("{}/{}", d.attempts, d.max_attempts),
-                        d.dead_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                        one_line(&d.error_message, 100)
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        DlqCommand::Show { id, json } => {
-            let Some(d) = store.dlq_get(id).await? else {
-                say_err!("error: no dead letter with id {id}");
-                return Ok(ExitCode::FAILURE);
-            };
-            if json {
-                say!("{}", serde_json::to_string_pretty(&d)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            say!("dead letter {}  (outbox id {})", d.id, d.outbox_id);
-            say!("entity:        {} {}", d.entity_type, d.entity_id);
-            say!(
-                "error:         {} (HTTP {})",
-                d.error_type,
-                d.http_status
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "-".into())
-            );
-            say!("message:       {}", d.error_message);
-            say!("attempts:      {}/{}", d.attempts, d.max_attempts);
-            if let (Some(first), Some(last)) = (d.first_attempt_at, d.last_attempt_at) {
-                say!(
-                    "tried:         {} … {}",
-                    first.to_rfc3339(),
-                    last.to_rfc3339()
-                );
-            }
-            say!("created:       {}", d.created_at.to_rfc3339());
-            say!("dead since:    {}", d.dead_at.to_rfc3339());
-            if let Some(body) = &d.response_body {
-                say!("response body: {}", one_line(body, 400));
-            }
-            say!("history:");
-            for entry in d.attempt_errors.as_array().into_iter().flatten() {
-                say!(
-                    "  #{} {} {} {} {}",
-                    entry["attempt"],
-                    entry["at"].as_str().unwrap_or("?"),
-                    entry["errorType"].as_str().unwrap_or("?"),
-                    entry["httpStatus"],
-                    entry["message"].as_str().unwrap_or("")
-                );
-                if let Some(at) = entry["requeuedAt"].as_str() {
-                    say!("  requeued {at} (attempts counted from 1 again)");
-                }
-            }
-            say!("payload:       {}", d.payload);
-            Ok(ExitCode::SUCCESS)
-        }
-        DlqCommand::Requeue {
-            ids,
-            all,
-            error_type,
-        } => {
-            let asked = distinct(&ids);
-            let n = store
-                .dlq_requeue(&selection(
-                    ids,
-                    all,
-                    error_type.map(DlqSelection::ErrorType),
-                )?)
-                .await?;
-            say!("requeued {n} dead letter(s)");
-            note_missing(asked, n);
-            Ok(ExitCode::SUCCESS)
-        }
-        DlqCommand::Purge {
-            ids,
-            all,
-            older_than,
-        } => {
-            let asked = distinct(&ids);
-            let n = store
-                .dlq_purge(&selection(
-                    ids,
-                    all,
-                    older_than.map(DlqSelection::OlderThan),
-                )?)
-                .await?;
-            say!("purged {n} dead letter(s)");
-            note_missing(asked, n);
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-fn distinct(ids: &[i64]) -> u64 {
-    ids.iter().collect::<std::collections::HashSet<_>>().len() as u64
-}
-
-/// Ids given that named no dead letter: said, not failed (SPEC §5: exit 0), since
-/// a script that requeues or purges twice has nothing left to do the second time.
-fn note_missing(asked: u64, done: u64) {
-    if asked > done {
-        say_err!(
-            "note: {} of the {asked} id(s) given named no dead letter (see `dlq list`)",
-            asked - done
-        );
-    }
-}
-
-fn selection(
-    ids: Vec<i64>,
-    all: bool,
-    other: Option<DlqSelection>,
-) -> anyhow::Result<DlqSelection> {
-    match (ids.is_empty(), all, other) {
-        (false, false, None) => Ok(DlqSelection::Ids(ids)),
-        (true, true, None) => Ok(DlqSelection::All),
-        (true, false, Some(sel)) => Ok(sel),
-        _ => bail!("give exactly one of: dead-letter ids, --all, or a filter"),
-    }
-}
-
 /// The error and its causes, skipping causes already quoted by their parent (sqlx
 /// and reqwest errors repeat their source in their own message).
 pub fn causes(e: &anyhow::Error) -> String {
@@ -664,97 +441,4 @@ pub fn causes(e: &anyhow::Error) -> String {
         }
     }
     line
-}
-
-fn one_line(text: &str, max: usize) -> String {
-    let flat: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if flat.chars().count() > max {
-        format!("{}…", flat.chars().take(max).collect::<String>())
-    } else {
-        flat
-    }
-}
-
-async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
-    say!("ok    configuration");
-    let mut healthy = true;
-    match connect(settings, false).await {
-        Ok(store) => {
-            say!("ok    database reachable ({})", store.backend());
-            match store.schema_state().await {
-                Ok(SchemaState::Current) => say!("ok    schema current"),
-                Ok(SchemaState::Outdated { missing }) => {
-                    healthy = false;
-                    say!(
-                        "FAIL  schema outdated ({} migration(s) missing): run `serversync migrate`",
-                        missing.len()
-                    );
-                }
-                Ok(SchemaState::Newer { .. }) => {
-                    healthy = false;
-                    say!("FAIL  schema newer than this binary: upgrade serversync");
-                }
-                Err(e) => {
-                    healthy = false;
-                    say!("FAIL  schema: {}", one_line(&causes(&e), 300));
-                }
-            }
-        }
-        Err(e) => {
-            healthy = false;
-            say!("FAIL  database: {}", one_line(&causes(&e), 300));
-        }
-    }
-    let dispatcher = Dispatcher::new(
-        &settings.ingest,
-        RecordingsRoot::new(settings.storage.recordings_root.clone()),
-        Metrics::new()?,
-    )?;
-    // What the relay itself sends when it probes an empty outbox: an empty batch to
-    // the sync endpoint, with the token and the signature. It tests the path, the
-    // token and whether the Frontend answers now, and delivers nothing.
-    let base = &settings.ingest.base_url;
-    match dispatcher.send_json(&[]).await {
-        Ok(()) => say!("ok    ingest {base} accepts requests (an empty batch)"),
-        Err(f) => match f.http_status {
-            // it answered, authorized, and only refused the empty batch itself
-            Some(400 | 422) => say!(
-                "warn  ingest {base} reachable, but refused an empty batch: {}",
-                one_line(&f.message, 300)
-            ),
-            Some(status) => {
-                healthy = false;
-                let hint = match status {
-                    401 | 403 => " (check ingest.auth_token)",
-                    404 | 405 => " (check ingest.base_url: the API is not at that path)",
-                    300..=399 => "",
-                    _ => " (the Frontend is failing now)",
-                };
-                say!("FAIL  ingest {base}: {}{hint}", one_line(&f.message, 300));
-            }
-            None => {
-                healthy = false;
-                say!("FAIL  ingest {base}: {}", one_line(&f.message, 300));
-            }
-        },
-    }
-    if settings.storage.recordings_root.is_dir() {
-        say!(
-            "ok    recordings root {}",
-            settings.storage.recordings_root.display()
-        );
-    } else {
-        say!(
-            "warn  recordings root {} does not exist",
-            settings.storage.recordings_root.display()
-        );
-    }
-    Ok(if healthy {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }

@@ -17,6 +17,7 @@ macro_rules! say_err {
     }};
 }
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
