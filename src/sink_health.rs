@@ -78,6 +78,13 @@ impl SinkHealth {
         self.lock().down
     }
 
+    /// Whether one more sink-level failure would take the sink as down, or it is
+    /// down already: the moment to make sure a failure is the sink's, not a row's.
+    pub fn at_threshold(&self) -> bool {
+        let s = self.lock();
+        s.down || s.consecutive_failures.saturating_add(1) >= self.threshold
+    }
+
     /// Down, with a probe out whose answer will say whether it still is.
     pub fn is_probing(&self) -> bool {
         let s = self.lock();

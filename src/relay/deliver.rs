@@ -208,18 +208,21 @@ impl Relay {
     }
 
     /// A delivery of which nothing got through, failed with a server error: the
-    /// rows' doing, or the sink's? The sink is asked with an empty batch (as `check`
-    /// and an idle relay's probe do). A 2xx says it works: the rows are charged like
-    /// any failing row, and the sink is taken as up. Without this, a row that makes
-    /// the Frontend fail (500 for every request holding it), with nothing else to
-    /// send, looked like an outage: the sink was taken as down, the row became the
-    /// probe, uncharged, and stayed there for ever, its key's later rows behind it.
-    /// A 503 says the Frontend is unavailable, and a failure to answer at all
-    /// (connect, timeout) or a 429 no row causes: those count towards the outage
-    /// without asking. Returns whether the rows are charged.
+    /// rows' doing, or the sink's? Below the outage threshold it does not matter
+    /// (charged either way). When this failure would take the sink as down, or it is
+    /// down (a probe), the sink is asked with an empty batch (as `check` and an idle
+    /// relay's probe do). A 2xx says it works: the rows are charged like any failing
+    /// row, and the sink is taken as up. Without this, a row that makes the Frontend
+    /// fail (500 for every request holding it), with nothing else to send, looked
+    /// like an outage: the sink was taken as down, the row became the probe,
+    /// uncharged, and stayed there for ever, its key's later rows behind it. A 503
+    /// says the Frontend is unavailable, and a failure to answer at all (connect,
+    /// timeout) or a 429 no row causes: those count towards the outage without
+    /// asking. Returns whether the rows are charged.
     async fn row_or_sink(&self, failure: &Failure) -> bool {
         if failure.error_type == ErrorType::Http5xx
             && !says_unavailable(failure)
+            && self.sink.at_threshold()
             && self.dispatcher.send_json(&[]).await.is_ok()
         {
             self.sink.on_answer();
