@@ -1,0 +1,311 @@
+//! The worker loop and its step: `work` owns sleeping, backoff and shutdown;
+//! `step` does one claim → deliver → settle and says what happened (`Step`).
+
+use super::*;
+
+impl Relay {
+    pub(super) async fn worker(self: Arc<Self>, lane: usize, finished: CancellationToken) {
+        let mut next: Prefetched = None;
+        self.work(lane, &finished, &mut next).await;
+        self.release_prefetched(&mut next).await;
+    }
+
+    async fn work(&self, lane: usize, finished: &CancellationToken, next: &mut Prefetched) {
+        let mut wake = self.wake.subscribe();
+        let mut backoff = db_backoff();
+        let poll = self.settings.dispatch.poll_interval;
+        while !finished.is_cancelled() {
+            self.beat();
+            wake.borrow_and_update();
+            let settles_before = self
+                .drain
+                .as_ref()
+                .map_or(0, |d| d.settles.load(Ordering::SeqCst));
+            match self.step(lane, finished, next).await {
+                Step::Delivered(_) => backoff = db_backoff(),
+                Step::Idle => {
+                    if let Some(d) = &self.drain {
+                        let settled_meanwhile = d.settles.load(Ordering::SeqCst) != settles_before;
+                        if settled_meanwhile {
+                            // a settle may have unblocked rows of its keys: look again
+                            continue;
+                        }
+                        if d.busy.load(Ordering::SeqCst) == 0 {
+                            let end = if d
+                                .max_rows
+                                .is_some_and(|m| d.claimed.load(Ordering::SeqCst) >= m)
+                            {
+                                DrainEnd::MaxRows
+                            } else {
+                                DrainEnd::Empty
+                            };
+                            self.finish_drain(end, finished);
+                            break;
+                        }
+                        // Another worker is claiming or delivering: wait for its settle
+                        // (which may unblock rows of its keys, and wakes this worker), or
+                        // for the last worker to find nothing and end the drain. Not a
+                        // short poll: at the end of a drain every worker would claim
+                        // again and again, each keeping the others from seeing the
+                        // relay idle.
+                        wait(finished, DRAIN_SETTLE_WAIT, &mut wake).await;
+                        continue;
+                    }
+                    // waiting for work is the loop alive, not stuck: the watchdog is
+                    // fed through a `poll_interval` longer than its own
+                    self.with_heartbeat(wait(finished, poll, &mut wake)).await;
+                }
+                Step::Paused(until) => {
+                    if self.drain.is_some() && self.sink.is_probing() {
+                        // a probe is out: its answer decides whether this drain goes on
+                        wait(finished, Duration::from_millis(10), &mut wake).await;
+                        continue;
+                    }
+                    let pause = until.saturating_duration_since(Instant::now());
+                    if self.drain.is_some() && !self.sink.is_down() && pause <= DRAIN_SHORT_PAUSE {
+                        // a short rate-limit pause: sat out, then the drain goes on;
+                        // a little longer than asked, so that the rows held back (due
+                        // from their settle, a moment after the answer) are due again
+                        self.with_heartbeat(async {
+                            tokio::select! {
+                                _ = finished.cancelled() => {}
+                                _ = tokio::time::sleep(pause + DRAIN_SETTLE_WAIT) => {}
+                            }
+                        })
+                        .await;
+                        continue;
+                    }
+                    if self.drain.is_some() {
+                        // drain delivers what is due now; it does not sit out an outage
+                        // or a long rate limit: what is left waits for the next run
+                        let end = if self.sink.is_down() {
+                            tracing::error!("ingest sink is down: drain stops");
+                            DrainEnd::SinkDown
+                        } else {
+                            tracing::warn!("ingest sink asked to slow down (429): drain stops");
+                            DrainEnd::RateLimited
+                        };
+                        self.finish_drain(end, finished);
+                        break;
+                    }
+                    let nap = until.saturating_duration_since(Instant::now()).min(poll);
+                    self.with_heartbeat(async {
+                        tokio::select! {
+                            _ = finished.cancelled() => {}
+                            _ = tokio::time::sleep(nap) => {}
+                        }
+                    })
+                    .await;
+                }
+                Step::DatabaseUnavailable => {
+                    let nap = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tokio::select! {
+                        _ = finished.cancelled() => {}
+                        _ = tokio::time::sleep(nap) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One claim (in `lane`) → deliver → settle. Once `finished`, no new claim is made.
+    /// `next` is the batch claimed while the last step's requests were out, delivered
+    /// now if the sink's gate is open, else released.
+    async fn step(&self, lane: usize, finished: &CancellationToken, next: &mut Prefetched) -> Step {
+        let probing = match self.sink.gate() {
+            Gate::Open => false,
+            Gate::Probe => {
+                self.release_prefetched(next).await;
+                true
+            }
+            Gate::WaitUntil(until) => {
+                self.release_prefetched(next).await;
+                return Step::Paused(until);
+            }
+        };
+        let d = &self.settings.dispatch;
+        let mut reserved = 0u64;
+        // a worker's claim: `batches_per_settle` requests' worth, settled together
+        let mut limit = if probing {
+            d.batch_size.min(10)
+        } else {
+            d.batch_size.saturating_mul(self.batches_per_worker)
+        };
+        if let Some(drain) = &self.drain {
+            if let Some(max) = drain.max_rows {
+                // reserve this claim's share of --max-rows up front, so concurrent
+                // workers cannot together claim more than asked
+                let want = u64::from(limit);
+                let before = drain
+                    .claimed
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                        Some(c + want.min(max.saturating_sub(c)))
+                    })
+                    .unwrap_or(max);
+                reserved = want.min(max.saturating_sub(before));
+                limit = u32::try_from(reserved).unwrap_or(u32::MAX);
+            }
+            drain.busy.fetch_add(1, Ordering::SeqCst);
+        }
+        let step = if limit == 0 {
+            Step::Idle
+        } else {
+            self.claim_and_deliver(lane, limit, probing, finished, next)
+                .await
+        };
+        if let Some(drain) = &self.drain {
+            if drain.max_rows.is_some() {
+                let used = match step {
+                    Step::Delivered(n) => n as u64,
+                    _ => 0,
+                };
+                drain
+                    .claimed
+                    .fetch_sub(reserved.saturating_sub(used), Ordering::SeqCst);
+            }
+            drain.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+        if probing && !matches!(step, Step::Delivered(_)) {
+            if matches!(step, Step::Idle) && self.drain.is_none() {
+                self.probe_empty_handed().await;
+            } else {
+                self.sink.probe_abandoned();
+            }
+        }
+        step
+    }
+
+    /// The sink is down, a probe is due and the outbox is empty: ask with an empty
+    /// batch. Without it an idle daemon would report the sink down (and keep it
+    /// recorded as down for other relays) until the next row arrives, however long
+    /// ago the sink came back. Only when no row waits at all: a Frontend whose storage
+    /// is down may still answer an empty batch, and rows waiting for their retry would
+    /// then be charged for the outage; they probe it themselves when due. `drain`
+    /// does not: it has nothing to deliver either way.
+    async fn probe_empty_handed(&self) {
+        if !matches!(self.store.has_pending().await, Ok(false)) {
+            self.sink.probe_abandoned();
+            return;
+        }
+        tracing::debug!("probing the ingest sink with an empty batch: the outbox is empty");
+        match self.dispatcher.send_json(&[]).await {
+            Ok(()) => self.sink.on_answer(),
+            Err(f) => {
+                // as for any request: a 4xx is an answer, a sink-level failure counts;
+                // whatever it was, this probe is over
+                self.account(&f);
+                self.sink.probe_abandoned();
+            }
+        }
+    }
+
+    async fn claim_and_deliver(
+        &self,
+        lane: usize,
+        limit: u32,
+        probing: bool,
+        finished: &CancellationToken,
+        next: &mut Prefetched,
+    ) -> Step {
+        // a probe is one small batch, and a drain with --max-rows claims its quota
+        let share = !probing && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
+        let taken = match self.unhold(next) {
+            Some(prefetched) => Ok(Some(prefetched)),
+            None => self.take_batch(lane, limit, share, None, finished).await,
+        };
+        let (batch, claim) = match taken {
+            Ok(Some(taken)) => taken,
+            Ok(None) => return Step::Idle,
+            Err(e) => {
+                self.database_down(&e);
+                return Step::DatabaseUnavailable;
+            }
+        };
+        self.database_up();
+        let n = claim.rows.len();
+        if let Some(drain) = self.drain.as_ref().filter(|d| d.max_rows.is_none()) {
+            drain.claimed.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        for batch in claim
+            .rows
+            .chunks(self.settings.dispatch.batch_size.max(1) as usize)
+        {
+            self.metrics.batch_size.observe(batch.len() as f64);
+        }
+        let deliver = self.with_heartbeat(self.deliver(&claim, probing));
+        // claim ahead only from a backlog (a full claim): a trickle is picked up by
+        // the next step, woken by its commit, with no empty claim per cycle
+        let attempts = if share && n >= limit as usize {
+            // the rows in flight stay in the outbox meanwhile: the claim starts past
+            // them, and their keys' later rows stay blocked behind them, so ordering
+            // is unchanged
+            let last = claim.rows.iter().map(|r| r.id).max();
+            let sent = Instant::now();
+            let deliver = async { (deliver.await, sent.elapsed()) };
+            tokio::pin!(deliver);
+            let ahead_after = if self.slow_sink.load(Ordering::Relaxed) {
+                Duration::ZERO
+            } else {
+                PREFETCH_AFTER
+            };
+            let (attempts, took) = tokio::select! {
+                biased;
+                delivered = &mut deliver => delivered,
+                _ = tokio::time::sleep(ahead_after) => {
+                    let (delivered, prefetched) =
+                        tokio::join!(&mut deliver, self.take_batch(lane, limit, share, last, finished));
+                    // a failed claim is the next step's to notice (and report)
+                    if let Ok(Some(prefetched)) = prefetched {
+                        self.hold(next, prefetched);
+                    }
+                    delivered
+                }
+            };
+            self.slow_sink
+                .store(took > PREFETCH_AFTER, Ordering::Relaxed);
+            attempts
+        } else {
+            deliver.await
+        };
+        let settlement = self.settlement(&claim, attempts);
+        self.settle(&claim, settlement).await;
+        if let Some(drain) = &self.drain {
+            drain.settles.fetch_add(1, Ordering::SeqCst);
+        }
+        self.lock_in_flight().remove(&batch);
+        // rows of the same ordering keys may be due now
+        self.wake();
+        Step::Delivered(n)
+    }
+
+    /// Keep a prefetched batch for the worker's next step. A drain counts it as work
+    /// in progress, so that no other worker ends the drain while it is held.
+    fn hold(&self, next: &mut Prefetched, prefetched: (u64, crate::store::Claim)) {
+        if let Some(drain) = &self.drain {
+            drain.busy.fetch_add(1, Ordering::SeqCst);
+        }
+        *next = Some(prefetched);
+    }
+
+    fn unhold(&self, next: &mut Prefetched) -> Prefetched {
+        let taken = next.take();
+        if let (Some(_), Some(drain)) = (&taken, &self.drain) {
+            drain.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+        taken
+    }
+
+    /// Give a prefetched batch back (the sink's gate closed, or the worker stops):
+    /// its rows are released at once for any relay to claim, not left to expire.
+    async fn release_prefetched(&self, next: &mut Prefetched) {
+        let Some((batch, _)) = self.unhold(next) else {
+            return;
+        };
+        if let Err(e) = self.release_unsent(&[batch]).await {
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                "releasing a prefetched batch failed: its rows return when their lease expires"
+            );
+        }
+    }
+}
