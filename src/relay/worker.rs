@@ -171,6 +171,11 @@ impl Relay {
             } else {
                 self.sink.probe_abandoned();
             }
+        } else if probing && self.sink.is_probing() {
+            // delivered, but no request reached the sink (every row failed before
+            // one was sent: a missing file, a bad payload): the probe learnt nothing,
+            // and another may go. Left set, no worker would ever probe again.
+            self.sink.probe_abandoned();
         }
         step
     }

@@ -456,6 +456,50 @@ async fn an_idle_daemon_sees_the_sink_come_back_without_a_row_to_probe_with() {
         .assert_no_panic();
 }
 
+/// A probe whose rows all fail before any request is sent (a missing recording)
+/// learnt nothing about the sink: another probe must follow. It used to leave the
+/// relay waiting for that probe's answer for ever, delivering nothing more.
+#[tokio::test]
+async fn a_probe_that_sends_no_request_does_not_stall_the_relay() {
+    let mut env = TestEnv::migrated().await;
+    let mut switch = backlog_behind_a_refusing_sink(&mut env, 1).await;
+    env.config
+        .set("dispatch.outage_threshold", 1)
+        .set("dispatch.probe_interval", "100ms")
+        .set("dispatch.max_probe_interval", "300ms");
+    drain_stopped_by_the_outage(&env).await;
+    assert_eq!(sinks_recorded_down(&env).await, 1, "the outage is recorded");
+    env.db.execute("DELETE FROM sync_outbox").await;
+    // the oldest row, so the first probe's only row: its file is not there
+    let call = uuid::Uuid::new_v4();
+    let payload = serde_json::json!({"callLogId": call, "filePath": format!("{call}/mixed.wav")});
+    env.db
+        .execute(&format!(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload) \
+             VALUES ('recording_file', '{}', '{payload}')",
+            uuid::Uuid::new_v4()
+        ))
+        .await;
+    switch.up();
+
+    let relay = env.spawn_run(&[]);
+    wait_until(
+        Duration::from_secs(10),
+        "the probe to try the file",
+        || async { env.outbox().await.iter().any(|r| r.attempts > 0) },
+    )
+    .await;
+    let later = insert_one(&env).await;
+    env.sink.wait_for_entries(1, Duration::from_secs(10)).await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+    let delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    assert_eq!(delivered, [later]);
+}
+
 /// The strict reading of SPEC §3.6 with the defaults' threshold: one row, three
 /// attempts allowed, three failures to take the sink as down. Every failure of this
 /// row is part of the outage, so none may bring it to the dead letters.
