@@ -291,7 +291,7 @@ pub async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
     // What the relay itself sends when it probes an empty outbox: an empty batch to
     // the sync endpoint, with the token and the signature. It tests the path, the
     // token and whether the Frontend answers now, and delivers nothing.
-    let base = &settings.ingest.base_url;
+    let base = settings.ingest.base_url_shown();
     match dispatcher.send_json(&[]).await {
         Ok(()) => say!("ok    ingest {base} accepts requests (an empty batch)"),
         Err(f) => match f.http_status {

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -233,7 +233,7 @@ pub async fn run(
     }
     tracing::info!(
         backend,
-        ingest = %settings.ingest.base_url,
+        ingest = %settings.ingest.base_url_shown(),
         batch_size = settings.dispatch.batch_size,
         batches_per_settle = settings.dispatch.batches_per_settle,
         concurrency = settings.dispatch.concurrency,
@@ -251,7 +251,20 @@ pub async fn run(
         dead = summary.dead,
         "stopped"
     );
+    worker_failure(&summary)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A worker that panicked is a failure of the whole command (exit 1).
+fn worker_failure(summary: &Summary) -> anyhow::Result<()> {
+    if summary.worker_panics > 0 {
+        bail!(
+            "{} delivery worker(s) stopped on an internal error (logged above); the rows \
+             they held return when their lease expires",
+            summary.worker_panics
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -299,6 +312,7 @@ pub async fn drain(
         });
     }
     let summary = relay.run_workers(stop.clone()).await;
+    worker_failure(&summary)?;
     aux_stop.cancel();
     aux.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), aux.wait()).await;

@@ -20,6 +20,14 @@ use crate::store::{Backlog, Store};
 /// The entity types of the spec: their series exist from the start.
 const KNOWN_ENTITY_TYPES: [&str; 3] = ["call_log", "recording", "recording_file"];
 
+/// The most entity types that get series of their own; any further one is counted
+/// as `other`. Entity types come from the producers' rows: a producer that writes an
+/// id into the type must not make a series per row, in memory and in Prometheus.
+const MAX_ENTITY_LABELS: usize = 64;
+
+/// The label of entity types past [`MAX_ENTITY_LABELS`].
+const OTHER_ENTITY_TYPE: &str = "other";
+
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
@@ -165,23 +173,44 @@ impl Metrics {
         })
     }
 
-    /// Replace the backlog gauges with a fresh reading (label sets that vanished go).
-    pub fn set_backlog(&self, backlog: &Backlog) {
-        // Entity types seen before, and the usual three, read 0 when none are
-        // pending instead of vanishing (an absent series looks like a broken scrape).
+    /// The `entity_type` label for `entity_type`: itself while fewer than
+    /// [`MAX_ENTITY_LABELS`] are known (it becomes known), else `other`.
+    pub fn entity_label<'a>(&self, entity_type: &'a str) -> &'a str {
         let mut known = self
             .known_entity_types
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        known.extend(backlog.pending_by_entity_type.keys().cloned());
-        for entity_type in known.iter() {
-            let n = backlog
-                .pending_by_entity_type
-                .get(entity_type)
-                .copied()
-                .unwrap_or(0);
+        if known.contains(entity_type) {
+            return entity_type;
+        }
+        if known.len() < MAX_ENTITY_LABELS {
+            known.insert(entity_type.to_string());
+            return entity_type;
+        }
+        OTHER_ENTITY_TYPE
+    }
+
+    /// Replace the backlog gauges with a fresh reading (label sets that vanished go).
+    pub fn set_backlog(&self, backlog: &Backlog) {
+        let mut by_label: std::collections::BTreeMap<String, u64> = Default::default();
+        for (entity_type, n) in &backlog.pending_by_entity_type {
+            let label = self.entity_label(entity_type).to_string();
+            *by_label.entry(label).or_default() += u64::try_from(*n).unwrap_or(0);
+        }
+        // Entity types seen before, and the usual three, read 0 when none are
+        // pending instead of vanishing (an absent series looks like a broken scrape).
+        let known = self
+            .known_entity_types
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // once types were folded into `other`, it stays (0 when none are pending)
+        let other = (known.len() >= MAX_ENTITY_LABELS || by_label.contains_key(OTHER_ENTITY_TYPE))
+            .then_some(OTHER_ENTITY_TYPE);
+        for entity_type in known.iter().map(String::as_str).chain(other) {
+            let n = by_label.get(entity_type).copied().unwrap_or(0);
             self.outbox_pending
-                .with_label_values(&[entity_type.as_str()])
+                .with_label_values(&[entity_type])
                 .set(n as f64);
         }
         self.oldest_pending_age
@@ -303,5 +332,41 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "schema not current\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Entity types are the producers' to choose: past a bound they share `other`,
+    /// so that a type with an id in it cannot make a series per row.
+    #[test]
+    fn entity_types_past_the_bound_are_counted_as_other() {
+        let metrics = Metrics::new().unwrap();
+        let pending: BTreeMap<String, i64> =
+            (0..100).map(|n| (format!("type_{n:03}"), 2)).collect();
+        metrics.set_backlog(&Backlog {
+            pending_by_entity_type: pending,
+            oldest_pending_age_seconds: 0.0,
+            dead_letters_by_error_type: BTreeMap::new(),
+        });
+        let series: Vec<(String, f64)> = metrics
+            .registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "serversync_outbox_pending")
+            .flat_map(|f| f.get_metric().to_vec())
+            .map(|m| (m.get_label()[0].value().to_string(), m.get_gauge().value()))
+            .collect();
+        assert_eq!(series.len(), MAX_ENTITY_LABELS + 1, "{series:?}");
+        let total: f64 = series.iter().map(|(_, v)| v).sum();
+        assert_eq!(total, 200.0, "every pending row is counted once");
+        let other = series.iter().find(|(l, _)| l == OTHER_ENTITY_TYPE);
+        // the usual three are known from the start: 61 of the 100 get their own
+        assert_eq!(other.map(|(_, v)| *v), Some(2.0 * 39.0));
+        assert_eq!(metrics.entity_label("type_099"), OTHER_ENTITY_TYPE);
+        assert_eq!(metrics.entity_label("call_log"), "call_log");
     }
 }

@@ -206,6 +206,10 @@ impl Settings {
         check_nonzero("dispatch.probe_interval", self.dispatch.probe_interval)?;
         check_nonzero("ingest.timeout", self.ingest.timeout)?;
         check_nonzero("ingest.connect_timeout", self.ingest.connect_timeout)?;
+        // zero would make a busy loop of their tasks, or fail every connection
+        check_nonzero("database.acquire_timeout", self.database.acquire_timeout)?;
+        check_nonzero("metrics.refresh_interval", self.metrics.refresh_interval)?;
+        check_nonzero("retention.prune_interval", self.retention.prune_interval)?;
         if let Some(t) = self.ingest.upload_timeout {
             check_nonzero("ingest.upload_timeout", t)?;
         }

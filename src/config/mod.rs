@@ -107,6 +107,21 @@ impl Default for IngestSettings {
     }
 }
 
+impl IngestSettings {
+    /// `base_url` as it may be shown and recorded: without its query (which some
+    /// Frontends take a key in) or fragment.
+    pub fn base_url_shown(&self) -> String {
+        match reqwest::Url::parse(&self.base_url) {
+            Ok(mut url) => {
+                url.set_query(None);
+                url.set_fragment(None);
+                url.to_string()
+            }
+            Err(_) => self.base_url.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchSettings {

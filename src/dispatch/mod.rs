@@ -291,12 +291,21 @@ impl Dispatcher {
                 idempotency_key.clone(),
             );
             let path = job.file_path.clone();
-            let signed = tokio::task::spawn_blocking(move || {
+            // bounded like the upload itself: a read that hangs (a mount that stopped
+            // answering) must not hold the worker, its leases renewed, for ever
+            let limit = self.upload_deadline(len);
+            let signing = tokio::task::spawn_blocking(move || {
                 let headers = sign_file(&key, &id, timestamp, &head, &mut file, len, &tail);
                 (file, headers)
-            })
-            .await
-            .map_err(|e| Failure::file_unreadable(format!("{path}: signing it failed: {e}")))?;
+            });
+            let signed = tokio::time::timeout(limit, signing)
+                .await
+                .map_err(|_| {
+                    Failure::file_unreadable(format!(
+                        "{path}: reading it to sign it took longer than {limit:?}"
+                    ))
+                })?
+                .map_err(|e| Failure::file_unreadable(format!("{path}: signing it failed: {e}")))?;
             file = signed.0;
             let headers = signed.1.map_err(|e| {
                 Failure::file_unreadable(format!(
@@ -343,7 +352,13 @@ impl Dispatcher {
         let file = tokio::fs::File::from_std(opened.file);
         // bounded by what is read, not by the size seen at the open: a file that
         // grows meanwhile is not read into memory past the limit
-        match read_at_most(file, META_LIMIT, opened.len).await {
+        let read = tokio::time::timeout(OPEN_LIMIT, read_at_most(file, META_LIMIT, opened.len));
+        let Ok(read) = read.await else {
+            return Err(Failure::file_unreadable(format!(
+                "{path}: reading the meta file took longer than {OPEN_LIMIT:?}"
+            )));
+        };
+        match read {
             Ok(Some(bytes)) => Ok((opened.name, bytes)),
             Ok(None) => Err(Failure::file_unreadable(format!(
                 "{path}: meta file grew past {META_LIMIT} bytes while it was read"
@@ -368,9 +383,17 @@ impl Dispatcher {
         let result = request.send().await;
         let outcome = match result {
             Err(e) => Err(Failure::from_transport(&e.without_url())),
-            Ok(response) if response.status().is_success() => {
-                // drain the body so the connection goes back to the pool
-                let _ = response.bytes().await;
+            Ok(mut response) if response.status().is_success() => {
+                // read a short body to its end, so the connection goes back to the
+                // pool; past 64 KiB (no ingest API says that much) it is dropped, the
+                // connection with it, instead of held in memory
+                let mut read = 0usize;
+                while read <= ACK_BODY_LIMIT {
+                    match response.chunk().await {
+                        Ok(Some(chunk)) => read += chunk.len(),
+                        _ => break,
+                    }
+                }
                 Ok(())
             }
             Ok(response) => Err(failure_from_response(response).await),
@@ -382,6 +405,10 @@ impl Dispatcher {
         outcome
     }
 }
+
+/// The most of a 2xx answer's body read (and thrown away) before the connection is
+/// dropped instead.
+const ACK_BODY_LIMIT: usize = 64 * 1024;
 
 async fn failure_from_response(mut response: Response) -> Failure {
     let status = response.status().as_u16();

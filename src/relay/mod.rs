@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -92,6 +93,8 @@ pub struct Stats {
     /// Rows whose outcome the database refused to record (after retrying what is
     /// transient): they return when their lease expires.
     pub unsettled: AtomicU64,
+    /// Workers stopped by a panic (a bug): the relay stops, and exits non-zero.
+    pub worker_panics: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +120,8 @@ pub struct Summary {
     pub left_for_retry: u64,
     /// Rows whose outcome could not be written (`Stats::unsettled`).
     pub unsettled: u64,
+    /// Workers stopped by a panic (`Stats::worker_panics`).
+    pub worker_panics: u64,
     pub end: DrainEnd,
 }
 
@@ -267,7 +272,26 @@ impl Relay {
             let relay = Arc::clone(self);
             let finished = finished.clone();
             let lane = i % self.lanes.len();
-            tracker.spawn(async move { relay.worker(lane, finished).await });
+            tracker.spawn(async move {
+                let work = Arc::clone(&relay).worker(lane, finished.clone());
+                if let Err(panic) = std::panic::AssertUnwindSafe(work).catch_unwind().await {
+                    // a bug, not bad data (that is dead-lettered): the relay stops and
+                    // exits non-zero, so that a service manager restarts it, instead of
+                    // running on with fewer workers, or none, and saying all is well
+                    relay.stats.worker_panics.fetch_add(1, Ordering::Relaxed);
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(
+                        lane,
+                        "a delivery worker stopped on an internal error ({what}): stopping; \
+                         its rows return when their lease expires"
+                    );
+                    finished.cancel();
+                }
+            });
         }
         tracker.close();
         // Workers stop claiming on `finished`; a batch in flight is finished and settled.
@@ -343,6 +367,7 @@ impl Relay {
             dead: self.stats.dead.load(Ordering::Relaxed),
             left_for_retry,
             unsettled: self.stats.unsettled.load(Ordering::Relaxed),
+            worker_panics: self.stats.worker_panics.load(Ordering::Relaxed),
             end: if stopped && end == DrainEnd::Empty {
                 DrainEnd::Stopped
             } else {

@@ -179,8 +179,12 @@ impl Relay {
             }
             tally(&mut errors, [error.error_type.as_str()]);
         }
-        for (labels, n) in &deliveries {
-            self.metrics.deliveries.with_label_values(labels).inc_by(*n);
+        for ([entity_type, outcome], n) in &deliveries {
+            let label = self.metrics.entity_label(entity_type);
+            self.metrics
+                .deliveries
+                .with_label_values(&[label, outcome])
+                .inc_by(*n);
         }
         for (labels, n) in &errors {
             self.metrics

@@ -12,14 +12,7 @@ impl Relay {
     /// The sink's state as it is recorded for everyone (`ingest.base_url` without
     /// its query, which may hold a token).
     pub(super) fn sink_name(&self) -> String {
-        match reqwest::Url::parse(&self.settings.ingest.base_url) {
-            Ok(mut url) => {
-                url.set_query(None);
-                url.set_fragment(None);
-                url.to_string()
-            }
-            Err(_) => self.settings.ingest.base_url.clone(),
-        }
+        self.settings.ingest.base_url_shown()
     }
 
     /// Start as down if a relay (another instance, or an earlier run) took the sink

@@ -72,7 +72,10 @@ UPDATE sync_outbox o
 SET claim_token = $2, lease_owner = $3, lease_until = now() + $4 * interval '1 millisecond'
 WHERE o.ctid = ANY(ARRAY(SELECT ctid FROM cand))
   AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL
-RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload, o.created_at, o.attempts, o.ordering_key
+RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload,
+          CASE WHEN o.created_at > '-infinity' AND o.created_at < '262000-01-01+00'
+               THEN o.created_at END AS created_at,
+          o.attempts, o.ordering_key
 "#;
 
 /// The archive statement: sent rows leave the outbox (fenced on the claim token) and
@@ -87,7 +90,7 @@ WITH d AS (
     RETURNING id, entity_type, entity_id, created_at, attempts
 )
 INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)
-SELECT id, entity_type, entity_id, created_at, attempts + 1 FROM d
+SELECT id, entity_type, entity_id, created_at, LEAST(attempts, 2147483646) + 1 FROM d
 "#,
             $tail
         )
@@ -115,7 +118,7 @@ const SENT_DELETE_SQL: &str = "DELETE FROM sync_outbox WHERE id = ANY($1) AND cl
 
 const RETRY_SQL: &str = r#"
 UPDATE sync_outbox o SET
-    attempts = o.attempts + CASE WHEN u.charged THEN 1 ELSE 0 END,
+    attempts = LEAST(o.attempts, 2147483646) + CASE WHEN u.charged THEN 1 ELSE 0 END,
     next_attempt_at = now() + u.delay_ms * interval '1 millisecond',
     last_error_type = u.error_type,
     last_error = u.message,
@@ -143,7 +146,7 @@ INSERT INTO sync_outbox_dead_letters
     (outbox_id, entity_type, entity_id, payload, ordering_key, created_at, error_type, http_status,
      error_message, response_body, attempts, max_attempts, attempt_errors, first_attempt_at, last_attempt_at)
 SELECT id, entity_type, entity_id, payload, ordering_key, created_at, error_type, http_status,
-       message, response_body, attempts + 1, max_attempts, attempt_errors || jsonb_build_array(entry),
+       message, response_body, LEAST(attempts, 2147483646) + 1, max_attempts, attempt_errors || jsonb_build_array(entry),
        COALESCE(first_attempt_at, now()), now()
 FROM d
 "#;
@@ -302,15 +305,22 @@ impl PgStore {
         // by position, in CLAIM_SQL's RETURNING order (no column lookup by name per row)
         for row in rows {
             let payload: String = row.try_get(3)?;
+            // null: `infinity`, or a year past what the wire's time type holds (a
+            // decode would panic); the row is dead-lettered, not claimed for ever
+            let created_at: Option<DateTime<Utc>> = row.try_get(4)?;
             claimed.push(ClaimedRow {
                 id: row.try_get(0)?,
                 entity_type: row.try_get(1)?,
                 entity_id: row.try_get(2)?,
                 payload: RawValue::from_string(payload)?,
-                created_at: row.try_get(4)?,
+                created_at: created_at.unwrap_or(DateTime::UNIX_EPOCH),
                 attempts: row.try_get(5)?,
                 ordering_key: row.try_get(6)?,
-                defect: None,
+                defect: created_at.is_none().then(|| {
+                    "created_at is not a time that can be sent (infinity, or past the \
+                     year 262000)"
+                        .to_string()
+                }),
             });
         }
         claimed.sort_unstable_by_key(|r| r.id);
@@ -526,11 +536,14 @@ impl PgStore {
             }
         }
         // the oldest row by id is the oldest pending row; an index probe, not a scan
-        let oldest: Option<f64> = sqlx::query_scalar(
-            "SELECT EXTRACT(EPOCH FROM now() - created_at)::float8 FROM sync_outbox ORDER BY id LIMIT 1",
+        let oldest: Option<f64> = sqlx::query_scalar::<_, Option<f64>>(
+            "SELECT CASE WHEN isfinite(created_at) \
+                    THEN EXTRACT(EPOCH FROM now() - created_at)::float8 END \
+             FROM sync_outbox ORDER BY id LIMIT 1",
         )
         .fetch_optional(&self.pool)
-        .await?;
+        .await?
+        .flatten();
         Ok(Backlog {
             pending_by_entity_type: pending.into_iter().collect(),
             oldest_pending_age_seconds: oldest.unwrap_or(0.0).max(0.0),

@@ -3,9 +3,14 @@
 
 use super::*;
 
-const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload, ordering_key, created_at, error_type, \
-    http_status, error_message, response_body, attempts, max_attempts, attempt_errors, first_attempt_at, \
-    last_attempt_at, dead_at";
+/// The dead letter's columns, read so that one odd row cannot fail a whole listing:
+/// the payload as text (a `Value` refuses nesting past 128 levels, which the relay
+/// sends as it is), and a `created_at` that is `infinity` or past what the wire's
+/// time type holds as null (its decode would panic).
+const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload::text AS payload, ordering_key, \
+    CASE WHEN created_at > '-infinity' AND created_at < '262000-01-01+00' THEN created_at END AS created_at, \
+    error_type, http_status, error_message, response_body, attempts, max_attempts, attempt_errors, \
+    first_attempt_at, last_attempt_at, dead_at";
 
 enum SelectionBind {
     Ids(Vec<i64>),
@@ -20,7 +25,7 @@ impl PgStore {
             "SELECT count(*) AS pending, \
                count(*) FILTER (WHERE next_attempt_at <= now() AND (lease_until IS NULL OR lease_until < now())) AS due, \
                count(*) FILTER (WHERE lease_until >= now()) AS in_flight, \
-               EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS oldest \
+               EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE isfinite(created_at)))::float8 AS oldest \
              FROM sync_outbox",
         )
         .fetch_one(&self.pool)
@@ -142,9 +147,14 @@ fn dead_letter_from_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<DeadLette
         outbox_id: row.try_get("outbox_id")?,
         entity_type: row.try_get("entity_type")?,
         entity_id: row.try_get::<Uuid, _>("entity_id")?.to_string(),
-        payload: row.try_get("payload")?,
+        payload: {
+            let text: String = row.try_get("payload")?;
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+        },
         ordering_key: row.try_get("ordering_key")?,
-        created_at: row.try_get("created_at")?,
+        created_at: row
+            .try_get::<Option<DateTime<Utc>>, _>("created_at")?
+            .unwrap_or(DateTime::UNIX_EPOCH),
         error_type: row.try_get("error_type")?,
         http_status: row.try_get("http_status")?,
         error_message: row.try_get("error_message")?,

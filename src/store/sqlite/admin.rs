@@ -181,7 +181,8 @@ fn dead_letter_from_row(row: &SqliteRow) -> anyhow::Result<DeadLetter> {
         payload: json("payload")
             .or_else(|_| get_text_lossy(row, "payload").map(serde_json::Value::String))?,
         ordering_key: get_opt_text_lossy(row, "ordering_key")?,
-        created_at: get_time(row, "created_at")?,
+        // what a producer wrote, possibly no time at all (the reason it died)
+        created_at: get_time(row, "created_at").unwrap_or(DateTime::UNIX_EPOCH),
         error_type: row.try_get("error_type")?,
         http_status: row.try_get("http_status")?,
         error_message: row.try_get("error_message")?,

@@ -50,6 +50,20 @@ async fn a_bad_duration_names_its_key(backend: Backend) {
             .assert_single_stderr_line();
         env.config.remove(key);
     }
+    // zero where it would make a busy loop, or fail every connection
+    for key in [
+        "database.acquire_timeout",
+        "metrics.refresh_interval",
+        "retention.prune_interval",
+    ] {
+        env.config.set(key, "0s");
+        env.run(&["drain"])
+            .await
+            .assert_fails_with(key)
+            .assert_fails_with("greater than zero")
+            .assert_single_stderr_line();
+        env.config.remove(key);
+    }
     env.cmd(["drain"])
         .env("SERVERSYNC__DISPATCH__LEASE_DURATION", "500000000y")
         .output()

@@ -147,6 +147,86 @@ async fn a_400_for_one_entry_dead_letters_only_that_entry(backend: Backend) {
     assert_eq!(env.count("sync_outbox").await, 0);
 }
 
+both_stores!(rows_a_producer_wrote_oddly_never_hold_up_the_others);
+/// Values a producer can write that the relay cannot send as they are: a
+/// `created_at` of `infinity` (PostgreSQL; its decode panicked the worker, and with
+/// every worker gone the daemon exited 0) or not a time at all (SQLite, where a
+/// claim that failed on it failed every claim), an `attempts` at int's maximum (its
+/// `+ 1` failed every settle of the batch) or not a number. The unsendable rows are
+/// dead-lettered as `payload_invalid`, the others delivered, and the operator's
+/// commands still read them.
+async fn rows_a_producer_wrote_oddly_never_hold_up_the_others(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
+    let odd_time = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    let max_attempts = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 2}))
+        .await;
+    let fine = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 3}))
+        .await;
+    let (time, odd_count) = match backend {
+        Backend::Postgres => ("'infinity'", None),
+        Backend::Sqlite => (
+            "1700000000",
+            Some(
+                env.insert("call_log", Uuid::new_v4(), json!({"n": 4}))
+                    .await,
+            ),
+        ),
+    };
+    env.db
+        .execute(&format!(
+            "UPDATE sync_outbox SET created_at = {time} WHERE id = {odd_time}"
+        ))
+        .await;
+    env.db
+        .execute(&format!(
+            "UPDATE sync_outbox SET attempts = 2147483647 WHERE id = {max_attempts}"
+        ))
+        .await;
+    if let Some(id) = odd_count {
+        env.db
+            .execute(&format!(
+                "UPDATE sync_outbox SET attempts = 'many' WHERE id = {id}"
+            ))
+            .await;
+    }
+
+    let out = env.drain().await;
+    out.assert_code(3).assert_no_panic();
+
+    // read through the product's own command, which must cope with the odd time
+    let listed = env.run(&["dlq", "list", "--json"]).await;
+    listed.assert_success().assert_no_panic();
+    let dead = listed.json();
+    let dead_as = |id: i64| {
+        dead.as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["outboxId"] == id)
+            .map(|d| (d["errorType"].clone(), d["errorMessage"].clone()))
+    };
+    let (error_type, message) = dead_as(odd_time).expect("the odd time is dead-lettered");
+    assert_eq!(error_type, "payload_invalid");
+    assert!(
+        message.as_str().unwrap_or_default().contains("created_at"),
+        "{message}"
+    );
+    if let Some(id) = odd_count {
+        assert_eq!(dead_as(id).map(|d| d.0), Some(json!("payload_invalid")));
+    }
+    let mut sent = vec![fine, max_attempts];
+    sent.sort();
+    assert_eq!(env.sent_ids().await, sent);
+    assert_eq!(env.count("sync_outbox").await, 0);
+    env.run(&["status", "--json"])
+        .await
+        .assert_success()
+        .assert_no_panic();
+}
+
 both_stores!(a_response_body_of_any_bytes_is_kept_as_at_most_4_kib_of_text);
 /// A Frontend that answers with a NUL and invalid UTF-8 in its body: PostgreSQL's
 /// `text` refuses a NUL, which used to roll the whole settle back, so the rejected
