@@ -104,8 +104,9 @@ async fn metrics_health_and_readiness_follow_the_spec() {
     let out = relay.terminate(Duration::from_secs(10)).await;
     out.assert_success();
     assert!(
-        !out.stderr.contains("outside.wav\"") || !out.stderr.contains("callLogId"),
-        "no payloads in logs"
+        !out.stderr.contains("outside.wav") && !out.stderr.contains("callLogId"),
+        "no payloads in logs:\n{}",
+        out.stderr
     );
 }
 

@@ -515,6 +515,13 @@ async fn numbers_and_switches_of_the_wrong_kind_are_refused_by_name() {
             .assert_fails_with(key)
             .assert_single_stderr_line();
     }
+    let id = env
+        .insert(
+            "call_log",
+            uuid::Uuid::new_v4(),
+            serde_json::json!({"n": 1}),
+        )
+        .await;
     env.cmd(["drain"])
         .env("SERVERSYNC__RETRY__MAX_ATTEMPTS", "7")
         .env("SERVERSYNC__RETENTION__DELETE_SENT", "true")
@@ -522,6 +529,15 @@ async fn numbers_and_switches_of_the_wrong_kind_are_refused_by_name() {
         .output()
         .await
         .assert_success();
+    // taken as written: delivered, and no record kept (SPEC 1.2, delete_sent)
+    let delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    assert_eq!(delivered, [id]);
+    assert_eq!(env.count("sync_outbox").await, 0);
+    assert_eq!(
+        env.count("sync_outbox_sent").await,
+        0,
+        "delete_sent keeps no record"
+    );
 }
 
 /// A `retry.max_attempts` (or an override's) below `dispatch.outage_threshold` lets an

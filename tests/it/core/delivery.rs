@@ -703,6 +703,36 @@ async fn drain_exits_0_only_when_nothing_due_is_left(backend: Backend) {
     assert_eq!(env.sink.entries().len(), 90);
 }
 
+/// `retention.delete_sent = true` (PostgreSQL's own settle statement for it): rows
+/// are delivered and leave no record; a failed one is still retried.
+#[tokio::test]
+async fn with_delete_sent_delivered_rows_leave_no_record() {
+    let mut env = TestEnv::migrated().await;
+    env.config.set("retention.delete_sent", true);
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(
+            env.insert("call_log", Uuid::new_v4(), json!({ "n": n }))
+                .await,
+        );
+    }
+    env.sink.fail_next(1, 500);
+    env.config.set("dispatch.batch_size", 10);
+    let out = env.drain().await;
+    out.assert_no_panic();
+    wait_until(Duration::from_secs(10), "the retry to fall due", || async {
+        env.count_waiting().await == 0
+    })
+    .await;
+    env.drain().await.assert_success();
+    let mut delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    delivered.sort();
+    delivered.dedup();
+    assert_eq!(delivered, ids);
+    assert_eq!(env.count("sync_outbox").await, 0);
+    assert_eq!(env.count("sync_outbox_sent").await, 0, "no record kept");
+}
+
 /// Concurrent workers must not together claim more than `--max-rows`.
 #[tokio::test]
 async fn drain_max_rows_claims_exactly_that_many() {

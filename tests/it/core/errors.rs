@@ -263,7 +263,12 @@ async fn a_response_body_of_any_bytes_is_kept_as_at_most_4_kib_of_text(backend: 
     let d = assert_dead(&dead, poison, "http_4xx", 1);
     let kept = d.response_body.as_deref().unwrap_or_default();
     assert!(kept.starts_with("bad\u{FFFD}entry \u{FFFD}"), "{kept:?}");
-    assert!(kept.len() <= 4096, "{} bytes kept", kept.len());
+    // the first 4 KiB: all of it, less at most a character cut at the end
+    assert!(
+        (4093..=4096).contains(&kept.len()),
+        "{} bytes kept",
+        kept.len()
+    );
     assert!(!kept.contains('\0'));
     assert_eq!(env.sent_ids().await, ids, "the batch's other rows settled");
     assert_eq!(env.count("sync_outbox").await, 0);
@@ -1026,8 +1031,8 @@ async fn a_sink_down_as_a_whole_does_not_burn_attempts(backend: Backend) {
     );
     for row in env.outbox().await {
         assert!(
-            row.attempts <= 2,
-            "charged beyond outage_threshold: {row:#?}"
+            row.attempts < 2,
+            "charged from the failure that took the sink as down on: {row:#?}"
         );
     }
 
