@@ -44,6 +44,13 @@ async fn metrics_health_and_readiness_follow_the_spec() {
         )
         .await;
     }
+    // the call logs were committed a minute ago: their lag counts from created_at
+    env.db
+        .execute(
+            "UPDATE sync_outbox SET created_at = now() - interval '60 seconds' \
+             WHERE entity_type = 'call_log'",
+        )
+        .await;
     let relay = env.cmd(["run"]).spawn();
     let base = format!("http://127.0.0.1:{port}");
     env.sink.wait_for_entries(1, Duration::from_secs(20)).await;
@@ -90,6 +97,15 @@ async fn metrics_health_and_readiness_follow_the_spec() {
     ] {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");
     }
+    let lag_sum: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("serversync_delivery_lag_seconds_sum "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lag sum in:\n{text}"));
+    assert!(
+        (180.0..180.0 + 5.0 * 30.0).contains(&lag_sum),
+        "three rows a minute old and two new: lag sum {lag_sum}"
+    );
     assert!(text.contains("serversync_http_request_duration_seconds_bucket{endpoint=\"sync\""));
     assert!(
         text.contains("serversync_delivery_lag_seconds_bucket{le=\"0.001\"}"),

@@ -57,6 +57,58 @@ async fn a_500_until_out_of_attempts_is_dead_lettered_with_its_history(backend: 
     );
 }
 
+both_stores!(retry_overrides_apply_per_entity_type);
+/// `[retry.overrides.<type>]` end to end: a 500 for everything; the file row's
+/// override allows one attempt (dead at once, its limit recorded), the call log's
+/// sets its own policy and delay (due again exactly 7 s on), and a type without one
+/// keeps `[retry]`.
+async fn retry_overrides_apply_per_entity_type(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    retry_in_an_hour(&mut env);
+    env.config
+        .set("retry.max_attempts", 5)
+        .set("dispatch.outage_threshold", 10)
+        .set("retry.overrides.recording_file.max_attempts", 1)
+        .set("retry.overrides.call_log.policy", "fixed")
+        .set("retry.overrides.call_log.base_delay", "7s")
+        .set("retry.overrides.call_log.max_delay", "7s");
+    env.sink.set_mode(Mode::Always(500));
+    let call = Uuid::new_v4();
+    write_recording(&env, call);
+    let file = env
+        .insert(
+            "recording_file",
+            Uuid::new_v4(),
+            file_payload(call, &format!("{call}/mixed.wav")),
+        )
+        .await;
+    let log = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    let other = env.insert("fax", Uuid::new_v4(), json!({"n": 2})).await;
+    let before = env.db_now().await;
+
+    env.drain().await.assert_code(3);
+    let after = env.db_now().await;
+
+    let dead = env.dead_letters().await;
+    let d = assert_dead(&dead, file, "http_5xx", 1);
+    assert_eq!(d.max_attempts, 1, "the override's limit is recorded");
+    let rows = env.outbox().await;
+    let row = |id: i64| rows.iter().find(|r| r.id == id).expect("still pending");
+    assert_eq!(row(log).attempts, 1);
+    let due = row(log).next_attempt_at;
+    assert!(
+        due >= before + Span::seconds(7) && due <= after + Span::seconds(7),
+        "the call log's fixed 7 s: due {due}, drained {before} … {after}"
+    );
+    assert_eq!(row(other).attempts, 1);
+    assert!(
+        row(other).next_attempt_at >= after + Span::minutes(59),
+        "[retry]'s hour for a type without an override"
+    );
+}
+
 both_stores!(a_429_leaves_the_row_pending_until_after_retry_after);
 async fn a_429_leaves_the_row_pending_until_after_retry_after(backend: Backend) {
     let env = TestEnv::migrated_on(backend).await;

@@ -143,7 +143,7 @@ impl TestEnv {
     /// Rows still to deliver, by id.
     pub async fn outbox(&self) -> Vec<OutboxRow> {
         let sql = format!(
-            "SELECT id, entity_type, {}, payload, ordering_key, status, attempts, \
+            "SELECT id, entity_type, {}, payload, ordering_key, created_at, status, attempts, \
                     next_attempt_at, last_error_type, last_error, last_http_status, \
                     attempt_errors, first_attempt_at \
              FROM sync_outbox ORDER BY id",
@@ -258,6 +258,7 @@ pub struct OutboxRow {
     pub entity_id: Uuid,
     pub payload: Value,
     pub ordering_key: Option<String>,
+    pub created_at: DateTime<Utc>,
     pub status: String,
     pub attempts: i32,
     pub next_attempt_at: DateTime<Utc>,
