@@ -24,6 +24,8 @@ pub enum Gate {
 #[derive(Debug)]
 struct State {
     consecutive_failures: u32,
+    /// The rows whose 5xx failures make up the streak (a few; `Relay::row_or_sink`).
+    failing_rows: Vec<i64>,
     /// The latest failure was the sink not answering at all (connect, timeout),
     /// which no row can cause, unlike a 5xx.
     last_unreachable: bool,
@@ -55,6 +57,7 @@ impl SinkHealth {
         SinkHealth {
             state: Mutex::new(State {
                 consecutive_failures: 0,
+                failing_rows: Vec::new(),
                 last_unreachable: false,
                 down: false,
                 probing: false,
@@ -136,14 +139,35 @@ impl SinkHealth {
         self.lock().probing = false;
     }
 
+    /// Remember that `rows` failed with a server error in this streak of failures.
+    pub fn note_failing_rows(&self, rows: &[i64]) {
+        let mut s = self.lock();
+        for row in rows {
+            if !s.failing_rows.contains(row) && s.failing_rows.len() < 8 {
+                s.failing_rows.push(*row);
+            }
+        }
+    }
+
+    /// Whether the server errors of this streak, and `rows`, are all one row's.
+    pub fn only_row_failing(&self, rows: &[i64]) -> bool {
+        let s = self.lock();
+        let mut all = s.failing_rows.iter().chain(rows);
+        let first = all.next().copied();
+        all.all(|r| Some(*r) == first)
+    }
+
     /// The sink answered (2xx, or a 4xx about the request itself).
     pub fn on_answer(&self) {
         let mut s = self.lock();
         s.consecutive_failures = 0;
+        s.failing_rows.clear();
         s.probing = false;
         if s.down {
             s.down = false;
             s.probe_delay = self.probe_base;
+            // while down it held the next probe's time: up, nothing waits for that
+            s.not_before = Instant::now();
             self.metrics.sink_up.set(1);
             self.up.send_replace(true);
             tracing::warn!("ingest sink is answering again: resuming delivery");
@@ -291,6 +315,17 @@ mod tests {
             Duration::from_secs(5),
             "the probe's failure doubles the delay (2 s), its Retry-After is longer"
         );
+    }
+
+    /// An answer that is not the probe's (a request sent before the outage, a
+    /// split batch's half) ends the outage, and nothing waits for the probe's time.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_while_down_opens_the_gate_at_once() {
+        let h = health(1);
+        h.on_sink_failure("http_5xx", None);
+        assert!(matches!(h.gate(), Gate::WaitUntil(_)));
+        h.on_answer();
+        assert_eq!(h.gate(), Gate::Open);
     }
 
     #[tokio::test(start_paused = true)]

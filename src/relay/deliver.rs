@@ -78,7 +78,7 @@ impl Relay {
                     Attempt::Sent
                 }
                 Err(failure) => {
-                    let charged = self.row_or_sink(&failure).await;
+                    let charged = self.row_or_sink(&failure, &[id], true).await;
                     Attempt::Failed { failure, charged }
                 }
             };
@@ -199,7 +199,9 @@ impl Relay {
         let charged = if answered {
             true
         } else {
-            self.row_or_sink(&suspects[0].1).await
+            let failing: Vec<i64> = suspects.iter().map(|(row, _)| row.id).collect();
+            self.row_or_sink(&suspects[0].1, &failing, rows.len() == 1)
+                .await
         };
         for (row, failure) in suspects {
             attempts.insert(row.id, Attempt::Failed { failure, charged });
@@ -208,24 +210,41 @@ impl Relay {
     }
 
     /// A delivery of which nothing got through, failed with a server error: the
-    /// rows' doing, or the sink's? Below the outage threshold it does not matter
-    /// (charged either way). When this failure would take the sink as down, or it is
-    /// down (a probe), the sink is asked with an empty batch (as `check` and an idle
-    /// relay's probe do). A 2xx says it works: the rows are charged like any failing
-    /// row, and the sink is taken as up. Without this, a row that makes the Frontend
-    /// fail (500 for every request holding it), with nothing else to send, looked
-    /// like an outage: the sink was taken as down, the row became the probe,
-    /// uncharged, and stayed there for ever, its key's later rows behind it. A 503
-    /// says the Frontend is unavailable, and a failure to answer at all (connect,
-    /// timeout) or a 429 no row causes: those count towards the outage without
-    /// asking. Returns whether the rows are charged.
-    async fn row_or_sink(&self, failure: &Failure) -> bool {
-        if failure.error_type == ErrorType::Http5xx
+    /// rows' doing, or the sink's? (`rows` are those that failed; `alone`, whether
+    /// the delivery held one row only.) Below the outage threshold it does not matter:
+    /// charged either way. Where it does, one row failing again and again is told
+    /// from a sink failing every row by asking it with an empty batch (as `check`
+    /// and an idle relay's probe do), and only then:
+    /// - about to take the sink as down, when every failure of the streak was this
+    ///   one row's: a 2xx says the sink works, so the row is charged and the sink stays
+    ///   up (a row the Frontend always fails on, with nothing else to send, used to
+    ///   take it as down and stay the probe, uncharged, for ever);
+    /// - down, when the probe (one row) failed: a 2xx charges that row, and the sink
+    ///   stays down for the others, which were not tried; the next probe takes the
+    ///   next row due. A Frontend whose storage is down while it answers empty
+    ///   batches so costs attempts to the probes' rows only, one at a time.
+    ///
+    /// Failures of different rows are the sink's. A 503 says the Frontend is
+    /// unavailable, and a failure to answer at all (connect, timeout) or a 429 no row
+    /// causes: those count towards the outage without asking. Returns whether the
+    /// rows are charged.
+    async fn row_or_sink(&self, failure: &Failure, rows: &[i64], alone: bool) -> bool {
+        let down = self.sink.is_down();
+        let ask = failure.error_type == ErrorType::Http5xx
             && !says_unavailable(failure)
-            && self.sink.at_threshold()
-            && self.dispatcher.send_json(&[]).await.is_ok()
-        {
-            self.sink.on_answer();
+            && if down {
+                alone
+            } else {
+                self.sink.at_threshold() && self.sink.only_row_failing(rows)
+            };
+        self.sink.note_failing_rows(rows);
+        if ask && self.dispatcher.send_json(&[]).await.is_ok() {
+            if down {
+                self.sink
+                    .on_sink_failure(failure.error_type.as_str(), failure.retry_after);
+            } else {
+                self.sink.on_answer();
+            }
             return true;
         }
         self.account(failure)

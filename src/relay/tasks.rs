@@ -8,25 +8,49 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{db_backoff, Relay};
+
+/// How soon a failed lease renewal is tried again.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
 use crate::store::SchemaState;
 
 impl Relay {
     /// Extend the leases of batches in flight every third of the lease, so a slow
-    /// sink never makes a live relay lose its rows.
+    /// sink never makes a live relay lose its rows. A renewal that fails (the
+    /// database restarting) is tried again within a second, not a third of the lease
+    /// later: waiting that long, an outage shorter than the lease could outlast it,
+    /// and another relay take over rows this one is still delivering.
     pub async fn renew_leases(self: Arc<Self>, stop: CancellationToken) {
         let lease = self.settings.dispatch.lease_duration;
         let every = lease / 3;
+        let soon = RENEW_RETRY.min(every);
+        let mut wait = every;
+        let mut failing = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             let held = self.held();
             if held.ids.is_empty() {
+                wait = every;
                 continue;
             }
-            if let Err(e) = self.store.renew(&held, lease).await {
-                tracing::warn!(error = %format!("{e:#}"), "renewing leases failed; will retry");
+            match self.store.renew(&held, lease).await {
+                Ok(_) => {
+                    if failing {
+                        tracing::info!("renewing leases works again");
+                    }
+                    (wait, failing) = (every, false);
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(
+                            error = %format!("{e:#}"),
+                            "renewing leases failed; trying again every {soon:?}"
+                        );
+                    }
+                    (wait, failing) = (soon, true);
+                }
             }
         }
     }

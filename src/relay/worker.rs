@@ -126,8 +126,10 @@ impl Relay {
         let d = &self.settings.dispatch;
         let mut reserved = 0u64;
         // a worker's claim: `batches_per_settle` requests' worth, settled together
+        // a probe is one row: if it fails where the sink answers an empty batch, that
+        // row is at fault, not the sink (`Relay::row_or_sink`)
         let mut limit = if probing {
-            d.batch_size.min(10)
+            1
         } else {
             d.batch_size.saturating_mul(self.batches_per_worker)
         };

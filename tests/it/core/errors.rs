@@ -328,12 +328,13 @@ async fn a_response_body_of_any_bytes_is_kept_as_at_most_4_kib_of_text(backend: 
 
 both_stores!(a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down);
 /// The only rows to send make the Frontend fail: 500 for every request that holds
-/// the call's log (or its recording file), while anything else, an empty batch
+/// the call's log (later, a recording file), while anything else, an empty batch
 /// included, is answered. A daemon with nothing else to send used to take the sink
-/// as down after `outage_threshold` such requests, probe with the same rows,
-/// uncharged, for ever, and hold the call's later rows behind them. Now the empty
-/// batch says the sink works: the rows are charged until they are dead-lettered,
-/// the call's recording follows, and the sink is never taken as down.
+/// as down after `outage_threshold` such requests, probe with the same row,
+/// uncharged, for ever, and hold the call's later rows behind it. Now the empty
+/// batch says the sink works: the row is charged until it is dead-lettered, the
+/// call's recording follows, and the sink is never taken as down; the same for an
+/// upload.
 async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
     env.config
@@ -356,6 +357,9 @@ async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(b
     let recording = env
         .insert("recording", Uuid::new_v4(), json!({"callLogId": call}))
         .await;
+    let relay = env.spawn_run(&[]);
+    env.sink.wait_for_entries(1, Duration::from_secs(30)).await;
+
     let other = Uuid::new_v4();
     write_recording(&env, other);
     let mut crashing_file = file_payload(other, &format!("{other}/mixed.wav"));
@@ -363,15 +367,12 @@ async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(b
     let file = env
         .insert("recording_file", Uuid::new_v4(), crashing_file)
         .await;
-    let relay = env.spawn_run(&[]);
-
     crate::harness::wait_until(
         Duration::from_secs(30),
         "both rows dead-lettered",
         || async { env.count("sync_outbox_dead_letters").await == 2 },
     )
     .await;
-    env.sink.wait_for_entries(1, Duration::from_secs(10)).await;
     let out = relay.terminate(Duration::from_secs(10)).await;
     out.assert_success();
 
@@ -392,6 +393,61 @@ async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(b
         "the sink was taken as down:\n{}",
         out.stderr
     );
+}
+
+both_stores!(lone_rows_the_sink_fails_on_die_one_probe_at_a_time_when_it_is_down);
+/// Two rows the Frontend always fails on, nothing else to send: failures of two
+/// rows take the sink as down (they could be an outage), and each probe, one row,
+/// is charged once the sink answers an empty batch, until both are dead-lettered
+/// (they used to be probed uncharged for ever). A sink that fails the empty batch
+/// too is down for real: probes charge nothing (`a_sink_down_as_a_whole_…`).
+async fn lone_rows_the_sink_fails_on_die_one_probe_at_a_time_when_it_is_down(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("retry.max_attempts", 4)
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "50ms")
+        .set("retry.max_delay", "50ms")
+        .set("dispatch.poll_interval", "50ms")
+        .set("dispatch.probe_interval", "100ms")
+        .set("dispatch.max_probe_interval", "200ms");
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["crash"] == true) => {
+            Reply::status(500).body("marker-crash")
+        }
+        _ => Reply::ok(),
+    }));
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        ids.push(
+            env.insert("call_log", Uuid::new_v4(), json!({"crash": true, "n": n}))
+                .await,
+        );
+    }
+    let relay = env.spawn_run(&[]);
+    crate::harness::wait_until(
+        Duration::from_secs(30),
+        "both rows dead-lettered",
+        || async { env.count("sync_outbox_dead_letters").await == 2 },
+    )
+    .await;
+    let fine = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 9}))
+        .await;
+    env.sink.wait_for_entries(1, Duration::from_secs(10)).await;
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success();
+    assert!(
+        out.stderr.contains("ingest sink is DOWN") && out.stderr.contains("answering again"),
+        "two rows failing are taken as an outage, until a probe goes through:\n{}",
+        out.stderr
+    );
+    let dead = env.dead_letters().await;
+    for id in ids {
+        assert_dead(&dead, id, "http_5xx", 4);
+    }
+    let delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    assert_eq!(delivered, [fine], "and delivery goes on");
 }
 
 both_stores!(a_500_caused_by_one_entry_holds_back_only_that_entry);
@@ -531,8 +587,14 @@ async fn a_503_is_retried_whole_not_split(backend: Backend) {
             env.count("sync_outbox").await == 0
         })
         .await;
-        let requests = env.sink.sync_requests();
-        assert!(requests.len() >= 2, "{requests:#?}");
+        // the refused requests (once the sink is back, its probe is one row)
+        let requests: Vec<_> = env
+            .sink
+            .sync_requests()
+            .into_iter()
+            .filter(|r| !r.accepted())
+            .collect();
+        assert!(!requests.is_empty(), "{requests:#?}");
         let key = |n: usize| {
             requests[n]
                 .headers
