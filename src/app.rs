@@ -353,12 +353,16 @@ pub async fn drain(
             DrainEnd::SinkDown => " — stopped: the ingest sink is down",
             DrainEnd::RateLimited => " — stopped: the ingest sink is rate-limiting (429)",
             DrainEnd::Stopped => " — stopped before the outbox was empty",
+            DrainEnd::DatabaseDown => " — stopped: the database stayed unreachable",
         }
     );
     Ok(summary)
 }
 
 pub fn drain_exit_code(summary: &Summary) -> ExitCode {
+    if summary.end == DrainEnd::DatabaseDown {
+        return ExitCode::FAILURE;
+    }
     let incomplete = summary.dead > 0
         || summary.left_for_retry > 0
         || summary.unsettled > 0

@@ -44,6 +44,12 @@ const DRAIN_SETTLE_WAIT: Duration = Duration::from_millis(250);
 /// before going on; a longer one ends it, what is left waiting for the next run.
 const DRAIN_SHORT_PAUSE: Duration = Duration::from_secs(5);
 
+/// The least a `drain` waits for an unreachable database before it gives up (exit
+/// 1); it waits a lease (`dispatch.lease_duration`, 60 s by default) if that is
+/// longer: a restart is ridden out, and a cron drain without `--timeout` does not
+/// run for ever.
+const DRAIN_DB_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Longest the bookkeeping after the workers (releasing leases, recording the sink's
 /// state) may take once they are done or the shutdown grace is over.
 const CLEANUP_LIMIT: Duration = Duration::from_secs(5);
@@ -109,6 +115,8 @@ pub enum DrainEnd {
     RateLimited,
     /// Stopped by a signal or `--timeout`.
     Stopped,
+    /// The database stayed unreachable longer than the drain waits for it.
+    DatabaseDown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +169,8 @@ pub struct Relay {
     next_batch: AtomicU64,
     heartbeat: AtomicU64,
     started: Instant,
+    /// Since when the database has been unreachable (claims or settles failing).
+    db_down_since: Mutex<Option<Instant>>,
     pub stats: Stats,
     drain: Option<DrainState>,
     /// The claim lanes (`dispatch.claim_concurrency`); worker `i` claims in lane
@@ -227,6 +237,7 @@ impl Relay {
             next_batch: AtomicU64::new(0),
             heartbeat: AtomicU64::new(0),
             started: Instant::now(),
+            db_down_since: Mutex::new(None),
             stats: Stats::default(),
             drain,
             lanes,
@@ -397,13 +408,35 @@ impl Relay {
     }
 
     fn database_down(&self, e: &anyhow::Error) {
+        if let Ok(mut since) = self.db_down_since.lock() {
+            since.get_or_insert_with(Instant::now);
+        }
         if self.health.db_up.swap(false, Ordering::Relaxed) {
             tracing::error!(error = %format!("{e:#}"), "database unavailable: retrying with backoff");
         }
         self.metrics.db_up.set(0);
     }
 
+    /// How long a drain waits for an unreachable database.
+    fn drain_db_patience(&self) -> Duration {
+        self.settings.dispatch.lease_duration.max(DRAIN_DB_PATIENCE)
+    }
+
+    /// A drain whose database has been unreachable for its patience.
+    fn drain_gives_up_on_the_database(&self) -> bool {
+        self.drain.is_some()
+            && self
+                .db_down_since
+                .lock()
+                .ok()
+                .and_then(|since| *since)
+                .is_some_and(|since| since.elapsed() >= self.drain_db_patience())
+    }
+
     fn database_up(&self) {
+        if let Ok(mut since) = self.db_down_since.lock() {
+            *since = None;
+        }
         if !self.health.db_up.swap(true, Ordering::Relaxed) {
             tracing::info!("database available");
         }

@@ -118,7 +118,9 @@ impl Relay {
         let write = || async { self.store.settle(&s, keep_sent).await };
         let report = write
             .retry(db_backoff_builder())
-            .when(crate::store::is_transient)
+            // a drain gives up on a database gone for good: the rows return when
+            // their lease expires, and the drain says so (`unsettled`)
+            .when(|e| crate::store::is_transient(e) && !self.drain_gives_up_on_the_database())
             .notify(|e: &anyhow::Error, wait: Duration| {
                 self.beat();
                 self.database_down(e);

@@ -98,6 +98,14 @@ impl Relay {
                     .await;
                 }
                 Step::DatabaseUnavailable => {
+                    if self.drain_gives_up_on_the_database() {
+                        tracing::error!(
+                            waited = ?self.drain_db_patience(),
+                            "the database stayed unreachable: drain stops"
+                        );
+                        self.finish_drain(DrainEnd::DatabaseDown, finished);
+                        break;
+                    }
                     let nap = backoff.next().unwrap_or(Duration::from_secs(5));
                     tokio::select! {
                         _ = finished.cancelled() => {}

@@ -457,6 +457,52 @@ async fn an_idle_daemon_sees_the_sink_come_back_without_a_row_to_probe_with() {
         .assert_no_panic();
 }
 
+/// A drain without `--timeout` whose database goes away for good does not run for
+/// ever: it waits a lease (at least 10 s), then stops with 1 and says why; nothing
+/// is lost, and the next drain, once the database is back, delivers the rest.
+#[tokio::test]
+async fn a_drain_gives_up_on_a_database_that_stays_away() {
+    let pg = PrivatePg::start_new().await;
+    let mut env = TestEnv::with_db(pg.create_database().await);
+    env.migrate().await;
+    let rows = 5_000;
+    seed_calls(&env, rows, 1_000).await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(25))));
+    env.config
+        .set("dispatch.batch_size", 50)
+        .set("dispatch.lease_duration", "2s")
+        .set("database.acquire_timeout", "1s");
+    let drain = env.cmd(["drain"]).spawn();
+    env.sink
+        .wait_for_entries(200, Duration::from_secs(30))
+        .await;
+    pg.stop().await;
+    let down = Instant::now();
+
+    let out = drain.wait(Duration::from_secs(40)).await;
+    out.assert_code(1).assert_no_panic();
+    assert!(
+        out.stderr.contains("the database stayed unreachable"),
+        "says why\n{out}"
+    );
+    let waited = down.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(35),
+        "waited {waited:?} for the database"
+    );
+
+    pg.start().await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // the leases it held expire
+    env.cmd(["drain"])
+        .timeout(Duration::from_secs(60))
+        .output()
+        .await
+        .assert_success();
+    assert_all_received(&by_id(env.sink.entries()), rows);
+    assert_eq!(tables(&env).await, (0, rows, 0), "(pending, sent, dead)");
+}
+
 /// A probe whose rows all fail before any request is sent (a missing recording)
 /// learnt nothing about the sink: another probe must follow. It used to leave the
 /// relay waiting for that probe's answer for ever, delivering nothing more.
