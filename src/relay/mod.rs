@@ -417,6 +417,14 @@ impl Relay {
         self.metrics.db_up.set(0);
     }
 
+    /// Whether the database failed the latest claim or settle, and nothing since.
+    fn database_is_down(&self) -> bool {
+        self.db_down_since
+            .lock()
+            .map(|since| since.is_some())
+            .unwrap_or(false)
+    }
+
     /// How long a drain waits for an unreachable database.
     fn drain_db_patience(&self) -> Duration {
         self.settings.dispatch.lease_duration.max(DRAIN_DB_PATIENCE)

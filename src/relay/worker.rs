@@ -224,7 +224,16 @@ impl Relay {
     ) -> Step {
         // a probe is one small batch, and a drain with --max-rows claims its quota
         let share = !probing && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
-        let taken = match self.unhold(next) {
+        let prefetched = self.unhold(next);
+        if let (Some((batch, _)), true) = (&prefetched, self.database_is_down()) {
+            // claimed ahead before the database went away: its lease cannot be
+            // renewed meanwhile, so another relay may hold its rows by the time it
+            // could be settled. Not sent: given back, or left to expire.
+            let _ = self.release_unsent(&[*batch]).await;
+            return Step::DatabaseUnavailable;
+        }
+        let fresh = prefetched.is_none();
+        let taken = match prefetched {
             Some(prefetched) => Ok(Some(prefetched)),
             None => self.take_batch(lane, limit, share, None, finished).await,
         };
@@ -236,7 +245,10 @@ impl Relay {
                 return Step::DatabaseUnavailable;
             }
         };
-        self.database_up();
+        if fresh {
+            // only a claim made now says the database answers
+            self.database_up();
+        }
         let n = claim.rows.len();
         if let Some(drain) = self.drain.as_ref().filter(|d| d.max_rows.is_none()) {
             drain.claimed.fetch_add(n as u64, Ordering::SeqCst);

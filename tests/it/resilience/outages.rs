@@ -468,17 +468,16 @@ async fn a_drain_gives_up_on_a_database_that_stays_away() {
     let rows = 5_000;
     seed_calls(&env, rows, 1_000).await;
     env.sink
-        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(25))));
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(300))));
     env.config
         .set("dispatch.batch_size", 50)
         .set("dispatch.lease_duration", "2s")
         .set("database.acquire_timeout", "1s");
     let drain = env.cmd(["drain"]).spawn();
-    env.sink
-        .wait_for_entries(200, Duration::from_secs(30))
-        .await;
+    env.sink.wait_for_entries(50, Duration::from_secs(30)).await;
     pg.stop().await;
     let down = Instant::now();
+    let before_outage = env.sink.request_count();
 
     let out = drain.wait(Duration::from_secs(40)).await;
     out.assert_code(1).assert_no_panic();
@@ -490,6 +489,12 @@ async fn a_drain_gives_up_on_a_database_that_stays_away() {
     assert!(
         waited >= Duration::from_secs(9) && waited < Duration::from_secs(35),
         "waited {waited:?} for the database"
+    );
+    // batches claimed ahead before the outage are not sent during it
+    let during = env.sink.request_count() - before_outage;
+    assert!(
+        during <= 12,
+        "{during} requests went out while the database was down"
     );
 
     pg.start().await;
