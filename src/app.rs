@@ -319,7 +319,7 @@ pub async fn drain(
     // retention is kept by drains too, for deployments that only run them from cron
     // (also by one that reached its --timeout, as a cron drain on a steady stream
     // always does; not after SIGTERM, which asks it to stop)
-    if !shutdown.is_cancelled() {
+    if !shutdown.is_cancelled() && summary.end != DrainEnd::DatabaseDown {
         let pruned = relay.prune_once(&shutdown).await;
         if pruned > 0 {
             tracing::info!(

@@ -387,6 +387,14 @@ impl Relay {
         }
     }
 
+    /// Whether a drain's end has been decided (by this worker or another).
+    fn drain_has_ended(&self) -> bool {
+        self.drain
+            .as_ref()
+            .and_then(|d| d.end.lock().ok().map(|end| end.is_some()))
+            .unwrap_or(false)
+    }
+
     fn finish_drain(&self, end: DrainEnd, finished: &CancellationToken) {
         if let Some(d) = &self.drain {
             if let Ok(mut slot) = d.end.lock() {

@@ -99,10 +99,12 @@ impl Relay {
                 }
                 Step::DatabaseUnavailable => {
                     if self.drain_gives_up_on_the_database() {
-                        tracing::error!(
-                            waited = ?self.drain_db_patience(),
-                            "the database stayed unreachable: drain stops"
-                        );
+                        if !self.drain_has_ended() {
+                            tracing::error!(
+                                waited = ?self.drain_db_patience(),
+                                "the database stayed unreachable: drain stops"
+                            );
+                        }
                         self.finish_drain(DrainEnd::DatabaseDown, finished);
                         break;
                     }
