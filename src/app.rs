@@ -312,10 +312,10 @@ pub async fn drain(
         });
     }
     let summary = relay.run_workers(stop.clone()).await;
-    worker_failure(&summary)?;
     aux_stop.cancel();
     aux.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), aux.wait()).await;
+    worker_failure(&summary)?;
     // retention is kept by drains too, for deployments that only run them from cron
     // (also by one that reached its --timeout, as a cron drain on a steady stream
     // always does; not after SIGTERM, which asks it to stop)

@@ -39,18 +39,19 @@ impl Relay {
             };
             let params = self.settings.retry.for_entity(&row.entity_type);
             let number = row.attempts.saturating_add(1);
+            let message = storable(&failure.message);
             let error = ErrorRecord {
                 error_type: failure.error_type.as_str().to_string(),
                 http_status: failure.http_status.map(i32::from),
-                message: storable(&failure.message),
                 response_body: failure.response_body.as_deref().map(storable),
                 history_entry: serde_json::json!({
                     "attempt": number,
                     "at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                     "errorType": failure.error_type.as_str(),
                     "httpStatus": failure.http_status,
-                    "message": storable(&failure.message),
+                    "message": &message,
                 }),
+                message,
             };
             let out_of_attempts =
                 charged && number >= i32::try_from(params.max_attempts).unwrap_or(i32::MAX);
