@@ -326,19 +326,12 @@ async fn a_response_body_of_any_bytes_is_kept_as_at_most_4_kib_of_text(backend: 
     assert_eq!(env.count("sync_outbox").await, 0);
 }
 
-both_stores!(a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down);
-/// The only rows to send make the Frontend fail: 500 for every request that holds
-/// the call's log (later, a recording file), while anything else, an empty batch
-/// included, is answered. A daemon with nothing else to send used to take the sink
-/// as down after `outage_threshold` such requests, probe with the same row,
-/// uncharged, for ever, and hold the call's later rows behind it. Now the empty
-/// batch says the sink works: the row is charged until it is dead-lettered, the
-/// call's recording follows, and the sink is never taken as down; the same for an
-/// upload.
-async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(backend: Backend) {
-    let mut env = TestEnv::migrated_on(backend).await;
+/// Quick fixed retries up to `max_attempts`, and a Frontend that answers 500 to every
+/// request holding a `"crash": true` entry or a recording `"crash"`, and 200 to
+/// anything else (an empty batch included).
+fn a_frontend_failing_on_crash_rows(env: &mut TestEnv, max_attempts: u32) {
     env.config
-        .set("retry.max_attempts", 5)
+        .set("retry.max_attempts", max_attempts)
         .set("retry.policy", "fixed")
         .set("retry.base_delay", "50ms")
         .set("retry.max_delay", "50ms")
@@ -352,6 +345,20 @@ async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(b
         }
         _ => Reply::ok(),
     }));
+}
+
+both_stores!(a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down);
+/// The only rows to send make the Frontend fail: 500 for every request that holds
+/// the call's log (later, a recording file), while anything else, an empty batch
+/// included, is answered. A daemon with nothing else to send used to take the sink
+/// as down after `outage_threshold` such requests, probe with the same row,
+/// uncharged, for ever, and hold the call's later rows behind it. Now the empty
+/// batch says the sink works: the row is charged until it is dead-lettered, the
+/// call's recording follows, and the sink is never taken as down; the same for an
+/// upload.
+async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    a_frontend_failing_on_crash_rows(&mut env, 5);
     let call = Uuid::new_v4();
     let log = env.insert("call_log", call, json!({"crash": true})).await;
     let recording = env
@@ -403,20 +410,10 @@ both_stores!(lone_rows_the_sink_fails_on_die_one_probe_at_a_time_when_it_is_down
 /// too is down for real: probes charge nothing (`a_sink_down_as_a_whole_…`).
 async fn lone_rows_the_sink_fails_on_die_one_probe_at_a_time_when_it_is_down(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
+    a_frontend_failing_on_crash_rows(&mut env, 4);
     env.config
-        .set("retry.max_attempts", 4)
-        .set("retry.policy", "fixed")
-        .set("retry.base_delay", "50ms")
-        .set("retry.max_delay", "50ms")
-        .set("dispatch.poll_interval", "50ms")
         .set("dispatch.probe_interval", "100ms")
         .set("dispatch.max_probe_interval", "200ms");
-    env.sink.set_mode(Mode::custom(|incoming| match incoming {
-        Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["crash"] == true) => {
-            Reply::status(500).body("marker-crash")
-        }
-        _ => Reply::ok(),
-    }));
     let mut ids = Vec::new();
     for n in 0..2 {
         ids.push(

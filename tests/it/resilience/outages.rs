@@ -10,20 +10,31 @@ use super::support::{
 use crate::harness::pg::PrivatePg;
 use crate::harness::{wait_until, Mode, Output, Reply, Sink, TestEnv};
 
-#[tokio::test]
-async fn a_drain_rides_out_postgresql_stopping_and_starting_again() {
+/// `rows` rows of `calls` calls on a PostgreSQL server of the test's own (to stop
+/// and start), for a drain of a few seconds: small batches, a sink that answers
+/// after `delay`, and a dead server reported after 1 s rather than waited out in
+/// the pool.
+async fn a_slow_drain_on_a_private_server(
+    rows: i64,
+    calls: i64,
+    delay: Duration,
+) -> (PrivatePg, TestEnv) {
     let pg = PrivatePg::start_new().await;
     let mut env = TestEnv::with_db(pg.create_database().await);
     env.migrate().await;
-    let rows = 20_000;
-    seed_calls(&env, rows, 4_000).await;
-    // A drain of a few seconds: small batches, a sink that takes its time.
-    env.sink
-        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(25))));
+    seed_calls(&env, rows, calls).await;
+    env.sink.set_mode(Mode::Reply(Reply::ok().delay(delay)));
     env.config
         .set("dispatch.batch_size", 50)
-        // a dead server is reported after 1 s rather than waited out in the pool
         .set("database.acquire_timeout", "1s");
+    (pg, env)
+}
+
+#[tokio::test]
+async fn a_drain_rides_out_postgresql_stopping_and_starting_again() {
+    let rows = 20_000;
+    let (pg, mut env) =
+        a_slow_drain_on_a_private_server(rows, 4_000, Duration::from_millis(25)).await;
 
     // A daemon on a database and a sink of its own, for /readyz and for LISTEN
     // after the restart; it polls only every 5 s and refreshes its gauges hourly, so
@@ -462,17 +473,11 @@ async fn an_idle_daemon_sees_the_sink_come_back_without_a_row_to_probe_with() {
 /// is lost, and the next drain, once the database is back, delivers the rest.
 #[tokio::test]
 async fn a_drain_gives_up_on_a_database_that_stays_away() {
-    let pg = PrivatePg::start_new().await;
-    let mut env = TestEnv::with_db(pg.create_database().await);
-    env.migrate().await;
     let rows = 5_000;
-    seed_calls(&env, rows, 1_000).await;
-    env.sink
-        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(300))));
-    env.config
-        .set("dispatch.batch_size", 50)
-        .set("dispatch.lease_duration", "2s")
-        .set("database.acquire_timeout", "1s");
+    // slow enough that workers claim ahead while their requests are out
+    let (pg, mut env) =
+        a_slow_drain_on_a_private_server(rows, 1_000, Duration::from_millis(300)).await;
+    env.config.set("dispatch.lease_duration", "2s");
     let drain = env.cmd(["drain"]).spawn();
     env.sink.wait_for_entries(50, Duration::from_secs(30)).await;
     pg.stop().await;
