@@ -312,7 +312,12 @@ pub async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
             }
             None => {
                 healthy = false;
-                say!("FAIL  ingest {base}: {}", one_line(&f.message, 300));
+                let hint = if f.message.contains("UnknownIssuer") {
+                    " (a CA the relay does not trust: give its PEM file as ingest.ca_file)"
+                } else {
+                    ""
+                };
+                say!("FAIL  ingest {base}: {}{hint}", one_line(&f.message, 300));
             }
         },
     }

@@ -122,6 +122,9 @@ impl Settings {
         if let Some(secret) = &self.ingest.signing_secret {
             check_signing_secret(secret.expose_secret())?;
         }
+        if let Some(path) = &self.ingest.ca_file {
+            self.ingest.ca_certificates = read_ca_file(path)?;
+        }
         if let Some(token) = &self.ingest.auth_token {
             // caught here, or every request would fail to build and be charged as a
             // connect error until the rows are dead
@@ -271,6 +274,28 @@ fn read_secret(path: &Path, key: &str) -> anyhow::Result<SecretString> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read {key} ({})", path.display()))?;
     Ok(SecretString::from(text.trim().to_string()))
+}
+
+/// The CA certificates of `ingest.ca_file`: at least one, each one a certificate a
+/// TLS client can trust (checked by building a client with them), so that a wrong
+/// file stops the daemon here instead of failing every request as `connect`.
+fn read_ca_file(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let invalid = || format!("invalid value for ingest.ca_file ({})", path.display());
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read ingest.ca_file ({})", path.display()))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem).with_context(invalid)?;
+    if certificates.is_empty() {
+        bail!(
+            "invalid value for ingest.ca_file ({}): no PEM certificate in it",
+            path.display()
+        );
+    }
+    let mut client = reqwest::Client::builder().tls_built_in_root_certs(false);
+    for certificate in &certificates {
+        client = client.add_root_certificate(certificate.clone());
+    }
+    client.build().with_context(invalid)?;
+    Ok(certificates)
 }
 
 /// An ingest secret given as `key` or as `key_file`, read from the file when that is

@@ -86,6 +86,13 @@ pub struct IngestSettings {
     pub auth_token_file: Option<PathBuf>,
     pub signing_secret: Option<SecretString>,
     pub signing_secret_file: Option<PathBuf>,
+    /// A PEM file of CA certificates trusted for the ingest API's TLS in addition to
+    /// the built-in public roots (a Frontend behind a private CA), so that
+    /// verification never has to be turned off for one.
+    pub ca_file: Option<PathBuf>,
+    /// The certificates of `ca_file`, read and checked when the settings are loaded.
+    #[serde(skip)]
+    pub ca_certificates: Vec<reqwest::Certificate>,
     /// Turn off TLS certificate verification. Never in production.
     #[serde(deserialize_with = "strict::flag")]
     pub danger_accept_invalid_certs: bool,
@@ -102,6 +109,8 @@ impl Default for IngestSettings {
             auth_token_file: None,
             signing_secret: None,
             signing_secret_file: None,
+            ca_file: None,
+            ca_certificates: Vec::new(),
             danger_accept_invalid_certs: false,
         }
     }

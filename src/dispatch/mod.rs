@@ -189,7 +189,11 @@ impl Dispatcher {
             url.set_path(&format!("{prefix}{path}"));
             Ok(url)
         };
-        let client = Client::builder()
+        let mut client = Client::builder();
+        for certificate in &settings.ca_certificates {
+            client = client.add_root_certificate(certificate.clone());
+        }
+        let client = client
             .timeout(settings.timeout)
             .connect_timeout(settings.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))

@@ -10,6 +10,7 @@ mod errors;
 mod secrets;
 mod sqlite;
 mod status;
+mod tls;
 
 use std::time::Duration;
 

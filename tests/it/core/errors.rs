@@ -631,6 +631,53 @@ async fn a_sink_slower_than_ingest_timeout_is_a_timeout(backend: Backend) {
     assert_eq!(row.last_http_status, None);
 }
 
+both_stores!(an_answer_whose_body_never_ends_is_read_only_as_far_as_needed);
+/// A Frontend that answers and then streams its body without end (a proxy gone
+/// wrong): a 2xx is taken after at most 64 KiB of its body, and a 500 keeps the first
+/// 4 KiB of its body; neither waits for the end (here, `ingest.timeout`).
+async fn an_answer_whose_body_never_ends_is_read_only_as_far_as_needed(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    retry_in_an_hour(&mut env);
+    env.config.set("ingest.timeout", "20s");
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().body("accepted").endless()));
+    let sent = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    let out = env.drain().await;
+    out.assert_success();
+    assert!(
+        out.elapsed < Duration::from_secs(10),
+        "the answer was taken without waiting for its end\n{out}"
+    );
+    assert_eq!(env.sent_ids().await, vec![sent]);
+
+    env.config.set("retry.max_attempts", 1);
+    env.sink.set_mode(Mode::Reply(
+        Reply::status(500)
+            .body("upstream broke: marker-endless")
+            .endless(),
+    ));
+    let failed = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 2}))
+        .await;
+    let out = env.drain().await;
+    out.assert_code(3);
+    assert!(out.elapsed < Duration::from_secs(10), "{out}");
+    let dead = env.dead_letters().await;
+    let d = assert_dead(&dead, failed, "http_5xx", 1);
+    let body = d.response_body.as_deref().unwrap_or_default();
+    assert!(
+        body.starts_with("upstream broke: marker-endless"),
+        "{body:?}"
+    );
+    assert!(
+        body.len() <= 4096,
+        "the body kept is cut: {} bytes",
+        body.len()
+    );
+}
+
 both_stores!(an_upload_to_a_hung_sink_times_out_after_ingest_timeout);
 async fn an_upload_to_a_hung_sink_times_out_after_ingest_timeout(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;

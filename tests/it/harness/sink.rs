@@ -68,6 +68,9 @@ pub struct Reply {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub delay: Duration,
+    /// After `body`, 64 KiB of `x` every 10 ms, for a minute (a Frontend that never
+    /// stops answering).
+    pub endless: bool,
 }
 
 impl Reply {
@@ -81,7 +84,14 @@ impl Reply {
             headers: Vec::new(),
             body: format!(r#"{{"error":"sink says {status}"}}"#).into_bytes(),
             delay: Duration::ZERO,
+            endless: false,
         }
+    }
+
+    /// A body that does not end (for a minute): see [`Reply::endless`].
+    pub fn endless(mut self) -> Reply {
+        self.endless = true;
+        self
     }
 
     /// Any bytes, not only UTF-8 (what a broken Frontend might send).
@@ -252,6 +262,8 @@ struct Inner {
     mode: Mode,
     /// Wait this long before reading a file upload's body (the client's sends back up).
     file_stall: Duration,
+    /// TLS handshakes that failed ([`Sink::start_tls`]).
+    failed_handshakes: usize,
 }
 
 impl Inner {
@@ -291,12 +303,31 @@ impl fmt::Debug for Sink {
 impl Sink {
     /// Listen on 127.0.0.1, port 0, answering 200 to everything until told otherwise.
     pub fn start() -> Sink {
+        Sink::serve(None)
+    }
+
+    /// As [`Sink::start`], over TLS with the certificate `server.pem` of
+    /// `tests/fixtures/tls` (for 127.0.0.1 and localhost, issued by the test CA in
+    /// `ca.pem`, which no client trusts unless told to). A failed handshake is not a
+    /// request: it is counted in [`Sink::failed_handshakes`].
+    pub fn start_tls() -> Sink {
+        Sink::serve(Some(tls::acceptor("server.pem")))
+    }
+
+    /// As [`Sink::start_tls`], with `other-name.pem`: issued by the same CA, for
+    /// `frontend.example` only.
+    pub fn start_tls_for_another_name() -> Sink {
+        Sink::serve(Some(tls::acceptor("other-name.pem")))
+    }
+
+    fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Sink {
         let shared = Arc::new(Shared::default());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind sink");
         listener
             .set_nonblocking(true)
             .expect("nonblocking sink socket");
-        let url = format!("http://{}", listener.local_addr().expect("sink addr"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().expect("sink addr"));
         let app = Router::new()
             .route("/api/ingest/sync", post(sync))
             .route("/api/ingest/recording-file", post(recording_file))
@@ -304,6 +335,7 @@ impl Sink {
             .layer(DefaultBodyLimit::max(512 * 1024 * 1024))
             .with_state(Arc::clone(&shared));
         let (tx, rx) = oneshot::channel::<()>();
+        let handshakes = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("fake-frontend".into())
             .spawn(move || {
@@ -314,8 +346,21 @@ impl Sink {
                 rt.block_on(async move {
                     let listener =
                         tokio::net::TcpListener::from_std(listener).expect("sink listener");
+                    let served = async move {
+                        match tls {
+                            None => axum::serve(listener, app).await,
+                            Some(acceptor) => {
+                                let listener = tls::Listener {
+                                    tcp: listener,
+                                    acceptor,
+                                    shared: handshakes,
+                                };
+                                axum::serve(listener, app).await
+                            }
+                        }
+                    };
                     tokio::select! {
-                        result = axum::serve(listener, app) => {
+                        result = served => {
                             if let Err(e) = result {
                                 eprintln!("fake frontend stopped: {e}");
                             }
@@ -331,6 +376,11 @@ impl Sink {
             shared,
             shutdown: Some(tx),
         }
+    }
+
+    /// TLS handshakes that failed (a client that refused the certificate).
+    pub fn failed_handshakes(&self) -> usize {
+        self.shared.lock().failed_handshakes
     }
 
     /// `http://127.0.0.1:<port>`: the relay's `ingest.base_url`.
@@ -602,5 +652,83 @@ async fn respond(shared: &Shared, kind: Kind, index: usize, reply: Reply) -> Res
         );
     }
     let status = StatusCode::from_u16(reply.status).expect("valid status");
+    if reply.endless {
+        let head = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(reply.body))]);
+        let tail = futures_util::stream::unfold(0u32, |sent| async move {
+            (sent < 6000).then_some(())?;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Some((Ok(Bytes::from(vec![b'x'; 64 * 1024])), sent + 1))
+        });
+        let body = axum::body::Body::from_stream(futures_util::StreamExt::chain(head, tail));
+        return (status, headers, body).into_response();
+    }
     (status, headers, reply.body).into_response()
+}
+
+/// The TLS side of [`Sink::start_tls`].
+mod tls {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::ServerConfig;
+    use tokio_rustls::server::TlsStream;
+    use tokio_rustls::TlsAcceptor;
+
+    use super::Shared;
+
+    /// `tests/fixtures/tls`: the test CA, and a server certificate it issued.
+    pub const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+
+    /// A TLS server with `certificate` (a file of [`DIR`]) and `server.key`.
+    pub fn acceptor(certificate: &str) -> TlsAcceptor {
+        let chain = CertificateDer::pem_file_iter(format!("{DIR}/{certificate}"))
+            .expect("read the certificate")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("parse the certificate");
+        let key =
+            PrivateKeyDer::from_pem_file(format!("{DIR}/server.key")).expect("read server.key");
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server certificate");
+        TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// Accepts TCP connections and completes their handshakes one at a time (a test
+    /// sink's load), counting the ones that fail.
+    pub struct Listener {
+        pub tcp: TcpListener,
+        pub acceptor: TlsAcceptor,
+        pub shared: Arc<Shared>,
+    }
+
+    impl axum::serve::Listener for Listener {
+        type Io = TlsStream<TcpStream>;
+        type Addr = SocketAddr;
+
+        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+            loop {
+                let Ok((tcp, addr)) = self.tcp.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let handshake = self.acceptor.accept(tcp);
+                match tokio::time::timeout(Duration::from_secs(5), handshake).await {
+                    Ok(Ok(stream)) => return (stream, addr),
+                    _ => self.shared.lock().failed_handshakes += 1,
+                }
+            }
+        }
+
+        fn local_addr(&self) -> std::io::Result<Self::Addr> {
+            self.tcp.local_addr()
+        }
+    }
 }

@@ -1,0 +1,161 @@
+//! TLS to the Frontend (SPEC §2.3): verified by default, so a certificate from a CA
+//! the relay does not trust is refused before anything is sent, as a `connect` error
+//! that charges no attempt; `ingest.ca_file` trusts a private CA without turning
+//! verification off; `ingest.danger_accept_invalid_certs` does turn it off.
+//! The fake Frontend serves a certificate for 127.0.0.1 issued by the test CA of
+//! `tests/fixtures/tls`.
+
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{file_payload, retry_in_an_hour, write_recording};
+use crate::harness::{Sink, TestEnv};
+
+const CA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/ca.pem");
+
+/// A migrated PostgreSQL environment whose Frontend speaks only TLS.
+async fn behind_tls() -> TestEnv {
+    let mut env = TestEnv::migrated().await;
+    env.sink = Sink::start_tls();
+    env.config.set("ingest.base_url", env.sink.url());
+    assert!(env.sink.url().starts_with("https://127.0.0.1:"));
+    env
+}
+
+/// A call's log and its recording file, written to the outbox and the recordings
+/// root; returns the call's id and the audio's bytes.
+async fn a_call(env: &TestEnv) -> (Uuid, Vec<u8>) {
+    let call = Uuid::new_v4();
+    let (audio, _meta) = write_recording(env, call);
+    env.insert("call_log", call, json!({"id": call})).await;
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        file_payload(call, &format!("{call}/mixed.wav")),
+    )
+    .await;
+    (call, audio)
+}
+
+/// Both rows arrived over TLS: the entry as sent, the audio byte for byte.
+#[track_caller]
+fn assert_delivered(env: &TestEnv, call: Uuid, audio: &[u8]) {
+    let entries = env.sink.entries();
+    assert_eq!(entries.len(), 1, "{entries:#?}");
+    assert_eq!(entries[0].entity_type, "call_log");
+    assert_eq!(entries[0].payload, json!({"id": call}));
+    let uploads = env.sink.uploads();
+    assert_eq!(uploads.len(), 1, "one upload");
+    let part = uploads[0].part("audio").expect("an audio part");
+    assert!(part.bytes == audio, "the audio arrived byte for byte");
+    assert_eq!(env.sink.failed_handshakes(), 0);
+}
+
+#[tokio::test]
+async fn a_certificate_from_an_untrusted_ca_is_refused_and_charges_nothing() {
+    let mut env = behind_tls().await;
+    retry_in_an_hour(&mut env);
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+
+    let out = env.drain().await;
+    out.assert_code(3);
+    assert!(
+        env.sink.failed_handshakes() >= 1,
+        "a handshake was tried\n{out}"
+    );
+    assert_eq!(env.sink.request_count(), 0, "nothing was sent over it");
+
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1, "the row stays in sync_outbox: {rows:#?}");
+    let row = &rows[0];
+    assert_eq!(row.last_error_type.as_deref(), Some("connect"), "{row:#?}");
+    let message = row.last_error.as_deref().unwrap_or_default();
+    assert!(
+        message.contains("certificate"),
+        "the error says it was the certificate: {message:?}"
+    );
+    assert_eq!(
+        row.attempts, 0,
+        "a refused handshake is the sink's: {row:#?}"
+    );
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+
+    let out = env.run(&["check"]).await;
+    out.assert_code(1).assert_no_panic();
+    assert!(
+        out.stdout.contains("FAIL  ingest")
+            && out.stdout.contains("certificate")
+            && out.stdout.contains("ingest.ca_file"),
+        "check names the certificate, and the key that trusts its CA\n{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_private_ca_in_ingest_ca_file_is_trusted_and_verification_stays_on() {
+    let mut env = behind_tls().await;
+    env.config.set("ingest.ca_file", CA);
+    let (call, audio) = a_call(&env).await;
+
+    env.drain().await.assert_success();
+    assert_delivered(&env, call, &audio);
+    assert_eq!(env.count("sync_outbox").await, 0);
+    env.run(&["check"]).await.assert_success();
+
+    // the CA vouches for 127.0.0.1 and localhost only: its certificate for another
+    // name is refused, so trusting the CA did not turn verification off
+    env.sink = Sink::start_tls_for_another_name();
+    env.config.set("ingest.base_url", env.sink.url());
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 2}))
+        .await;
+    env.drain().await.assert_code(3);
+    assert!(env.sink.failed_handshakes() >= 1, "a handshake was tried");
+    assert_eq!(env.sink.request_count(), 0, "nothing was sent over it");
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0].last_error_type.as_deref(), Some("connect"));
+    assert_eq!(rows[0].attempts, 0);
+}
+
+#[tokio::test]
+async fn danger_accept_invalid_certs_turns_verification_off() {
+    let mut env = behind_tls().await;
+    env.config.set("ingest.danger_accept_invalid_certs", true);
+    let (call, audio) = a_call(&env).await;
+
+    env.drain().await.assert_success();
+    assert_delivered(&env, call, &audio);
+}
+
+#[tokio::test]
+async fn a_bad_ingest_ca_file_is_named_at_start() {
+    let mut env = TestEnv::migrated().await;
+    let not_pem = env.work_dir().join("not-a-ca.pem");
+    std::fs::write(&not_pem, "hello\n").expect("write");
+    let not_a_certificate = env.work_dir().join("garbled-ca.pem");
+    std::fs::write(
+        &not_a_certificate,
+        "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let missing = env.work_dir().join("missing.pem");
+    for path in [&missing, &not_pem, &not_a_certificate] {
+        env.config
+            .set("ingest.ca_file", path.to_string_lossy().to_string());
+        for command in ["drain", "check"] {
+            env.run(&[command])
+                .await
+                .assert_fails_with("ingest.ca_file")
+                .assert_single_stderr_line();
+        }
+    }
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    env.config.set("ingest.ca_file", CA);
+    env.drain().await.assert_success();
+    assert_eq!(
+        env.sink.entries().len(),
+        1,
+        "the row was kept for the good config"
+    );
+}
