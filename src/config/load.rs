@@ -294,7 +294,15 @@ fn read_ca_file(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
     for certificate in &certificates {
         client = client.add_root_certificate(certificate.clone());
     }
-    client.build().with_context(invalid)?;
+    if let Err(e) = client.build() {
+        // reqwest words it as a peer's certificate; here it is the file's
+        let cause = format!("{:#}", anyhow::Error::new(e));
+        let cause = cause.rsplit("certificate: ").next().unwrap_or(&cause);
+        bail!(
+            "invalid value for ingest.ca_file ({}): a certificate in it cannot be read ({cause})",
+            path.display()
+        );
+    }
     Ok(certificates)
 }
 

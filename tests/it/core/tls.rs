@@ -139,13 +139,18 @@ async fn a_bad_ingest_ca_file_is_named_at_start() {
     )
     .expect("write");
     let missing = env.work_dir().join("missing.pem");
-    for path in [&missing, &not_pem, &not_a_certificate] {
+    for (path, why) in [
+        (&missing, "cannot read"),
+        (&not_pem, "no PEM certificate"),
+        (&not_a_certificate, "cannot be read (BadEncoding)"),
+    ] {
         env.config
             .set("ingest.ca_file", path.to_string_lossy().to_string());
         for command in ["drain", "check"] {
             env.run(&[command])
                 .await
                 .assert_fails_with("ingest.ca_file")
+                .assert_fails_with(why)
                 .assert_single_stderr_line();
         }
     }
