@@ -84,6 +84,22 @@ fn write_recording(env: &TestEnv, call: Uuid) -> (Vec<u8>, Vec<u8>) {
     (audio, meta)
 }
 
+/// A call's log (`{"id": call}`) and its recording file (`<call>/mixed.wav`, with its
+/// meta.json), written to the outbox and the recordings root.
+/// Returns (the call's id, audio bytes, meta bytes).
+async fn a_call_with_its_recording(env: &TestEnv) -> (Uuid, Vec<u8>, Vec<u8>) {
+    let call = Uuid::new_v4();
+    let (audio, meta) = write_recording(env, call);
+    env.insert("call_log", call, json!({"id": call})).await;
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        file_payload(call, &format!("{call}/mixed.wav")),
+    )
+    .await;
+    (call, audio, meta)
+}
+
 fn file_payload(call: Uuid, file_path: &str) -> Value {
     json!({"callLogId": call, "filePath": file_path})
 }

@@ -4,7 +4,7 @@
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{drain_until_with, file_payload, write_recording};
+use super::{a_call_with_its_recording, drain_until_with, write_recording};
 use crate::harness::pg::with_password;
 use crate::harness::{both_stores, closed_port, Backend, Output, TestEnv};
 
@@ -167,15 +167,7 @@ both_stores!(batches_and_uploads_are_signed_over_their_exact_bodies);
 async fn batches_and_uploads_are_signed_over_their_exact_bodies(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
     env.config.set("ingest.signing_secret", SIGNING_SECRET);
-    let call = Uuid::new_v4();
-    let (audio, meta) = write_recording(&env, call);
-    env.insert("call_log", call, json!({"id": call})).await;
-    env.insert(
-        "recording_file",
-        Uuid::new_v4(),
-        file_payload(call, &format!("{call}/mixed.wav")),
-    )
-    .await;
+    let (_call, audio, meta) = a_call_with_its_recording(&env).await;
 
     env.drain().await.assert_success();
 

@@ -8,7 +8,9 @@
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{file_payload, retry_in_an_hour, write_recording};
+use super::{a_call_with_its_recording, retry_in_an_hour};
+use crate::harness::config::TomlValue;
+use crate::harness::env::OutboxRow;
 use crate::harness::{Sink, TestEnv};
 
 const CA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/ca.pem");
@@ -20,21 +22,6 @@ async fn behind_tls() -> TestEnv {
     env.config.set("ingest.base_url", env.sink.url());
     assert!(env.sink.url().starts_with("https://127.0.0.1:"));
     env
-}
-
-/// A call's log and its recording file, written to the outbox and the recordings
-/// root; returns the call's id and the audio's bytes.
-async fn a_call(env: &TestEnv) -> (Uuid, Vec<u8>) {
-    let call = Uuid::new_v4();
-    let (audio, _meta) = write_recording(env, call);
-    env.insert("call_log", call, json!({"id": call})).await;
-    env.insert(
-        "recording_file",
-        Uuid::new_v4(),
-        file_payload(call, &format!("{call}/mixed.wav")),
-    )
-    .await;
-    (call, audio)
 }
 
 /// Both rows arrived over TLS: the entry as sent, the audio byte for byte.
@@ -51,13 +38,22 @@ fn assert_delivered(env: &TestEnv, call: Uuid, audio: &[u8]) {
     assert_eq!(env.sink.failed_handshakes(), 0);
 }
 
-#[tokio::test]
-async fn a_certificate_from_an_untrusted_ca_is_refused_and_charges_nothing() {
+/// A migrated environment behind TLS with `key` set to `value`, whose drain
+/// delivered a call's log and recording over it.
+async fn a_call_delivered_over_tls_with(key: &str, value: impl Into<TomlValue>) -> TestEnv {
     let mut env = behind_tls().await;
-    retry_in_an_hour(&mut env);
-    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
-        .await;
+    env.config.set(key, value);
+    let (call, audio, _meta) = a_call_with_its_recording(&env).await;
 
+    env.drain().await.assert_success();
+    assert_delivered(&env, call, &audio);
+    env
+}
+
+/// A drain whose one row could not be sent because the relay refused the sink's
+/// certificate: nothing went over the connection, and the row is left as `connect`,
+/// charged nothing, not dead-lettered. Returns the row.
+async fn refused_before_anything_was_sent(env: &TestEnv) -> OutboxRow {
     let out = env.drain().await;
     out.assert_code(3);
     assert!(
@@ -66,20 +62,31 @@ async fn a_certificate_from_an_untrusted_ca_is_refused_and_charges_nothing() {
     );
     assert_eq!(env.sink.request_count(), 0, "nothing was sent over it");
 
-    let rows = env.outbox().await;
+    let mut rows = env.outbox().await;
     assert_eq!(rows.len(), 1, "the row stays in sync_outbox: {rows:#?}");
-    let row = &rows[0];
+    let row = rows.remove(0);
     assert_eq!(row.last_error_type.as_deref(), Some("connect"), "{row:#?}");
-    let message = row.last_error.as_deref().unwrap_or_default();
-    assert!(
-        message.contains("certificate"),
-        "the error says it was the certificate: {message:?}"
-    );
     assert_eq!(
         row.attempts, 0,
         "a refused handshake is the sink's: {row:#?}"
     );
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+    row
+}
+
+#[tokio::test]
+async fn a_certificate_from_an_untrusted_ca_is_refused_and_charges_nothing() {
+    let mut env = behind_tls().await;
+    retry_in_an_hour(&mut env);
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+
+    let row = refused_before_anything_was_sent(&env).await;
+    let message = row.last_error.as_deref().unwrap_or_default();
+    assert!(
+        message.contains("certificate"),
+        "the error says it was the certificate: {message:?}"
+    );
 
     let out = env.run(&["check"]).await;
     out.assert_code(1).assert_no_panic();
@@ -93,12 +100,7 @@ async fn a_certificate_from_an_untrusted_ca_is_refused_and_charges_nothing() {
 
 #[tokio::test]
 async fn a_private_ca_in_ingest_ca_file_is_trusted_and_verification_stays_on() {
-    let mut env = behind_tls().await;
-    env.config.set("ingest.ca_file", CA);
-    let (call, audio) = a_call(&env).await;
-
-    env.drain().await.assert_success();
-    assert_delivered(&env, call, &audio);
+    let mut env = a_call_delivered_over_tls_with("ingest.ca_file", CA).await;
     assert_eq!(env.count("sync_outbox").await, 0);
     env.run(&["check"]).await.assert_success();
 
@@ -108,23 +110,12 @@ async fn a_private_ca_in_ingest_ca_file_is_trusted_and_verification_stays_on() {
     env.config.set("ingest.base_url", env.sink.url());
     env.insert("call_log", Uuid::new_v4(), json!({"n": 2}))
         .await;
-    env.drain().await.assert_code(3);
-    assert!(env.sink.failed_handshakes() >= 1, "a handshake was tried");
-    assert_eq!(env.sink.request_count(), 0, "nothing was sent over it");
-    let rows = env.outbox().await;
-    assert_eq!(rows.len(), 1, "{rows:#?}");
-    assert_eq!(rows[0].last_error_type.as_deref(), Some("connect"));
-    assert_eq!(rows[0].attempts, 0);
+    refused_before_anything_was_sent(&env).await;
 }
 
 #[tokio::test]
 async fn danger_accept_invalid_certs_turns_verification_off() {
-    let mut env = behind_tls().await;
-    env.config.set("ingest.danger_accept_invalid_certs", true);
-    let (call, audio) = a_call(&env).await;
-
-    env.drain().await.assert_success();
-    assert_delivered(&env, call, &audio);
+    a_call_delivered_over_tls_with("ingest.danger_accept_invalid_certs", true).await;
 }
 
 #[tokio::test]

@@ -151,6 +151,21 @@ async fn backlog_behind_a_refusing_sink(env: &mut TestEnv, n: usize) -> TcpSwitc
     switch
 }
 
+/// A drain stopped by a refusing sink (quick probes, an outage from the first
+/// failure), the outage recorded, and then the outbox emptied: the sink is still
+/// refusing, and recorded as down, with no row to probe it.
+async fn an_outage_recorded_then_the_outbox_emptied(env: &mut TestEnv) -> TcpSwitch {
+    let switch = backlog_behind_a_refusing_sink(env, 1).await;
+    env.config
+        .set("dispatch.outage_threshold", 1)
+        .set("dispatch.probe_interval", "100ms")
+        .set("dispatch.max_probe_interval", "300ms");
+    drain_stopped_by_the_outage(env).await;
+    assert_eq!(sinks_recorded_down(env).await, 1, "the outage is recorded");
+    env.db.execute("DELETE FROM sync_outbox").await;
+    switch
+}
+
 /// Sinks `sync_outbox_sink_state` records as down.
 async fn sinks_recorded_down(env: &TestEnv) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM sync_outbox_sink_state WHERE down_since IS NOT NULL")
@@ -419,18 +434,8 @@ async fn a_drain_whose_last_request_failed_records_the_outage_below_the_threshol
 #[tokio::test]
 async fn an_idle_daemon_sees_the_sink_come_back_without_a_row_to_probe_with() {
     let mut env = TestEnv::migrated().await;
-    let mut switch = backlog_behind_a_refusing_sink(&mut env, 1).await;
-    env.config
-        .set("dispatch.outage_threshold", 1)
-        .set("dispatch.probe_interval", "100ms")
-        .set("dispatch.max_probe_interval", "300ms");
-    drain_stopped_by_the_outage(&env).await;
-    assert_eq!(sinks_recorded_down(&env).await, 1, "the outage is recorded");
     // the outbox empties (say, the row was dead-lettered by an operator's purge)
-    sqlx::query("DELETE FROM sync_outbox")
-        .execute(env.db.pg())
-        .await
-        .expect("empty the outbox");
+    let mut switch = an_outage_recorded_then_the_outbox_emptied(&mut env).await;
 
     let metrics = MetricsEndpoint::enable(&mut env);
     let relay = env.spawn_run(&metrics.flag());
@@ -519,14 +524,7 @@ async fn a_drain_gives_up_on_a_database_that_stays_away() {
 #[tokio::test]
 async fn a_probe_that_sends_no_request_does_not_stall_the_relay() {
     let mut env = TestEnv::migrated().await;
-    let mut switch = backlog_behind_a_refusing_sink(&mut env, 1).await;
-    env.config
-        .set("dispatch.outage_threshold", 1)
-        .set("dispatch.probe_interval", "100ms")
-        .set("dispatch.max_probe_interval", "300ms");
-    drain_stopped_by_the_outage(&env).await;
-    assert_eq!(sinks_recorded_down(&env).await, 1, "the outage is recorded");
-    env.db.execute("DELETE FROM sync_outbox").await;
+    let mut switch = an_outage_recorded_then_the_outbox_emptied(&mut env).await;
     // the oldest row, so the first probe's only row: its file is not there
     let call = uuid::Uuid::new_v4();
     let payload = serde_json::json!({"callLogId": call, "filePath": format!("{call}/mixed.wav")});
