@@ -24,7 +24,8 @@ pub enum Gate {
 #[derive(Debug)]
 struct State {
     consecutive_failures: u32,
-    /// The rows whose 5xx failures make up the streak (a few; `Relay::row_or_sink`).
+    /// The rows whose 5xx or timeout failures make up the streak (a few;
+    /// `Relay::row_or_sink`).
     failing_rows: Vec<i64>,
     /// The latest failure was the sink not answering at all (connect, timeout),
     /// which no row can cause, unlike a 5xx.
@@ -149,7 +150,7 @@ impl SinkHealth {
         }
     }
 
-    /// Whether the server errors of this streak, and `rows`, are all one row's.
+    /// Whether the failures of this streak noted so far, and `rows`, are all one row's.
     pub fn only_row_failing(&self, rows: &[i64]) -> bool {
         let s = self.lock();
         let mut all = s.failing_rows.iter().chain(rows);

@@ -18,6 +18,14 @@ pub(super) enum Attempt {
     Failed { failure: Failure, charged: bool },
 }
 
+/// What `Relay::row_or_sink` made of a failure that may be a row's doing.
+enum Verdict {
+    /// Failed: charged to its rows, or not.
+    Charge(bool),
+    /// The sink answered an empty batch, and then the row itself.
+    SentAgain,
+}
+
 pub(super) enum Route {
     Json,
     File(FileJob),
@@ -78,8 +86,16 @@ impl Relay {
                     Attempt::Sent
                 }
                 Err(failure) => {
-                    let charged = self.row_or_sink(&failure, &[id], true).await;
-                    Attempt::Failed { failure, charged }
+                    let again = || async {
+                        match files.iter().find(|(row, _)| row.id == id) {
+                            Some((row, job)) => self.upload(row, job).await.1,
+                            None => Err(failure.clone()),
+                        }
+                    };
+                    match self.row_or_sink(&failure, &[id], true, again).await {
+                        Verdict::Charge(charged) => Attempt::Failed { failure, charged },
+                        Verdict::SentAgain => Attempt::Sent,
+                    }
                 }
             };
             attempts.insert(id, attempt);
@@ -92,8 +108,10 @@ impl Relay {
     /// (but a 503, `says_unavailable`): a
     /// Frontend that fails on one bad entity answers 500 to every batch holding it,
     /// and without the split that one row would hold its batch back for ever (and
-    /// make the sink look down). Whether a lone 5xx row is the row's fault or the
-    /// sink's is decided at the end: if any part of the batch went through, the sink
+    /// make the sink look down). So is a batch that times out while the sink answers
+    /// an empty batch in time (a Frontend that hangs on one entity; one that hangs on
+    /// the empty batch too is down, and its batch one sink-level failure). Whether a
+    /// lone failing row is the row's fault or the sink's is decided at the end: if any part of the batch went through, the sink
     /// works and the row is charged; if nothing did, it is one sink-level failure of
     /// the whole delivery, counted towards the outage threshold like any other.
     pub(super) async fn deliver_json(&self, rows: &[&ClaimedRow]) -> HashMap<i64, Attempt> {
@@ -111,7 +129,9 @@ impl Relay {
         let budget = 2 * blind_budget;
         let mut failures = 0usize;
         let mut answered = false;
-        // rows whose requests failed with a 5xx, awaiting the verdict
+        // an empty batch was answered while this one's requests time out
+        let mut sink_answers = false;
+        // rows whose requests failed with a 5xx or timed out, awaiting the verdict
         let mut suspects: Vec<(&ClaimedRow, Failure)> = Vec::new();
         // rows not sent when the isolating gave up, with the failure that stopped it
         let mut untried: Vec<(&ClaimedRow, Failure)> = Vec::new();
@@ -138,7 +158,23 @@ impl Relay {
                 }
                 // a 503: the Frontend says it is unavailable, not that an entry
                 // broke it; splitting would only multiply the requests it refuses
-                Err(f) if f.error_type == ErrorType::Http5xx && !says_unavailable(&f) => {
+                Err(f) if may_be_an_entrys_doing(&f) => {
+                    // nothing of this batch answered in time: a sink that hangs, or
+                    // an entry that hangs it? Halving a hung sink's batch would only
+                    // wait `ingest.timeout` per half
+                    let timed_out = f.error_type == ErrorType::Timeout;
+                    let ask = timed_out && chunk.len() > 1 && !answered && !sink_answers;
+                    if ask && (self.sink.is_down() || !self.answers_an_empty_batch().await) {
+                        let charged = self.account(&f);
+                        attempts.extend(chunk.iter().map(|row| {
+                            let failure = f.clone();
+                            (row.id, Attempt::Failed { failure, charged })
+                        }));
+                        let why = "the ingest sink answered neither its batch nor an empty one";
+                        give_up(&mut pending, &mut untried, &f, why);
+                        continue;
+                    }
+                    sink_answers |= ask;
                     failures += 1;
                     let room = if answered { budget } else { blind_budget };
                     if failures >= room {
@@ -146,21 +182,22 @@ impl Relay {
                         // sent and is not charged for it (next time it goes without
                         // this chunk's rows, which back off)
                         suspects.extend(chunk.iter().map(|row| (*row, f.clone())));
-                        let mut not_sent = f.clone();
-                        not_sent.message = format!(
-                            "not sent: its batch was given up after {failures} server errors \
-                             ({})",
-                            f.message
-                        );
-                        for rest in pending.drain(..) {
-                            untried.extend(rest.iter().map(|row| (*row, not_sent.clone())));
-                        }
+                        let why =
+                            format!("its batch was given up after {failures} failed requests");
+                        give_up(&mut pending, &mut untried, &f, &why);
                     } else if chunk.len() > 1 {
-                        tracing::info!(
-                            rows = chunk.len(),
-                            http_status = f.http_status,
-                            "batch failed with a server error: splitting it in case one entry causes it"
-                        );
+                        if timed_out {
+                            tracing::info!(
+                                rows = chunk.len(),
+                                "batch timed out while the sink answers: splitting it in case one entry hangs it"
+                            );
+                        } else {
+                            tracing::info!(
+                                rows = chunk.len(),
+                                http_status = f.http_status,
+                                "batch failed with a server error: splitting it in case one entry causes it"
+                            );
+                        }
                         let (left, right) = chunk.split_at(chunk.len() / 2);
                         pending.push(right);
                         pending.push(left);
@@ -200,8 +237,18 @@ impl Relay {
             true
         } else {
             let failing: Vec<i64> = suspects.iter().map(|(row, _)| row.id).collect();
-            self.row_or_sink(&suspects[0].1, &failing, rows.len() == 1)
+            let again_rows: Vec<&ClaimedRow> = suspects.iter().map(|(row, _)| *row).collect();
+            let again = || self.dispatcher.send_json(&again_rows);
+            match self
+                .row_or_sink(&suspects[0].1, &failing, rows.len() == 1, again)
                 .await
+            {
+                Verdict::Charge(charged) => charged,
+                Verdict::SentAgain => {
+                    attempts.extend(again_rows.iter().map(|row| (row.id, Attempt::Sent)));
+                    return attempts;
+                }
+            }
         };
         for (row, failure) in suspects {
             attempts.insert(row.id, Attempt::Failed { failure, charged });
@@ -209,8 +256,8 @@ impl Relay {
         attempts
     }
 
-    /// A delivery of which nothing got through, failed with a server error: the
-    /// rows' doing, or the sink's? (`rows` are those that failed; `alone`, whether
+    /// A delivery of which nothing got through, failed with a server error or timed
+    /// out (`may_be_an_entrys_doing`): the rows' doing, or the sink's? (`rows` are those that failed; `alone`, whether
     /// the delivery held one row only.) Below the outage threshold it does not matter:
     /// charged either way. Where it does, one row failing again and again is told
     /// from a sink failing every row by asking it with an empty batch (as `check`
@@ -219,35 +266,61 @@ impl Relay {
     ///   one row's: a 2xx says the sink works, so the row is charged and the sink stays
     ///   up (a row the Frontend always fails on, with nothing else to send, used to
     ///   take it as down and stay the probe, uncharged, for ever);
-    /// - down, when the probe (one row) failed: a 2xx charges that row, and the sink
-    ///   stays down for the others, which were not tried; the next probe takes the
-    ///   next row due. A Frontend whose storage is down while it answers empty
-    ///   batches so costs attempts to the probes' rows only, one at a time.
+    /// - down, when the probe (one row) failed: after a 2xx the row is sent `again`,
+    ///   once, as the sink may have come back while the probe's request was out (a
+    ///   hung sink's probe waits `ingest.timeout`): if it goes through the sink is up
+    ///   (`Verdict::SentAgain`); if it fails as before, the row is charged and the
+    ///   sink stays down for the others, which were not tried; the next probe takes
+    ///   the next row due. A Frontend whose storage is down while it answers empty
+    ///   batches so costs attempts to the probes' rows only, one at a time, and an
+    ///   outage that ends during a probe costs its row nothing.
     ///
     /// Failures of different rows are the sink's. A 503 says the Frontend is
-    /// unavailable, and a failure to answer at all (connect, timeout) or a 429 no row
-    /// causes: those count towards the outage without asking. Returns whether the
-    /// rows are charged.
-    async fn row_or_sink(&self, failure: &Failure, rows: &[i64], alone: bool) -> bool {
+    /// unavailable, and a connection that failed or a 429 no row causes: those count
+    /// towards the outage without asking.
+    async fn row_or_sink<F, Fut>(
+        &self,
+        failure: &Failure,
+        rows: &[i64],
+        alone: bool,
+        again: F,
+    ) -> Verdict
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), Failure>>,
+    {
         let down = self.sink.is_down();
-        let ask = failure.error_type == ErrorType::Http5xx
-            && !says_unavailable(failure)
+        let ask = may_be_an_entrys_doing(failure)
             && if down {
                 alone
             } else {
                 self.sink.at_threshold() && self.sink.only_row_failing(rows)
             };
         self.sink.note_failing_rows(rows);
-        if ask && self.dispatcher.send_json(&[]).await.is_ok() {
-            if down {
-                self.sink
-                    .on_sink_failure(failure.error_type.as_str(), failure.retry_after);
-            } else {
+        if ask && self.answers_an_empty_batch().await {
+            if !down {
                 self.sink.on_answer();
+                return Verdict::Charge(true);
             }
-            return true;
+            return match again().await {
+                Ok(()) => {
+                    self.sink.on_answer();
+                    Verdict::SentAgain
+                }
+                Err(f) if may_be_an_entrys_doing(&f) => {
+                    self.sink
+                        .on_sink_failure(f.error_type.as_str(), f.retry_after);
+                    Verdict::Charge(true)
+                }
+                Err(f) => Verdict::Charge(self.account(&f)),
+            };
         }
-        self.account(failure)
+        Verdict::Charge(self.account(failure))
+    }
+
+    /// Whether the sink answers an empty batch with a 2xx (in `ingest.timeout`).
+    async fn answers_an_empty_batch(&self) -> bool {
+        self.dispatcher.send_json(&[]).await.is_ok()
     }
 
     /// Tell the sink-health tracker about a failure; returns whether it is charged.
@@ -304,6 +377,33 @@ impl Relay {
         // the semaphore is never closed; were it, uploading unbounded is harmless
         let _permit = self.uploads.acquire().await.ok();
         (row.id, self.dispatcher.send_file(row, job).await)
+    }
+}
+
+/// Give up the chunks still `pending`: not sent, so not charged, with `failure`'s
+/// type and a message saying why.
+fn give_up<'a>(
+    pending: &mut Vec<&[&'a ClaimedRow]>,
+    untried: &mut Vec<(&'a ClaimedRow, Failure)>,
+    failure: &Failure,
+    why: &str,
+) {
+    let mut not_sent = failure.clone();
+    not_sent.message = format!("not sent: {why} ({})", failure.message);
+    for rest in pending.drain(..) {
+        untried.extend(rest.iter().map(|row| (*row, not_sent.clone())));
+    }
+}
+
+/// A failure that one entry of the request may cause as well as the sink: a server
+/// error (not a 503), or an answer that did not come in time once the request was
+/// sent (a Frontend that hangs on one entity). Such a batch is split to find the
+/// entry, and a lone row's failure is told from the sink's by an empty batch.
+fn may_be_an_entrys_doing(failure: &Failure) -> bool {
+    match failure.error_type {
+        ErrorType::Http5xx => !says_unavailable(failure),
+        ErrorType::Timeout => !failure.unsent,
+        _ => false,
     }
 }
 

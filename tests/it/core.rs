@@ -7,6 +7,7 @@ mod cli;
 mod delivery;
 mod dlq;
 mod errors;
+mod hangs;
 mod secrets;
 mod sqlite;
 mod status;

@@ -359,8 +359,35 @@ both_stores!(a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_do
 async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
     a_frontend_failing_on_crash_rows(&mut env, 5);
+    let fault = Fault {
+        marker: "crash",
+        error_type: "http_5xx",
+        http_status: Some(500),
+    };
+    a_lone_row_the_sink_fails_on_dies(env, fault, 5).await;
+}
+
+/// How the fake Frontend fails the rows it cannot take: a payload `{marker: true}`,
+/// or an upload whose `recordingId` is `marker`, fails its request as `error_type`.
+pub(super) struct Fault {
+    pub marker: &'static str,
+    pub error_type: &'static str,
+    pub http_status: Option<i32>,
+}
+
+/// The only rows to send are a call's log the Frontend fails on (`fault`) and the
+/// call's recording; then an upload it fails on. Both are charged until they are
+/// dead-lettered after `max_attempts`, the recording follows its dead log, and the
+/// sink is never taken as down. `env` is configured for `fault` and its retries.
+pub(super) async fn a_lone_row_the_sink_fails_on_dies(
+    env: TestEnv,
+    fault: Fault,
+    max_attempts: i32,
+) {
     let call = Uuid::new_v4();
-    let log = env.insert("call_log", call, json!({"crash": true})).await;
+    let log = env
+        .insert("call_log", call, json!({fault.marker: true}))
+        .await;
     let recording = env
         .insert("recording", Uuid::new_v4(), json!({"callLogId": call}))
         .await;
@@ -369,10 +396,10 @@ async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(b
 
     let other = Uuid::new_v4();
     write_recording(&env, other);
-    let mut crashing_file = file_payload(other, &format!("{other}/mixed.wav"));
-    crashing_file["recordingId"] = json!("crash");
+    let mut failing_file = file_payload(other, &format!("{other}/mixed.wav"));
+    failing_file["recordingId"] = json!(fault.marker);
     let file = env
-        .insert("recording_file", Uuid::new_v4(), crashing_file)
+        .insert("recording_file", Uuid::new_v4(), failing_file)
         .await;
     crate::harness::wait_until(
         Duration::from_secs(30),
@@ -385,8 +412,8 @@ async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(b
 
     let dead = env.dead_letters().await;
     for id in [log, file] {
-        let d = assert_dead(&dead, id, "http_5xx", 5);
-        assert_eq!(d.http_status, Some(500));
+        let d = assert_dead(&dead, id, fault.error_type, max_attempts);
+        assert_eq!(d.http_status, fault.http_status);
     }
     let delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
     assert_eq!(

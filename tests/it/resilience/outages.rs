@@ -8,6 +8,7 @@ use super::support::{
     TcpSwitch,
 };
 use crate::harness::pg::PrivatePg;
+use crate::harness::relay::Running;
 use crate::harness::{wait_until, Mode, Output, Reply, Sink, TestEnv};
 
 /// `rows` rows of `calls` calls on a PostgreSQL server of the test's own (to stop
@@ -234,14 +235,29 @@ async fn max_pending_attempts(env: &TestEnv) -> i32 {
 
 #[tokio::test]
 async fn a_sink_answering_503_to_everything_costs_rows_no_more_than_the_threshold() {
+    an_outage_costs_rows_no_more_than_the_threshold(Mode::Always(503), "503").await;
+}
+
+/// A Frontend that answers nothing in time, an empty batch included: an outage like
+/// any other, although a batch that times out while the sink answers an empty one
+/// is split to find an entry that hangs it (`core/hangs.rs`).
+#[tokio::test]
+async fn a_sink_hanging_on_everything_costs_rows_no_more_than_the_threshold() {
+    let hang = Mode::Reply(Reply::ok().delay(Duration::from_secs(5)));
+    an_outage_costs_rows_no_more_than_the_threshold(hang, "hanging").await;
+}
+
+/// 300 rows, a sink that fails every request as `outage` says, then answers again.
+async fn an_outage_costs_rows_no_more_than_the_threshold(outage: Mode, what: &str) {
     let mut env = TestEnv::migrated().await;
     let threshold = 2;
     let n = 300;
     for _ in 0..n {
         insert_one(&env).await;
     }
-    env.sink.set_mode(Mode::Always(503));
+    env.sink.set_mode(outage);
     env.config
+        .set("ingest.timeout", "300ms")
         .set("dispatch.outage_threshold", threshold)
         // one more than a row can be charged before the sink is taken as down
         .set("retry.max_attempts", threshold + 1)
@@ -314,7 +330,7 @@ async fn a_sink_answering_503_to_everything_costs_rows_no_more_than_the_threshol
         worst - 1
     );
     eprintln!(
-        "503 outage: {} probes in 2.7s, recovered {recovered:?} after the trip",
+        "{what} outage: {} probes in 2.7s, recovered {recovered:?} after the trip",
         probes.len()
     );
 }
@@ -585,7 +601,12 @@ async fn a_sink_outage_never_dead_letters_a_lone_row_with_max_attempts_at_the_th
         );
     }
     env.sink.set_mode(Mode::Accept);
-    env.sink.wait_for_entries(1, Duration::from_secs(5)).await;
+    the_row_delivered(&env, id, relay).await;
+}
+
+/// The only row, `id`, reaches the sink and is settled as sent; then the relay stops.
+async fn the_row_delivered(env: &TestEnv, id: i64, relay: Running) {
+    env.sink.wait_for_entries(1, Duration::from_secs(10)).await;
     wait_until(Duration::from_secs(5), "the row settled", || async {
         env.count("sync_outbox_sent").await == 1
     })
@@ -595,7 +616,49 @@ async fn a_sink_outage_never_dead_letters_a_lone_row_with_max_attempts_at_the_th
         .await
         .assert_success()
         .assert_no_panic();
-    assert_eq!(tables(&env).await, (0, 1, 0), "(pending, sent, dead)");
+    assert_eq!(tables(env).await, (0, 1, 0), "(pending, sent, dead)");
+    let ids: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    assert_eq!(ids, [id]);
+}
+
+/// A Frontend that hangs on everything comes back while a probe's request waits for
+/// its answer. The probe times out, and the empty batch asked after it is answered:
+/// the row, sent again, goes through, and the sink is up. Before, the row was
+/// charged as one the Frontend hangs on, so an outage could cost a row one attempt
+/// more than `outage_threshold - 1` (here, with one attempt allowed, its only one).
+#[tokio::test]
+async fn an_outage_that_ends_during_a_probe_costs_the_probes_row_nothing() {
+    let mut env = TestEnv::migrated().await;
+    let id = insert_one(&env).await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(10))));
+    env.config
+        .set("ingest.timeout", "1500ms")
+        .set("dispatch.outage_threshold", 1)
+        .set("retry.max_attempts", 1)
+        .set("dispatch.probe_interval", "100ms")
+        .set("dispatch.max_probe_interval", "100ms");
+    let metrics = MetricsEndpoint::enable(&mut env);
+    let relay = env.spawn_run(&metrics.flag());
+    metrics
+        .wait_for_sample("serversync_sink_up", 0.0, Duration::from_secs(15))
+        .await;
+    let first_probe = env.sink.sync_requests().len() + 1;
+    wait_until(
+        Duration::from_secs(10),
+        "a probe waiting for its answer",
+        || async {
+            let requests = env.sink.sync_requests();
+            requests.len() >= first_probe
+                && requests.last().is_some_and(|r| r.answered_at.is_none())
+        },
+    )
+    .await;
+    env.sink.set_mode(Mode::Accept);
+    metrics
+        .wait_for_sample("serversync_sink_up", 1.0, Duration::from_secs(10))
+        .await;
+    the_row_delivered(&env, id, relay).await;
 }
 
 /// Cron runs `drain` every few minutes through an outage: only the first drain can

@@ -1,0 +1,106 @@
+//! A Frontend that hangs on one entry (never answers, in time, a request that holds
+//! it) while it answers everything else, an empty batch included: that entry is
+//! isolated and dead-lettered as `timeout`, like an entry it answers 500 to, and
+//! holds up nothing but its own key. A Frontend that hangs on everything is an
+//! outage (`resilience/outages.rs`).
+
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+
+use super::assert_dead;
+use super::errors::{a_lone_row_the_sink_fails_on_dies, Fault};
+use crate::harness::{both_stores, wait_until, Backend, Incoming, Mode, Reply, TestEnv};
+
+/// Requests holding an entry `{"hang": true}`, or an upload whose `recordingId` is
+/// `hang`, are answered after 5 s, far past `ingest.timeout` and
+/// `ingest.upload_timeout` (300 ms); anything
+/// else at once. Retries and probes come every 50–200 ms.
+fn a_frontend_hanging_on_hang_rows(env: &mut TestEnv, max_attempts: u32) {
+    env.config
+        .set("ingest.timeout", "300ms")
+        .set("ingest.upload_timeout", "300ms")
+        .set("retry.max_attempts", max_attempts)
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "50ms")
+        .set("retry.max_delay", "50ms")
+        .set("dispatch.poll_interval", "50ms")
+        .set("dispatch.probe_interval", "100ms")
+        .set("dispatch.max_probe_interval", "200ms");
+    let hang = || Reply::ok().delay(Duration::from_secs(5));
+    env.sink
+        .set_mode(Mode::custom(move |incoming| match incoming {
+            Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["hang"] == true) => {
+                hang()
+            }
+            Incoming::File(upload) if upload.text("recordingId").as_deref() == Some("hang") => {
+                hang()
+            }
+            _ => Reply::ok(),
+        }));
+}
+
+fn delivered(env: &TestEnv) -> Vec<i64> {
+    let mut ids: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    ids.sort();
+    ids
+}
+
+both_stores!(a_lone_row_the_sink_hangs_on_dies_and_the_sink_is_never_taken_as_down);
+/// The only rows to send are a call's log, which the Frontend hangs on, and its
+/// recording (then an upload it hangs on). A daemon used to take the sink as down
+/// after `outage_threshold` timeouts, probe with the same row, uncharged, for ever,
+/// and hold everything behind it. Now the empty batch says the sink works: the row
+/// is charged until it is dead-lettered, and the recording follows.
+async fn a_lone_row_the_sink_hangs_on_dies_and_the_sink_is_never_taken_as_down(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    a_frontend_hanging_on_hang_rows(&mut env, 4);
+    let fault = Fault {
+        marker: "hang",
+        error_type: "timeout",
+        http_status: None,
+    };
+    a_lone_row_the_sink_fails_on_dies(env, fault, 4).await;
+}
+
+both_stores!(an_entry_the_sink_hangs_on_charges_no_other_entry_of_its_batch);
+/// One entry of a batch of eight hangs the Frontend. The batch is split until that
+/// entry is alone (an empty batch having said the sink works), as for a 500: the
+/// seven others are delivered on their first attempt, and only the hanging one is
+/// charged, until it is dead-lettered. Before, timed-out batches were retried whole,
+/// and every entry in them was charged until all eight were dead.
+async fn an_entry_the_sink_hangs_on_charges_no_other_entry_of_its_batch(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    a_frontend_hanging_on_hang_rows(&mut env, 3);
+    env.config.set("dispatch.batch_size", 8);
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        ids.push(
+            env.insert("call_log", Uuid::new_v4(), json!({"n": n, "hang": n == 5}))
+                .await,
+        );
+    }
+    let hanging = ids.remove(5);
+    let relay = env.spawn_run(&[]);
+    wait_until(
+        Duration::from_secs(60),
+        "the hanging row dead-lettered",
+        || async { env.count("sync_outbox_dead_letters").await == 1 },
+    )
+    .await;
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success();
+
+    assert_eq!(delivered(&env), ids, "every other entry, each once");
+    for record in env.sent().await {
+        assert_eq!(record.attempts, 1, "charged for another entry: {record:#?}");
+    }
+    assert_dead(&env.dead_letters().await, hanging, "timeout", 3);
+    assert_eq!(env.count("sync_outbox").await, 0);
+    assert!(
+        !out.stderr.contains("ingest sink is DOWN"),
+        "one hanging entry is not an outage:\n{}",
+        out.stderr
+    );
+}
