@@ -163,6 +163,12 @@ impl Settings {
         )?;
         check_range("dispatch.batch_size", self.dispatch.batch_size, 1, 10_000)?;
         check_range(
+            "dispatch.max_batch_bytes",
+            self.dispatch.max_batch_bytes,
+            1024,
+            1 << 30,
+        )?;
+        check_range(
             "metrics.backlog_exact_rows",
             self.metrics.backlog_exact_rows,
             1,

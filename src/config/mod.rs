@@ -136,6 +136,12 @@ impl IngestSettings {
 pub struct DispatchSettings {
     #[serde(deserialize_with = "strict::whole")]
     pub batch_size: u32,
+    /// The most payload bytes in one JSON request (a row larger than this goes
+    /// alone), and, times the requests a claim is for, in one claim: what bounds the
+    /// relay's memory and the Frontend's request bodies when payloads are large. A
+    /// claim counts payloads as PostgreSQL stores them (compressed when large).
+    #[serde(deserialize_with = "strict::whole")]
+    pub max_batch_bytes: u32,
     /// Batches a worker claims at once and settles in one transaction. Each batch is
     /// still its own request of up to `batch_size` entries, and a worker's requests go
     /// out at once; the workers are `concurrency ÷ batches_per_settle` (rounded down),
@@ -189,6 +195,7 @@ impl Default for DispatchSettings {
     fn default() -> Self {
         Self {
             batch_size: 100,
+            max_batch_bytes: 512 * 1024,
             batches_per_settle: 8,
             concurrency: 24,
             claim_concurrency: 3,

@@ -3,6 +3,7 @@
 //! concurrent streamed uploads; each outcome told to the sink-health tracker, which
 //! decides whether a failure is charged to its rows.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 
 use futures_util::StreamExt;
@@ -64,9 +65,8 @@ impl Relay {
                 "probing the ingest sink with a batch"
             );
         }
-        let batch_size = self.settings.dispatch.batch_size.max(1) as usize;
-        let batches = json
-            .chunks(batch_size)
+        let d = &self.settings.dispatch;
+        let batches = runs(&json, d.batch_size as usize, u64::from(d.max_batch_bytes))
             .map(|batch| self.deliver_json(batch));
         for outcome in futures_util::future::join_all(batches).await {
             attempts.extend(outcome);
@@ -378,6 +378,35 @@ impl Relay {
         let _permit = self.uploads.acquire().await.ok();
         (row.id, self.dispatcher.send_file(row, job).await)
     }
+}
+
+/// `rows` cut, in order, into runs of at most `max_rows` rows (at least one) and
+/// `max_bytes` payload bytes; a row larger than `max_bytes` is a run of its own.
+pub(super) fn runs<R: Borrow<ClaimedRow>>(
+    rows: &[R],
+    max_rows: usize,
+    max_bytes: u64,
+) -> impl Iterator<Item = &[R]> {
+    let max_rows = max_rows.max(1);
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0u64;
+        let mut n = 0;
+        while n < rest.len().min(max_rows) {
+            let size = rest[n].borrow().payload.get().len() as u64;
+            if n > 0 && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            n += 1;
+        }
+        let (run, tail) = rest.split_at(n);
+        rest = tail;
+        Some(run)
+    })
 }
 
 /// Give up the chunks still `pending`: not sent, so not charged, with `failure`'s

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::deliver::runs;
 use super::Relay;
-use crate::store::{Claim, Held, KeyShare};
+use crate::store::{Claim, Held, KeyShare, Want};
 
 /// One claim at a time, for every worker queued at the lane's gate: the worker that
 /// gets through claims for the ones behind it too and leaves their batches here, so
@@ -151,6 +152,10 @@ impl Relay {
         let number = lane.claims.fetch_add(1, Ordering::SeqCst) + 1;
         let others = if share { queued.min(self.workers) } else { 0 };
         let want = u32::try_from(others + 1).unwrap_or(1).saturating_mul(limit);
+        let want = Want {
+            rows: want,
+            bytes: self.claim_bytes(want),
+        };
         let lease = self.settings.dispatch.lease_duration;
         let keys = lane.share.filter(|_| self.backlog.load(Ordering::SeqCst));
         let from_id = match (keys.is_some(), lane.claim_from()) {
@@ -166,7 +171,7 @@ impl Relay {
             claim = self.store.claim(want, lease, &self.owner, None, 0).await?;
             from_share = false;
         }
-        let full = claim.rows.len() >= want as usize;
+        let full = claim.full;
         if keys.is_some() {
             let first = claim.rows.first().map(|r| r.id);
             lane.claimed(from_id, first.filter(|_| full && from_share));
@@ -181,10 +186,14 @@ impl Relay {
         let token = claim.token;
         let mut batches: Vec<(u64, Claim)> = Vec::new();
         let mut rows = claim.rows;
-        while !rows.is_empty() {
-            let rest = rows.split_off(rows.len().min(limit as usize));
+        // a worker's share: `limit` rows, and the bytes of the requests they make
+        let shares: Vec<usize> = runs(&rows, limit as usize, self.claim_bytes(limit))
+            .map(<[_]>::len)
+            .collect();
+        for len in shares {
+            let rest = rows.split_off(len);
             let batch = self.next_batch.fetch_add(1, Ordering::Relaxed);
-            batches.push((batch, Claim { token, rows }));
+            batches.push((batch, Claim { token, rows, full }));
             rows = rest;
         }
         {
@@ -200,6 +209,13 @@ impl Relay {
             lane.lock_batches().extend(batches.into_iter().rev());
         }
         Ok(Some(mine))
+    }
+
+    /// The payload bytes a claim of `rows` rows may hold: `dispatch.max_batch_bytes`
+    /// for each request they make.
+    fn claim_bytes(&self, rows: u32) -> u64 {
+        let d = &self.settings.dispatch;
+        u64::from(rows.div_ceil(d.batch_size.max(1))) * u64::from(d.max_batch_bytes)
     }
 
     /// Rows this relay has claimed and not yet settled (a drain's progress counts

@@ -1,6 +1,7 @@
 //! The worker loop and its step: `work` owns sleeping, backoff and shutdown;
 //! `step` does one claim → deliver → settle and says what happened (`Step`).
 
+use super::deliver::runs;
 use super::*;
 
 impl Relay {
@@ -255,16 +256,19 @@ impl Relay {
         if let Some(drain) = self.drain.as_ref().filter(|d| d.max_rows.is_none()) {
             drain.claimed.fetch_add(n as u64, Ordering::SeqCst);
         }
-        for batch in claim
-            .rows
-            .chunks(self.settings.dispatch.batch_size.max(1) as usize)
-        {
+        let d = &self.settings.dispatch;
+        for batch in runs(
+            &claim.rows,
+            d.batch_size as usize,
+            u64::from(d.max_batch_bytes),
+        ) {
             self.metrics.batch_size.observe(batch.len() as f64);
         }
         let deliver = self.with_heartbeat(self.deliver(&claim, probing));
-        // claim ahead only from a backlog (a full claim): a trickle is picked up by
-        // the next step, woken by its commit, with no empty claim per cycle
-        let attempts = if share && n >= limit as usize {
+        // claim ahead only from a backlog (a full claim, or one that the byte bound
+        // cut short): a trickle is picked up by the next step, woken by its commit,
+        // with no empty claim per cycle
+        let attempts = if share && (n >= limit as usize || claim.full) {
             // the rows in flight stay in the outbox meanwhile: the claim starts past
             // them, and their keys' later rows stay blocked behind them, so ordering
             // is unchanged

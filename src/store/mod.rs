@@ -64,11 +64,32 @@ pub struct ClaimedRow {
     pub defect: Option<String>,
 }
 
+/// How much a claim may take: rows, and their payload bytes together (at least one
+/// row whatever its size).
+#[derive(Debug, Clone, Copy)]
+pub struct Want {
+    pub rows: u32,
+    pub bytes: u64,
+}
+
+impl Want {
+    /// `rows` rows, whatever their size.
+    pub fn rows(rows: u32) -> Want {
+        Want {
+            rows,
+            bytes: u64::MAX,
+        }
+    }
+}
+
 /// A batch claimed in one statement. `token` fences every settle of these rows.
 #[derive(Debug)]
 pub struct Claim {
     pub token: i64,
     pub rows: Vec<ClaimedRow>,
+    /// As many rows as asked for were claimable (some may have been left out by the
+    /// byte bound): a backlog, not the end of the queue.
+    pub full: bool,
 }
 
 /// What went wrong in one attempt, as it is written to the row.
@@ -351,13 +372,14 @@ impl Store {
         }
     }
 
-    /// Claim up to `limit` due rows, only of ordering keys in `share` when one is given,
+    /// Claim up to `want` due rows, oldest first (rows and their payload bytes; at
+    /// least one row), only of ordering keys in `share` when one is given,
     /// looking only at ids from `from_id` on (PostgreSQL; SQLite has one relay and
     /// ignores both). Ordering does not depend on either: a row is taken only if no
     /// older row of its key is left anywhere in the outbox.
     pub async fn claim(
         &self,
-        limit: u32,
+        want: Want,
         lease: Duration,
         owner: &str,
         share: Option<KeyShare>,
@@ -365,8 +387,8 @@ impl Store {
     ) -> anyhow::Result<Claim> {
         let token = new_token();
         match self {
-            Store::Postgres(s) => s.claim(token, limit, lease, owner, share, from_id).await,
-            Store::Sqlite(s) => s.claim(token, limit, lease, owner).await,
+            Store::Postgres(s) => s.claim(token, want, lease, owner, share, from_id).await,
+            Store::Sqlite(s) => s.claim(token, want, lease, owner).await,
         }
     }
 

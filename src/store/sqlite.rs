@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::{
     millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection, Held,
-    NewRow, SchemaState, SettleReport, Settlement, Status,
+    NewRow, SchemaState, SettleReport, Settlement, Status, Want,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -53,17 +53,24 @@ const MAX_OFFSET_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
 
 /// Candidates are the oldest due, unleased rows that are the head of their ordering
 /// key (no older row of the same key is still in the outbox, in flight or not).
+/// `?5` bounds the claim's payload bytes (at least one row); `candidates` says
+/// whether `?1` rows were claimable, whatever the bound left out.
 const CLAIM_SQL: &str = concat!(
-    "UPDATE sync_outbox SET claim_token = ?2, lease_owner = ?3, lease_until = ",
-    now_plus_ms!("?4"),
-    " WHERE id IN (SELECT o.id FROM sync_outbox o WHERE o.next_attempt_at <= ",
+    "WITH cand AS (SELECT o.id, COALESCE(length(CAST(o.payload AS BLOB)), 0) AS size \
+     FROM sync_outbox o WHERE o.next_attempt_at <= ",
     now!(),
     " AND (o.lease_until IS NULL OR o.lease_until < ",
     now!(),
     ") AND (o.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM sync_outbox p \
        WHERE p.ordering_key = o.ordering_key AND p.id < o.id)) \
      ORDER BY o.id LIMIT ?1) \
-     RETURNING id, entity_type, entity_id, payload, created_at, attempts, ordering_key"
+     UPDATE sync_outbox SET claim_token = ?2, lease_owner = ?3, lease_until = ",
+    now_plus_ms!("?4"),
+    " WHERE id IN (SELECT id FROM (SELECT id, size, \
+       SUM(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS running FROM cand) \
+       WHERE running <= ?5 OR running = size) \
+     RETURNING id, entity_type, entity_id, payload, created_at, attempts, ordering_key, \
+       (SELECT count(*) FROM cand) AS candidates"
 );
 
 /// `?1` is a JSON array of ids: SQLite has no array parameters, `json_each` stands in.
@@ -249,19 +256,24 @@ impl SqliteStore {
     pub async fn claim(
         &self,
         token: i64,
-        limit: u32,
+        want: Want,
         lease: Duration,
         owner: &str,
     ) -> anyhow::Result<Claim> {
         let mut tx = self.write_tx().await?;
         let rows = sqlx::query(CLAIM_SQL)
-            .bind(i64::from(limit))
+            .bind(i64::from(want.rows))
             .bind(token)
             .bind(owner)
             .bind(offset_ms(lease))
+            .bind(i64::try_from(want.bytes).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await
             .context("claiming rows")?;
+        let candidates: i64 = match rows.first() {
+            Some(row) => row.try_get("candidates")?,
+            None => 0,
+        };
         // decode before committing: a row we cannot read is not left leased
         let mut claimed = rows
             .iter()
@@ -272,6 +284,7 @@ impl SqliteStore {
         Ok(Claim {
             token,
             rows: claimed,
+            full: candidates >= i64::from(want.rows),
         })
     }
 

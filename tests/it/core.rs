@@ -9,6 +9,7 @@ mod dlq;
 mod errors;
 mod hangs;
 mod secrets;
+mod sizes;
 mod sqlite;
 mod status;
 mod tls;

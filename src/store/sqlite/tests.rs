@@ -2,7 +2,7 @@
 //! temporary file.
 
 use super::*;
-use crate::store::{DeadRow, ErrorRecord, RetryRow};
+use crate::store::{DeadRow, ErrorRecord, RetryRow, Want};
 use tempfile::TempDir;
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -42,7 +42,7 @@ async fn enqueue(
 
 async fn claim_ids(store: &SqliteStore, token: i64) -> anyhow::Result<Vec<i64>> {
     Ok(store
-        .claim(token, 10, LEASE, "test")
+        .claim(token, Want::rows(10), LEASE, "test")
         .await?
         .rows
         .iter()
@@ -107,12 +107,61 @@ async fn the_sink_state_keeps_the_first_down_since_until_it_is_up() -> anyhow::R
     Ok(())
 }
 
+/// A claim takes the oldest rows whose payloads fit its byte bound together, and at
+/// least one however large; it says it was full when `rows` rows were claimable,
+/// whatever the bound left out.
+#[tokio::test]
+async fn a_claim_holds_at_most_its_bytes_and_at_least_one_row() -> anyhow::Result<()> {
+    let (_dir, store) = fresh().await?;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        // `{"t":"…"}`: 100 bytes each
+        let text = format!("{n}").repeat(92);
+        let id = enqueue(
+            &store,
+            "note",
+            Uuid::new_v4(),
+            serde_json::json!({"t": text}),
+        )
+        .await?;
+        ids.push(id);
+    }
+    let claim = store
+        .claim(
+            1,
+            Want {
+                rows: 5,
+                bytes: 250,
+            },
+            LEASE,
+            "test",
+        )
+        .await?;
+    assert!(claim.rows.iter().all(|r| r.payload.get().len() == 100));
+    let claimed: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
+    assert_eq!(claimed, ids[..2], "the two oldest: 200 bytes of 250");
+    assert!(claim.full, "five were claimable");
+
+    let claim = store
+        .claim(2, Want { rows: 5, bytes: 10 }, LEASE, "test")
+        .await?;
+    let claimed: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
+    assert_eq!(claimed, ids[2..3], "one row, larger than the bound");
+    assert!(!claim.full, "three were claimable");
+
+    let claim = store.claim(3, Want::rows(10), LEASE, "test").await?;
+    let claimed: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
+    assert_eq!(claimed, ids[3..]);
+    assert!(!claim.full);
+    Ok(())
+}
+
 #[tokio::test]
 async fn claim_returns_the_row_and_leases_it() -> anyhow::Result<()> {
     let (_dir, store) = fresh().await?;
     let entity = Uuid::new_v4();
     let id = enqueue(&store, "note", entity, serde_json::json!({"text": "hi"})).await?;
-    let claim = store.claim(7, 10, LEASE, "test").await?;
+    let claim = store.claim(7, Want::rows(10), LEASE, "test").await?;
     assert_eq!(claim.rows.len(), 1);
     let row = &claim.rows[0];
     assert_eq!((row.id, row.entity_id, row.attempts), (id, entity, 0));
@@ -158,7 +207,7 @@ async fn only_the_head_of_an_ordering_key_is_claimed() -> anyhow::Result<()> {
         serde_json::json!({"callLogId": call}),
     )
     .await?;
-    let claim = store.claim(1, 10, LEASE, "test").await?;
+    let claim = store.claim(1, Want::rows(10), LEASE, "test").await?;
     assert_eq!(
         claim.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
         vec![first]
@@ -345,7 +394,7 @@ async fn dead_rows_keep_their_history_and_requeue_with_the_same_id() -> anyhow::
     );
     assert_eq!(store.dlq_requeue(&DlqSelection::Ids(vec![dl.id])).await?, 1);
     assert!(store.dlq_get(dl.id).await?.is_none());
-    let claim = store.claim(2, 10, LEASE, "test").await?;
+    let claim = store.claim(2, Want::rows(10), LEASE, "test").await?;
     assert_eq!(
         claim
             .rows

@@ -485,6 +485,8 @@ async fn numbers_and_switches_of_the_wrong_kind_are_refused_by_name() {
         ("retry.overrides.call_log.max_attempts", "2.5"),
         ("dispatch.batch_size", "-5"),
         ("dispatch.batches_per_settle", "0"),
+        ("dispatch.max_batch_bytes", "100"),
+        ("dispatch.max_batch_bytes", "\"1MiB\""),
         ("retention.delete_sent", "\"yes\""),
         ("dispatch.listen", "1"),
         ("database.synchronous_commit", "\"off\""),

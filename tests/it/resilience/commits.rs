@@ -7,7 +7,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde_json::json;
 use serversync::config::Settings;
-use serversync::store::{ConnectOptions, Store};
+use serversync::store::{ConnectOptions, Store, Want};
 use uuid::Uuid;
 
 use crate::harness::{Backend, TestEnv};
@@ -55,7 +55,13 @@ async fn relay_commits_skip_the_flush_unless_configured_and_operators_keep_the_s
         );
         env.insert("call_log", Uuid::new_v4(), json!({})).await;
         let claim = store
-            .claim(10, Duration::from_secs(60), "commits-test", None, 0)
+            .claim(
+                Want::rows(10),
+                Duration::from_secs(60),
+                "commits-test",
+                None,
+                0,
+            )
             .await
             .expect("claim");
         assert_eq!(claim.rows.len(), 1, "the new row is claimed");
