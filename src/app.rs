@@ -356,6 +356,18 @@ pub async fn drain(
             DrainEnd::DatabaseDown => " — stopped: the database stayed unreachable",
         }
     );
+    if summary.end == DrainEnd::Empty {
+        let left = relay.rows_left().await.unwrap_or(0);
+        let others = left.saturating_sub(i64::try_from(summary.left_for_retry).unwrap_or(0));
+        if others > 0 {
+            let rows = if others == 1 { "row is" } else { "rows are" };
+            say!(
+                "drain: {others} more {rows} in the outbox, not due during this drain \
+                 (waiting for a retry, behind an older row of their ordering key, or held \
+                 by another relay): `serversync status` counts them"
+            );
+        }
+    }
     Ok(summary)
 }
 

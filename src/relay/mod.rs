@@ -269,6 +269,16 @@ impl Relay {
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// The rows in the outbox, when there are any (a drain that found nothing more
+    /// due tells of those it left: not due yet, behind an older row of their key, or
+    /// held by another relay). `None` when it is empty or cannot be counted.
+    pub async fn rows_left(&self) -> Option<i64> {
+        match self.store.has_pending().await {
+            Ok(true) => self.store.status().await.ok().map(|s| s.pending),
+            _ => None,
+        }
+    }
+
     /// Run the workers (`concurrency ÷ batches_per_settle`) until `stop` (or, draining,
     /// until nothing is due), then wait for in-flight batches up to `shutdown.grace`
     /// and release the rest.

@@ -1,9 +1,10 @@
-//! `serversync status --json` on a known backlog.
+//! `serversync status --json` on a known backlog, and what a drain says it left.
 
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::harness::{both_stores, Backend, TestEnv};
+use super::retry_in_an_hour;
+use crate::harness::{both_stores, Backend, Mode, TestEnv};
 
 async fn status(env: &TestEnv) -> Value {
     let out = env.run(&["status", "--json"]).await;
@@ -108,4 +109,42 @@ async fn status_reports_a_known_backlog(backend: Backend) {
         "{s:#}"
     );
     assert_eq!(s["sent_last_5m"], json!(2), "{s:#}");
+}
+
+both_stores!(a_drain_says_how_many_rows_it_left_that_were_not_due);
+/// A call's log the Frontend failed, waiting an hour for its retry, and the call's
+/// recording behind it: a later drain finds nothing due and exits 0, as "everything
+/// due now" was delivered, but says that two rows are still in the outbox, where a
+/// cron job's log used to read as if it were empty. An empty outbox adds nothing.
+async fn a_drain_says_how_many_rows_it_left_that_were_not_due(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    retry_in_an_hour(&mut env);
+    env.sink.set_mode(Mode::Always(500));
+    let call = Uuid::new_v4();
+    env.insert("call_log", call, json!({"id": call})).await;
+    env.insert("recording", Uuid::new_v4(), json!({"callLogId": call}))
+        .await;
+    let out = env.drain().await;
+    out.assert_code(3);
+    assert!(
+        out.stdout.contains("left for retry 1")
+            && out.stdout.contains("drain: 1 more row is in the outbox"),
+        "the log left for retry, the recording behind it\n{out}"
+    );
+
+    env.sink.set_mode(Mode::Accept);
+    let out = env.drain().await;
+    out.assert_code(0);
+    assert!(
+        out.stdout.contains("drain: delivered 0")
+            && out
+                .stdout
+                .contains("drain: 2 more rows are in the outbox, not due"),
+        "{out}"
+    );
+
+    env.db.execute("DELETE FROM sync_outbox").await;
+    let out = env.drain().await;
+    out.assert_code(0);
+    assert!(!out.stdout.contains("in the outbox"), "{out}");
 }
