@@ -65,10 +65,19 @@ impl Relay {
                 "probing the ingest sink with a batch"
             );
         }
+        // at most `batches_per_settle` requests out at once: rows cut by bytes can make
+        // more requests than that (three rows of 0.6 × max_batch_bytes fit a worker's
+        // two requests' bytes, but go one per request), and a claim bounded by the
+        // payloads' stored, compressed, size more still
         let d = &self.settings.dispatch;
-        let batches = runs(&json, d.batch_size as usize, u64::from(d.max_batch_bytes))
-            .map(|batch| self.deliver_json(batch));
-        for outcome in futures_util::future::join_all(batches).await {
+        let batches: Vec<_> = runs(&json, d.batch_size as usize, u64::from(d.max_batch_bytes))
+            .map(|batch| self.deliver_json(batch))
+            .collect();
+        let outcomes = futures_util::stream::iter(batches)
+            .buffer_unordered(self.batches_per_worker as usize)
+            .collect::<Vec<_>>()
+            .await;
+        for outcome in outcomes {
             attempts.extend(outcome);
         }
         let mut futures = Vec::with_capacity(files.len());

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::deliver::runs;
 use super::Relay;
 use crate::store::{Claim, Held, KeyShare, Want};
 
@@ -186,12 +185,10 @@ impl Relay {
         let token = claim.token;
         let mut batches: Vec<(u64, Claim)> = Vec::new();
         let mut rows = claim.rows;
-        // a worker's share: `limit` rows, and the bytes of the requests they make
-        let shares: Vec<usize> = runs(&rows, limit as usize, self.claim_bytes(limit))
-            .map(<[_]>::len)
-            .collect();
-        for len in shares {
-            let rest = rows.split_off(len);
+        // a worker's share: `limit` rows (their bytes are bounded by the claim's, and
+        // the worker keeps to its requests in flight however many they make)
+        while !rows.is_empty() {
+            let rest = rows.split_off(rows.len().min(limit as usize));
             let batch = self.next_batch.fetch_add(1, Ordering::Relaxed);
             batches.push((batch, Claim { token, rows, full }));
             rows = rest;

@@ -113,3 +113,41 @@ async fn a_claim_leases_no_more_payload_bytes_than_its_requests_carry(backend: B
         "{requests:?}"
     );
 }
+
+both_stores!(large_rows_keep_to_the_requests_in_flight);
+/// Rows of 60 KB that PostgreSQL compresses to a few KB each, one worker of two
+/// requests (`batches_per_settle = concurrency = 2`), `max_batch_bytes` 100 KiB: the
+/// claim, bounded by the stored size, takes them all, and each is a request of its
+/// own (two would be 120 KB); on SQLite, which counts the text, three (180 KB of 200
+/// KiB). Still at most two requests are out at once, as `concurrency` says.
+async fn large_rows_keep_to_the_requests_in_flight(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("dispatch.max_batch_bytes", MAX_BATCH_BYTES as u32)
+        .set("dispatch.concurrency", 2)
+        .set("dispatch.batches_per_settle", 2)
+        .set("dispatch.claim_concurrency", 1);
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(100))));
+    for n in 0..12 {
+        let payload = json!({"n": n, "text": "a".repeat(60_000)});
+        env.insert("call_log", Uuid::new_v4(), payload).await;
+    }
+    env.drain().await.assert_success();
+
+    let requests = env.sink.sync_requests();
+    assert_eq!(requests.iter().filter(|r| r.accepted()).count(), 12);
+    let most_at_once = requests
+        .iter()
+        .map(|r| {
+            requests
+                .iter()
+                .filter(|o| {
+                    o.received_at <= r.received_at
+                        && o.answered_at.is_some_and(|a| a > r.received_at)
+                })
+                .count()
+        })
+        .max();
+    assert_eq!(most_at_once, Some(2), "requests in flight at once");
+}
