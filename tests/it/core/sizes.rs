@@ -19,6 +19,17 @@ fn bulky(n: usize, len: usize) -> Value {
     json!({"n": n, "blob": &blob[..len]})
 }
 
+/// `max_batch_bytes` at 100 KiB, one worker of `requests` requests at a time, and a
+/// sink that answers after `delay`.
+fn one_worker(env: &mut TestEnv, requests: u32, delay: Duration) {
+    env.config
+        .set("dispatch.max_batch_bytes", MAX_BATCH_BYTES as u32)
+        .set("dispatch.concurrency", requests)
+        .set("dispatch.batches_per_settle", requests)
+        .set("dispatch.claim_concurrency", 1);
+    env.sink.set_mode(Mode::Reply(Reply::ok().delay(delay)));
+}
+
 /// The payload bytes of each request the sink accepted, with its outbox ids.
 fn accepted_requests(env: &TestEnv) -> Vec<(Vec<i64>, usize)> {
     env.sink
@@ -77,13 +88,7 @@ both_stores!(a_claim_leases_no_more_payload_bytes_than_its_requests_carry);
 /// are more than a couple of rows leased (held in memory); before, all twenty were.
 async fn a_claim_leases_no_more_payload_bytes_than_its_requests_carry(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
-    env.config
-        .set("dispatch.max_batch_bytes", MAX_BATCH_BYTES as u32)
-        .set("dispatch.concurrency", 1)
-        .set("dispatch.batches_per_settle", 1)
-        .set("dispatch.claim_concurrency", 1);
-    env.sink
-        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(200))));
+    one_worker(&mut env, 1, Duration::from_millis(200));
     for n in 0..20 {
         env.insert("call_log", Uuid::new_v4(), bulky(n, 40_000))
             .await;
@@ -122,13 +127,7 @@ both_stores!(large_rows_keep_to_the_requests_in_flight);
 /// KiB). Still at most two requests are out at once, as `concurrency` says.
 async fn large_rows_keep_to_the_requests_in_flight(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
-    env.config
-        .set("dispatch.max_batch_bytes", MAX_BATCH_BYTES as u32)
-        .set("dispatch.concurrency", 2)
-        .set("dispatch.batches_per_settle", 2)
-        .set("dispatch.claim_concurrency", 1);
-    env.sink
-        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(100))));
+    one_worker(&mut env, 2, Duration::from_millis(100));
     for n in 0..12 {
         let payload = json!({"n": n, "text": "a".repeat(60_000)});
         env.insert("call_log", Uuid::new_v4(), payload).await;
