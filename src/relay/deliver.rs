@@ -120,9 +120,10 @@ impl Relay {
     /// make the sink look down). So is a batch that times out while the sink answers
     /// an empty batch in time (a Frontend that hangs on one entity; one that hangs on
     /// the empty batch too is down, and its batch one sink-level failure). Whether a
-    /// lone failing row is the row's fault or the sink's is decided at the end: if any part of the batch went through, the sink
-    /// works and the row is charged; if nothing did, it is one sink-level failure of
-    /// the whole delivery, counted towards the outage threshold like any other.
+    /// lone failing row is the row's fault or the sink's is decided at the end: if
+    /// any part of the batch went through, the sink works and the row is charged; if
+    /// nothing did, it is one sink-level failure of the whole delivery, counted
+    /// towards the outage threshold like any other.
     pub(super) async fn deliver_json(&self, rows: &[&ClaimedRow]) -> HashMap<i64, Attempt> {
         let mut attempts = HashMap::with_capacity(rows.len());
         if rows.is_empty() {
@@ -266,9 +267,9 @@ impl Relay {
     }
 
     /// A delivery of which nothing got through, failed with a server error or timed
-    /// out (`may_be_an_entrys_doing`): the rows' doing, or the sink's? (`rows` are those that failed; `alone`, whether
-    /// the delivery held one row only.) Below the outage threshold it does not matter:
-    /// charged either way. Where it does, one row failing again and again is told
+    /// out (`may_be_an_entrys_doing`): the rows' doing, or the sink's? (`rows` are
+    /// those that failed; `alone`, whether the delivery held one row only.) Below the
+    /// outage threshold it does not matter: charged either way. Where it does, one row failing again and again is told
     /// from a sink failing every row by asking it with an empty batch (as `check`
     /// and an idle relay's probe do), and only then:
     /// - about to take the sink as down, when every failure of the streak was this
