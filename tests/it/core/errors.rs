@@ -330,21 +330,35 @@ async fn a_response_body_of_any_bytes_is_kept_as_at_most_4_kib_of_text(backend: 
 /// request holding a `"crash": true` entry or a recording `"crash"`, and 200 to
 /// anything else (an empty batch included).
 fn a_frontend_failing_on_crash_rows(env: &mut TestEnv, max_attempts: u32) {
+    let crash = Reply::status(500).body("NullPointerException: marker-crash");
+    a_frontend_failing_on(env, "crash", crash, max_attempts);
+}
+
+/// Quick fixed retries up to `max_attempts`, and a Frontend that answers `reply` to
+/// every request holding a `{marker: true}` entry or a recording `marker`, and 200 to
+/// anything else (an empty batch included).
+pub(super) fn a_frontend_failing_on(
+    env: &mut TestEnv,
+    marker: &'static str,
+    reply: Reply,
+    max_attempts: u32,
+) {
     env.config
         .set("retry.max_attempts", max_attempts)
         .set("retry.policy", "fixed")
         .set("retry.base_delay", "50ms")
         .set("retry.max_delay", "50ms")
         .set("dispatch.poll_interval", "50ms");
-    env.sink.set_mode(Mode::custom(|incoming| match incoming {
-        Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["crash"] == true) => {
-            Reply::status(500).body("NullPointerException: marker-crash")
-        }
-        Incoming::File(upload) if upload.text("recordingId").as_deref() == Some("crash") => {
-            Reply::status(500).body("NullPointerException: marker-crash")
-        }
-        _ => Reply::ok(),
-    }));
+    env.sink
+        .set_mode(Mode::custom(move |incoming| match incoming {
+            Incoming::Sync(req) if req.entries().iter().any(|e| e.payload[marker] == true) => {
+                reply.clone()
+            }
+            Incoming::File(upload) if upload.text("recordingId").as_deref() == Some(marker) => {
+                reply.clone()
+            }
+            _ => Reply::ok(),
+        }));
 }
 
 both_stores!(a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down);

@@ -10,35 +10,21 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::assert_dead;
-use super::errors::{a_lone_row_the_sink_fails_on_dies, Fault};
-use crate::harness::{both_stores, wait_until, Backend, Incoming, Mode, Reply, TestEnv};
+use super::errors::{a_frontend_failing_on, a_lone_row_the_sink_fails_on_dies, Fault};
+use crate::harness::{both_stores, wait_until, Backend, Reply, TestEnv};
 
 /// Requests holding an entry `{"hang": true}`, or an upload whose `recordingId` is
 /// `hang`, are answered after 5 s, far past `ingest.timeout` and
-/// `ingest.upload_timeout` (300 ms); anything
-/// else at once. Retries and probes come every 50–200 ms.
+/// `ingest.upload_timeout` (300 ms); anything else at once. Retries and probes come
+/// every 50–200 ms.
 fn a_frontend_hanging_on_hang_rows(env: &mut TestEnv, max_attempts: u32) {
+    let hang = Reply::ok().delay(Duration::from_secs(5));
+    a_frontend_failing_on(env, "hang", hang, max_attempts);
     env.config
         .set("ingest.timeout", "300ms")
         .set("ingest.upload_timeout", "300ms")
-        .set("retry.max_attempts", max_attempts)
-        .set("retry.policy", "fixed")
-        .set("retry.base_delay", "50ms")
-        .set("retry.max_delay", "50ms")
-        .set("dispatch.poll_interval", "50ms")
         .set("dispatch.probe_interval", "100ms")
         .set("dispatch.max_probe_interval", "200ms");
-    let hang = || Reply::ok().delay(Duration::from_secs(5));
-    env.sink
-        .set_mode(Mode::custom(move |incoming| match incoming {
-            Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["hang"] == true) => {
-                hang()
-            }
-            Incoming::File(upload) if upload.text("recordingId").as_deref() == Some("hang") => {
-                hang()
-            }
-            _ => Reply::ok(),
-        }));
 }
 
 fn delivered(env: &TestEnv) -> Vec<i64> {
