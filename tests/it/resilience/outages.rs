@@ -577,18 +577,8 @@ async fn a_probe_that_sends_no_request_does_not_stall_the_relay() {
 #[tokio::test]
 async fn a_sink_outage_never_dead_letters_a_lone_row_with_max_attempts_at_the_threshold() {
     let mut env = TestEnv::migrated().await;
-    let id = insert_one(&env).await;
-    env.sink.set_mode(Mode::Always(503));
-    env.config
-        .set("dispatch.outage_threshold", 3)
-        .set("retry.max_attempts", 3)
-        .set("dispatch.probe_interval", "100ms")
-        .set("dispatch.max_probe_interval", "500ms");
-    let metrics = MetricsEndpoint::enable(&mut env);
-    let relay = env.spawn_run(&metrics.flag());
-    metrics
-        .wait_for_sample("serversync_sink_up", 0.0, Duration::from_secs(15))
-        .await;
+    let (id, _metrics, relay) =
+        a_lone_row_behind_an_outage(&mut env, Mode::Always(503), 3, "500ms").await;
     // a few probes
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dead = env.dead_letters().await;
@@ -602,6 +592,31 @@ async fn a_sink_outage_never_dead_letters_a_lone_row_with_max_attempts_at_the_th
     }
     env.sink.set_mode(Mode::Accept);
     the_row_delivered(&env, id, relay).await;
+}
+
+/// One row, a sink failing as `outage`, `threshold` failures to take it as down and
+/// as many attempts allowed, probes from every 100 ms to every `max_probe`: a relay
+/// running until the sink is taken as down. Returns the row, the relay's metrics
+/// endpoint and the relay.
+async fn a_lone_row_behind_an_outage(
+    env: &mut TestEnv,
+    outage: Mode,
+    threshold: u32,
+    max_probe: &str,
+) -> (i64, MetricsEndpoint, Running) {
+    let id = insert_one(env).await;
+    env.sink.set_mode(outage);
+    env.config
+        .set("dispatch.outage_threshold", threshold)
+        .set("retry.max_attempts", threshold)
+        .set("dispatch.probe_interval", "100ms")
+        .set("dispatch.max_probe_interval", max_probe);
+    let metrics = MetricsEndpoint::enable(env);
+    let relay = env.spawn_run(&metrics.flag());
+    metrics
+        .wait_for_sample("serversync_sink_up", 0.0, Duration::from_secs(15))
+        .await;
+    (id, metrics, relay)
 }
 
 /// The only row, `id`, reaches the sink and is settled as sent; then the relay stops.
@@ -629,20 +644,9 @@ async fn the_row_delivered(env: &TestEnv, id: i64, relay: Running) {
 #[tokio::test]
 async fn an_outage_that_ends_during_a_probe_costs_the_probes_row_nothing() {
     let mut env = TestEnv::migrated().await;
-    let id = insert_one(&env).await;
-    env.sink
-        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(10))));
-    env.config
-        .set("ingest.timeout", "1500ms")
-        .set("dispatch.outage_threshold", 1)
-        .set("retry.max_attempts", 1)
-        .set("dispatch.probe_interval", "100ms")
-        .set("dispatch.max_probe_interval", "100ms");
-    let metrics = MetricsEndpoint::enable(&mut env);
-    let relay = env.spawn_run(&metrics.flag());
-    metrics
-        .wait_for_sample("serversync_sink_up", 0.0, Duration::from_secs(15))
-        .await;
+    env.config.set("ingest.timeout", "1500ms");
+    let hang = Mode::Reply(Reply::ok().delay(Duration::from_secs(10)));
+    let (id, metrics, relay) = a_lone_row_behind_an_outage(&mut env, hang, 1, "100ms").await;
     let first_probe = env.sink.sync_requests().len() + 1;
     wait_until(
         Duration::from_secs(10),
