@@ -28,8 +28,10 @@ struct State {
     /// `Relay::row_or_sink`).
     failing_rows: Vec<i64>,
     /// The latest failure was the sink not answering at all (connect, timeout),
-    /// which no row can cause, unlike a 5xx.
+    /// which no row can cause, unlike a 5xx; but for a timeout: an entry can hang a
+    /// Frontend that answers everything else (`last_timed_out`).
     last_unreachable: bool,
+    last_timed_out: bool,
     down: bool,
     probing: bool,
     probe_delay: Duration,
@@ -60,6 +62,7 @@ impl SinkHealth {
                 consecutive_failures: 0,
                 failing_rows: Vec::new(),
                 last_unreachable: false,
+                last_timed_out: false,
                 down: false,
                 probing: false,
                 probe_delay: probe_base,
@@ -186,6 +189,7 @@ impl SinkHealth {
         let was_down = s.down;
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);
         s.last_unreachable = matches!(error_type, "connect" | "timeout");
+        s.last_timed_out = error_type == "timeout";
         if was_down && s.probing {
             s.probing = false;
             s.probe_delay = (s.probe_delay * 2).min(self.probe_max);
@@ -215,6 +219,15 @@ impl SinkHealth {
             s.not_before = s.not_before.max(now + ra);
         }
         !s.down
+    }
+
+    /// Whether the latest failure, since the sink last answered and while it is taken
+    /// as up, was a request that timed out: the sink's doing, or one entry's. A
+    /// stopping drain asks the sink with an empty batch before `down_if_last_failed`
+    /// takes it as down.
+    pub fn last_failure_timed_out(&self) -> bool {
+        let s = self.lock();
+        !s.down && s.consecutive_failures > 0 && s.last_timed_out
     }
 
     /// A relay that stops (a `drain` run) while the sink did not answer its latest
@@ -371,6 +384,22 @@ mod tests {
         let h = health(3);
         h.on_sink_failure("http_5xx", None);
         assert!(!h.down_if_last_failed(), "a 5xx may be one row's doing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_timeout_since_the_last_answer_is_asked_about() {
+        let h = health(3);
+        assert!(!h.last_failure_timed_out(), "nothing seen");
+        h.on_sink_failure("timeout", None);
+        assert!(h.last_failure_timed_out());
+        h.on_answer();
+        assert!(!h.last_failure_timed_out(), "answered since");
+        h.on_sink_failure("timeout", None);
+        h.on_sink_failure("connect", None);
+        assert!(!h.last_failure_timed_out(), "refused last: unreachable");
+        h.on_sink_failure("timeout", None);
+        assert!(h.is_down());
+        assert!(!h.last_failure_timed_out(), "down: nothing to ask");
     }
 
     #[tokio::test(start_paused = true)]

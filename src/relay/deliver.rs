@@ -1,5 +1,6 @@
-//! Delivering a claim: JSON rows in requests of up to `dispatch.batch_size` entries,
-//! sent at once (each split until a rejected or failing entry is alone), file rows as
+//! Delivering a claim: JSON rows in requests of up to `dispatch.batch_size` entries
+//! (a row charged before never in one with rows that were not), sent at once (each
+//! split until a rejected or failing entry is alone), file rows as
 //! concurrent streamed uploads; each outcome told to the sink-health tracker, which
 //! decides whether a failure is charged to its rows.
 
@@ -33,8 +34,9 @@ pub(super) enum Route {
 }
 
 impl Relay {
-    /// Deliver every row of a claim: JSON rows in batches of `dispatch.batch_size`,
-    /// one request each (split on rejection), all at once (a worker holds at most
+    /// Deliver every row of a claim: JSON rows in batches of `dispatch.batch_size`
+    /// (rows that failed before in batches apart from those that did not), one
+    /// request each (split on rejection), all at once (a worker holds at most
     /// `batches_per_settle` batches, and the workers are `concurrency` divided by
     /// that, so no more requests are in flight than `concurrency`); then file rows as
     /// concurrent uploads. Returns one attempt per row id.
@@ -69,8 +71,16 @@ impl Relay {
         // more requests than that (three rows of 0.6 × max_batch_bytes fit a worker's
         // two requests' bytes, but go one per request), and a claim bounded by the
         // payloads' stored, compressed, size more still
+        // rows charged before go in requests of their own: one an entry of which
+        // hangs the Frontend (or fails it with a 500) would otherwise be split anew
+        // on every retry, each half waiting `ingest.timeout`, and hold back the rows
+        // that never failed; among themselves they are split as any batch is
+        let (fresh, failed_before): (Vec<_>, Vec<_>) =
+            json.into_iter().partition(|row| row.attempts == 0);
         let d = &self.settings.dispatch;
-        let batches: Vec<_> = runs(&json, d.batch_size as usize, u64::from(d.max_batch_bytes))
+        let (max_rows, max_bytes) = (d.batch_size as usize, u64::from(d.max_batch_bytes));
+        let batches: Vec<_> = runs(&fresh, max_rows, max_bytes)
+            .chain(runs(&failed_before, max_rows, max_bytes))
             .map(|batch| self.deliver_json(batch))
             .collect();
         let outcomes = futures_util::stream::iter(batches)
@@ -329,7 +339,7 @@ impl Relay {
     }
 
     /// Whether the sink answers an empty batch with a 2xx (in `ingest.timeout`).
-    async fn answers_an_empty_batch(&self) -> bool {
+    pub(super) async fn answers_an_empty_batch(&self) -> bool {
         self.dispatcher.send_json(&[]).await.is_ok()
     }
 

@@ -443,6 +443,89 @@ pub(super) async fn a_lone_row_the_sink_fails_on_dies(
     );
 }
 
+/// A call's log the Frontend fails on (`fault`) is charged once in a drain of its
+/// own; its retry then falls due with seven rows that never failed, in one claim of
+/// eight (one worker, batches of eight). It goes in a request of its own again, and
+/// is dead-lettered at its second attempt; the seven go together in one request that
+/// does not wait for it. They used to go together and be split anew on every retry:
+/// four more requests held the failing row (8, 4, 2, 1 entries), each waiting
+/// `ingest.timeout` when the Frontend hangs on it. `env` is configured for `fault`
+/// with `max_attempts` 2.
+pub(super) async fn a_row_charged_before_goes_apart(mut env: TestEnv, fault: Fault) {
+    retry_in_an_hour(&mut env);
+    env.config
+        .set("dispatch.concurrency", 1)
+        .set("dispatch.batch_size", 8);
+    let failing = env
+        .insert("call_log", Uuid::new_v4(), json!({fault.marker: true}))
+        .await;
+    let first = env.drain().await;
+    first.assert_code(3);
+    assert!(
+        !first.stderr.contains("recorded as down"),
+        "one row failing is not an outage, though it was the drain's last request\n{first}"
+    );
+    the_row_left_for_retry(&env, fault.error_type).await;
+    let due = format!(
+        "UPDATE sync_outbox SET next_attempt_at = {} WHERE id = {failing}",
+        env.db.now_plus(-1)
+    );
+    assert_eq!(env.db.execute(&due).await, 1);
+    let mut fresh = Vec::new();
+    for n in 0..7 {
+        fresh.push(
+            env.insert("call_log", Uuid::new_v4(), json!({"n": n}))
+                .await,
+        );
+    }
+    env.drain().await.assert_code(3);
+
+    let holding: Vec<Vec<i64>> = env
+        .sink
+        .sync_requests()
+        .iter()
+        .map(|r| r.entries().iter().map(|e| e.outbox_id).collect::<Vec<_>>())
+        .filter(|ids| ids.contains(&failing))
+        .collect();
+    assert_eq!(
+        holding,
+        [vec![failing], vec![failing]],
+        "the failing row, alone, once per drain"
+    );
+    let accepted: Vec<Vec<i64>> = env
+        .sink
+        .accepted_batches()
+        .into_iter()
+        .filter(|ids| !ids.is_empty())
+        .collect();
+    assert_eq!(
+        accepted,
+        [fresh],
+        "the rows that never failed, together, once (empty batches asked aside)"
+    );
+    for record in env.sent().await {
+        assert_eq!(record.attempts, 1, "charged for another entry: {record:#?}");
+    }
+    let dead = env.dead_letters().await;
+    let d = assert_dead(&dead, failing, fault.error_type, 2);
+    assert_eq!(d.http_status, fault.http_status);
+}
+
+both_stores!(a_row_charged_before_for_a_500_is_retried_apart_from_rows_that_never_failed);
+/// See `a_row_charged_before_goes_apart`.
+async fn a_row_charged_before_for_a_500_is_retried_apart_from_rows_that_never_failed(
+    backend: Backend,
+) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    a_frontend_failing_on_crash_rows(&mut env, 2);
+    let fault = Fault {
+        marker: "crash",
+        error_type: "http_5xx",
+        http_status: Some(500),
+    };
+    a_row_charged_before_goes_apart(env, fault).await;
+}
+
 both_stores!(lone_rows_the_sink_fails_on_die_one_probe_at_a_time_when_it_is_down);
 /// Two rows the Frontend always fails on, nothing else to send: failures of two
 /// rows take the sink as down (they could be an outage), and each probe, one row,

@@ -10,7 +10,10 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::assert_dead;
-use super::errors::{a_frontend_failing_on, a_lone_row_the_sink_fails_on_dies, Fault};
+use super::errors::{
+    a_frontend_failing_on, a_lone_row_the_sink_fails_on_dies, a_row_charged_before_goes_apart,
+    Fault,
+};
 use crate::harness::{both_stores, wait_until, Backend, Reply, TestEnv};
 
 /// Requests holding an entry `{"hang": true}`, or an upload whose `recordingId` is
@@ -89,4 +92,21 @@ async fn an_entry_the_sink_hangs_on_charges_no_other_entry_of_its_batch(backend:
         "one hanging entry is not an outage:\n{}",
         out.stderr
     );
+}
+
+both_stores!(a_row_charged_before_for_a_hang_is_retried_apart_from_rows_that_never_failed);
+/// A row the Frontend hangs on, charged once already, is retried in a request of its
+/// own: one `ingest.timeout` wasted, not four, and the seven rows claimed with it do
+/// not wait for them (`a_row_charged_before_goes_apart`).
+async fn a_row_charged_before_for_a_hang_is_retried_apart_from_rows_that_never_failed(
+    backend: Backend,
+) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    a_frontend_hanging_on_hang_rows(&mut env, 2);
+    let fault = Fault {
+        marker: "hang",
+        error_type: "timeout",
+        http_status: None,
+    };
+    a_row_charged_before_goes_apart(env, fault).await;
 }

@@ -443,6 +443,40 @@ async fn a_drain_whose_last_request_failed_records_the_outage_below_the_threshol
     a_drain_delivers_everything_and_records_the_recovery(&env, n).await;
 }
 
+/// The same with a sink that hangs on every request. One entry can hang a Frontend
+/// that answers everything else (`core/hangs.rs`), so a drain whose last request
+/// timed out asks the sink with an empty batch before it stops; that hangs too, and
+/// the outage is recorded for the next run.
+#[tokio::test]
+async fn a_drain_whose_last_request_hung_records_the_outage_when_an_empty_batch_hangs_too() {
+    let mut env = TestEnv::migrated().await;
+    insert_one(&env).await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(5))));
+    env.config
+        .set("ingest.timeout", "300ms")
+        .set("dispatch.outage_threshold", 3)
+        .set("retry.max_attempts", 3)
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "1h")
+        .set("retry.max_delay", "1h");
+
+    let out = env.drain().await;
+    out.assert_code(3);
+    assert!(
+        out.stderr.contains("recorded as down"),
+        "the drain says it records the outage\n{out}"
+    );
+    assert_eq!(sinks_recorded_down(&env).await, 1);
+    let asked = env
+        .sink
+        .sync_requests()
+        .iter()
+        .filter(|r| r.entries().is_empty())
+        .count();
+    assert_eq!(asked, 1, "one empty batch asked before stopping");
+}
+
 /// An idle daemon follows the sink's state too: with nothing due it probes with an
 /// empty batch, so `serversync_sink_up` stays 0 while the sink is down and returns to
 /// 1, with the recorded outage cleared, once it answers, without waiting for a row to
