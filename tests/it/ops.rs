@@ -298,9 +298,9 @@ async fn the_demo_runs_with_no_configuration_at_all() {
     assert!(left.is_empty(), "demo left files behind: {left:?}");
 }
 
-/// Past `metrics.backlog_exact_rows` pending rows a refresh counts only that many (by
-/// entity type) and scales them to the table's live-row statistics: the gauges stay
-/// right in proportion and total without scanning a huge backlog every refresh.
+/// Every series SPEC §7 names is scraped from the start, at zero (labelled series for
+/// each entity type, outcome, error type and endpoint), before anything is delivered:
+/// dashboards and alerts on rates have a series to read from the first scrape.
 #[tokio::test]
 async fn every_spec_series_is_in_the_first_scrape_at_zero() {
     let mut env = TestEnv::migrated().await;
@@ -374,6 +374,9 @@ async fn a_scrape_shows_the_backlog_as_it_is_now() {
         .assert_success();
 }
 
+/// Past `metrics.backlog_exact_rows` pending rows a refresh counts only that many (by
+/// entity type) and scales them to the table's live-row statistics: the gauges stay
+/// right in proportion and total without scanning a huge backlog every refresh.
 #[tokio::test]
 async fn past_backlog_exact_rows_the_pending_gauges_are_estimated() {
     let mut env = TestEnv::migrated().await;
