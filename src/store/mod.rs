@@ -47,6 +47,9 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// How long applying the migrations may take before the command says how long.
+const SLOW_MIGRATION: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One row claimed for delivery under a lease.
 #[derive(Debug, Clone)]
 pub struct ClaimedRow {
@@ -318,8 +321,21 @@ impl Store {
         delegate!(self, s => s.ping().await)
     }
 
+    /// Apply the embedded migrations. One that takes a while (a large outbox to
+    /// rewrite, a lock another session holds) is said in one line, with its time;
+    /// on PostgreSQL, where a migration can wait on the outbox's users, sqlx's own
+    /// slow-statement warning (the whole migration's SQL) is off for them.
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        delegate!(self, s => s.migrate().await)
+        let started = std::time::Instant::now();
+        delegate!(self, s => s.migrate().await)?;
+        let took = started.elapsed();
+        if took >= SLOW_MIGRATION {
+            tracing::info!(
+                "the migrations took {took:.1?} (a large outbox to rewrite, or a lock \
+                 another session held)"
+            );
+        }
+        Ok(())
     }
 
     /// A PostgreSQL setting as the pool's sessions see it; `None` for SQLite.

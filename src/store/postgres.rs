@@ -11,6 +11,7 @@ use sqlx::migrate::Migrator;
 use std::str::FromStr;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::ConnectOptions as _;
 use sqlx::Connection;
 use sqlx::Row;
 use uuid::Uuid;
@@ -228,16 +229,21 @@ impl PgStore {
     /// On a connection of its own whose commits wait for the flush whatever the pool's
     /// sessions do: a relay started with `--migrate` must not go on against a schema
     /// that a server crash could take back. The connection is closed afterwards.
+    /// Without sqlx's statement logs: a slow statement would be logged with the
+    /// whole migration's SQL (`Store::migrate` says how long it took instead).
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        let mut conn = self.pool.acquire().await?;
-        conn.close_on_drop();
+        let options = (*self.pool.connect_options())
+            .clone()
+            .disable_statement_logging();
+        let mut conn = PgConnection::connect_with(&options).await?;
         sqlx::query("SET synchronous_commit = on")
-            .execute(&mut *conn)
+            .execute(&mut conn)
             .await?;
         MIGRATOR
-            .run(&mut *conn)
+            .run(&mut conn)
             .await
             .context("applying migrations")?;
+        let _ = conn.close().await;
         Ok(())
     }
 

@@ -229,6 +229,38 @@ async fn migrate_is_idempotent(backend: Backend) {
     env.run(&["drain", "--migrate"]).await.assert_success();
 }
 
+/// A migration that takes a while (a large outbox to rewrite, here a lock another
+/// session holds on the migrations table for 1.5 s) says so in one line, with how
+/// long it took, instead of sqlx's warning with the whole migration's SQL in it.
+#[tokio::test]
+async fn a_slow_migration_is_reported_in_one_line_without_its_sql() {
+    let env = TestEnv::migrated().await;
+    let mut holder = env.db.pg().begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .expect("the lock");
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        holder.commit().await.expect("commit");
+    };
+    let (out, ()) = tokio::join!(env.run(&["migrate"]), release);
+    out.assert_success();
+    assert!(
+        !out.stderr.contains("slow statement") && !out.stderr.contains("CREATE"),
+        "no statement text in the logs\n{out}"
+    );
+    assert!(
+        out.stdout
+            .contains("migrations applied: the schema is current"),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains("the migrations took"),
+        "how long it took is said\n{out}"
+    );
+}
+
 both_stores!(global_flags_may_follow_the_subcommand);
 async fn global_flags_may_follow_the_subcommand(backend: Backend) {
     let env = TestEnv::migrated_on(backend).await;
