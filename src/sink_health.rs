@@ -235,7 +235,9 @@ impl SinkHealth {
     /// threshold too, so that the state it records makes the next relay probe before
     /// it charges rows. Without it a cron `drain` that sends one batch per run charges
     /// every row once per run of an outage until they are dead. Not after a 5xx or
-    /// 429: one row can cause those, and it must still reach the dead letters.
+    /// 429: one row can cause those, and it must still reach the dead letters; nor
+    /// after a timeout when an empty batch asked since was answered (the stopping
+    /// drain asks, `last_failure_timed_out`: one entry can hang the Frontend).
     /// Returns whether it did.
     pub fn down_if_last_failed(&self) -> bool {
         let mut s = self.lock();
