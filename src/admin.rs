@@ -57,8 +57,15 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
     let store = connect(settings, false).await?;
     store.require_current_schema().await?;
     let s = store.status().await?;
+    // recorded by any relay, whatever ingest.base_url this command was given
+    let sinks_down = store.sinks_down().await?;
     if json {
-        say!("{}", serde_json::to_string_pretty(&s)?);
+        let mut out = serde_json::to_value(&s)?;
+        out["sinks_down"] = sinks_down
+            .iter()
+            .map(|(sink, since)| serde_json::json!({"sink": sink, "down_since": since}))
+            .collect();
+        say!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
     say!("pending:        {}", s.pending);
@@ -75,6 +82,22 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
     say!("dead letters:   {}", s.dead_letters);
     for (error_type, n) in &s.dead_letters_by_error_type {
         say!("  {error_type:<20} {n}");
+    }
+    if sinks_down.is_empty() {
+        say!("ingest sink:    not recorded as down");
+    }
+    for (sink, since) in &sinks_down {
+        let ago = chrono::DateTime::parse_from_rfc3339(since)
+            .ok()
+            .and_then(|t| (chrono::Utc::now() - t.to_utc()).to_std().ok())
+            .map(|d| {
+                format!(
+                    ", {} ago",
+                    humantime::format_duration(Duration::from_secs(d.as_secs()))
+                )
+            })
+            .unwrap_or_default();
+        say!("ingest sink:    DOWN since {since}{ago}: {sink} (relays probe it; rows wait, not charged)");
     }
     Ok(ExitCode::SUCCESS)
 }

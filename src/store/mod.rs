@@ -491,6 +491,12 @@ impl Store {
         delegate!(self, s => s.sink_down_since(sink).await)
     }
 
+    /// Every ingest sink some relay recorded as down and no relay has seen answering
+    /// since, with when (UTC, RFC 3339), for `status`.
+    pub async fn sinks_down(&self) -> anyhow::Result<Vec<(String, String)>> {
+        delegate!(self, s => s.sinks_down().await)
+    }
+
     /// Record that the ingest sink `sink` is down (keeping the first `down_since`) or up.
     pub async fn set_sink_down(&self, sink: &str, down: bool) -> anyhow::Result<()> {
         delegate!(self, s => s.set_sink_down(sink, down).await)

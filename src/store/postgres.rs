@@ -612,6 +612,15 @@ impl PgStore {
         Ok(since.flatten())
     }
 
+    pub async fn sinks_down(&self) -> anyhow::Result<Vec<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT sink, to_char(down_since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
+             FROM sync_outbox_sink_state WHERE down_since IS NOT NULL ORDER BY sink",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub async fn set_sink_down(&self, sink: &str, down: bool) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO sync_outbox_sink_state (sink, down_since, updated_at) \

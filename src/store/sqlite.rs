@@ -424,6 +424,15 @@ impl SqliteStore {
         Ok(since.flatten())
     }
 
+    pub async fn sinks_down(&self) -> anyhow::Result<Vec<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT sink, down_since FROM sync_outbox_sink_state \
+             WHERE down_since IS NOT NULL ORDER BY sink",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub async fn set_sink_down(&self, sink: &str, down: bool) -> anyhow::Result<()> {
         let sql = concat!(
             "INSERT INTO sync_outbox_sink_state (sink, down_since, updated_at) VALUES (?1, CASE WHEN ?2 THEN ",

@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::retry_in_an_hour;
-use crate::harness::{both_stores, Backend, Mode, TestEnv};
+use crate::harness::{both_stores, Backend, Mode, Reply, TestEnv};
 
 async fn status(env: &TestEnv) -> Value {
     let out = env.run(&["status", "--json"]).await;
@@ -147,4 +147,53 @@ async fn a_drain_says_how_many_rows_it_left_that_were_not_due(backend: Backend) 
     let out = env.drain().await;
     out.assert_code(0);
     assert!(!out.stdout.contains("in the outbox"), "{out}");
+}
+
+both_stores!(status_says_which_sink_a_relay_recorded_as_down_until_it_answers);
+/// A drain against a Frontend that answers nothing in time (an empty batch neither)
+/// records the sink as down; `status`, which is what an operator runs first, says so
+/// (which sink, since when), in text and JSON, until a relay sees it answer again.
+async fn status_says_which_sink_a_relay_recorded_as_down_until_it_answers(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    let s = status(&env).await;
+    assert_eq!(s["sinks_down"], json!([]), "{s:#}");
+    let out = env.run(&["status"]).await;
+    assert!(
+        out.stdout.contains("ingest sink:    not recorded as down"),
+        "{out}"
+    );
+
+    env.config.set("ingest.timeout", "300ms");
+    env.sink.set_mode(Mode::Reply(
+        Reply::ok().delay(std::time::Duration::from_secs(5)),
+    ));
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    env.drain().await.assert_code(3);
+
+    let s = status(&env).await;
+    let sink = env.sink.url().trim_end_matches('/').to_string() + "/";
+    let down = s["sinks_down"].as_array().expect("a list");
+    assert_eq!(down.len(), 1, "{s:#}");
+    assert_eq!(down[0]["sink"], json!(sink), "{s:#}");
+    let since = down[0]["down_since"].as_str().expect("a time");
+    let since = chrono::DateTime::parse_from_rfc3339(since).expect("RFC 3339");
+    let age = chrono::Utc::now() - since.to_utc();
+    assert!(age.num_seconds().abs() < 60, "recorded just now: {since}");
+    let out = env.run(&["status"]).await;
+    assert!(
+        out.stdout.contains("ingest sink:    DOWN since") && out.stdout.contains(&sink),
+        "{out}"
+    );
+
+    // back: the next drain's probe finds it answering, and clears the record
+    env.sink.set_mode(Mode::Accept);
+    env.drain().await.assert_code(0);
+    let s = status(&env).await;
+    assert_eq!(s["sinks_down"], json!([]), "{s:#}");
+    let out = env.run(&["status"]).await;
+    assert!(
+        out.stdout.contains("ingest sink:    not recorded as down"),
+        "{out}"
+    );
 }
