@@ -328,13 +328,16 @@ impl Relay {
         }
         // A drain whose last request timed out would record the sink as down for the
         // next run (`down_if_last_failed`), but one entry can hang a Frontend that
-        // answers everything else: an empty batch tells (at most `ingest.timeout`).
-        if self.drain.is_some()
-            && !stop.is_cancelled()
-            && self.sink.last_failure_timed_out()
-            && self.answers_an_empty_batch().await
-        {
-            self.sink.on_answer();
+        // answers everything else: an empty batch tells (at most `ingest.timeout`,
+        // cut short by a signal or `--timeout`).
+        if self.drain.is_some() && !stop.is_cancelled() && self.sink.last_failure_timed_out() {
+            let answered = tokio::select! {
+                answered = self.answers_an_empty_batch() => answered,
+                () = stop.cancelled() => false,
+            };
+            if answered {
+                self.sink.on_answer();
+            }
         }
         // What is left is bookkeeping: releasing leases, recording the sink's state.
         // A lock held on the outbox (an operator's, a long migration) would hold each

@@ -477,6 +477,42 @@ async fn a_drain_whose_last_request_hung_records_the_outage_when_an_empty_batch_
     assert_eq!(asked, 1, "one empty batch asked before stopping");
 }
 
+/// A signal while a stopping drain asks its empty batch cuts the question short: the
+/// drain exits at once instead of waiting up to `ingest.timeout` more, and records
+/// the sink as down, as it would have without asking.
+#[tokio::test]
+async fn a_signal_cuts_short_the_empty_batch_a_stopping_drain_asks() {
+    let mut env = TestEnv::migrated().await;
+    insert_one(&env).await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(30))));
+    env.config
+        .set("ingest.timeout", "3s")
+        .set("dispatch.outage_threshold", 3)
+        .set("retry.max_attempts", 3)
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "1h")
+        .set("retry.max_delay", "1h");
+    let drain = env.cmd(["drain"]).spawn();
+    // the row's request times out after 3 s; then the empty batch goes out
+    wait_until(Duration::from_secs(15), "the empty batch asked", || async {
+        env.sink
+            .sync_requests()
+            .iter()
+            .any(|r| r.entries().is_empty())
+    })
+    .await;
+    let asked = Instant::now();
+    let out = drain.terminate(Duration::from_secs(10)).await;
+    out.assert_code(3).assert_no_panic();
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "the drain waited {:?} for its empty batch after SIGTERM\n{out}",
+        asked.elapsed()
+    );
+    assert_eq!(sinks_recorded_down(&env).await, 1, "{out}");
+}
+
 /// An idle daemon follows the sink's state too: with nothing due it probes with an
 /// empty batch, so `serversync_sink_up` stays 0 while the sink is down and returns to
 /// 1, with the recorded outage cleared, once it answers, without waiting for a row to
