@@ -6,6 +6,7 @@
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
 
@@ -39,7 +40,9 @@ impl Relay {
     /// request each (split on rejection), all at once (a worker holds at most
     /// `batches_per_settle` batches, and the workers are `concurrency` divided by
     /// that, so no more requests are in flight than `concurrency`); then file rows as
-    /// concurrent uploads. Returns one attempt per row id.
+    /// concurrent uploads. When there are uploads, the rows settled before them (the
+    /// JSON rows, and those that could not be routed) are settled first; returns one
+    /// attempt per row id not settled yet.
     /// A claim holds at most one row per ordering key, so its batches need no order
     /// among themselves.
     pub(super) async fn deliver(&self, claim: &Claim, probing: bool) -> HashMap<i64, Attempt> {
@@ -89,6 +92,18 @@ impl Relay {
             .await;
         for outcome in outcomes {
             attempts.extend(outcome);
+        }
+        if !files.is_empty() && !attempts.is_empty() {
+            // uploads can take minutes (a large file, a slow link): the rows answered
+            // already are settled now, not after them, and their keys' later rows
+            // become due (a claim holds one row per key, so no order is at stake)
+            let answered = std::mem::take(&mut attempts);
+            let settlement = self.settlement(claim, answered);
+            self.settle(claim, settlement).await;
+            if let Some(drain) = &self.drain {
+                drain.settles.fetch_add(1, Ordering::SeqCst);
+            }
+            self.wake();
         }
         let mut futures = Vec::with_capacity(files.len());
         for (row, job) in &files {

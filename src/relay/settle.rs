@@ -132,9 +132,11 @@ impl Relay {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "settling a batch failed; its rows return when the lease expires");
+                // the rows of this settlement: a claim with uploads is settled in two
+                let rows = s.sent.len() + s.retries.len() + s.dead.len();
                 self.stats
                     .unsettled
-                    .fetch_add(claim.rows.len() as u64, Ordering::Relaxed);
+                    .fetch_add(rows as u64, Ordering::Relaxed);
                 return;
             }
         };

@@ -1003,3 +1003,49 @@ async fn a_delivered_id_archived_already_is_settled_and_its_record_replaced(back
         }
     }
 }
+
+both_stores!(rows_answered_are_settled_without_waiting_for_the_uploads_claimed_with_them);
+/// One worker claims a call's recording file, whose upload takes 3 s (the Frontend
+/// leaves the body unread), with another call's log: the log is settled as soon as
+/// its request is answered, while the upload is still out, so the later rows of its
+/// call do not wait for an unrelated upload. They used to be settled together, after
+/// the upload.
+async fn rows_answered_are_settled_without_waiting_for_the_uploads_claimed_with_them(
+    backend: Backend,
+) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config.set("dispatch.concurrency", 1);
+    let call = Uuid::new_v4();
+    write_recording(&env, call);
+    let file = env
+        .insert(
+            "recording_file",
+            Uuid::new_v4(),
+            file_payload(call, &format!("{call}/mixed.wav")),
+        )
+        .await;
+    let log = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    env.sink.stall_file_bodies(Duration::from_secs(3));
+    let relay = env.spawn_run(&[]);
+
+    wait_until(Duration::from_secs(10), "the log settled", || async {
+        env.sent_ids().await.contains(&log)
+    })
+    .await;
+    assert!(
+        !env.sent_ids().await.contains(&file),
+        "the upload was already settled when the log was"
+    );
+    wait_until(Duration::from_secs(20), "the upload settled", || async {
+        env.sent_ids().await.contains(&file)
+    })
+    .await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+    assert_eq!(env.sink.uploads().len(), 1);
+    assert_eq!(env.sink.entries().len(), 1);
+}
