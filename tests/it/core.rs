@@ -86,6 +86,18 @@ fn write_recording(env: &TestEnv, call: Uuid) -> (Vec<u8>, Vec<u8>) {
     (audio, meta)
 }
 
+/// A recording file (`<call>/mixed.wav`, with its meta.json) on disk and its
+/// `recording_file` row. Returns the row's id.
+async fn a_recording_file_row(env: &TestEnv, call: Uuid) -> i64 {
+    write_recording(env, call);
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        file_payload(call, &format!("{call}/mixed.wav")),
+    )
+    .await
+}
+
 /// A call's log (`{"id": call}`) and its recording file (`<call>/mixed.wav`, with its
 /// meta.json), written to the outbox and the recordings root.
 /// Returns (the call's id, audio bytes, meta bytes).

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{file_payload, parse_time, write_recording};
+use super::{a_recording_file_row, file_payload, parse_time, write_recording};
 use crate::harness::sink::Incoming;
 use crate::harness::{both_stores, wait_until, Backend, Mode, NewRow, Reply, TestEnv};
 
@@ -1016,14 +1016,7 @@ async fn rows_answered_are_settled_without_waiting_for_the_uploads_claimed_with_
     let mut env = TestEnv::migrated_on(backend).await;
     env.config.set("dispatch.concurrency", 1);
     let call = Uuid::new_v4();
-    write_recording(&env, call);
-    let file = env
-        .insert(
-            "recording_file",
-            Uuid::new_v4(),
-            file_payload(call, &format!("{call}/mixed.wav")),
-        )
-        .await;
+    let file = a_recording_file_row(&env, call).await;
     let log = env
         .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
         .await;

@@ -8,7 +8,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    assert_dead, assert_history, drain_until, file_payload, retry_in_an_hour,
+    a_recording_file_row, assert_dead, assert_history, drain_until, file_payload, retry_in_an_hour,
     the_row_left_for_retry, write_recording,
 };
 use crate::harness::{both_stores, closed_port, fixtures, Backend, Incoming, Mode, Reply, TestEnv};
@@ -74,14 +74,7 @@ async fn retry_overrides_apply_per_entity_type(backend: Backend) {
         .set("retry.overrides.call_log.max_delay", "7s");
     env.sink.set_mode(Mode::Always(500));
     let call = Uuid::new_v4();
-    write_recording(&env, call);
-    let file = env
-        .insert(
-            "recording_file",
-            Uuid::new_v4(),
-            file_payload(call, &format!("{call}/mixed.wav")),
-        )
-        .await;
+    let file = a_recording_file_row(&env, call).await;
     let log = env
         .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
         .await;
@@ -814,13 +807,7 @@ async fn an_upload_to_a_hung_sink_times_out_after_ingest_timeout(backend: Backen
     env.sink
         .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(10))));
     let call = Uuid::new_v4();
-    write_recording(&env, call);
-    env.insert(
-        "recording_file",
-        Uuid::new_v4(),
-        file_payload(call, &format!("{call}/mixed.wav")),
-    )
-    .await;
+    a_recording_file_row(&env, call).await;
 
     let out = env.drain().await;
     out.assert_code(3);
@@ -1169,13 +1156,7 @@ async fn a_redirect_is_not_followed_and_not_taken_as_delivered(backend: Backend)
     env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
         .await;
     let call = Uuid::new_v4();
-    write_recording(&env, call);
-    env.insert(
-        "recording_file",
-        Uuid::new_v4(),
-        file_payload(call, &format!("{call}/mixed.wav")),
-    )
-    .await;
+    a_recording_file_row(&env, call).await;
 
     env.drain().await.assert_code(3).assert_no_panic();
 

@@ -443,23 +443,29 @@ async fn a_drain_whose_last_request_failed_records_the_outage_below_the_threshol
     a_drain_delivers_everything_and_records_the_recovery(&env, n).await;
 }
 
+/// One row, a sink that answers every request after `hang` (past `ingest.timeout`,
+/// `timeout`), and retries an hour apart: one drain sends the row once.
+async fn one_row_behind_a_sink_hanging_for(hang: Duration, timeout: &str) -> TestEnv {
+    let mut env = TestEnv::migrated().await;
+    insert_one(&env).await;
+    env.sink.set_mode(Mode::Reply(Reply::ok().delay(hang)));
+    env.config
+        .set("ingest.timeout", timeout)
+        .set("dispatch.outage_threshold", 3)
+        .set("retry.max_attempts", 3)
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "1h")
+        .set("retry.max_delay", "1h");
+    env
+}
+
 /// The same with a sink that hangs on every request. One entry can hang a Frontend
 /// that answers everything else (`core/hangs.rs`), so a drain whose last request
 /// timed out asks the sink with an empty batch before it stops; that hangs too, and
 /// the outage is recorded for the next run.
 #[tokio::test]
 async fn a_drain_whose_last_request_hung_records_the_outage_when_an_empty_batch_hangs_too() {
-    let mut env = TestEnv::migrated().await;
-    insert_one(&env).await;
-    env.sink
-        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(5))));
-    env.config
-        .set("ingest.timeout", "300ms")
-        .set("dispatch.outage_threshold", 3)
-        .set("retry.max_attempts", 3)
-        .set("retry.policy", "fixed")
-        .set("retry.base_delay", "1h")
-        .set("retry.max_delay", "1h");
+    let env = one_row_behind_a_sink_hanging_for(Duration::from_secs(5), "300ms").await;
 
     let out = env.drain().await;
     out.assert_code(3);
@@ -482,17 +488,7 @@ async fn a_drain_whose_last_request_hung_records_the_outage_when_an_empty_batch_
 /// the sink as down, as it would have without asking.
 #[tokio::test]
 async fn a_signal_cuts_short_the_empty_batch_a_stopping_drain_asks() {
-    let mut env = TestEnv::migrated().await;
-    insert_one(&env).await;
-    env.sink
-        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(30))));
-    env.config
-        .set("ingest.timeout", "3s")
-        .set("dispatch.outage_threshold", 3)
-        .set("retry.max_attempts", 3)
-        .set("retry.policy", "fixed")
-        .set("retry.base_delay", "1h")
-        .set("retry.max_delay", "1h");
+    let env = one_row_behind_a_sink_hanging_for(Duration::from_secs(30), "3s").await;
     let drain = env.cmd(["drain"]).spawn();
     // the row's request times out after 3 s; then the empty batch goes out
     wait_until(Duration::from_secs(15), "the empty batch asked", || async {
