@@ -15,6 +15,11 @@ use crate::dispatch::FileJob;
 use crate::store::{Claim, ClaimedRow};
 use crate::taxonomy::{ErrorType, Failure};
 
+/// How long a claim's answered rows wait for the rest of it before they are settled
+/// on their own (a slow or hanging request, a long upload): at most one extra settle
+/// per worker and second, none while requests are answered sooner.
+const SETTLE_ANSWERED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What became of one row's delivery.
 pub(super) enum Attempt {
     Sent,
@@ -40,9 +45,9 @@ impl Relay {
     /// request each (split on rejection), all at once (a worker holds at most
     /// `batches_per_settle` batches, and the workers are `concurrency` divided by
     /// that, so no more requests are in flight than `concurrency`); then file rows as
-    /// concurrent uploads. When there are uploads, the rows settled before them (the
-    /// JSON rows, and those that could not be routed) are settled first; returns one
-    /// attempt per row id not settled yet.
+    /// concurrent uploads. The rows whose attempts are in are settled while others
+    /// are still out, when that lasts `SETTLE_ANSWERED_EVERY` (again after as long),
+    /// and before the uploads start; returns the attempts not settled yet.
     /// A claim holds at most one row per ordering key, so its batches need no order
     /// among themselves.
     pub(super) async fn deliver(&self, claim: &Claim, probing: bool) -> HashMap<i64, Attempt> {
@@ -70,10 +75,6 @@ impl Relay {
                 "probing the ingest sink with a batch"
             );
         }
-        // at most `batches_per_settle` requests out at once: rows cut by bytes can make
-        // more requests than that (three rows of 0.6 × max_batch_bytes fit a worker's
-        // two requests' bytes, but go one per request), and a claim bounded by the
-        // payloads' stored, compressed, size more still
         // rows charged before go in requests of their own: one an entry of which
         // hangs the Frontend (or fails it with a 500) would otherwise be split anew
         // on every retry, each half waiting `ingest.timeout`, and hold back the rows
@@ -86,34 +87,48 @@ impl Relay {
             .chain(runs(&failed_before, max_rows, max_bytes))
             .map(|batch| self.deliver_json(batch))
             .collect();
-        let outcomes = futures_util::stream::iter(batches)
-            .buffer_unordered(self.batches_per_worker as usize)
-            .collect::<Vec<_>>()
-            .await;
-        for outcome in outcomes {
-            attempts.extend(outcome);
+        // at most `batches_per_settle` requests out at once: rows cut by bytes can make
+        // more requests than that (three rows of 0.6 × max_batch_bytes fit a worker's
+        // two requests' bytes, but go one per request), and a claim bounded by the
+        // payloads' stored, compressed, size more still
+        let mut outcomes =
+            futures_util::stream::iter(batches).buffer_unordered(self.batches_per_worker as usize);
+        let mut settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
+        loop {
+            tokio::select! {
+                outcome = outcomes.next() => match outcome {
+                    Some(outcome) => attempts.extend(outcome),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(settle_at), if !attempts.is_empty() => {
+                    self.settle_answered(claim, &mut attempts).await;
+                    settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
+                }
+            }
         }
         if !files.is_empty() && !attempts.is_empty() {
-            // uploads can take minutes (a large file, a slow link): the rows answered
-            // already are settled now, not after them, and their keys' later rows
-            // become due (a claim holds one row per key, so no order is at stake)
-            let answered = std::mem::take(&mut attempts);
-            let settlement = self.settlement(claim, answered);
-            self.settle(claim, settlement).await;
-            if let Some(drain) = &self.drain {
-                drain.settles.fetch_add(1, Ordering::SeqCst);
-            }
-            self.wake();
+            // uploads can take minutes (a large file, a slow link)
+            self.settle_answered(claim, &mut attempts).await;
+            settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
         }
         let mut futures = Vec::with_capacity(files.len());
         for (row, job) in &files {
             futures.push(self.upload(row, job));
         }
-        let uploads = futures_util::stream::iter(futures)
-            .buffer_unordered(self.settings.dispatch.file_concurrency as usize)
-            .collect::<Vec<_>>()
-            .await;
-        for (id, result) in uploads {
+        let mut uploads = futures_util::stream::iter(futures)
+            .buffer_unordered(self.settings.dispatch.file_concurrency as usize);
+        loop {
+            let (id, result) = tokio::select! {
+                upload = uploads.next() => match upload {
+                    Some(upload) => upload,
+                    None => break,
+                },
+                () = tokio::time::sleep_until(settle_at), if !attempts.is_empty() => {
+                    self.settle_answered(claim, &mut attempts).await;
+                    settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
+                    continue;
+                }
+            };
             let attempt = match result {
                 Ok(()) => {
                     self.sink.on_answer();
@@ -135,6 +150,19 @@ impl Relay {
             attempts.insert(id, attempt);
         }
         attempts
+    }
+
+    /// Settle the rows whose attempts are in, while others of their claim are still
+    /// out: they leave the outbox (or wait for their retry) now, and their keys' later
+    /// rows become due. A claim holds one row per key, so no order is at stake.
+    async fn settle_answered(&self, claim: &Claim, attempts: &mut HashMap<i64, Attempt>) {
+        let answered = std::mem::take(attempts);
+        let settlement = self.settlement(claim, answered);
+        self.settle(claim, settlement).await;
+        if let Some(drain) = &self.drain {
+            drain.settles.fetch_add(1, Ordering::SeqCst);
+        }
+        self.wake();
     }
 
     /// Send one batch of JSON rows. A batch rejected with a non-retryable 4xx is split in halves

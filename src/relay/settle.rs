@@ -115,6 +115,10 @@ impl Relay {
     /// Write the outcome; database errors are retried with backoff (they never cost
     /// a row an attempt), and a lost lease is reported, not overwritten.
     pub(super) async fn settle(&self, claim: &Claim, s: Settlement) {
+        if s.sent.is_empty() && s.retries.is_empty() && s.dead.is_empty() {
+            // everything was settled as it was answered (`Relay::settle_answered`)
+            return;
+        }
         let keep_sent = !self.settings.retention.delete_sent;
         let write = || async { self.store.settle(&s, keep_sent).await };
         let report = write

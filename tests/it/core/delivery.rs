@@ -1042,3 +1042,48 @@ async fn rows_answered_are_settled_without_waiting_for_the_uploads_claimed_with_
     assert_eq!(env.sink.uploads().len(), 1);
     assert_eq!(env.sink.entries().len(), 1);
 }
+
+both_stores!(rows_answered_are_settled_while_a_slow_request_of_their_claim_is_out);
+/// One worker claims two rows for two requests; the Frontend answers one at once and
+/// the other after 4 s (well within `ingest.timeout`). The first is settled about a
+/// second later, while the second is still out, instead of waiting for it.
+async fn rows_answered_are_settled_while_a_slow_request_of_their_claim_is_out(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("dispatch.concurrency", 2)
+        .set("dispatch.batches_per_settle", 2)
+        .set("dispatch.batch_size", 1)
+        .set("ingest.timeout", "10s");
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["slow"] == true) => {
+            Reply::ok().delay(Duration::from_secs(4))
+        }
+        _ => Reply::ok(),
+    }));
+    let slow = env
+        .insert("call_log", Uuid::new_v4(), json!({"slow": true}))
+        .await;
+    let quick = env
+        .insert("call_log", Uuid::new_v4(), json!({"slow": false}))
+        .await;
+    let relay = env.spawn_run(&[]);
+
+    wait_until(Duration::from_secs(10), "the quick row settled", || async {
+        env.sent_ids().await.contains(&quick)
+    })
+    .await;
+    assert!(
+        !env.sent_ids().await.contains(&slow),
+        "the slow request was already answered when the quick row was settled"
+    );
+    wait_until(Duration::from_secs(20), "the slow row settled", || async {
+        env.sent_ids().await.contains(&slow)
+    })
+    .await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+    let batches = env.sink.accepted_batches();
+    assert_eq!(batches.len(), 2, "one request each: {batches:?}");
+}
