@@ -235,7 +235,10 @@ impl PgStore {
         let options = (*self.pool.connect_options())
             .clone()
             .disable_statement_logging();
-        let mut conn = PgConnection::connect_with(&options).await?;
+        let wait = self.pool.options().get_acquire_timeout();
+        let mut conn = tokio::time::timeout(wait, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| anyhow::anyhow!("connecting to migrate: timed out after {wait:?}"))??;
         sqlx::query("SET synchronous_commit = on")
             .execute(&mut conn)
             .await?;
