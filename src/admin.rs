@@ -279,11 +279,16 @@ fn one_line(text: &str, max: usize) -> String {
 pub async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
     say!("ok    configuration");
     let mut healthy = true;
+    // the store, once its schema is known to be current
+    let mut current = None;
     match connect(settings, false).await {
         Ok(store) => {
             say!("ok    database reachable ({})", store.backend());
             match store.schema_state().await {
-                Ok(SchemaState::Current) => say!("ok    schema current"),
+                Ok(SchemaState::Current) => {
+                    say!("ok    schema current");
+                    current = Some(store);
+                }
                 Ok(SchemaState::Outdated { missing }) => {
                     healthy = false;
                     say!(
@@ -343,6 +348,15 @@ pub async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
                 say!("FAIL  ingest {base}: {}{hint}", one_line(&f.message, 300));
             }
         },
+    }
+    // what relays starting now would find: they probe before delivering anything
+    if let Some(store) = &current {
+        if let Ok(Some(since)) = store.sink_down_since(&base).await {
+            say!(
+                "warn  ingest {base} recorded as down by a relay since {since}: relays \
+                 probe it before delivering, until one sees it answer"
+            );
+        }
     }
     if settings.storage.recordings_root.is_dir() {
         say!(

@@ -160,11 +160,14 @@ async fn no_sink_recorded_down(env: &TestEnv) {
     );
 }
 
-both_stores!(status_says_which_sink_a_relay_recorded_as_down_until_it_answers);
+both_stores!(status_and_check_say_which_sink_a_relay_recorded_as_down_until_it_answers);
 /// A drain against a Frontend that answers nothing in time (an empty batch neither)
 /// records the sink as down; `status`, which is what an operator runs first, says so
-/// (which sink, since when), in text and JSON, until a relay sees it answer again.
-async fn status_says_which_sink_a_relay_recorded_as_down_until_it_answers(backend: Backend) {
+/// (which sink, since when), in text and JSON, until a relay sees it answer again, and
+/// `check` warns that relays will probe it first.
+async fn status_and_check_say_which_sink_a_relay_recorded_as_down_until_it_answers(
+    backend: Backend,
+) {
     let mut env = TestEnv::migrated_on(backend).await;
     no_sink_recorded_down(&env).await;
 
@@ -190,9 +193,17 @@ async fn status_says_which_sink_a_relay_recorded_as_down_until_it_answers(backen
         out.stdout.contains("ingest sink:    DOWN since") && out.stdout.contains(&sink),
         "{out}"
     );
+    let out = env.run(&["check"]).await;
+    assert!(
+        out.stdout.contains("recorded as down by a relay since"),
+        "{out}"
+    );
 
     // back: the next drain's probe finds it answering, and clears the record
     env.sink.set_mode(Mode::Accept);
     env.drain().await.assert_code(0);
     no_sink_recorded_down(&env).await;
+    let out = env.run(&["check"]).await;
+    out.assert_success();
+    assert!(!out.stdout.contains("recorded as down"), "{out}");
 }
