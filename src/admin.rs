@@ -109,6 +109,7 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
         DlqCommand::List {
             error_type,
             entity_type,
+            http_status,
             limit,
             json,
         } => {
@@ -116,6 +117,7 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
                 .dlq_list(&DlqFilter {
                     error_type,
                     entity_type,
+                    http_status,
                     limit: limit.max(0),
                 })
                 .await?;
@@ -203,15 +205,15 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             ids,
             all,
             error_type,
+            http_status,
         } => {
             let asked = distinct(&ids);
-            let n = store
-                .dlq_requeue(&selection(
-                    ids,
-                    all,
-                    error_type.map(DlqSelection::ErrorType),
-                )?)
-                .await?;
+            let matching =
+                (error_type.is_some() || http_status.is_some()).then_some(DlqSelection::Matching {
+                    error_type,
+                    http_status,
+                });
+            let n = store.dlq_requeue(&selection(ids, all, matching)?).await?;
             say!("requeued {n} dead letter(s)");
             note_missing(asked, n);
             Ok(ExitCode::SUCCESS)

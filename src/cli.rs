@@ -121,6 +121,9 @@ pub enum DlqCommand {
         /// Only this entity type.
         #[arg(long, value_name = "T")]
         entity_type: Option<String>,
+        /// Only those the sink last answered with this HTTP status (e.g. 401).
+        #[arg(long, value_name = "N", value_parser = parse_http_status)]
+        http_status: Option<i32>,
         /// At most this many, oldest first.
         #[arg(long, default_value_t = 100, value_name = "N", allow_negative_numbers = true,
               value_parser = clap::value_parser!(i64).range(1..))]
@@ -138,16 +141,25 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Move dead letters back to the outbox as pending, attempts reset.
-    #[command(group(ArgGroup::new("which").required(true).args(["ids", "all", "error_type"])))]
+    #[command(group(
+        ArgGroup::new("which")
+            .required(true)
+            .multiple(true)
+            .args(["ids", "all", "error_type", "http_status"])
+    ))]
     Requeue {
         /// Dead-letter ids.
         ids: Vec<i64>,
         /// Every dead letter.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["ids", "error_type", "http_status"])]
         all: bool,
         /// Every dead letter of this error type.
-        #[arg(long, value_name = "T", value_parser = parse_error_type)]
+        #[arg(long, value_name = "T", value_parser = parse_error_type, conflicts_with = "ids")]
         error_type: Option<String>,
+        /// Every dead letter the sink last answered with this HTTP status (with
+        /// --error-type: those of both), e.g. 401 once a wrong token is fixed.
+        #[arg(long, value_name = "N", value_parser = parse_http_status, conflicts_with = "ids")]
+        http_status: Option<i32>,
     },
     /// Delete dead letters.
     #[command(group(ArgGroup::new("which").required(true).args(["ids", "all", "older_than"])))]
@@ -161,6 +173,13 @@ pub enum DlqCommand {
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         older_than: Option<Duration>,
     },
+}
+
+fn parse_http_status(text: &str) -> Result<i32, String> {
+    match text.parse::<i32>() {
+        Ok(status) if (100..=599).contains(&status) => Ok(status),
+        _ => Err("an HTTP status is a number from 100 to 599".to_string()),
+    }
 }
 
 fn parse_error_type(text: &str) -> Result<String, String> {

@@ -188,6 +188,8 @@ pub struct DeadLetter {
 pub struct DlqFilter {
     pub error_type: Option<String>,
     pub entity_type: Option<String>,
+    /// The last HTTP status the sink answered.
+    pub http_status: Option<i32>,
     pub limit: i64,
 }
 
@@ -196,7 +198,12 @@ pub struct DlqFilter {
 pub enum DlqSelection {
     Ids(Vec<i64>),
     All,
-    ErrorType(String),
+    /// Of this error type, with this last HTTP status (either may be left open; not
+    /// both).
+    Matching {
+        error_type: Option<String>,
+        http_status: Option<i32>,
+    },
     OlderThan(Duration),
 }
 

@@ -15,7 +15,7 @@ const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload::text 
 enum SelectionBind {
     Ids(Vec<i64>),
     None,
-    Text(String),
+    Matching(Option<String>, Option<i32>),
     Millis(i64),
 }
 
@@ -67,12 +67,14 @@ impl PgStore {
         let sql = format!(
             "SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters \
              WHERE ($1::text IS NULL OR error_type = $1) AND ($2::text IS NULL OR entity_type = $2) \
+               AND ($4::int IS NULL OR http_status = $4) \
              ORDER BY id LIMIT $3"
         );
         let rows = sqlx::query(&sql)
             .bind(&f.error_type)
             .bind(&f.entity_type)
             .bind(f.limit)
+            .bind(f.http_status)
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(dead_letter_from_row).collect()
@@ -121,7 +123,13 @@ fn selection_filter(sel: &DlqSelection) -> (&'static str, SelectionBind) {
     match sel {
         DlqSelection::Ids(ids) => ("id = ANY($1)", SelectionBind::Ids(ids.clone())),
         DlqSelection::All => ("true", SelectionBind::None),
-        DlqSelection::ErrorType(t) => ("error_type = $1", SelectionBind::Text(t.clone())),
+        DlqSelection::Matching {
+            error_type,
+            http_status,
+        } => (
+            "($1::text IS NULL OR error_type = $1) AND ($2::int IS NULL OR http_status = $2)",
+            SelectionBind::Matching(error_type.clone(), *http_status),
+        ),
         DlqSelection::OlderThan(d) => (
             "dead_at < now() - $1 * interval '1 millisecond'",
             SelectionBind::Millis(millis(*d)),
@@ -136,7 +144,7 @@ fn bind_selection<'q>(
     match bind {
         SelectionBind::Ids(ids) => q.bind(ids),
         SelectionBind::None => q,
-        SelectionBind::Text(t) => q.bind(t),
+        SelectionBind::Matching(t, status) => q.bind(t).bind(status),
         SelectionBind::Millis(m) => q.bind(m),
     }
 }

@@ -10,6 +10,7 @@ const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload, order
 enum SelectionBind {
     None,
     Text(String),
+    Matching(Option<String>, Option<i32>),
     Millis(i64),
 }
 
@@ -68,12 +69,14 @@ impl SqliteStore {
         let sql = format!(
             "SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters \
              WHERE (?1 IS NULL OR error_type = ?1) AND (?2 IS NULL OR entity_type = ?2) \
+               AND (?4 IS NULL OR http_status = ?4) \
              ORDER BY id LIMIT ?3"
         );
         let rows = sqlx::query(&sql)
             .bind(&f.error_type)
             .bind(&f.entity_type)
             .bind(f.limit)
+            .bind(f.http_status)
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(dead_letter_from_row).collect()
@@ -147,7 +150,13 @@ fn selection_filter(sel: &DlqSelection) -> anyhow::Result<(&'static str, Selecti
             SelectionBind::Text(serde_json::to_string(ids)?),
         ),
         DlqSelection::All => ("1", SelectionBind::None),
-        DlqSelection::ErrorType(t) => ("error_type = ?1", SelectionBind::Text(t.clone())),
+        DlqSelection::Matching {
+            error_type,
+            http_status,
+        } => (
+            "(?1 IS NULL OR error_type = ?1) AND (?2 IS NULL OR http_status = ?2)",
+            SelectionBind::Matching(error_type.clone(), *http_status),
+        ),
         DlqSelection::OlderThan(d) => (
             concat!("dead_at < ", now_plus_ms!("?1")),
             SelectionBind::Millis(-offset_ms(*d)),
@@ -162,6 +171,7 @@ fn bind_selection<'q>(
     match bind {
         SelectionBind::None => q,
         SelectionBind::Text(t) => q.bind(t),
+        SelectionBind::Matching(t, status) => q.bind(t).bind(status),
         SelectionBind::Millis(m) => q.bind(m),
     }
 }

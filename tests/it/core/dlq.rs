@@ -4,7 +4,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::file_payload;
-use crate::harness::{both_stores, Backend, NewRow, TestEnv};
+use crate::harness::sink::Incoming;
+use crate::harness::{both_stores, Backend, Mode, NewRow, Reply, TestEnv};
 
 /// Dead-letter `n` rows of type `fax` as `unknown_entity_type` (no HTTP involved);
 /// returns their outbox ids. Leaves `fax` outside the allow-list.
@@ -128,6 +129,82 @@ async fn requeue_by_error_type_moves_only_that_type(backend: Backend) {
         .map(|d| d.outbox_id)
         .collect();
     assert_eq!(left, [denied]);
+}
+
+both_stores!(requeue_by_http_status_moves_only_the_rows_that_answer_had);
+/// A Frontend that refused two rows with 401 (say, a token it had revoked) and one
+/// with 422: `dlq list --http-status 401` shows the two, and `dlq requeue --error-type
+/// http_4xx --http-status 401` brings back only them, which the next drain delivers;
+/// the 422 stays dead. Selectors that make no sense together, or no status, fail.
+async fn requeue_by_http_status_moves_only_the_rows_that_answer_had(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["auth"] == true) => {
+            Reply::status(401)
+        }
+        Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["bad"] == true) => {
+            Reply::status(422)
+        }
+        _ => Reply::ok(),
+    }));
+    let mut refused = Vec::new();
+    for n in 0..2 {
+        refused.push(
+            env.insert("call_log", Uuid::new_v4(), json!({"auth": true, "n": n}))
+                .await,
+        );
+    }
+    let bad = env
+        .insert("call_log", Uuid::new_v4(), json!({"bad": true}))
+        .await;
+    env.drain().await.assert_code(3);
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 3);
+
+    let listed: Vec<i64> = list(&env, &["--http-status", "401"])
+        .await
+        .iter()
+        .map(|d| d["outboxId"].as_i64().expect("outboxId"))
+        .collect();
+    assert_eq!(listed, refused);
+    for args in [
+        &["dlq", "requeue", "--all", "--http-status", "401"][..],
+        &["dlq", "requeue", "1", "--http-status", "401"],
+        &["dlq", "requeue", "--http-status", "99"],
+        &["dlq", "list", "--http-status", "four-oh-one"],
+    ] {
+        let out = env.run(args).await;
+        assert_ne!(out.code, Some(0), "{args:?} succeeded\n{out}");
+        out.assert_no_panic();
+    }
+    assert_eq!(
+        env.count("sync_outbox_dead_letters").await,
+        3,
+        "nothing moved"
+    );
+
+    env.run(&[
+        "dlq",
+        "requeue",
+        "--error-type",
+        "http_4xx",
+        "--http-status",
+        "401",
+    ])
+    .await
+    .assert_success();
+    let back: Vec<i64> = env.outbox().await.iter().map(|r| r.id).collect();
+    assert_eq!(back, refused);
+    let left: Vec<i64> = env
+        .dead_letters()
+        .await
+        .iter()
+        .map(|d| d.outbox_id)
+        .collect();
+    assert_eq!(left, [bad]);
+
+    env.sink.set_mode(Mode::Accept);
+    env.drain().await.assert_code(0);
+    assert_eq!(env.sent_ids().await, refused);
 }
 
 both_stores!(requeue_all_empties_the_dead_letters);
