@@ -44,6 +44,23 @@ async fn list(env: &TestEnv, extra: &[&str]) -> Vec<Value> {
     }
 }
 
+/// Run `dlq requeue` with `args`; then the outbox holds the rows `back` (by outbox
+/// id, in order) and the dead letters the rows `left`.
+async fn requeue_moves(env: &TestEnv, args: &[&str], back: &[i64], left: &[i64]) {
+    let mut command = vec!["dlq", "requeue"];
+    command.extend_from_slice(args);
+    env.run(&command).await.assert_success();
+    let outbox: Vec<i64> = env.outbox().await.iter().map(|r| r.id).collect();
+    assert_eq!(outbox, back, "back in the outbox after {args:?}");
+    let dead: Vec<i64> = env
+        .dead_letters()
+        .await
+        .iter()
+        .map(|d| d.outbox_id)
+        .collect();
+    assert_eq!(dead, left, "left dead after {args:?}");
+}
+
 both_stores!(requeue_by_id_puts_the_row_back_and_the_next_drain_delivers_it);
 async fn requeue_by_id_puts_the_row_back_and_the_next_drain_delivers_it(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
@@ -116,19 +133,13 @@ async fn requeue_by_error_type_moves_only_that_type(backend: Backend) {
     let faxes = dead_faxes(&mut env, 2).await;
     let denied = dead_path(&env).await;
 
-    env.run(&["dlq", "requeue", "--error-type", "unknown_entity_type"])
-        .await
-        .assert_success();
-
-    let back: Vec<i64> = env.outbox().await.iter().map(|r| r.id).collect();
-    assert_eq!(back, faxes);
-    let left: Vec<i64> = env
-        .dead_letters()
-        .await
-        .iter()
-        .map(|d| d.outbox_id)
-        .collect();
-    assert_eq!(left, [denied]);
+    requeue_moves(
+        &env,
+        &["--error-type", "unknown_entity_type"],
+        &faxes,
+        &[denied],
+    )
+    .await;
 }
 
 both_stores!(requeue_by_http_status_moves_only_the_rows_that_answer_had);
@@ -182,25 +193,8 @@ async fn requeue_by_http_status_moves_only_the_rows_that_answer_had(backend: Bac
         "nothing moved"
     );
 
-    env.run(&[
-        "dlq",
-        "requeue",
-        "--error-type",
-        "http_4xx",
-        "--http-status",
-        "401",
-    ])
-    .await
-    .assert_success();
-    let back: Vec<i64> = env.outbox().await.iter().map(|r| r.id).collect();
-    assert_eq!(back, refused);
-    let left: Vec<i64> = env
-        .dead_letters()
-        .await
-        .iter()
-        .map(|d| d.outbox_id)
-        .collect();
-    assert_eq!(left, [bad]);
+    let both = ["--error-type", "http_4xx", "--http-status", "401"];
+    requeue_moves(&env, &both, &refused, &[bad]).await;
 
     env.sink.set_mode(Mode::Accept);
     env.drain().await.assert_code(0);
@@ -213,11 +207,7 @@ async fn requeue_all_empties_the_dead_letters(backend: Backend) {
     let mut ids = dead_faxes(&mut env, 2).await;
     ids.push(dead_path(&env).await);
 
-    env.run(&["dlq", "requeue", "--all"]).await.assert_success();
-
-    let back: Vec<i64> = env.outbox().await.iter().map(|r| r.id).collect();
-    assert_eq!(back, ids);
-    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+    requeue_moves(&env, &["--all"], &ids, &[]).await;
 }
 
 both_stores!(a_requeued_row_goes_before_the_later_rows_of_its_key);
