@@ -1004,6 +1004,28 @@ async fn a_delivered_id_archived_already_is_settled_and_its_record_replaced(back
     }
 }
 
+/// A daemon runs until `later` is settled; `first` was settled before it, while
+/// `later` was still out; it stops cleanly.
+async fn settled_first_while_the_other_is_out(env: &TestEnv, first: i64, later: i64) {
+    let relay = env.spawn_run(&[]);
+    wait_until(Duration::from_secs(10), "the first row settled", || async {
+        env.sent_ids().await.contains(&first)
+    })
+    .await;
+    assert!(
+        !env.sent_ids().await.contains(&later),
+        "the later row was settled with the first, not after it"
+    );
+    wait_until(Duration::from_secs(20), "the later row settled", || async {
+        env.sent_ids().await.contains(&later)
+    })
+    .await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+}
+
 both_stores!(rows_answered_are_settled_without_waiting_for_the_uploads_claimed_with_them);
 /// One worker claims a call's recording file, whose upload takes 3 s (the Frontend
 /// leaves the body unread), with another call's log: the log is settled as soon as
@@ -1021,24 +1043,7 @@ async fn rows_answered_are_settled_without_waiting_for_the_uploads_claimed_with_
         .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
         .await;
     env.sink.stall_file_bodies(Duration::from_secs(3));
-    let relay = env.spawn_run(&[]);
-
-    wait_until(Duration::from_secs(10), "the log settled", || async {
-        env.sent_ids().await.contains(&log)
-    })
-    .await;
-    assert!(
-        !env.sent_ids().await.contains(&file),
-        "the upload was already settled when the log was"
-    );
-    wait_until(Duration::from_secs(20), "the upload settled", || async {
-        env.sent_ids().await.contains(&file)
-    })
-    .await;
-    relay
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success();
+    settled_first_while_the_other_is_out(&env, log, file).await;
     assert_eq!(env.sink.uploads().len(), 1);
     assert_eq!(env.sink.entries().len(), 1);
 }
@@ -1066,24 +1071,7 @@ async fn rows_answered_are_settled_while_a_slow_request_of_their_claim_is_out(ba
     let quick = env
         .insert("call_log", Uuid::new_v4(), json!({"slow": false}))
         .await;
-    let relay = env.spawn_run(&[]);
-
-    wait_until(Duration::from_secs(10), "the quick row settled", || async {
-        env.sent_ids().await.contains(&quick)
-    })
-    .await;
-    assert!(
-        !env.sent_ids().await.contains(&slow),
-        "the slow request was already answered when the quick row was settled"
-    );
-    wait_until(Duration::from_secs(20), "the slow row settled", || async {
-        env.sent_ids().await.contains(&slow)
-    })
-    .await;
-    relay
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success();
+    settled_first_while_the_other_is_out(&env, quick, slow).await;
     let batches = env.sink.accepted_batches();
     assert_eq!(batches.len(), 2, "one request each: {batches:?}");
 }
