@@ -6,7 +6,6 @@
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
 
@@ -94,22 +93,16 @@ impl Relay {
         let mut outcomes =
             futures_util::stream::iter(batches).buffer_unordered(self.batches_per_worker as usize);
         let mut settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
-        loop {
-            tokio::select! {
-                outcome = outcomes.next() => match outcome {
-                    Some(outcome) => attempts.extend(outcome),
-                    None => break,
-                },
-                () = tokio::time::sleep_until(settle_at), if !attempts.is_empty() => {
-                    self.settle_answered(claim, &mut attempts).await;
-                    settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
-                }
-            }
+        while let Some(outcome) = self
+            .next_settling(claim, &mut outcomes, &mut attempts, &mut settle_at)
+            .await
+        {
+            attempts.extend(outcome);
         }
         if !files.is_empty() && !attempts.is_empty() {
             // uploads can take minutes (a large file, a slow link)
-            self.settle_answered(claim, &mut attempts).await;
-            settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
+            self.settle_answered(claim, &mut attempts, &mut settle_at)
+                .await;
         }
         let mut futures = Vec::with_capacity(files.len());
         for (row, job) in &files {
@@ -117,18 +110,10 @@ impl Relay {
         }
         let mut uploads = futures_util::stream::iter(futures)
             .buffer_unordered(self.settings.dispatch.file_concurrency as usize);
-        loop {
-            let (id, result) = tokio::select! {
-                upload = uploads.next() => match upload {
-                    Some(upload) => upload,
-                    None => break,
-                },
-                () = tokio::time::sleep_until(settle_at), if !attempts.is_empty() => {
-                    self.settle_answered(claim, &mut attempts).await;
-                    settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
-                    continue;
-                }
-            };
+        while let Some((id, result)) = self
+            .next_settling(claim, &mut uploads, &mut attempts, &mut settle_at)
+            .await
+        {
             let attempt = match result {
                 Ok(()) => {
                     self.sink.on_answer();
@@ -152,17 +137,39 @@ impl Relay {
         attempts
     }
 
+    /// The next outcome of `stream`; whenever `settle_at` comes first, the `attempts`
+    /// in so far are settled meanwhile (`settle_answered`).
+    async fn next_settling<S: futures_util::Stream + Unpin>(
+        &self,
+        claim: &Claim,
+        stream: &mut S,
+        attempts: &mut HashMap<i64, Attempt>,
+        settle_at: &mut tokio::time::Instant,
+    ) -> Option<S::Item> {
+        loop {
+            tokio::select! {
+                item = stream.next() => return item,
+                () = tokio::time::sleep_until(*settle_at), if !attempts.is_empty() => {
+                    self.settle_answered(claim, attempts, settle_at).await;
+                }
+            }
+        }
+    }
+
     /// Settle the rows whose attempts are in, while others of their claim are still
     /// out: they leave the outbox (or wait for their retry) now, and their keys' later
-    /// rows become due. A claim holds one row per key, so no order is at stake.
-    async fn settle_answered(&self, claim: &Claim, attempts: &mut HashMap<i64, Attempt>) {
+    /// rows become due. A claim holds one row per key, so no order is at stake. The
+    /// next such settle is `SETTLE_ANSWERED_EVERY` later.
+    async fn settle_answered(
+        &self,
+        claim: &Claim,
+        attempts: &mut HashMap<i64, Attempt>,
+        settle_at: &mut tokio::time::Instant,
+    ) {
         let answered = std::mem::take(attempts);
         let settlement = self.settlement(claim, answered);
         self.settle(claim, settlement).await;
-        if let Some(drain) = &self.drain {
-            drain.settles.fetch_add(1, Ordering::SeqCst);
-        }
-        self.wake();
+        *settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
     }
 
     /// Send one batch of JSON rows. A batch rejected with a non-retryable 4xx is split in halves

@@ -112,9 +112,19 @@ impl Relay {
         s
     }
 
+    /// Write the outcome (`write_settlement`), then count the settle for a drain's
+    /// end and wake the workers: rows of the same ordering keys may be due now.
+    pub(super) async fn settle(&self, claim: &Claim, s: Settlement) {
+        self.write_settlement(claim, s).await;
+        if let Some(drain) = &self.drain {
+            drain.settles.fetch_add(1, Ordering::SeqCst);
+        }
+        self.wake();
+    }
+
     /// Write the outcome; database errors are retried with backoff (they never cost
     /// a row an attempt), and a lost lease is reported, not overwritten.
-    pub(super) async fn settle(&self, claim: &Claim, s: Settlement) {
+    async fn write_settlement(&self, claim: &Claim, s: Settlement) {
         if s.sent.is_empty() && s.retries.is_empty() && s.dead.is_empty() {
             // everything was settled as it was answered (`Relay::settle_answered`)
             return;

@@ -302,12 +302,7 @@ impl Relay {
         };
         let settlement = self.settlement(&claim, attempts);
         self.settle(&claim, settlement).await;
-        if let Some(drain) = &self.drain {
-            drain.settles.fetch_add(1, Ordering::SeqCst);
-        }
         self.lock_in_flight().remove(&batch);
-        // rows of the same ordering keys may be due now
-        self.wake();
         Step::Delivered(n)
     }
 
