@@ -164,6 +164,13 @@ SELECT id, entity_type, entity_id, payload, ordering_key, created_at, error_type
 FROM d
 "#;
 
+/// A sink's `down_since` as the relays and `status` show it: UTC, RFC 3339, seconds.
+macro_rules! down_since_utc {
+    () => {
+        "to_char(down_since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+    };
+}
+
 impl PgStore {
     /// `EXPLAIN (options)` of the very claim statement the relay runs, as a claim
     /// lane makes it while a backlog drains: `limit` rows from `share` of the keys,
@@ -203,13 +210,7 @@ impl PgStore {
         let connect_options = PgConnectOptions::from_str(url)?.application_name("serversync");
         // One direct connection first: a pool would retry until its timeout and
         // report only "timed out", hiding the cause (refused, auth, unknown db).
-        let probe = tokio::time::timeout(
-            options.acquire_timeout,
-            PgConnection::connect_with(&connect_options),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("timed out after {:?}", options.acquire_timeout))?
-        .map_err(describe_connect_error)?;
+        let probe = connect_one(&connect_options, options.acquire_timeout).await?;
         let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
@@ -236,9 +237,9 @@ impl PgStore {
             .clone()
             .disable_statement_logging();
         let wait = self.pool.options().get_acquire_timeout();
-        let mut conn = tokio::time::timeout(wait, PgConnection::connect_with(&options))
+        let mut conn = connect_one(&options, wait)
             .await
-            .map_err(|_| anyhow::anyhow!("connecting to migrate: timed out after {wait:?}"))??;
+            .context("connecting to migrate")?;
         sqlx::query("SET synchronous_commit = on")
             .execute(&mut conn)
             .await?;
@@ -605,10 +606,11 @@ impl PgStore {
     }
 
     pub async fn sink_down_since(&self, sink: &str) -> anyhow::Result<Option<String>> {
-        let since: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT to_char(down_since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
-             FROM sync_outbox_sink_state WHERE sink = $1",
-        )
+        let since: Option<Option<String>> = sqlx::query_scalar(concat!(
+            "SELECT ",
+            down_since_utc!(),
+            " FROM sync_outbox_sink_state WHERE sink = $1"
+        ))
         .bind(sink)
         .fetch_optional(&self.pool)
         .await?;
@@ -616,10 +618,11 @@ impl PgStore {
     }
 
     pub async fn sinks_down(&self) -> anyhow::Result<Vec<(String, String)>> {
-        Ok(sqlx::query_as(
-            "SELECT sink, to_char(down_since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
-             FROM sync_outbox_sink_state WHERE down_since IS NOT NULL ORDER BY sink",
-        )
+        Ok(sqlx::query_as(concat!(
+            "SELECT sink, ",
+            down_since_utc!(),
+            " FROM sync_outbox_sink_state WHERE down_since IS NOT NULL ORDER BY sink"
+        ))
         .fetch_all(&self.pool)
         .await?)
     }
@@ -696,6 +699,14 @@ async fn session_settings(
 
 /// sqlx's "error communicating with database: Connection refused (os error 111)" is
 /// clear enough; only name the common cases more plainly.
+/// One direct connection, waited for at most `wait`, its error described.
+async fn connect_one(options: &PgConnectOptions, wait: Duration) -> anyhow::Result<PgConnection> {
+    tokio::time::timeout(wait, PgConnection::connect_with(options))
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out after {wait:?}"))?
+        .map_err(describe_connect_error)
+}
+
 fn describe_connect_error(err: sqlx::Error) -> anyhow::Error {
     match &err {
         sqlx::Error::PoolTimedOut => anyhow::anyhow!("timed out waiting for a database connection"),
