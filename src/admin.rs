@@ -208,11 +208,7 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             http_status,
         } => {
             let asked = distinct(&ids);
-            let matching =
-                (error_type.is_some() || http_status.is_some()).then_some(DlqSelection::Matching {
-                    error_type,
-                    http_status,
-                });
+            let matching = matching(error_type, http_status, None);
             let n = store.dlq_requeue(&selection(ids, all, matching)?).await?;
             say!("requeued {n} dead letter(s)");
             note_missing(asked, n);
@@ -222,15 +218,12 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             ids,
             all,
             older_than,
+            error_type,
+            http_status,
         } => {
             let asked = distinct(&ids);
-            let n = store
-                .dlq_purge(&selection(
-                    ids,
-                    all,
-                    older_than.map(DlqSelection::OlderThan),
-                )?)
-                .await?;
+            let matching = matching(error_type, http_status, older_than);
+            let n = store.dlq_purge(&selection(ids, all, matching)?).await?;
             say!("purged {n} dead letter(s)");
             note_missing(asked, n);
             Ok(ExitCode::SUCCESS)
@@ -251,6 +244,21 @@ fn note_missing(asked: u64, done: u64) {
             asked - done
         );
     }
+}
+
+/// The filters given, if any: a dead letter must match every one.
+fn matching(
+    error_type: Option<String>,
+    http_status: Option<i32>,
+    older_than: Option<Duration>,
+) -> Option<DlqSelection> {
+    (error_type.is_some() || http_status.is_some() || older_than.is_some()).then_some(
+        DlqSelection::Matching {
+            error_type,
+            http_status,
+            older_than,
+        },
+    )
 }
 
 fn selection(

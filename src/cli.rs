@@ -162,16 +162,28 @@ pub enum DlqCommand {
         http_status: Option<i32>,
     },
     /// Delete dead letters.
-    #[command(group(ArgGroup::new("which").required(true).args(["ids", "all", "older_than"])))]
+    #[command(group(
+        ArgGroup::new("which")
+            .required(true)
+            .multiple(true)
+            .args(["ids", "all", "older_than", "error_type", "http_status"])
+    ))]
     Purge {
         /// Dead-letter ids.
         ids: Vec<i64>,
         /// Every dead letter.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["ids", "older_than", "error_type", "http_status"])]
         all: bool,
-        /// Dead letters that died longer ago than this (e.g. 30d).
-        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        /// Dead letters that died longer ago than this (e.g. 30d); with --error-type
+        /// or --http-status, those that match all that is given.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration, conflicts_with = "ids")]
         older_than: Option<Duration>,
+        /// Every dead letter of this error type.
+        #[arg(long, value_name = "T", value_parser = parse_error_type, conflicts_with = "ids")]
+        error_type: Option<String>,
+        /// Every dead letter the sink last answered with this HTTP status.
+        #[arg(long, value_name = "N", value_parser = parse_http_status, conflicts_with = "ids")]
+        http_status: Option<i32>,
     },
 }
 

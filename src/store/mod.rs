@@ -198,13 +198,13 @@ pub struct DlqFilter {
 pub enum DlqSelection {
     Ids(Vec<i64>),
     All,
-    /// Of this error type, with this last HTTP status (either may be left open; not
-    /// both).
+    /// Of this error type, with this last HTTP status, dead longer ago than this:
+    /// every one given must match (at least one is given).
     Matching {
         error_type: Option<String>,
         http_status: Option<i32>,
+        older_than: Option<Duration>,
     },
-    OlderThan(Duration),
 }
 
 /// A row for `enqueue`.

@@ -15,8 +15,7 @@ const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload::text 
 enum SelectionBind {
     Ids(Vec<i64>),
     None,
-    Matching(Option<String>, Option<i32>),
-    Millis(i64),
+    Matching(Option<String>, Option<i32>, Option<i64>),
 }
 
 impl PgStore {
@@ -126,13 +125,11 @@ fn selection_filter(sel: &DlqSelection) -> (&'static str, SelectionBind) {
         DlqSelection::Matching {
             error_type,
             http_status,
+            older_than,
         } => (
-            "($1::text IS NULL OR error_type = $1) AND ($2::int IS NULL OR http_status = $2)",
-            SelectionBind::Matching(error_type.clone(), *http_status),
-        ),
-        DlqSelection::OlderThan(d) => (
-            "dead_at < now() - $1 * interval '1 millisecond'",
-            SelectionBind::Millis(millis(*d)),
+            "($1::text IS NULL OR error_type = $1) AND ($2::int IS NULL OR http_status = $2) \
+             AND ($3::bigint IS NULL OR dead_at < now() - $3 * interval '1 millisecond')",
+            SelectionBind::Matching(error_type.clone(), *http_status, older_than.map(millis)),
         ),
     }
 }
@@ -144,8 +141,7 @@ fn bind_selection<'q>(
     match bind {
         SelectionBind::Ids(ids) => q.bind(ids),
         SelectionBind::None => q,
-        SelectionBind::Matching(t, status) => q.bind(t).bind(status),
-        SelectionBind::Millis(m) => q.bind(m),
+        SelectionBind::Matching(t, status, ms) => q.bind(t).bind(status).bind(ms),
     }
 }
 

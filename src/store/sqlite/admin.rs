@@ -10,8 +10,7 @@ const DLQ_COLUMNS: &str = "id, outbox_id, entity_type, entity_id, payload, order
 enum SelectionBind {
     None,
     Text(String),
-    Matching(Option<String>, Option<i32>),
-    Millis(i64),
+    Matching(Option<String>, Option<i32>, Option<i64>),
 }
 
 impl SqliteStore {
@@ -153,13 +152,19 @@ fn selection_filter(sel: &DlqSelection) -> anyhow::Result<(&'static str, Selecti
         DlqSelection::Matching {
             error_type,
             http_status,
+            older_than,
         } => (
-            "(?1 IS NULL OR error_type = ?1) AND (?2 IS NULL OR http_status = ?2)",
-            SelectionBind::Matching(error_type.clone(), *http_status),
-        ),
-        DlqSelection::OlderThan(d) => (
-            concat!("dead_at < ", now_plus_ms!("?1")),
-            SelectionBind::Millis(-offset_ms(*d)),
+            concat!(
+                "(?1 IS NULL OR error_type = ?1) AND (?2 IS NULL OR http_status = ?2) \
+                 AND (?3 IS NULL OR dead_at < ",
+                now_plus_ms!("?3"),
+                ")"
+            ),
+            SelectionBind::Matching(
+                error_type.clone(),
+                *http_status,
+                older_than.map(|d| -offset_ms(d)),
+            ),
         ),
     })
 }
@@ -171,8 +176,7 @@ fn bind_selection<'q>(
     match bind {
         SelectionBind::None => q,
         SelectionBind::Text(t) => q.bind(t),
-        SelectionBind::Matching(t, status) => q.bind(t).bind(status),
-        SelectionBind::Millis(m) => q.bind(m),
+        SelectionBind::Matching(t, status, ms) => q.bind(t).bind(status).bind(ms),
     }
 }
 

@@ -52,13 +52,16 @@ async fn requeue_moves(env: &TestEnv, args: &[&str], back: &[i64], left: &[i64])
     env.run(&command).await.assert_success();
     let outbox: Vec<i64> = env.outbox().await.iter().map(|r| r.id).collect();
     assert_eq!(outbox, back, "back in the outbox after {args:?}");
-    let dead: Vec<i64> = env
-        .dead_letters()
+    assert_eq!(dead_outbox_ids(env).await, left, "left dead after {args:?}");
+}
+
+/// The outbox ids of the dead letters, in order.
+async fn dead_outbox_ids(env: &TestEnv) -> Vec<i64> {
+    env.dead_letters()
         .await
         .iter()
         .map(|d| d.outbox_id)
-        .collect();
-    assert_eq!(dead, left, "left dead after {args:?}");
+        .collect()
 }
 
 both_stores!(requeue_by_id_puts_the_row_back_and_the_next_drain_delivers_it);
@@ -319,13 +322,7 @@ async fn purge_deletes_by_id_by_age_and_all(backend: Backend) {
     env.run(&["dlq", "list", "--error-type", "bogus"])
         .await
         .assert_fails_with("no such error type");
-    let left: Vec<i64> = env
-        .dead_letters()
-        .await
-        .iter()
-        .map(|d| d.outbox_id)
-        .collect();
-    assert_eq!(left, &ids[1..]);
+    assert_eq!(dead_outbox_ids(&env).await, &ids[1..]);
 
     let two_hours_ago = env.db.now_plus(-2 * 3600);
     env.db
@@ -337,13 +334,7 @@ async fn purge_deletes_by_id_by_age_and_all(backend: Backend) {
     env.run(&["dlq", "purge", "--older-than", "1h"])
         .await
         .assert_success();
-    let left: Vec<i64> = env
-        .dead_letters()
-        .await
-        .iter()
-        .map(|d| d.outbox_id)
-        .collect();
-    assert_eq!(left, &ids[2..]);
+    assert_eq!(dead_outbox_ids(&env).await, &ids[2..]);
 
     env.run(&["dlq", "purge", "--all"]).await.assert_success();
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
@@ -352,6 +343,65 @@ async fn purge_deletes_by_id_by_age_and_all(backend: Backend) {
         0,
         "purged rows do not come back"
     );
+}
+
+both_stores!(purge_by_error_type_and_age_deletes_only_what_matches_all);
+/// `dlq purge --error-type T [--http-status N] [--older-than DUR]` deletes the dead
+/// letters that match every filter given; ids and `--all` go with none of them.
+async fn purge_by_error_type_and_age_deletes_only_what_matches_all(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    let faxes = dead_faxes(&mut env, 2).await;
+    let denied = dead_path(&env).await;
+    let two_hours_ago = env.db.now_plus(-2 * 3600);
+    env.db
+        .execute(&format!(
+            "UPDATE sync_outbox_dead_letters SET dead_at = {two_hours_ago} \
+             WHERE outbox_id IN ({}, {denied})",
+            faxes[0]
+        ))
+        .await;
+
+    for args in [
+        &["dlq", "purge", "--all", "--error-type", "path_denied"][..],
+        &["dlq", "purge", "1", "--older-than", "1h"],
+        &["dlq", "purge", "--http-status", "99"],
+        &["dlq", "purge", "--error-type", "bogus"],
+    ] {
+        let out = env.run(args).await;
+        assert_ne!(out.code, Some(0), "{args:?} succeeded\n{out}");
+        out.assert_no_panic();
+    }
+    assert_eq!(
+        dead_outbox_ids(&env).await,
+        [faxes[0], faxes[1], denied],
+        "nothing purged"
+    );
+
+    let both = [
+        "dlq",
+        "purge",
+        "--error-type",
+        "unknown_entity_type",
+        "--older-than",
+        "1h",
+    ];
+    env.run(&both).await.assert_success();
+    assert_eq!(
+        dead_outbox_ids(&env).await,
+        [faxes[1], denied],
+        "only the old one of that type"
+    );
+
+    // none of them had an HTTP answer
+    env.run(&["dlq", "purge", "--http-status", "401"])
+        .await
+        .assert_success();
+    assert_eq!(dead_outbox_ids(&env).await, [faxes[1], denied]);
+
+    env.run(&["dlq", "purge", "--error-type", "path_denied"])
+        .await
+        .assert_success();
+    assert_eq!(dead_outbox_ids(&env).await, [faxes[1]]);
 }
 
 both_stores!(show_prints_one_dead_letter_and_fails_for_a_missing_id);
