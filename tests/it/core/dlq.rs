@@ -55,6 +55,15 @@ async fn requeue_moves(env: &TestEnv, args: &[&str], back: &[i64], left: &[i64])
     assert_eq!(dead_outbox_ids(env).await, left, "left dead after {args:?}");
 }
 
+/// Each command fails, without a panic.
+async fn refused_all(env: &TestEnv, commands: &[&[&str]]) {
+    for args in commands {
+        let out = env.run(args).await;
+        assert_ne!(out.code, Some(0), "{args:?} succeeded\n{out}");
+        out.assert_no_panic();
+    }
+}
+
 /// The outbox ids of the dead letters, in order.
 async fn dead_outbox_ids(env: &TestEnv) -> Vec<i64> {
     env.dead_letters()
@@ -180,16 +189,16 @@ async fn requeue_by_http_status_moves_only_the_rows_that_answer_had(backend: Bac
         .map(|d| d["outboxId"].as_i64().expect("outboxId"))
         .collect();
     assert_eq!(listed, refused);
-    for args in [
-        &["dlq", "requeue", "--all", "--http-status", "401"][..],
-        &["dlq", "requeue", "1", "--http-status", "401"],
-        &["dlq", "requeue", "--http-status", "99"],
-        &["dlq", "list", "--http-status", "four-oh-one"],
-    ] {
-        let out = env.run(args).await;
-        assert_ne!(out.code, Some(0), "{args:?} succeeded\n{out}");
-        out.assert_no_panic();
-    }
+    refused_all(
+        &env,
+        &[
+            &["dlq", "requeue", "--all", "--http-status", "401"],
+            &["dlq", "requeue", "1", "--http-status", "401"],
+            &["dlq", "requeue", "--http-status", "99"],
+            &["dlq", "list", "--http-status", "four-oh-one"],
+        ],
+    )
+    .await;
     assert_eq!(
         env.count("sync_outbox_dead_letters").await,
         3,
@@ -361,16 +370,16 @@ async fn purge_by_error_type_and_age_deletes_only_what_matches_all(backend: Back
         ))
         .await;
 
-    for args in [
-        &["dlq", "purge", "--all", "--error-type", "path_denied"][..],
-        &["dlq", "purge", "1", "--older-than", "1h"],
-        &["dlq", "purge", "--http-status", "99"],
-        &["dlq", "purge", "--error-type", "bogus"],
-    ] {
-        let out = env.run(args).await;
-        assert_ne!(out.code, Some(0), "{args:?} succeeded\n{out}");
-        out.assert_no_panic();
-    }
+    refused_all(
+        &env,
+        &[
+            &["dlq", "purge", "--all", "--error-type", "path_denied"],
+            &["dlq", "purge", "1", "--older-than", "1h"],
+            &["dlq", "purge", "--http-status", "99"],
+            &["dlq", "purge", "--error-type", "bogus"],
+        ],
+    )
+    .await;
     assert_eq!(
         dead_outbox_ids(&env).await,
         [faxes[0], faxes[1], denied],
