@@ -19,6 +19,13 @@ use crate::taxonomy::{ErrorType, Failure};
 /// per worker and second, none while requests are answered sooner.
 const SETTLE_ANSWERED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How many parts a batch that timed out while the sink answers an empty batch is cut
+/// into, sent at once: a Frontend that hangs on one entry costs one `ingest.timeout`
+/// per level of the search, and eight ways make three levels of a batch of 100 (the
+/// first request, 13 rows, 1 row) where halving made eight (about four minutes at the
+/// default 30 s). A server error is answered at once and is halved as before.
+const HANG_SPLIT_WAYS: usize = 8;
+
 /// What became of one row's delivery.
 pub(super) enum Attempt {
     Sent,
@@ -82,9 +89,12 @@ impl Relay {
             json.into_iter().partition(|row| row.attempts == 0);
         let d = &self.settings.dispatch;
         let (max_rows, max_bytes) = (d.batch_size as usize, u64::from(d.max_batch_bytes));
+        // the worker's requests in flight, the parts of a timed-out batch's search
+        // included (`HANG_SPLIT_WAYS`)
+        let requests = tokio::sync::Semaphore::new(self.batches_per_worker as usize);
         let batches: Vec<_> = runs(&fresh, max_rows, max_bytes)
             .chain(runs(&failed_before, max_rows, max_bytes))
-            .map(|batch| self.deliver_json(batch))
+            .map(|batch| self.deliver_json(batch, &requests))
             .collect();
         // at most `batches_per_settle` requests out at once: rows cut by bytes can make
         // more requests than that (three rows of 0.6 × max_batch_bytes fit a worker's
@@ -179,17 +189,25 @@ impl Relay {
     /// and without the split that one row would hold its batch back for ever (and
     /// make the sink look down). So is a batch that times out while the sink answers
     /// an empty batch in time (a Frontend that hangs on one entity; one that hangs on
-    /// the empty batch too is down, and its batch one sink-level failure). Whether a
+    /// the empty batch too is down, and its batch one sink-level failure), into
+    /// `HANG_SPLIT_WAYS` parts sent at once: when every part times out too, it is not
+    /// one entry's doing and the search stops there. Whether a
     /// lone failing row is the row's fault or the sink's is decided at the end: if
     /// any part of the batch went through, the sink works and the row is charged; if
     /// nothing did, it is one sink-level failure of the whole delivery, counted
     /// towards the outage threshold like any other.
-    pub(super) async fn deliver_json(&self, rows: &[&ClaimedRow]) -> HashMap<i64, Attempt> {
+    /// At most as many requests are out at once as `requests` has permits.
+    pub(super) async fn deliver_json(
+        &self,
+        rows: &[&ClaimedRow],
+        requests: &tokio::sync::Semaphore,
+    ) -> HashMap<i64, Attempt> {
         let mut attempts = HashMap::with_capacity(rows.len());
         if rows.is_empty() {
             return attempts;
         }
-        let mut pending: Vec<&[&ClaimedRow]> = vec![rows];
+        // groups of chunks; a group's chunks go out at once
+        let mut pending: Vec<Vec<&[&ClaimedRow]>> = vec![vec![rows]];
         // while nothing has answered, a descent of log2(n) halvings (and the first
         // request) finds a lone bad row; its sibling's request then tells a bad row
         // (it goes through) from the sink (it fails too); with answers, room for a
@@ -205,86 +223,125 @@ impl Relay {
         let mut suspects: Vec<(&ClaimedRow, Failure)> = Vec::new();
         // rows not sent when the isolating gave up, with the failure that stopped it
         let mut untried: Vec<(&ClaimedRow, Failure)> = Vec::new();
-        while let Some(chunk) = pending.pop() {
-            match self.dispatcher.send_json(chunk).await {
-                Ok(()) => {
-                    answered = true;
-                    self.sink.on_answer();
-                    for row in chunk {
-                        attempts.insert(row.id, Attempt::Sent);
-                    }
-                }
-                Err(f) if f.error_type == ErrorType::Http4xx && !f.retryable && chunk.len() > 1 => {
-                    answered = true;
-                    self.sink.on_answer();
-                    let (left, right) = chunk.split_at(chunk.len() / 2);
-                    tracing::info!(
-                        rows = chunk.len(),
-                        http_status = f.http_status,
-                        "batch rejected: splitting it to isolate the offending entries"
-                    );
-                    pending.push(right);
-                    pending.push(left);
-                }
-                // a 503: the Frontend says it is unavailable, not that an entry
-                // broke it; splitting would only multiply the requests it refuses
-                Err(f) if may_be_an_entrys_doing(&f) => {
-                    // nothing of this batch answered in time: a sink that hangs, or
-                    // an entry that hangs it? Halving a hung sink's batch would only
-                    // wait `ingest.timeout` per half
-                    let timed_out = f.error_type == ErrorType::Timeout;
-                    let ask = timed_out && chunk.len() > 1 && !answered && !sink_answers;
-                    if ask && (self.sink.is_down() || !self.answers_an_empty_batch().await) {
-                        let charged = self.account(&f);
-                        attempts.extend(chunk.iter().map(|row| {
-                            let failure = f.clone();
-                            (row.id, Attempt::Failed { failure, charged })
-                        }));
-                        let why = "the ingest sink answered neither its batch nor an empty one";
-                        give_up(&mut pending, &mut untried, &f, why);
-                        continue;
-                    }
-                    sink_answers |= ask;
+        while let Some(group) = pending.pop() {
+            let results = futures_util::future::join_all(group.iter().map(|chunk| async {
+                // the semaphore is never closed; were it, sending unbounded is harmless
+                let _permit = requests.acquire().await.ok();
+                self.dispatcher.send_json(chunk).await
+            }))
+            .await;
+            let hung = |r: &Result<(), Failure>| match r {
+                Err(f) => f.error_type == ErrorType::Timeout && may_be_an_entrys_doing(f),
+                Ok(()) => false,
+            };
+            let searching = group.len() > 1 && group.iter().any(|chunk| chunk.len() > 1);
+            if searching && results.iter().all(hung) {
+                // every part of a timed-out batch hung too: not one entry's doing (a
+                // Frontend that hangs on every entity, and answers only empty
+                // batches). One row stands for them, charged or counted towards an
+                // outage as a lone failing row is; the others are not charged for it
+                let failure = results.into_iter().find_map(Result::err);
+                if let (Some(f), Some((first, others))) = (failure, group[0].split_first()) {
                     failures += 1;
-                    let room = if answered { budget } else { blind_budget };
-                    if failures >= room {
-                        // give up isolating: this chunk failed; what is left was never
-                        // sent and is not charged for it (next time it goes without
-                        // this chunk's rows, which back off)
-                        suspects.extend(chunk.iter().map(|row| (*row, f.clone())));
-                        let why =
-                            format!("its batch was given up after {failures} failed requests");
-                        give_up(&mut pending, &mut untried, &f, &why);
-                    } else if chunk.len() > 1 {
-                        if timed_out {
-                            tracing::info!(
+                    suspects.push((first, f.clone()));
+                    let why = format!("all {} parts of its batch hung", group.len());
+                    let rest = pending.drain(..).flatten();
+                    give_up(
+                        rest.chain([others]).chain(group[1..].iter().copied()),
+                        &mut untried,
+                        &f,
+                        &why,
+                    );
+                }
+                continue;
+            }
+            for (chunk, result) in group.into_iter().zip(results) {
+                match result {
+                    Ok(()) => {
+                        answered = true;
+                        self.sink.on_answer();
+                        for row in chunk {
+                            attempts.insert(row.id, Attempt::Sent);
+                        }
+                    }
+                    Err(f)
+                        if f.error_type == ErrorType::Http4xx
+                            && !f.retryable
+                            && chunk.len() > 1 =>
+                    {
+                        answered = true;
+                        self.sink.on_answer();
+                        let (left, right) = chunk.split_at(chunk.len() / 2);
+                        tracing::info!(
+                            rows = chunk.len(),
+                            http_status = f.http_status,
+                            "batch rejected: splitting it to isolate the offending entries"
+                        );
+                        pending.push(vec![right]);
+                        pending.push(vec![left]);
+                    }
+                    // a 503: the Frontend says it is unavailable, not that an entry
+                    // broke it; splitting would only multiply the requests it refuses
+                    Err(f) if may_be_an_entrys_doing(&f) => {
+                        // nothing of this batch answered in time: a sink that hangs, or
+                        // an entry that hangs it? Halving a hung sink's batch would only
+                        // wait `ingest.timeout` per half
+                        let timed_out = f.error_type == ErrorType::Timeout;
+                        let ask = timed_out && chunk.len() > 1 && !answered && !sink_answers;
+                        if ask && (self.sink.is_down() || !self.answers_an_empty_batch().await) {
+                            let charged = self.account(&f);
+                            attempts.extend(chunk.iter().map(|row| {
+                                let failure = f.clone();
+                                (row.id, Attempt::Failed { failure, charged })
+                            }));
+                            let why = "the ingest sink answered neither its batch nor an empty one";
+                            give_up(pending.drain(..).flatten(), &mut untried, &f, why);
+                            continue;
+                        }
+                        sink_answers |= ask;
+                        failures += 1;
+                        let room = if answered { budget } else { blind_budget };
+                        if failures >= room {
+                            // give up isolating: this chunk failed; what is left was never
+                            // sent and is not charged for it (next time it goes without
+                            // this chunk's rows, which back off)
+                            suspects.extend(chunk.iter().map(|row| (*row, f.clone())));
+                            let why =
+                                format!("its batch was given up after {failures} failed requests");
+                            give_up(pending.drain(..).flatten(), &mut untried, &f, &why);
+                        } else if chunk.len() > 1 {
+                            if timed_out {
+                                tracing::info!(
                                 rows = chunk.len(),
+                                parts = chunk.len().min(HANG_SPLIT_WAYS),
                                 "batch timed out while the sink answers: splitting it in case one entry hangs it"
                             );
-                        } else {
-                            tracing::info!(
+                                pending.push(parts(chunk, HANG_SPLIT_WAYS));
+                            } else {
+                                tracing::info!(
                                 rows = chunk.len(),
                                 http_status = f.http_status,
                                 "batch failed with a server error: splitting it in case one entry causes it"
                             );
+                                let (left, right) = chunk.split_at(chunk.len() / 2);
+                                pending.push(vec![right]);
+                                pending.push(vec![left]);
+                            }
+                        } else {
+                            suspects.push((chunk[0], f));
                         }
-                        let (left, right) = chunk.split_at(chunk.len() / 2);
-                        pending.push(right);
-                        pending.push(left);
-                    } else {
-                        suspects.push((chunk[0], f));
                     }
-                }
-                Err(failure) => {
-                    let charged = self.account(&failure);
-                    for row in chunk {
-                        attempts.insert(
-                            row.id,
-                            Attempt::Failed {
-                                failure: failure.clone(),
-                                charged,
-                            },
-                        );
+                    Err(failure) => {
+                        let charged = self.account(&failure);
+                        for row in chunk {
+                            attempts.insert(
+                                row.id,
+                                Attempt::Failed {
+                                    failure: failure.clone(),
+                                    charged,
+                                },
+                            );
+                        }
                     }
                 }
             }
@@ -479,19 +536,34 @@ pub(super) fn runs<R: Borrow<ClaimedRow>>(
     })
 }
 
-/// Give up the chunks still `pending`: not sent, so not charged, with `failure`'s
-/// type and a message saying why.
-fn give_up<'a>(
-    pending: &mut Vec<&[&'a ClaimedRow]>,
+/// Give up the chunks still pending: not sent (or not answered for their own sake),
+/// so not charged, with `failure`'s type and a message saying why.
+fn give_up<'r, 'a: 'r>(
+    pending: impl Iterator<Item = &'r [&'a ClaimedRow]>,
     untried: &mut Vec<(&'a ClaimedRow, Failure)>,
     failure: &Failure,
     why: &str,
 ) {
     let mut not_sent = failure.clone();
     not_sent.message = format!("not sent: {why} ({})", failure.message);
-    for rest in pending.drain(..) {
+    for rest in pending {
         untried.extend(rest.iter().map(|row| (*row, not_sent.clone())));
     }
+}
+
+/// `chunk` cut, in order, into `ways` parts as near equal in size as can be (fewer
+/// when it has fewer rows).
+fn parts<T>(chunk: &[T], ways: usize) -> Vec<&[T]> {
+    let ways = ways.clamp(1, chunk.len().max(1));
+    let (size, longer) = (chunk.len() / ways, chunk.len() % ways);
+    let mut rest = chunk;
+    (0..ways)
+        .map(|i| {
+            let (part, tail) = rest.split_at(size + usize::from(i < longer));
+            rest = tail;
+            part
+        })
+        .collect()
 }
 
 /// A failure that one entry of the request may cause as well as the sink: a server
@@ -510,4 +582,21 @@ fn may_be_an_entrys_doing(failure: &Failure) -> bool {
 /// (the one 5xx whose `Retry-After` is honoured, `Failure::from_status`).
 fn says_unavailable(failure: &Failure) -> bool {
     failure.http_status == Some(503)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parts;
+
+    #[test]
+    fn parts_cut_a_chunk_in_order_into_near_equal_parts() {
+        let rows: Vec<u32> = (0..100).collect();
+        let cut = parts(&rows, 8);
+        let sizes: Vec<usize> = cut.iter().map(|p| p.len()).collect();
+        assert_eq!(sizes, [13, 13, 13, 13, 12, 12, 12, 12]);
+        assert_eq!(cut.concat(), rows, "every row once, in order");
+        assert_eq!(parts(&rows[..3], 8), [&[0][..], &[1], &[2]]);
+        assert_eq!(parts(&rows[..1], 8), [&[0][..]]);
+        assert!(parts::<u32>(&[], 8).iter().all(|p| p.is_empty()));
+    }
 }

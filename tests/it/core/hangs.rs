@@ -14,7 +14,7 @@ use super::errors::{
     a_frontend_failing_on, a_lone_row_the_sink_fails_on_dies, a_row_charged_before_goes_apart,
     Fault,
 };
-use crate::harness::{both_stores, wait_until, Backend, Reply, TestEnv};
+use crate::harness::{both_stores, wait_until, Backend, NewRow, Reply, TestEnv};
 
 /// Requests holding an entry `{"hang": true}`, or an upload whose `recordingId` is
 /// `hang`, are answered after 5 s, far past `ingest.timeout` and
@@ -109,4 +109,70 @@ async fn a_row_charged_before_for_a_hang_is_retried_apart_from_rows_that_never_f
         http_status: None,
     };
     a_row_charged_before_goes_apart(env, fault).await;
+}
+
+/// The requests the sink saw that held a `{"hang": true}` entry.
+fn requests_holding_the_hang(env: &TestEnv) -> usize {
+    env.sink
+        .sync_requests()
+        .iter()
+        .filter(|req| req.entries().iter().any(|e| e.payload["hang"] == true))
+        .count()
+}
+
+both_stores!(an_entry_the_sink_hangs_on_is_found_in_three_timeouts_in_a_batch_of_64);
+/// A batch that times out while the sink answers an empty batch is cut into eight
+/// parts sent at once, not halved: the entry that hangs the Frontend is alone after
+/// three requests that held it (64 rows, 8, 1), each waiting `ingest.timeout`, where
+/// halving took seven (64, 32, 16, 8, 4, 2, 1). The 63 others go through once.
+async fn an_entry_the_sink_hangs_on_is_found_in_three_timeouts_in_a_batch_of_64(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    a_frontend_hanging_on_hang_rows(&mut env, 1);
+    env.config.set("dispatch.batch_size", 64);
+    let rows: Vec<NewRow> = (0..64)
+        .map(|n| NewRow::new("call_log", Uuid::new_v4(), json!({"n": n, "hang": n == 41})))
+        .collect();
+    let mut ids = env.insert_rows(&rows).await;
+    let hanging = ids.remove(41);
+
+    let out = env.drain().await;
+    out.assert_code(3);
+    assert_eq!(requests_holding_the_hang(&env), 3, "{out}");
+    assert_eq!(delivered(&env), ids, "every other entry, each once");
+    for record in env.sent().await {
+        assert_eq!(record.attempts, 1, "charged for another entry: {record:#?}");
+    }
+    assert_dead(&env.dead_letters().await, hanging, "timeout", 1);
+}
+
+both_stores!(a_batch_every_part_of_which_hangs_costs_one_row_one_attempt_not_the_batch);
+/// A Frontend that answers empty batches but hangs on every entry (its storage
+/// stuck, say): the batch times out, its eight parts time out too, and the search
+/// stops there. One row is charged for it (as a lone failing row is), the other 15
+/// are not, and nothing more is sent for them in that round.
+async fn a_batch_every_part_of_which_hangs_costs_one_row_one_attempt_not_the_batch(
+    backend: Backend,
+) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    a_frontend_hanging_on_hang_rows(&mut env, 5);
+    env.config.set("dispatch.batch_size", 16);
+    let rows: Vec<NewRow> = (0..16)
+        .map(|n| NewRow::new("call_log", Uuid::new_v4(), json!({"n": n, "hang": true})))
+        .collect();
+    env.insert_rows(&rows).await;
+
+    let out = env.run(&["drain", "--max-rows", "16"]).await;
+    out.assert_code(3);
+    assert_eq!(
+        requests_holding_the_hang(&env),
+        1 + 8,
+        "the batch, then its eight parts at once\n{out}"
+    );
+    let attempts: Vec<i32> = env.outbox().await.iter().map(|r| r.attempts).collect();
+    assert_eq!(attempts.len(), 16, "nothing delivered, nothing dead");
+    assert_eq!(
+        attempts.iter().sum::<i32>(),
+        1,
+        "one row charged: {attempts:?}"
+    );
 }
