@@ -43,6 +43,20 @@ pub struct Metrics {
     pub db_up: IntGauge,
     pub lease_lost: IntCounter,
     known_entity_types: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// Backlog readings, numbered as they start (`backlog_ticket`).
+    backlog_tickets: Arc<std::sync::atomic::AtomicU64>,
+    backlog_shown: Arc<std::sync::Mutex<BacklogShown>>,
+}
+
+/// The backlog reading the gauges show.
+#[derive(Default)]
+struct BacklogShown {
+    /// Its ticket: a reading that started before it is older, and not shown.
+    ticket: u64,
+    /// The error types it showed dead letters of that are none of the relay's own
+    /// (rows written by hand or by an older version): their series go when the
+    /// next reading has none of them.
+    foreign_error_types: std::collections::BTreeSet<String>,
 }
 
 /// What the relay last saw of the database: whether it answered (for logging and
@@ -170,6 +184,8 @@ impl Metrics {
             known_entity_types: Arc::new(std::sync::Mutex::new(
                 KNOWN_ENTITY_TYPES.iter().map(|t| t.to_string()).collect(),
             )),
+            backlog_tickets: Default::default(),
+            backlog_shown: Default::default(),
         })
     }
 
@@ -190,8 +206,25 @@ impl Metrics {
         OTHER_ENTITY_TYPE
     }
 
-    /// Replace the backlog gauges with a fresh reading (label sets that vanished go).
-    pub fn set_backlog(&self, backlog: &Backlog) {
+    /// The number of a backlog reading about to start, for `set_backlog`.
+    pub fn backlog_ticket(&self) -> u64 {
+        self.backlog_tickets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+
+    /// Replace the backlog gauges with a reading that started with `ticket` (label
+    /// sets that vanished go), unless one that started later is shown already: the
+    /// relay's periodic refresh and a scrape's can overlap, and an older reading
+    /// finishing last would show rows delivered since as pending until the next.
+    /// Every series is set in place (none is reset first), so a scrape at the same
+    /// moment sees each one, old value or new.
+    pub fn set_backlog(&self, ticket: u64, backlog: &Backlog) {
+        let mut shown = self.backlog_shown.lock().unwrap_or_else(|e| e.into_inner());
+        if ticket <= shown.ticket {
+            return;
+        }
+        shown.ticket = ticket;
         let mut by_label: std::collections::BTreeMap<String, u64> = Default::default();
         for (entity_type, n) in &backlog.pending_by_entity_type {
             let label = self.entity_label(entity_type).to_string();
@@ -215,17 +248,34 @@ impl Metrics {
         }
         self.oldest_pending_age
             .set(backlog.oldest_pending_age_seconds);
-        self.dead_letters.reset();
-        for error_type in crate::taxonomy::ErrorType::ALL {
+        let ours = crate::taxonomy::ErrorType::ALL.map(|t| t.as_str());
+        for error_type in ours {
+            let n = backlog
+                .dead_letters_by_error_type
+                .get(error_type)
+                .copied()
+                .unwrap_or(0);
+            self.dead_letters
+                .with_label_values(&[error_type])
+                .set(n as f64);
+        }
+        let foreign: std::collections::BTreeSet<String> = backlog
+            .dead_letters_by_error_type
+            .keys()
+            .filter(|t| !ours.contains(&t.as_str()))
+            .cloned()
+            .collect();
+        for error_type in &foreign {
+            let n = backlog.dead_letters_by_error_type[error_type];
             self.dead_letters
                 .with_label_values(&[error_type.as_str()])
-                .set(0.0);
+                .set(n as f64);
         }
-        for (error_type, n) in &backlog.dead_letters_by_error_type {
-            self.dead_letters
-                .with_label_values(&[error_type.as_str()])
-                .set(*n as f64);
+        for gone in shown.foreign_error_types.difference(&foreign) {
+            // absent already is as good as removed
+            let _ = self.dead_letters.remove_label_values(&[gone.as_str()]);
         }
+        shown.foreign_error_types = foreign;
     }
 
     pub fn render(&self) -> String {
@@ -273,10 +323,11 @@ impl ScrapeRefresh {
         if last.is_some_and(|at| at.elapsed() < Self::MIN_AGE) {
             return;
         }
+        let ticket = metrics.backlog_ticket();
         if let Ok(Ok(backlog)) =
             tokio::time::timeout(Self::WAIT, store.backlog(self.exact_rows)).await
         {
-            metrics.set_backlog(&backlog);
+            metrics.set_backlog(ticket, &backlog);
         }
         *last = Some(std::time::Instant::now());
     }
@@ -338,7 +389,67 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::taxonomy::ErrorType;
     use std::collections::BTreeMap;
+
+    fn series(metrics: &Metrics, name: &str) -> Vec<(String, f64)> {
+        metrics
+            .registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().to_vec())
+            .map(|m| (m.get_label()[0].value().to_string(), m.get_gauge().value()))
+            .collect()
+    }
+
+    fn backlog(call_logs: i64, dead: &[(&str, i64)]) -> Backlog {
+        Backlog {
+            pending_by_entity_type: BTreeMap::from([("call_log".to_string(), call_logs)]),
+            oldest_pending_age_seconds: 0.0,
+            dead_letters_by_error_type: dead.iter().map(|(t, n)| (t.to_string(), *n)).collect(),
+        }
+    }
+
+    /// The periodic refresh and a scrape's can overlap: a reading that started
+    /// before the one shown does not replace it when it finishes last.
+    #[test]
+    fn an_older_backlog_reading_finishing_last_is_not_shown() {
+        let metrics = Metrics::new().unwrap();
+        let older = metrics.backlog_ticket();
+        let newer = metrics.backlog_ticket();
+        metrics.set_backlog(newer, &backlog(0, &[("timeout", 2)]));
+        metrics.set_backlog(older, &backlog(3, &[("timeout", 1)]));
+        let pending = series(&metrics, "serversync_outbox_pending");
+        assert!(
+            pending.contains(&("call_log".to_string(), 0.0)),
+            "{pending:?}"
+        );
+        let dead = series(&metrics, "serversync_dead_letters");
+        assert!(dead.contains(&("timeout".to_string(), 2.0)), "{dead:?}");
+        metrics.set_backlog(metrics.backlog_ticket(), &backlog(5, &[]));
+        let pending = series(&metrics, "serversync_outbox_pending");
+        assert!(
+            pending.contains(&("call_log".to_string(), 5.0)),
+            "{pending:?}"
+        );
+    }
+
+    /// Every error type of the relay's reads 0 when it has no dead letters; one
+    /// written by something else is shown while it has some, and then goes.
+    #[test]
+    fn a_foreign_error_types_dead_letters_series_goes_when_they_do() {
+        let metrics = Metrics::new().unwrap();
+        metrics.set_backlog(metrics.backlog_ticket(), &backlog(0, &[("legacy", 4)]));
+        let dead = series(&metrics, "serversync_dead_letters");
+        assert_eq!(dead.len(), ErrorType::ALL.len() + 1, "{dead:?}");
+        assert!(dead.contains(&("legacy".to_string(), 4.0)));
+        assert!(dead.contains(&("path_denied".to_string(), 0.0)));
+        metrics.set_backlog(metrics.backlog_ticket(), &backlog(0, &[("path_denied", 1)]));
+        let dead = series(&metrics, "serversync_dead_letters");
+        assert_eq!(dead.len(), ErrorType::ALL.len(), "{dead:?}");
+        assert!(dead.contains(&("path_denied".to_string(), 1.0)));
+    }
 
     /// Entity types are the producers' to choose: past a bound they share `other`,
     /// so that a type with an id in it cannot make a series per row.
@@ -347,19 +458,15 @@ mod tests {
         let metrics = Metrics::new().unwrap();
         let pending: BTreeMap<String, i64> =
             (0..100).map(|n| (format!("type_{n:03}"), 2)).collect();
-        metrics.set_backlog(&Backlog {
-            pending_by_entity_type: pending,
-            oldest_pending_age_seconds: 0.0,
-            dead_letters_by_error_type: BTreeMap::new(),
-        });
-        let series: Vec<(String, f64)> = metrics
-            .registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == "serversync_outbox_pending")
-            .flat_map(|f| f.get_metric().to_vec())
-            .map(|m| (m.get_label()[0].value().to_string(), m.get_gauge().value()))
-            .collect();
+        metrics.set_backlog(
+            metrics.backlog_ticket(),
+            &Backlog {
+                pending_by_entity_type: pending,
+                oldest_pending_age_seconds: 0.0,
+                dead_letters_by_error_type: BTreeMap::new(),
+            },
+        );
+        let series = series(&metrics, "serversync_outbox_pending");
         assert_eq!(series.len(), MAX_ENTITY_LABELS + 1, "{series:?}");
         let total: f64 = series.iter().map(|(_, v)| v).sum();
         assert_eq!(total, 200.0, "every pending row is counted once");

@@ -98,13 +98,14 @@ impl Relay {
     pub async fn refresh_gauges(self: Arc<Self>, stop: CancellationToken) {
         let every = self.settings.metrics.refresh_interval;
         loop {
+            let ticket = self.metrics.backlog_ticket();
             match self
                 .store
                 .backlog(self.settings.metrics.backlog_exact_rows)
                 .await
             {
                 Ok(backlog) => {
-                    self.metrics.set_backlog(&backlog);
+                    self.metrics.set_backlog(ticket, &backlog);
                     self.database_up();
                     self.check_schema().await;
                 }
