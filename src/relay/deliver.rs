@@ -32,6 +32,25 @@ pub(super) enum Attempt {
     Failed { failure: Failure, charged: bool },
 }
 
+/// The rows of a claim answered with a 2xx and not gathered into its attempts yet.
+#[derive(Default)]
+pub(super) struct Sent(std::sync::Mutex<Vec<i64>>);
+
+impl Sent {
+    fn push(&self, rows: &[&ClaimedRow]) {
+        self.lock().extend(rows.iter().map(|row| row.id));
+    }
+
+    /// Move the rows told so far into `attempts`, as sent.
+    fn gather(&self, attempts: &mut HashMap<i64, Attempt>) {
+        attempts.extend(self.lock().drain(..).map(|id| (id, Attempt::Sent)));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<i64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// What `Relay::row_or_sink` made of a failure that may be a row's doing.
 enum Verdict {
     /// Failed: charged to its rows, or not.
@@ -92,9 +111,12 @@ impl Relay {
         // the worker's requests in flight, the parts of a timed-out batch's search
         // included (`HANG_SPLIT_WAYS`)
         let requests = tokio::sync::Semaphore::new(self.batches_per_worker as usize);
+        // rows answered with a 2xx, told as soon as they are (a batch's search for a
+        // hanging entry can last minutes), and settled with the rest of `attempts`
+        let sent = Sent::default();
         let batches: Vec<_> = runs(&fresh, max_rows, max_bytes)
             .chain(runs(&failed_before, max_rows, max_bytes))
-            .map(|batch| self.deliver_json(batch, &requests))
+            .map(|batch| self.deliver_json(batch, &requests, &sent))
             .collect();
         // at most `batches_per_settle` requests out at once: rows cut by bytes can make
         // more requests than that (three rows of 0.6 × max_batch_bytes fit a worker's
@@ -104,11 +126,12 @@ impl Relay {
             futures_util::stream::iter(batches).buffer_unordered(self.batches_per_worker as usize);
         let mut settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
         while let Some(outcome) = self
-            .next_settling(claim, &mut outcomes, &mut attempts, &mut settle_at)
+            .next_settling(claim, &mut outcomes, &sent, &mut attempts, &mut settle_at)
             .await
         {
             attempts.extend(outcome);
         }
+        sent.gather(&mut attempts);
         if !files.is_empty() && !attempts.is_empty() {
             // uploads can take minutes (a large file, a slow link)
             self.settle_answered(claim, &mut attempts, &mut settle_at)
@@ -121,7 +144,7 @@ impl Relay {
         let mut uploads = futures_util::stream::iter(futures)
             .buffer_unordered(self.settings.dispatch.file_concurrency as usize);
         while let Some((id, result)) = self
-            .next_settling(claim, &mut uploads, &mut attempts, &mut settle_at)
+            .next_settling(claim, &mut uploads, &sent, &mut attempts, &mut settle_at)
             .await
         {
             let attempt = match result {
@@ -148,19 +171,26 @@ impl Relay {
     }
 
     /// The next outcome of `stream`; whenever `settle_at` comes first, the `attempts`
-    /// in so far are settled meanwhile (`settle_answered`).
+    /// in so far (and the rows `sent` so far) are settled meanwhile
+    /// (`settle_answered`).
     async fn next_settling<S: futures_util::Stream + Unpin>(
         &self,
         claim: &Claim,
         stream: &mut S,
+        sent: &Sent,
         attempts: &mut HashMap<i64, Attempt>,
         settle_at: &mut tokio::time::Instant,
     ) -> Option<S::Item> {
         loop {
             tokio::select! {
                 item = stream.next() => return item,
-                () = tokio::time::sleep_until(*settle_at), if !attempts.is_empty() => {
-                    self.settle_answered(claim, attempts, settle_at).await;
+                () = tokio::time::sleep_until(*settle_at) => {
+                    sent.gather(attempts);
+                    if attempts.is_empty() {
+                        *settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
+                    } else {
+                        self.settle_answered(claim, attempts, settle_at).await;
+                    }
                 }
             }
         }
@@ -196,11 +226,14 @@ impl Relay {
     /// any part of the batch went through, the sink works and the row is charged; if
     /// nothing did, it is one sink-level failure of the whole delivery, counted
     /// towards the outage threshold like any other.
-    /// At most as many requests are out at once as `requests` has permits.
+    /// At most as many requests are out at once as `requests` has permits. Rows
+    /// answered with a 2xx are told to `sent` as they are; the other attempts are
+    /// returned at the end.
     pub(super) async fn deliver_json(
         &self,
         rows: &[&ClaimedRow],
         requests: &tokio::sync::Semaphore,
+        sent: &Sent,
     ) -> HashMap<i64, Attempt> {
         let mut attempts = HashMap::with_capacity(rows.len());
         if rows.is_empty() {
@@ -260,9 +293,7 @@ impl Relay {
                     Ok(()) => {
                         answered = true;
                         self.sink.on_answer();
-                        for row in chunk {
-                            attempts.insert(row.id, Attempt::Sent);
-                        }
+                        sent.push(chunk);
                     }
                     Err(f)
                         if f.error_type == ErrorType::Http4xx

@@ -176,3 +176,50 @@ async fn a_batch_every_part_of_which_hangs_costs_one_row_one_attempt_not_the_bat
         "one row charged: {attempts:?}"
     );
 }
+
+both_stores!(rows_answered_while_their_batch_searches_for_a_hang_are_settled_before_it_ends);
+/// The search for an entry that hangs the Frontend waits `ingest.timeout` per level
+/// (2 s here, three levels for a batch of 16): the rows its parts got through are
+/// settled a second after their answers, while the search goes on, not once it
+/// ends with the hanging row charged.
+async fn rows_answered_while_their_batch_searches_for_a_hang_are_settled_before_it_ends(
+    backend: Backend,
+) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    a_frontend_hanging_on_hang_rows(&mut env, 1);
+    env.config
+        .set("ingest.timeout", "2s")
+        .set("dispatch.batch_size", 16)
+        .set("dispatch.concurrency", 1);
+    let rows: Vec<NewRow> = (0..16)
+        .map(|n| NewRow::new("call_log", Uuid::new_v4(), json!({"n": n, "hang": n == 9})))
+        .collect();
+    let mut ids = env.insert_rows(&rows).await;
+    let hanging = ids.remove(9);
+
+    let relay = env.spawn_run(&[]);
+    // the seven parts that went through: 14 rows (the hanging row's part-mate waits
+    // for the last level)
+    wait_until(
+        Duration::from_secs(20),
+        "the parts' rows settled",
+        || async { env.sent_ids().await.len() >= 14 },
+    )
+    .await;
+    assert_eq!(
+        env.count("sync_outbox_dead_letters").await,
+        0,
+        "settled only when the search ended"
+    );
+    assert!(env.outbox().await.iter().any(|r| r.id == hanging));
+    wait_until(Duration::from_secs(20), "the hanging row dead", || async {
+        env.count("sync_outbox_dead_letters").await == 1
+    })
+    .await;
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+    assert_eq!(env.sent_ids().await, ids);
+    assert_dead(&env.dead_letters().await, hanging, "timeout", 1);
+}
