@@ -93,6 +93,12 @@ pub struct IngestSettings {
     /// The certificates of `ca_file`, read and checked when the settings are loaded.
     #[serde(skip)]
     pub ca_certificates: Vec<reqwest::Certificate>,
+    /// Trust the operating system's CA certificates too (its store, or
+    /// `SSL_CERT_FILE` / `SSL_CERT_DIR` when set), as well as the built-in public
+    /// roots: a CA an administrator installed with `update-ca-certificates` works
+    /// without `ca_file`. Off: the built-in roots and `ca_file` only.
+    #[serde(deserialize_with = "strict::flag")]
+    pub system_roots: bool,
     /// Turn off TLS certificate verification. Never in production.
     #[serde(deserialize_with = "strict::flag")]
     pub danger_accept_invalid_certs: bool,
@@ -111,6 +117,7 @@ impl Default for IngestSettings {
             signing_secret_file: None,
             ca_file: None,
             ca_certificates: Vec::new(),
+            system_roots: true,
             danger_accept_invalid_certs: false,
         }
     }

@@ -189,7 +189,7 @@ impl Dispatcher {
             url.set_path(&format!("{prefix}{path}"));
             Ok(url)
         };
-        let mut client = Client::builder();
+        let mut client = Client::builder().tls_built_in_native_certs(settings.system_roots);
         for certificate in &settings.ca_certificates {
             client = client.add_root_certificate(certificate.clone());
         }

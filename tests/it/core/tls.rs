@@ -1,7 +1,9 @@
 //! TLS to the Frontend (SPEC §2.3): verified by default, so a certificate from a CA
 //! the relay does not trust is refused before anything is sent, as a `connect` error
 //! that charges no attempt; `ingest.ca_file` trusts a private CA without turning
-//! verification off; `ingest.danger_accept_invalid_certs` does turn it off.
+//! verification off; so do the operating system's CA certificates
+//! (`ingest.system_roots`, on by default; `SSL_CERT_FILE` stands in for the store
+//! here); `ingest.danger_accept_invalid_certs` does turn it off.
 //! The fake Frontend serves a certificate for 127.0.0.1 issued by the test CA of
 //! `tests/fixtures/tls`.
 
@@ -111,6 +113,26 @@ async fn a_private_ca_in_ingest_ca_file_is_trusted_and_verification_stays_on() {
     env.insert("call_log", Uuid::new_v4(), json!({"n": 2}))
         .await;
     refused_before_anything_was_sent(&env).await;
+}
+
+#[tokio::test]
+async fn the_systems_ca_certificates_are_trusted_unless_ingest_system_roots_is_off() {
+    let mut env = behind_tls().await;
+    retry_in_an_hour(&mut env);
+    // the operating system's store as the daemon finds it holds the test CA
+    let (call, audio, _meta) = a_call_with_its_recording(&env).await;
+    let out = env.cmd(["drain"]).env("SSL_CERT_FILE", CA).output().await;
+    out.assert_success();
+    assert_delivered(&env, call, &audio);
+
+    env.config.set("ingest.system_roots", false);
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 2}))
+        .await;
+    let out = env.cmd(["drain"]).env("SSL_CERT_FILE", CA).output().await;
+    out.assert_code(3);
+    assert!(env.sink.failed_handshakes() >= 1, "{out}");
+    assert_eq!(env.sink.entries().len(), 1, "nothing more was sent\n{out}");
+    assert_eq!(env.count("sync_outbox").await, 1);
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! The real `serversync` binary as a child process.
 //!
 //! Children get a clean environment for the relay (no inherited `DATABASE_URL`,
-//! `SERVERSYNC__*`, `RUST_LOG`, `RUST_BACKTRACE`), are bounded in time, and die with
+//! `SERVERSYNC__*`, `RUST_LOG`, `RUST_BACKTRACE`, `SSL_CERT_FILE`, `SSL_CERT_DIR`),
+//! are bounded in time, and die with
 //! the thread that started them (`PR_SET_PDEATHSIG`): start them from the test body,
 //! not from a `spawn_blocking` closure. Set `IT_SHOW_OUTPUT=1` to print every
 //! finished command's output (with `--nocapture`).
@@ -29,7 +30,12 @@ pub fn serversync() -> Cmd {
         if name.starts_with("SERVERSYNC__")
             || matches!(
                 &*name,
-                "DATABASE_URL" | "RUST_LOG" | "RUST_BACKTRACE" | "RUST_LIB_BACKTRACE"
+                "DATABASE_URL"
+                    | "RUST_LOG"
+                    | "RUST_BACKTRACE"
+                    | "RUST_LIB_BACKTRACE"
+                    | "SSL_CERT_FILE"
+                    | "SSL_CERT_DIR"
             )
         {
             cmd.env_remove(&key);
