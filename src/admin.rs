@@ -110,6 +110,7 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             error_type,
             entity_type,
             http_status,
+            older_than,
             limit,
             json,
         } => {
@@ -118,6 +119,7 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
                     error_type,
                     entity_type,
                     http_status,
+                    older_than,
                     limit: limit.max(0),
                 })
                 .await?;

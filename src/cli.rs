@@ -124,6 +124,10 @@ pub enum DlqCommand {
         /// Only those the sink last answered with this HTTP status (e.g. 401).
         #[arg(long, value_name = "N", value_parser = parse_http_status)]
         http_status: Option<i32>,
+        /// Only those that died longer ago than this (e.g. 30d): what `dlq purge`
+        /// with the same filters would delete.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        older_than: Option<Duration>,
         /// At most this many, oldest first.
         #[arg(long, default_value_t = 100, value_name = "N", allow_negative_numbers = true,
               value_parser = clap::value_parser!(i64).range(1..))]

@@ -190,6 +190,8 @@ pub struct DlqFilter {
     pub entity_type: Option<String>,
     /// The last HTTP status the sink answered.
     pub http_status: Option<i32>,
+    /// Dead longer ago than this.
+    pub older_than: Option<Duration>,
     pub limit: i64,
 }
 

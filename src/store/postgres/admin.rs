@@ -67,6 +67,7 @@ impl PgStore {
             "SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters \
              WHERE ($1::text IS NULL OR error_type = $1) AND ($2::text IS NULL OR entity_type = $2) \
                AND ($4::int IS NULL OR http_status = $4) \
+               AND ($5::bigint IS NULL OR dead_at < now() - $5 * interval '1 millisecond') \
              ORDER BY id LIMIT $3"
         );
         let rows = sqlx::query(&sql)
@@ -74,6 +75,7 @@ impl PgStore {
             .bind(&f.entity_type)
             .bind(f.limit)
             .bind(f.http_status)
+            .bind(f.older_than.map(millis))
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(dead_letter_from_row).collect()

@@ -69,13 +69,16 @@ impl SqliteStore {
             "SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters \
              WHERE (?1 IS NULL OR error_type = ?1) AND (?2 IS NULL OR entity_type = ?2) \
                AND (?4 IS NULL OR http_status = ?4) \
-             ORDER BY id LIMIT ?3"
+               AND (?5 IS NULL OR dead_at < {}) \
+             ORDER BY id LIMIT ?3",
+            now_plus_ms!("?5")
         );
         let rows = sqlx::query(&sql)
             .bind(&f.error_type)
             .bind(&f.entity_type)
             .bind(f.limit)
             .bind(f.http_status)
+            .bind(f.older_than.map(|d| -offset_ms(d)))
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(dead_letter_from_row).collect()

@@ -44,6 +44,15 @@ async fn list(env: &TestEnv, extra: &[&str]) -> Vec<Value> {
     }
 }
 
+/// The outbox ids `dlq list --json <extra…>` shows, in order.
+async fn listed(env: &TestEnv, extra: &[&str]) -> Vec<i64> {
+    list(env, extra)
+        .await
+        .iter()
+        .map(|d| d["outboxId"].as_i64().expect("outboxId"))
+        .collect()
+}
+
 /// Run `dlq requeue` with `args`; then the outbox holds the rows `back` (by outbox
 /// id, in order) and the dead letters the rows `left`.
 async fn requeue_moves(env: &TestEnv, args: &[&str], back: &[i64], left: &[i64]) {
@@ -183,12 +192,7 @@ async fn requeue_by_http_status_moves_only_the_rows_that_answer_had(backend: Bac
     env.drain().await.assert_code(3);
     assert_eq!(env.count("sync_outbox_dead_letters").await, 3);
 
-    let listed: Vec<i64> = list(&env, &["--http-status", "401"])
-        .await
-        .iter()
-        .map(|d| d["outboxId"].as_i64().expect("outboxId"))
-        .collect();
-    assert_eq!(listed, refused);
+    assert_eq!(listed(&env, &["--http-status", "401"]).await, refused);
     refused_all(
         &env,
         &[
@@ -386,15 +390,16 @@ async fn purge_by_error_type_and_age_deletes_only_what_matches_all(backend: Back
         "nothing purged"
     );
 
-    let both = [
-        "dlq",
-        "purge",
-        "--error-type",
-        "unknown_entity_type",
-        "--older-than",
-        "1h",
-    ];
-    env.run(&both).await.assert_success();
+    // `dlq list` with the same filters shows what that purge will delete
+    let filters = ["--error-type", "unknown_entity_type", "--older-than", "1h"];
+    assert_eq!(listed(&env, &filters).await, [faxes[0]]);
+    assert_eq!(
+        listed(&env, &["--older-than", "1h"]).await,
+        [faxes[0], denied]
+    );
+
+    let purge = [&["dlq", "purge"][..], &filters].concat();
+    env.run(&purge).await.assert_success();
     assert_eq!(
         dead_outbox_ids(&env).await,
         [faxes[1], denied],
