@@ -19,12 +19,25 @@ use crate::taxonomy::{ErrorType, Failure};
 /// per worker and second, none while requests are answered sooner.
 const SETTLE_ANSWERED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// How many parts a batch that timed out while the sink answers an empty batch is cut
-/// into, sent at once: a Frontend that hangs on one entry costs one `ingest.timeout`
-/// per level of the search, and eight ways make three levels of a batch of 100 (the
-/// first request, 13 rows, 1 row) where halving made eight (about four minutes at the
-/// default 30 s). A server error is answered at once and is halved as before.
-const HANG_SPLIT_WAYS: usize = 8;
+/// A batch of at most this many rows that timed out while the sink answers an empty
+/// batch is cut into single rows, sent at once (`hang_split_ways`).
+const HANG_SPLIT_SINGLES: usize = 32;
+
+/// How many parts a batch of `rows` that timed out while the sink answers an empty
+/// batch is cut into, sent at once: a Frontend that hangs on one entry costs one
+/// `ingest.timeout` per level of the search, so the parts are single rows up to
+/// `HANG_SPLIT_SINGLES`, and above that about √rows parts of about √rows rows. A
+/// batch of up to 1,024 rows takes three levels (the batch, its part, the row;
+/// about √rows × 2 requests), where halving took log2(rows) + 1: eight for the
+/// default 100, about four minutes at the default 30 s. A server error is answered
+/// at once and is halved as before.
+fn hang_split_ways(rows: usize) -> usize {
+    if rows <= HANG_SPLIT_SINGLES {
+        rows
+    } else {
+        (rows as f64).sqrt().ceil() as usize
+    }
+}
 
 /// What became of one row's delivery.
 pub(super) enum Attempt {
@@ -109,7 +122,7 @@ impl Relay {
         let d = &self.settings.dispatch;
         let (max_rows, max_bytes) = (d.batch_size as usize, u64::from(d.max_batch_bytes));
         // the worker's requests in flight, the parts of a timed-out batch's search
-        // included (`HANG_SPLIT_WAYS`)
+        // included (`hang_split_ways`)
         let requests = tokio::sync::Semaphore::new(self.batches_per_worker as usize);
         // rows answered with a 2xx, told as soon as they are (a batch's search for a
         // hanging entry can last minutes), and settled with the rest of `attempts`
@@ -220,7 +233,7 @@ impl Relay {
     /// make the sink look down). So is a batch that times out while the sink answers
     /// an empty batch in time (a Frontend that hangs on one entity; one that hangs on
     /// the empty batch too is down, and its batch one sink-level failure), into
-    /// `HANG_SPLIT_WAYS` parts sent at once: when every part times out too, it is not
+    /// parts sent at once (`hang_split_ways`): when every part times out too, it is not
     /// one entry's doing and the search stops there. Whether a
     /// lone failing row is the row's fault or the sink's is decided at the end: if
     /// any part of the batch went through, the sink works and the row is charged; if
@@ -260,15 +273,21 @@ impl Relay {
             let results = futures_util::future::join_all(group.iter().map(|chunk| async {
                 // the semaphore is never closed; were it, sending unbounded is harmless
                 let _permit = requests.acquire().await.ok();
-                self.dispatcher.send_json(chunk).await
+                let result = self.dispatcher.send_json(chunk).await;
+                if result.is_ok() {
+                    // told now, not when the group's slowest part is in
+                    sent.push(chunk);
+                }
+                result
             }))
             .await;
             let hung = |r: &Result<(), Failure>| match r {
                 Err(f) => f.error_type == ErrorType::Timeout && may_be_an_entrys_doing(f),
                 Ok(()) => false,
             };
-            let searching = group.len() > 1 && group.iter().any(|chunk| chunk.len() > 1);
-            if searching && results.iter().all(hung) {
+            // two rows can both hang the Frontend; three parts and more, all hanging,
+            // are no one entry's doing
+            if group.len() >= 3 && results.iter().all(hung) {
                 // every part of a timed-out batch hung too: not one entry's doing (a
                 // Frontend that hangs on every entity, and answers only empty
                 // batches). One row stands for them, charged or counted towards an
@@ -293,7 +312,6 @@ impl Relay {
                     Ok(()) => {
                         answered = true;
                         self.sink.on_answer();
-                        sent.push(chunk);
                     }
                     Err(f)
                         if f.error_type == ErrorType::Http4xx
@@ -344,10 +362,10 @@ impl Relay {
                             if timed_out {
                                 tracing::info!(
                                 rows = chunk.len(),
-                                parts = chunk.len().min(HANG_SPLIT_WAYS),
+                                parts = hang_split_ways(chunk.len()),
                                 "batch timed out while the sink answers: splitting it in case one entry hangs it"
                             );
-                                pending.push(parts(chunk, HANG_SPLIT_WAYS));
+                                pending.push(parts(chunk, hang_split_ways(chunk.len())));
                             } else {
                                 tracing::info!(
                                 rows = chunk.len(),
@@ -617,7 +635,27 @@ fn says_unavailable(failure: &Failure) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::parts;
+    use super::{hang_split_ways, parts};
+
+    #[test]
+    fn a_timed_out_batch_is_searched_in_three_levels_up_to_1024_rows() {
+        // the levels of the search for one row that hangs, the worst case
+        let levels = |rows: usize| {
+            let (mut n, mut levels) = (rows, 1);
+            while n > 1 {
+                n = n.div_ceil(hang_split_ways(n));
+                levels += 1;
+            }
+            levels
+        };
+        assert_eq!(levels(1), 1);
+        assert_eq!(levels(2), 2);
+        assert_eq!(levels(32), 2);
+        for rows in [33, 64, 100, 500, 1000, 1024] {
+            assert_eq!(levels(rows), 3, "{rows} rows");
+        }
+        assert_eq!(hang_split_ways(100), 10);
+    }
 
     #[test]
     fn parts_cut_a_chunk_in_order_into_near_equal_parts() {

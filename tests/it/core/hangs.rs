@@ -121,10 +121,10 @@ fn requests_holding_the_hang(env: &TestEnv) -> usize {
 }
 
 both_stores!(an_entry_the_sink_hangs_on_is_found_in_three_timeouts_in_a_batch_of_64);
-/// A batch that times out while the sink answers an empty batch is cut into eight
-/// parts sent at once, not halved: the entry that hangs the Frontend is alone after
-/// three requests that held it (64 rows, 8, 1), each waiting `ingest.timeout`, where
-/// halving took seven (64, 32, 16, 8, 4, 2, 1). The 63 others go through once.
+/// A batch that times out while the sink answers an empty batch is cut into about
+/// √rows parts sent at once, not halved: the entry that hangs the Frontend is alone
+/// after three requests that held it (64 rows, 8, 1), each waiting `ingest.timeout`,
+/// where halving took seven (64, 32, 16, 8, 4, 2, 1). The 63 others go through once.
 async fn an_entry_the_sink_hangs_on_is_found_in_three_timeouts_in_a_batch_of_64(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
     a_frontend_hanging_on_hang_rows(&mut env, 1);
@@ -147,9 +147,9 @@ async fn an_entry_the_sink_hangs_on_is_found_in_three_timeouts_in_a_batch_of_64(
 
 both_stores!(a_batch_every_part_of_which_hangs_costs_one_row_one_attempt_not_the_batch);
 /// A Frontend that answers empty batches but hangs on every entry (its storage
-/// stuck, say): the batch times out, its eight parts time out too, and the search
-/// stops there. One row is charged for it (as a lone failing row is), the other 15
-/// are not, and nothing more is sent for them in that round.
+/// stuck, say): the batch times out, its parts (its 16 rows, each alone) time out
+/// too, and the search stops there. One row is charged for it (as a lone failing
+/// row is), the other 15 are not, and nothing more is sent for them in that round.
 async fn a_batch_every_part_of_which_hangs_costs_one_row_one_attempt_not_the_batch(
     backend: Backend,
 ) {
@@ -165,8 +165,8 @@ async fn a_batch_every_part_of_which_hangs_costs_one_row_one_attempt_not_the_bat
     out.assert_code(3);
     assert_eq!(
         requests_holding_the_hang(&env),
-        1 + 8,
-        "the batch, then its eight parts at once\n{out}"
+        1 + 16,
+        "the batch, then its rows, each alone, at once\n{out}"
     );
     let attempts: Vec<i32> = env.outbox().await.iter().map(|r| r.attempts).collect();
     assert_eq!(attempts.len(), 16, "nothing delivered, nothing dead");
@@ -179,7 +179,7 @@ async fn a_batch_every_part_of_which_hangs_costs_one_row_one_attempt_not_the_bat
 
 both_stores!(rows_answered_while_their_batch_searches_for_a_hang_are_settled_before_it_ends);
 /// The search for an entry that hangs the Frontend waits `ingest.timeout` per level
-/// (2 s here, three levels for a batch of 16): the rows its parts got through are
+/// (3 s here, two levels for a batch of 16): the rows its parts got through are
 /// settled a second after their answers, while the search goes on, not once it
 /// ends with the hanging row charged.
 async fn rows_answered_while_their_batch_searches_for_a_hang_are_settled_before_it_ends(
@@ -188,9 +188,8 @@ async fn rows_answered_while_their_batch_searches_for_a_hang_are_settled_before_
     let mut env = TestEnv::migrated_on(backend).await;
     a_frontend_hanging_on_hang_rows(&mut env, 1);
     env.config
-        .set("ingest.timeout", "2s")
-        .set("dispatch.batch_size", 16)
-        .set("dispatch.concurrency", 1);
+        .set("ingest.timeout", "3s")
+        .set("dispatch.batch_size", 16);
     let rows: Vec<NewRow> = (0..16)
         .map(|n| NewRow::new("call_log", Uuid::new_v4(), json!({"n": n, "hang": n == 9})))
         .collect();
@@ -198,12 +197,11 @@ async fn rows_answered_while_their_batch_searches_for_a_hang_are_settled_before_
     let hanging = ids.remove(9);
 
     let relay = env.spawn_run(&[]);
-    // the seven parts that went through: 14 rows (the hanging row's part-mate waits
-    // for the last level)
+    // the 15 other rows, each sent alone at the second level
     wait_until(
         Duration::from_secs(20),
         "the parts' rows settled",
-        || async { env.sent_ids().await.len() >= 14 },
+        || async { env.sent_ids().await.len() == 15 },
     )
     .await;
     assert_eq!(
