@@ -233,8 +233,8 @@ impl Relay {
     /// make the sink look down). So is a batch that times out while the sink answers
     /// an empty batch in time (a Frontend that hangs on one entity; one that hangs on
     /// the empty batch too is down, and its batch one sink-level failure), into
-    /// parts sent at once (`hang_split_ways`): when every part times out too, it is not
-    /// one entry's doing and the search stops there. Whether a
+    /// parts sent at once (`hang_split_ways`): when all of three or more parts time
+    /// out too, it is not one entry's doing and the search stops there. Whether a
     /// lone failing row is the row's fault or the sink's is decided at the end: if
     /// any part of the batch went through, the sink works and the row is charged; if
     /// nothing did, it is one sink-level failure of the whole delivery, counted
