@@ -1,5 +1,6 @@
 //! Leases: a dead relay's rows are taken over when its lease expires, with no
-//! operator action; a live relay on a slow sink renews its lease and keeps its rows.
+//! operator action; a live relay on a slow sink renews its lease and keeps its rows,
+//! and tries a renewal the database refused again within a second.
 
 use std::time::{Duration, Instant};
 
@@ -256,5 +257,69 @@ async fn a_stalled_relay_that_wakes_up_after_a_takeover_cannot_overwrite_the_out
         slow.accepted_batches().len(),
         1,
         "A's Frontend accepted only the stale batch"
+    );
+}
+
+#[tokio::test]
+async fn a_renewal_refused_by_the_database_is_tried_again_within_a_second() {
+    let mut env = TestEnv::migrated().await;
+    insert_one(&env).await;
+    // The first three renewals fail (a database in trouble; a sequence, since a
+    // failed statement rolls back anything else it wrote).
+    env.db
+        .execute(
+            "CREATE SEQUENCE renewals;
+             CREATE FUNCTION refuse_renewals() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF nextval('renewals') <= 3 THEN
+                     RAISE EXCEPTION 'renewal refused by the test';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_renewals BEFORE UPDATE ON sync_outbox FOR EACH ROW
+                 WHEN (OLD.claim_token IS NOT DISTINCT FROM NEW.claim_token
+                       AND NEW.lease_until > OLD.lease_until)
+                 EXECUTE FUNCTION refuse_renewals();",
+        )
+        .await;
+    // A lease of 6 s is renewed every 2 s. Retried only as often, the renewals at
+    // 2, 4 and 6 s would fail and the lease lapse before the one at 8 s; retried
+    // within a second (3, 4, 5 s), it never does.
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(9))));
+    env.config
+        .set("dispatch.lease_duration", "6s")
+        .set("dispatch.poll_interval", "50ms")
+        .set("dispatch.concurrency", 1)
+        .set("ingest.timeout", "20s");
+    let a = env.spawn_run(&[]);
+    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    // A second relay polls all along, looking for expired leases.
+    let b = env.spawn_run(&[]);
+    wait_until(Duration::from_secs(20), "A to settle its row", || async {
+        env.count("sync_outbox_sent").await == 1
+    })
+    .await;
+    let a_out = a.terminate(Duration::from_secs(10)).await;
+    a_out.assert_success().assert_no_panic();
+    b.terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+
+    assert!(
+        env.db.scalar("SELECT last_value FROM renewals").await >= 4,
+        "three renewals refused, then one that went through"
+    );
+    assert!(
+        a_out.stderr.contains("renewing leases failed")
+            && a_out.stderr.contains("renewing leases works again"),
+        "{a_out}"
+    );
+    assert!(!a_out.stderr.contains("lease lost"), "{a_out}");
+    assert_eq!(
+        env.sink.sync_requests().len(),
+        1,
+        "B took nothing over: A's lease never lapsed"
     );
 }
