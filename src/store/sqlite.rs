@@ -17,7 +17,8 @@ use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::ConnectOptions as _;
+use sqlx::{Connection as _, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
@@ -196,11 +197,28 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Apply the migrations. On a file, on a connection of their own without sqlx's
+    /// statement logs (as on PostgreSQL): a migration slowed down by a lock or a
+    /// large outbox would otherwise be logged with its whole SQL, where `migrate`
+    /// says in one line how long it took. An in-memory database has its one
+    /// connection only, which keeps the logs.
     pub async fn migrate(&self) -> anyhow::Result<()> {
+        if self.path.is_none() {
+            MIGRATOR
+                .run(&self.pool)
+                .await
+                .context("applying migrations")?;
+            return Ok(());
+        }
+        let options = (*self.pool.connect_options())
+            .clone()
+            .disable_statement_logging();
+        let mut conn = options.connect().await.context("connecting to migrate")?;
         MIGRATOR
-            .run(&self.pool)
+            .run(&mut conn)
             .await
             .context("applying migrations")?;
+        let _ = conn.close().await;
         Ok(())
     }
 

@@ -261,6 +261,41 @@ async fn a_slow_migration_is_reported_in_one_line_without_its_sql() {
     );
 }
 
+/// The same on a SQLite file: another connection holds its write lock for 1.5 s,
+/// so the migrations' first statement waits that long. It used to come out as
+/// sqlx's warning with the statement's SQL in it.
+#[tokio::test]
+async fn a_slow_migration_of_a_sqlite_file_is_reported_in_one_line_without_its_sql() {
+    use sqlx::Connection;
+    let env = TestEnv::new_on(Backend::Sqlite).await;
+    let mut holder = sqlx::SqliteConnection::connect(env.db.url())
+        .await
+        .expect("a connection to the file");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .expect("the write lock");
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        sqlx::query("COMMIT")
+            .execute(&mut holder)
+            .await
+            .expect("commit");
+    };
+    let (out, ()) = tokio::join!(env.run(&["migrate"]), release);
+    out.assert_success();
+    assert!(
+        !out.stderr.contains("slow statement") && !out.stderr.contains("CREATE"),
+        "no statement text in the logs\n{out}"
+    );
+    assert!(out.stderr.contains("the migrations took"), "{out}");
+    assert_eq!(
+        env.run(&["status", "--json"]).await.assert_success().json()["pending"],
+        0,
+        "the schema is there"
+    );
+}
+
 both_stores!(global_flags_may_follow_the_subcommand);
 async fn global_flags_may_follow_the_subcommand(backend: Backend) {
     let env = TestEnv::migrated_on(backend).await;
