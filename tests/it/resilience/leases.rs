@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::support::{by_id, insert_one, tables};
+use crate::harness::relay::{Output, Running};
 use crate::harness::{wait_until, Mode, Reply, Sink, TestEnv};
 
 const LEASE: Duration = Duration::from_secs(2);
@@ -18,6 +19,22 @@ async fn leases(env: &TestEnv) -> Vec<(Option<i64>, Option<f64>)> {
     .fetch_all(env.db.pg())
     .await
     .expect("select leases")
+}
+
+/// Once `n` rows are delivered, relays `a` and `b` are stopped, cleanly; `a`'s
+/// output.
+async fn both_stopped_once_sent(env: &TestEnv, n: usize, a: Running, b: Running) -> Output {
+    wait_until(Duration::from_secs(20), "the rows delivered", || async {
+        env.count("sync_outbox_sent").await == n as i64
+    })
+    .await;
+    let a_out = a.terminate(Duration::from_secs(10)).await;
+    a_out.assert_success().assert_no_panic();
+    b.terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+    a_out
 }
 
 #[tokio::test]
@@ -235,16 +252,7 @@ async fn a_stalled_relay_that_wakes_up_after_a_takeover_cannot_overwrite_the_out
     assert_eq!(failed, n as i64, "B's outcome stands");
 
     env.sink.set_mode(Mode::Accept);
-    wait_until(Duration::from_secs(10), "B to deliver the rows", || async {
-        env.count("sync_outbox_sent").await == n as i64
-    })
-    .await;
-    let a_out = a.terminate(Duration::from_secs(10)).await;
-    a_out.assert_success().assert_no_panic();
-    b.terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    both_stopped_once_sent(&env, n, a, b).await;
     assert_eq!(
         tables(&env).await,
         (0, n as i64, 0),
@@ -296,16 +304,7 @@ async fn a_renewal_refused_by_the_database_is_tried_again_within_a_second() {
     env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
     // A second relay polls all along, looking for expired leases.
     let b = env.spawn_run(&[]);
-    wait_until(Duration::from_secs(20), "A to settle its row", || async {
-        env.count("sync_outbox_sent").await == 1
-    })
-    .await;
-    let a_out = a.terminate(Duration::from_secs(10)).await;
-    a_out.assert_success().assert_no_panic();
-    b.terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    let a_out = both_stopped_once_sent(&env, 1, a, b).await;
 
     assert!(
         env.db.scalar("SELECT last_value FROM renewals").await >= 4,
