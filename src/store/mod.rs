@@ -195,6 +195,18 @@ pub struct DlqFilter {
     pub limit: i64,
 }
 
+impl DlqFilter {
+    /// The selection of the filters `requeue` and `purge` take too (all but the
+    /// entity type), so that `dlq list` shows what they would move or delete.
+    pub(crate) fn matching(&self) -> DlqSelection {
+        DlqSelection::Matching {
+            error_type: self.error_type.clone(),
+            http_status: self.http_status,
+            older_than: self.older_than,
+        }
+    }
+}
+
 /// Which dead letters a `requeue` or `purge` applies to.
 #[derive(Debug, Clone)]
 pub enum DlqSelection {

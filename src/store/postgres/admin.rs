@@ -63,19 +63,15 @@ impl PgStore {
     }
 
     pub async fn dlq_list(&self, f: &DlqFilter) -> anyhow::Result<Vec<DeadLetter>> {
+        let (filter, bind) = selection_filter(&f.matching());
         let sql = format!(
             "SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters \
-             WHERE ($1::text IS NULL OR error_type = $1) AND ($2::text IS NULL OR entity_type = $2) \
-               AND ($4::int IS NULL OR http_status = $4) \
-               AND ($5::bigint IS NULL OR dead_at < now() - $5 * interval '1 millisecond') \
-             ORDER BY id LIMIT $3"
+             WHERE {filter} AND ($4::text IS NULL OR entity_type = $4) \
+             ORDER BY id LIMIT $5"
         );
-        let rows = sqlx::query(&sql)
-            .bind(&f.error_type)
+        let rows = bind_selection(sqlx::query(&sql), bind)
             .bind(&f.entity_type)
             .bind(f.limit)
-            .bind(f.http_status)
-            .bind(f.older_than.map(millis))
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(dead_letter_from_row).collect()

@@ -65,20 +65,15 @@ impl SqliteStore {
     }
 
     pub async fn dlq_list(&self, f: &DlqFilter) -> anyhow::Result<Vec<DeadLetter>> {
+        let (filter, bind) = selection_filter(&f.matching())?;
         let sql = format!(
             "SELECT {DLQ_COLUMNS} FROM sync_outbox_dead_letters \
-             WHERE (?1 IS NULL OR error_type = ?1) AND (?2 IS NULL OR entity_type = ?2) \
-               AND (?4 IS NULL OR http_status = ?4) \
-               AND (?5 IS NULL OR dead_at < {}) \
-             ORDER BY id LIMIT ?3",
-            now_plus_ms!("?5")
+             WHERE {filter} AND (?4 IS NULL OR entity_type = ?4) \
+             ORDER BY id LIMIT ?5"
         );
-        let rows = sqlx::query(&sql)
-            .bind(&f.error_type)
+        let rows = bind_selection(sqlx::query(&sql), bind)
             .bind(&f.entity_type)
             .bind(f.limit)
-            .bind(f.http_status)
-            .bind(f.older_than.map(|d| -offset_ms(d)))
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(dead_letter_from_row).collect()
