@@ -121,8 +121,11 @@ impl Relay {
             json.into_iter().partition(|row| row.attempts == 0);
         let d = &self.settings.dispatch;
         let (max_rows, max_bytes) = (d.batch_size as usize, u64::from(d.max_batch_bytes));
-        // the worker's requests in flight, the parts of a timed-out batch's search
-        // included (`hang_split_ways`)
+        // at most `batches_per_settle` requests out at once, the parts of a timed-out
+        // batch's search included (`hang_split_ways`): rows cut by bytes can make
+        // more requests than that (three rows of 0.6 × max_batch_bytes fit a worker's
+        // two requests' bytes, but go one per request), and a claim bounded by the
+        // payloads' stored, compressed, size more still
         let requests = tokio::sync::Semaphore::new(self.batches_per_worker as usize);
         // rows answered with a 2xx, told as soon as they are (a batch's search for a
         // hanging entry can last minutes), and settled with the rest of `attempts`
@@ -131,10 +134,7 @@ impl Relay {
             .chain(runs(&failed_before, max_rows, max_bytes))
             .map(|batch| self.deliver_json(batch, &requests, &sent))
             .collect();
-        // at most `batches_per_settle` requests out at once: rows cut by bytes can make
-        // more requests than that (three rows of 0.6 × max_batch_bytes fit a worker's
-        // two requests' bytes, but go one per request), and a claim bounded by the
-        // payloads' stored, compressed, size more still
+        // as many batches under way as they may have requests out
         let mut outcomes =
             futures_util::stream::iter(batches).buffer_unordered(self.batches_per_worker as usize);
         let mut settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
