@@ -203,23 +203,18 @@ impl SqliteStore {
     /// says in one line how long it took. An in-memory database has its one
     /// connection only, which keeps the logs.
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        if self.path.is_none() {
-            MIGRATOR
-                .run(&self.pool)
-                .await
-                .context("applying migrations")?;
-            return Ok(());
-        }
-        let options = (*self.pool.connect_options())
-            .clone()
-            .disable_statement_logging();
-        let mut conn = options.connect().await.context("connecting to migrate")?;
-        MIGRATOR
-            .run(&mut conn)
-            .await
-            .context("applying migrations")?;
-        let _ = conn.close().await;
-        Ok(())
+        let applied = if self.path.is_none() {
+            MIGRATOR.run(&self.pool).await
+        } else {
+            let options = (*self.pool.connect_options())
+                .clone()
+                .disable_statement_logging();
+            let mut conn = options.connect().await.context("connecting to migrate")?;
+            let applied = MIGRATOR.run(&mut conn).await;
+            let _ = conn.close().await;
+            applied
+        };
+        applied.context("applying migrations")
     }
 
     pub async fn schema_state(&self) -> anyhow::Result<SchemaState> {
