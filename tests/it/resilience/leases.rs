@@ -21,6 +21,25 @@ async fn leases(env: &TestEnv) -> Vec<(Option<i64>, Option<f64>)> {
     .expect("select leases")
 }
 
+/// Relay A, with leases of `lease`, whose first request is out; the Frontend answers
+/// it after `secs` seconds (A waits for it: `ingest.timeout` is longer).
+async fn a_relay_whose_request_is_answered_after(
+    env: &mut TestEnv,
+    secs: u64,
+    lease: &str,
+) -> Running {
+    let delay = Duration::from_secs(secs);
+    env.sink.set_mode(Mode::Reply(Reply::ok().delay(delay)));
+    env.config
+        .set("dispatch.lease_duration", lease)
+        .set("dispatch.poll_interval", "50ms")
+        .set("dispatch.concurrency", 1)
+        .set("ingest.timeout", format!("{}s", 2 * secs + 2));
+    let a = env.spawn_run(&[]);
+    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    a
+}
+
 /// Once `n` rows are delivered, relays `a` and `b` are stopped, cleanly; `a`'s
 /// output.
 async fn both_stopped_once_sent(env: &TestEnv, n: usize, a: Running, b: Running) -> Output {
@@ -126,15 +145,7 @@ async fn a_slow_but_alive_relay_renews_its_lease_and_keeps_its_batch() {
     for _ in 0..n {
         insert_one(&env).await;
     }
-    let delay = Duration::from_secs(4);
-    env.sink.set_mode(Mode::Reply(Reply::ok().delay(delay)));
-    env.config
-        .set("dispatch.lease_duration", "1500ms")
-        .set("dispatch.poll_interval", "50ms")
-        .set("dispatch.concurrency", 1)
-        .set("ingest.timeout", "10s");
-    let a = env.spawn_run(&[]);
-    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    let a = a_relay_whose_request_is_answered_after(&mut env, 4, "1500ms").await;
     let arrived = Instant::now();
     let claimed = leases(&env).await;
     assert_eq!(claimed.len(), n);
@@ -293,15 +304,7 @@ async fn a_renewal_refused_by_the_database_is_tried_again_within_a_second() {
     // A lease of 6 s is renewed every 2 s. Retried only as often, the renewals at
     // 2, 4 and 6 s would fail and the lease lapse before the one at 8 s; retried
     // within a second (3, 4, 5 s), it never does.
-    env.sink
-        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(9))));
-    env.config
-        .set("dispatch.lease_duration", "6s")
-        .set("dispatch.poll_interval", "50ms")
-        .set("dispatch.concurrency", 1)
-        .set("ingest.timeout", "20s");
-    let a = env.spawn_run(&[]);
-    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    let a = a_relay_whose_request_is_answered_after(&mut env, 9, "6s").await;
     // A second relay polls all along, looking for expired leases.
     let b = env.spawn_run(&[]);
     let a_out = both_stopped_once_sent(&env, 1, a, b).await;
