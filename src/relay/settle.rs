@@ -155,18 +155,21 @@ impl Relay {
             }
         };
         self.database_up();
-        if report.lost > 0 {
-            self.metrics.lease_lost.inc_by(report.lost);
+        let lost = &report.lost;
+        if !lost.is_empty() {
+            self.metrics.lease_lost.inc_by(lost.len() as u64);
             self.stats
                 .lease_lost
-                .fetch_add(report.lost, Ordering::Relaxed);
+                .fetch_add(lost.len() as u64, Ordering::Relaxed);
             tracing::warn!(
-                rows = report.lost,
+                rows = lost.len(),
+                outbox_ids = %ids_in_brief(lost),
                 claim_token = claim.token,
                 "lease lost: another relay took these rows over; left its outcome alone"
             );
         }
-        self.record(claim, &s);
+        // what was decided for the lost rows did not happen: not counted as done
+        self.record(claim, &s.without(lost));
     }
 
     pub(super) fn record(&self, claim: &Claim, s: &Settlement) {
@@ -230,6 +233,16 @@ impl Relay {
                 left.extend(s.retries.iter().map(|r| r.id));
             }
         }
+    }
+}
+
+/// `ids` for a log line: all of them up to 10, else the first 10 and how many more.
+fn ids_in_brief(ids: &[i64]) -> String {
+    const SHOWN: usize = 10;
+    let shown: Vec<String> = ids.iter().take(SHOWN).map(i64::to_string).collect();
+    match ids.len().checked_sub(SHOWN) {
+        Some(more) if more > 0 => format!("{} and {more} more", shown.join(",")),
+        _ => shown.join(","),
     }
 }
 

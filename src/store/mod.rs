@@ -5,7 +5,7 @@
 mod postgres;
 mod sqlite;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -131,14 +131,35 @@ pub struct Settlement {
     pub dead: Vec<DeadRow>,
 }
 
+impl Settlement {
+    /// The settlement without the rows of `ids` (those whose lease was lost: what
+    /// was decided for them did not happen, so it is not counted).
+    pub fn without(mut self, ids: &[i64]) -> Settlement {
+        if !ids.is_empty() {
+            let gone: HashSet<i64> = ids.iter().copied().collect();
+            self.sent.retain(|id| !gone.contains(id));
+            self.retries.retain(|r| !gone.contains(&r.id));
+            self.dead.retain(|d| !gone.contains(&d.id));
+        }
+        self
+    }
+}
+
 /// How many rows each part of a settlement touched. Rows not touched had lost their
-/// lease (another relay holds them now) and were left alone.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// lease (another relay holds them now) and were left alone: `lost`, by id.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SettleReport {
     pub sent: u64,
     pub retried: u64,
     pub dead: u64,
-    pub lost: u64,
+    pub lost: Vec<i64>,
+}
+
+/// The ids of `wanted` a settle statement did not write (`written`: the ids it
+/// returned), in `wanted`'s order; found by a set only when some are missing.
+fn not_written(wanted: impl Iterator<Item = i64>, written: &[i64]) -> Vec<i64> {
+    let written: HashSet<i64> = written.iter().copied().collect();
+    wanted.filter(|id| !written.contains(id)).collect()
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

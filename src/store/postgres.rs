@@ -17,8 +17,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection, Held,
-    KeyShare, NewRow, SchemaState, SettleReport, Settlement, Status, Want,
+    millis, not_written, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter,
+    DlqSelection, Held, KeyShare, NewRow, SchemaState, SettleReport, Settlement, Status, Want,
 };
 
 mod admin;
@@ -92,8 +92,9 @@ RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload,
 "#;
 
 /// The archive statement: sent rows leave the outbox (fenced on the claim token) and
-/// their records go to `sync_outbox_sent`, followed by `$tail`. One text for both
-/// forms below, so that they cannot drift apart.
+/// their records go to `sync_outbox_sent`, followed by `$tail`; it returns the ids it
+/// archived (as every settle statement does: the rest had lost their lease). One
+/// text for both forms below, so that they cannot drift apart.
 macro_rules! sent_archive_sql {
     ($tail:literal) => {
         concat!(
@@ -101,11 +102,12 @@ macro_rules! sent_archive_sql {
 WITH d AS (
     DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2
     RETURNING id, entity_type, entity_id, created_at, attempts
-)
+), a AS (
 INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)
 SELECT id, entity_type, entity_id, created_at, LEAST(attempts, 2147483646) + 1 FROM d
 "#,
-            $tail
+            $tail,
+            "RETURNING id) SELECT array_agg(id) FROM a"
         )
     };
 }
@@ -127,9 +129,12 @@ const SENT_ARCHIVE_UPSERT_SQL: &str = sent_archive_sql!(
 "
 );
 
-const SENT_DELETE_SQL: &str = "DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2";
+const SENT_DELETE_SQL: &str =
+    "WITH d AS (DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2 \
+    RETURNING id) SELECT array_agg(id) FROM d";
 
 const RETRY_SQL: &str = r#"
+WITH r AS (
 UPDATE sync_outbox o SET
     attempts = LEAST(o.attempts, 2147483646) + CASE WHEN u.charged THEN 1 ELSE 0 END,
     next_attempt_at = now() + u.delay_ms * interval '1 millisecond',
@@ -142,6 +147,8 @@ UPDATE sync_outbox o SET
 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::bool[], $7::jsonb[])
     AS u(id, delay_ms, error_type, message, http_status, charged, entry)
 WHERE o.id = u.id AND o.claim_token = $8
+RETURNING o.id
+) SELECT array_agg(id) FROM r
 "#;
 
 const DEAD_SQL: &str = r#"
@@ -154,7 +161,7 @@ WITH u AS (
     RETURNING o.id, o.entity_type, o.entity_id, o.payload, o.ordering_key, o.created_at, o.attempts,
               o.attempt_errors, o.first_attempt_at,
               u.error_type, u.http_status, u.message, u.response_body, u.entry, u.max_attempts
-)
+), a AS (
 INSERT INTO sync_outbox_dead_letters
     (outbox_id, entity_type, entity_id, payload, ordering_key, created_at, error_type, http_status,
      error_message, response_body, attempts, max_attempts, attempt_errors, first_attempt_at, last_attempt_at)
@@ -162,6 +169,8 @@ SELECT id, entity_type, entity_id, payload, ordering_key, created_at, error_type
        message, response_body, LEAST(attempts, 2147483646) + 1, max_attempts, attempt_errors || jsonb_build_array(entry),
        COALESCE(first_attempt_at, now()), now()
 FROM d
+RETURNING outbox_id
+) SELECT array_agg(outbox_id) FROM a
 "#;
 
 /// A sink's `down_since` as the relays and `status` show it: UTC, RFC 3339, seconds.
@@ -416,18 +425,15 @@ impl PgStore {
         .iter()
         .filter(|p| **p)
         .count();
-        let mut report = if parts > 1 {
+        if parts > 1 {
             let mut tx = self.pool.begin().await?;
             let report = write_settlement(&mut tx, s, archive).await?;
             tx.commit().await?;
-            report
+            Ok(report)
         } else {
             let mut conn = self.pool.acquire().await?;
-            write_settlement(&mut conn, s, archive).await?
-        };
-        let expected = (s.sent.len() + s.retries.len() + s.dead.len()) as u64;
-        report.lost = expected.saturating_sub(report.sent + report.retried + report.dead);
-        Ok(report)
+            write_settlement(&mut conn, s, archive).await
+        }
     }
 }
 
@@ -465,16 +471,16 @@ async fn write_settlement(
             Archive::Insert => SENT_ARCHIVE_SQL,
             Archive::Upsert => SENT_ARCHIVE_UPSERT_SQL,
         };
-        report.sent = sqlx::query(sql)
+        let written = sqlx::query_scalar(sql)
             .bind(&s.sent)
             .bind(s.token)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+            .fetch_one(&mut *conn)
+            .await?;
+        report.sent = tally(&mut report.lost, s.sent.iter().copied(), written);
     }
     if !s.retries.is_empty() {
         let r = &s.retries;
-        report.retried = sqlx::query(RETRY_SQL)
+        let written = sqlx::query_scalar(RETRY_SQL)
             .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
             .bind(r.iter().map(|x| millis(x.delay)).collect::<Vec<_>>())
             .bind(
@@ -495,13 +501,13 @@ async fn write_settlement(
                     .collect::<Vec<_>>(),
             )
             .bind(s.token)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+            .fetch_one(&mut *conn)
+            .await?;
+        report.retried = tally(&mut report.lost, r.iter().map(|x| x.id), written);
     }
     if !s.dead.is_empty() {
         let d = &s.dead;
-        report.dead = sqlx::query(DEAD_SQL)
+        let written = sqlx::query_scalar(DEAD_SQL)
             .bind(d.iter().map(|x| x.id).collect::<Vec<_>>())
             .bind(
                 d.iter()
@@ -526,11 +532,25 @@ async fn write_settlement(
             )
             .bind(d.iter().map(|x| x.max_attempts).collect::<Vec<_>>())
             .bind(s.token)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+            .fetch_one(&mut *conn)
+            .await?;
+        report.dead = tally(&mut report.lost, d.iter().map(|x| x.id), written);
     }
     Ok(report)
+}
+
+/// How many rows of `wanted` a settle statement wrote (`written`: the ids it
+/// returned, `None` for none); the others go to `lost`.
+fn tally(
+    lost: &mut Vec<i64>,
+    wanted: impl ExactSizeIterator<Item = i64>,
+    written: Option<Vec<i64>>,
+) -> u64 {
+    let written = written.unwrap_or_default();
+    if written.len() < wanted.len() {
+        lost.extend(not_written(wanted, &written));
+    }
+    written.len() as u64
 }
 
 impl PgStore {

@@ -22,8 +22,8 @@ use sqlx::{Connection as _, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
-    millis, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection, Held,
-    NewRow, SchemaState, SettleReport, Settlement, Status, Want,
+    millis, not_written, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter,
+    DlqSelection, Held, NewRow, SchemaState, SettleReport, Settlement, Status, Want,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -84,7 +84,8 @@ const SENT_ARCHIVE_SQL: &str =
         sent_at = excluded.sent_at, attempts = excluded.attempts";
 
 const SENT_DELETE_SQL: &str =
-    "DELETE FROM sync_outbox WHERE id IN (SELECT value FROM json_each(?1)) AND claim_token = ?2";
+    "DELETE FROM sync_outbox WHERE id IN (SELECT value FROM json_each(?1)) AND claim_token = ?2 \
+    RETURNING id";
 
 /// One retry: ?1 id, ?2 token, ?3 delay ms, ?4 error type, ?5 message, ?6 HTTP status,
 /// ?7 charged, ?8 history entry (JSON text).
@@ -346,15 +347,18 @@ impl SqliteStore {
                     .execute(&mut *tx)
                     .await?;
             }
-            report.sent = sqlx::query(SENT_DELETE_SQL)
+            let written: Vec<i64> = sqlx::query_scalar(SENT_DELETE_SQL)
                 .bind(&ids)
                 .bind(s.token)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                .fetch_all(&mut *tx)
+                .await?;
+            report.sent = written.len() as u64;
+            if written.len() < s.sent.len() {
+                report.lost = not_written(s.sent.iter().copied(), &written);
+            }
         }
         for r in &s.retries {
-            report.retried += sqlx::query(RETRY_SQL)
+            let written = sqlx::query(RETRY_SQL)
                 .bind(r.id)
                 .bind(s.token)
                 .bind(offset_ms(r.delay))
@@ -366,6 +370,10 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+            report.retried += written;
+            if written == 0 {
+                report.lost.push(r.id);
+            }
         }
         for d in &s.dead {
             sqlx::query(DEAD_SQL)
@@ -379,16 +387,18 @@ impl SqliteStore {
                 .bind(d.max_attempts)
                 .execute(&mut *tx)
                 .await?;
-            report.dead += sqlx::query(DELETE_CLAIMED_SQL)
+            let written = sqlx::query(DELETE_CLAIMED_SQL)
                 .bind(d.id)
                 .bind(s.token)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+            report.dead += written;
+            if written == 0 {
+                report.lost.push(d.id);
+            }
         }
         tx.commit().await?;
-        let expected = (s.sent.len() + s.retries.len() + s.dead.len()) as u64;
-        report.lost = expected.saturating_sub(report.sent + report.retried + report.dead);
         Ok(report)
     }
 

@@ -249,20 +249,41 @@ async fn only_the_head_of_an_ordering_key_is_claimed() -> anyhow::Result<()> {
 async fn settle_sent_archives_and_a_wrong_token_is_lost() -> anyhow::Result<()> {
     let (_dir, store) = fresh().await?;
     let id = enqueue(&store, "note", Uuid::new_v4(), serde_json::json!({})).await?;
-    claim_ids(&store, 5).await?;
+    let retried = enqueue(&store, "note", Uuid::new_v4(), serde_json::json!({})).await?;
+    let dead = enqueue(&store, "note", Uuid::new_v4(), serde_json::json!({})).await?;
+    assert_eq!(claim_ids(&store, 5).await?, vec![id, retried, dead]);
+    // every part of a settlement under another token is lost, each row by id
     let wrong = Settlement {
         token: 6,
         sent: vec![id],
-        ..Default::default()
+        retries: vec![RetryRow {
+            id: retried,
+            delay: Duration::ZERO,
+            error: error(1),
+            charged: true,
+        }],
+        dead: vec![DeadRow {
+            id: dead,
+            error: error(1),
+            max_attempts: 1,
+        }],
     };
     assert_eq!(
         store.settle(&wrong, true).await?,
         SettleReport {
-            lost: 1,
+            lost: vec![id, retried, dead],
             ..Default::default()
         }
     );
-    assert_eq!(store.status().await?.pending, 1);
+    assert_eq!(store.status().await?.pending, 3);
+    assert_eq!(outbox_history(&store, retried).await?, (0, 0));
+    assert_eq!(store.status().await?.dead_letters, 0);
+    // the rest of the test is about the sent row
+    sqlx::query("DELETE FROM sync_outbox WHERE id IN (?1, ?2)")
+        .bind(retried)
+        .bind(dead)
+        .execute(&store.pool)
+        .await?;
     let right = Settlement {
         token: 5,
         sent: vec![id],

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::support::{by_id, insert_one, tables};
 use crate::harness::relay::{Output, Running};
-use crate::harness::{wait_until, Mode, Reply, Sink, TestEnv};
+use crate::harness::{wait_until, MetricsEndpoint, Mode, Reply, Sink, TestEnv};
 
 const LEASE: Duration = Duration::from_secs(2);
 
@@ -205,6 +205,8 @@ async fn a_slow_but_alive_relay_renews_its_lease_and_keeps_its_batch() {
 /// fenced on the lease: it is reported as lost and leaves the rows to their new
 /// holder, whose own outcome (a failure, to be retried) stands. Unfenced, the stale
 /// settle would have taken them out of the outbox behind the new holder's back.
+/// The stalled relay's metrics count the rows as lost, not as delivered, and its log
+/// names them.
 #[tokio::test]
 async fn a_stalled_relay_that_wakes_up_after_a_takeover_cannot_overwrite_the_outcome() {
     let mut env = TestEnv::migrated().await;
@@ -225,7 +227,13 @@ async fn a_stalled_relay_that_wakes_up_after_a_takeover_cannot_overwrite_the_out
         .set("retry.base_delay", "100ms")
         .set("retry.max_delay", "200ms")
         .set("ingest.timeout", "60s");
-    let a = env.spawn_run(&["--ingest-url", slow.url()]);
+    let a_metrics = MetricsEndpoint::enable(&mut env);
+    let a = env.spawn_run(&[
+        "--ingest-url",
+        slow.url(),
+        a_metrics.flag()[0],
+        a_metrics.flag()[1],
+    ]);
     slow.wait_for_requests(1, Duration::from_secs(15)).await;
     let sent_at = Instant::now();
     a.signal(libc::SIGSTOP);
@@ -233,7 +241,8 @@ async fn a_stalled_relay_that_wakes_up_after_a_takeover_cannot_overwrite_the_out
     slow.set_mode(Mode::Always(503));
 
     // B takes the rows over once A's lease expires, and fails with them.
-    let b = env.spawn_run(&[]);
+    let b_metrics = MetricsEndpoint::enable(&mut env);
+    let b = env.spawn_run(&b_metrics.flag());
     wait_until(
         Duration::from_secs(10),
         "B to take the rows over",
@@ -249,6 +258,37 @@ async fn a_stalled_relay_that_wakes_up_after_a_takeover_cannot_overwrite_the_out
         || async { a.stderr().contains("lease lost") },
     )
     .await;
+    a_metrics
+        .wait_for_sample(
+            "serversync_lease_lost_total",
+            n as f64,
+            Duration::from_secs(5),
+        )
+        .await;
+    // the settle is counted right after the lost lease is: give it the time to show
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, a_scrape) = a_metrics.get("/metrics").await.expect("A's metrics");
+    let delivered: Vec<&str> = a_scrape
+        .lines()
+        .filter(|l| {
+            l.starts_with("serversync_deliveries_total{")
+                && l.contains(r#"outcome="sent""#)
+                && !l.ends_with(" 0")
+        })
+        .collect();
+    assert!(
+        delivered.is_empty(),
+        "A delivered nothing it still held: {delivered:?}"
+    );
+    let first = sqlx::query_scalar::<_, i64>("SELECT min(id) FROM sync_outbox")
+        .fetch_one(env.db.pg())
+        .await
+        .expect("first id");
+    assert!(
+        a.stderr().contains(&format!("outbox_ids={first},")),
+        "the lost rows are named: {}",
+        a.stderr()
+    );
     assert_eq!(
         tables(&env).await,
         (n as i64, 0, 0),
