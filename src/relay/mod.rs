@@ -410,21 +410,18 @@ impl Relay {
         }
     }
 
-    /// Whether a drain's end has been decided (by this worker or another).
-    fn drain_has_ended(&self) -> bool {
-        self.drain
-            .as_ref()
-            .and_then(|d| d.end.lock().ok().map(|end| end.is_some()))
-            .unwrap_or(false)
-    }
-
-    fn finish_drain(&self, end: DrainEnd, finished: &CancellationToken) {
+    /// End the drain (the first end reported is the one it says); whether this call
+    /// ended it, so that the reason is logged once, not once per worker.
+    fn finish_drain(&self, end: DrainEnd, finished: &CancellationToken) -> bool {
+        let mut first = false;
         if let Some(d) = &self.drain {
             if let Ok(mut slot) = d.end.lock() {
+                first = slot.is_none();
                 slot.get_or_insert(end);
             }
         }
         finished.cancel();
+        first
     }
 
     async fn with_heartbeat<T>(&self, fut: impl std::future::Future<Output = T>) -> T {

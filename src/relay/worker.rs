@@ -80,13 +80,20 @@ impl Relay {
                         // drain delivers what is due now; it does not sit out an outage
                         // or a long rate limit: what is left waits for the next run
                         let end = if self.sink.is_down() {
-                            tracing::error!("ingest sink is down: drain stops");
                             DrainEnd::SinkDown
                         } else {
-                            tracing::warn!("ingest sink asked to slow down (429): drain stops");
                             DrainEnd::RateLimited
                         };
-                        self.finish_drain(end, finished);
+                        if self.finish_drain(end, finished) {
+                            match end {
+                                DrainEnd::SinkDown => {
+                                    tracing::error!("ingest sink is down: drain stops");
+                                }
+                                _ => tracing::warn!(
+                                    "ingest sink asked to slow down (429): drain stops"
+                                ),
+                            }
+                        }
                         break;
                     }
                     let nap = until.saturating_duration_since(Instant::now()).min(poll);
@@ -100,13 +107,12 @@ impl Relay {
                 }
                 Step::DatabaseUnavailable => {
                     if self.drain_gives_up_on_the_database() {
-                        if !self.drain_has_ended() {
+                        if self.finish_drain(DrainEnd::DatabaseDown, finished) {
                             tracing::error!(
                                 waited = ?self.drain_db_patience(),
                                 "the database stayed unreachable: drain stops"
                             );
                         }
-                        self.finish_drain(DrainEnd::DatabaseDown, finished);
                         break;
                     }
                     let nap = backoff.next().unwrap_or(Duration::from_secs(5));

@@ -223,6 +223,13 @@ async fn drain_stopped_by_the_outage(env: &TestEnv) -> Output {
         .output()
         .await;
     out.assert_code(3).assert_no_panic();
+    assert_eq!(
+        out.stderr
+            .matches("ingest sink is down: drain stops")
+            .count(),
+        1,
+        "said once, not once per worker\n{out}"
+    );
     out
 }
 
@@ -573,9 +580,12 @@ async fn a_drain_gives_up_on_a_database_that_stays_away() {
 
     let out = drain.wait(Duration::from_secs(40)).await;
     out.assert_code(1).assert_no_panic();
-    assert!(
-        out.stderr.contains("the database stayed unreachable"),
-        "says why\n{out}"
+    assert_eq!(
+        out.stderr
+            .matches("the database stayed unreachable")
+            .count(),
+        1,
+        "says why, once\n{out}"
     );
     let waited = down.elapsed();
     assert!(
