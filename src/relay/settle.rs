@@ -12,19 +12,17 @@ use super::deliver::Attempt;
 use super::{db_backoff_builder, Relay, PROBE_LEAD};
 use crate::retry::next_delay;
 use crate::store::{Claim, DeadRow, ErrorRecord, RetryRow, Settlement};
-use crate::taxonomy::storable;
+use crate::taxonomy::{storable, ErrorType};
 
 impl Relay {
-    /// Decide each row's outcome: sent, retry later (charged or not), or dead.
-    pub(super) fn settlement(
-        &self,
-        claim: &Claim,
-        mut attempts: HashMap<i64, Attempt>,
-    ) -> Settlement {
+    /// Decide each row's outcome: sent, retry later (charged or not), or dead; with
+    /// the log lines of the failed rows, said once the outcome is written.
+    pub(super) fn settlement(&self, claim: &Claim, mut attempts: HashMap<i64, Attempt>) -> Decided {
         let mut s = Settlement {
             token: claim.token,
             ..Default::default()
         };
+        let mut lines = Vec::new();
         let now = chrono::Utc::now();
         for row in &claim.rows {
             let Some(attempt) = attempts.remove(&row.id) else {
@@ -55,16 +53,16 @@ impl Relay {
             };
             let out_of_attempts =
                 charged && number >= i32::try_from(params.max_attempts).unwrap_or(i32::MAX);
+            let mut line = FailureLine {
+                id: row.id,
+                attempt: number,
+                error_type: failure.error_type,
+                http_status: failure.http_status,
+                message: failure.log_message().to_owned(),
+                outcome: LineOutcome::Dead,
+            };
             if !failure.retryable || out_of_attempts {
-                tracing::warn!(
-                    outbox_id = row.id,
-                    entity_type = %row.entity_type.escape_debug(),
-                    attempt = number,
-                    error_type = %failure.error_type,
-                    http_status = failure.http_status,
-                    "dead-lettered: {}",
-                    failure.log_message()
-                );
+                lines.push(line);
                 s.dead.push(DeadRow {
                     id: row.id,
                     error,
@@ -83,25 +81,12 @@ impl Relay {
                     .saturating_sub(PROBE_LEAD)
                     .max(failure.retry_after.unwrap_or_default())
             };
-            if charged {
-                tracing::warn!(
-                    outbox_id = row.id,
-                    entity_type = %row.entity_type.escape_debug(),
-                    attempt = number,
-                    error_type = %failure.error_type,
-                    http_status = failure.http_status,
-                    retry_in = ?delay,
-                    "delivery failed: {}",
-                    failure.log_message()
-                );
+            line.outcome = if charged {
+                LineOutcome::Retry(delay)
             } else {
-                tracing::debug!(
-                    outbox_id = row.id,
-                    entity_type = %row.entity_type.escape_debug(),
-                    error_type = %failure.error_type,
-                    "delivery failed while the sink is down (not charged)"
-                );
-            }
+                LineOutcome::Uncharged
+            };
+            lines.push(line);
             s.retries.push(RetryRow {
                 id: row.id,
                 delay,
@@ -109,13 +94,13 @@ impl Relay {
                 charged,
             });
         }
-        s
+        Decided { s, lines }
     }
 
     /// Write the outcome (`write_settlement`), then count the settle for a drain's
     /// end and wake the workers: rows of the same ordering keys may be due now.
-    pub(super) async fn settle(&self, claim: &Claim, s: Settlement) {
-        self.write_settlement(claim, s).await;
+    pub(super) async fn settle(&self, claim: &Claim, decided: Decided) {
+        self.write_settlement(claim, decided).await;
         if let Some(drain) = &self.drain {
             drain.settles.fetch_add(1, Ordering::SeqCst);
         }
@@ -123,8 +108,11 @@ impl Relay {
     }
 
     /// Write the outcome; database errors are retried with backoff (they never cost
-    /// a row an attempt), and a lost lease is reported, not overwritten.
-    async fn write_settlement(&self, claim: &Claim, s: Settlement) {
+    /// a row an attempt), and a lost lease is reported, not overwritten. The failed
+    /// rows are logged once their outcome is written, but for those whose lease was
+    /// lost (what was decided for them did not happen).
+    async fn write_settlement(&self, claim: &Claim, decided: Decided) {
+        let Decided { s, lines } = decided;
         if s.sent.is_empty() && s.retries.is_empty() && s.dead.is_empty() {
             // everything was settled as it was answered (`Relay::settle_answered`)
             return;
@@ -167,6 +155,9 @@ impl Relay {
                 claim_token = claim.token,
                 "lease lost: another relay took these rows over; left its outcome alone"
             );
+        }
+        for line in lines.iter().filter(|l| !lost.contains(&l.id)) {
+            line.say(claim);
         }
         // what was decided for the lost rows did not happen: not counted as done
         self.record(claim, &s.without(lost));
@@ -232,6 +223,69 @@ impl Relay {
                 }
                 left.extend(s.retries.iter().map(|r| r.id));
             }
+        }
+    }
+}
+
+/// A claim's outcome as decided: the settlement to write, and the log lines of its
+/// failed rows.
+pub(super) struct Decided {
+    s: Settlement,
+    lines: Vec<FailureLine>,
+}
+
+/// A failed row's log line.
+struct FailureLine {
+    id: i64,
+    attempt: i32,
+    error_type: ErrorType,
+    http_status: Option<u16>,
+    /// `Failure::log_message`: no payload contents.
+    message: String,
+    outcome: LineOutcome,
+}
+
+enum LineOutcome {
+    Dead,
+    /// Charged an attempt, retried after this delay.
+    Retry(Duration),
+    /// Not charged: the sink is down.
+    Uncharged,
+}
+
+impl FailureLine {
+    fn say(&self, claim: &Claim) {
+        let entity_type = claim
+            .rows
+            .binary_search_by_key(&self.id, |r| r.id)
+            .map_or("", |i| claim.rows[i].entity_type.as_str())
+            .escape_debug();
+        match self.outcome {
+            LineOutcome::Dead => tracing::warn!(
+                outbox_id = self.id,
+                entity_type = %entity_type,
+                attempt = self.attempt,
+                error_type = %self.error_type,
+                http_status = self.http_status,
+                "dead-lettered: {}",
+                self.message
+            ),
+            LineOutcome::Retry(delay) => tracing::warn!(
+                outbox_id = self.id,
+                entity_type = %entity_type,
+                attempt = self.attempt,
+                error_type = %self.error_type,
+                http_status = self.http_status,
+                retry_in = ?delay,
+                "delivery failed: {}",
+                self.message
+            ),
+            LineOutcome::Uncharged => tracing::debug!(
+                outbox_id = self.id,
+                entity_type = %entity_type,
+                error_type = %self.error_type,
+                "delivery failed while the sink is down (not charged)"
+            ),
         }
     }
 }

@@ -209,14 +209,28 @@ async fn a_slow_but_alive_relay_renews_its_lease_and_keeps_its_batch() {
 /// names them.
 #[tokio::test]
 async fn a_stalled_relay_that_wakes_up_after_a_takeover_cannot_overwrite_the_outcome() {
+    a_stalled_relay_wakes_up_to_a_stale(20, Reply::ok()).await;
+}
+
+/// The same when the stale answer would have dead-lettered the row (a 400 for a
+/// batch of one): it is not dead-lettered, and neither logged nor counted as such by
+/// the stalled relay.
+#[tokio::test]
+async fn a_stalled_relay_whose_stale_answer_is_a_400_dead_letters_nothing() {
+    a_stalled_relay_wakes_up_to_a_stale(1, Reply::status(400).body(r#"{"error":"bad"}"#)).await;
+}
+
+/// Relay A stalls with a batch of `n` rows out, B takes them over and fails with
+/// them, and A wakes up to its Frontend's `stale` answer.
+async fn a_stalled_relay_wakes_up_to_a_stale(n: usize, stale: Reply) {
     let mut env = TestEnv::migrated().await;
-    let n = 20;
     for _ in 0..n {
         insert_one(&env).await;
     }
     let answer_after = Duration::from_secs(6);
     let slow = Sink::start();
-    slow.set_mode(Mode::Reply(Reply::ok().delay(answer_after)));
+    let accepted = stale.status == 200;
+    slow.set_mode(Mode::Reply(stale.delay(answer_after)));
     env.sink.set_mode(Mode::Always(503));
     env.config
         .set("dispatch.lease_duration", "2s")
@@ -272,20 +286,25 @@ async fn a_stalled_relay_that_wakes_up_after_a_takeover_cannot_overwrite_the_out
         .lines()
         .filter(|l| {
             l.starts_with("serversync_deliveries_total{")
-                && l.contains(r#"outcome="sent""#)
+                && !l.contains(r#"outcome="retry""#)
                 && !l.ends_with(" 0")
         })
         .collect();
     assert!(
         delivered.is_empty(),
-        "A delivered nothing it still held: {delivered:?}"
+        "A settled nothing it no longer held: {delivered:?}"
+    );
+    assert!(
+        !a.stderr().contains("dead-lettered"),
+        "A dead-lettered nothing: {}",
+        a.stderr()
     );
     let first = sqlx::query_scalar::<_, i64>("SELECT min(id) FROM sync_outbox")
         .fetch_one(env.db.pg())
         .await
         .expect("first id");
     assert!(
-        a.stderr().contains(&format!("outbox_ids={first},")),
+        a.stderr().contains(&format!("outbox_ids={first}")),
         "the lost rows are named: {}",
         a.stderr()
     );
@@ -314,8 +333,8 @@ async fn a_stalled_relay_that_wakes_up_after_a_takeover_cannot_overwrite_the_out
     assert!(received.values().all(|copies| copies.len() == 1));
     assert_eq!(
         slow.accepted_batches().len(),
-        1,
-        "A's Frontend accepted only the stale batch"
+        usize::from(accepted),
+        "A's Frontend accepted only the stale batch, if it was a 200"
     );
 }
 
