@@ -248,6 +248,7 @@ pub async fn run(
     tracing::info!(
         delivered = summary.delivered,
         retried = summary.retried,
+        retried_uncharged = summary.retried_uncharged,
         dead = summary.dead,
         "stopped"
     );
@@ -331,9 +332,14 @@ pub async fn drain(
     let elapsed = started.elapsed();
     let rate = rows_per_second(summary.delivered, elapsed);
     say!(
-        "drain: delivered {}, retried {}, dead {}, left for retry {}{} in {:.2}s ({} rows/s){}",
+        "drain: delivered {}, retried {}{}, dead {}, left for retry {}{} in {:.2}s ({} rows/s){}",
         summary.delivered,
         summary.retried,
+        match summary.retried_uncharged {
+            0 => String::new(),
+            n if n == summary.retried => " (none charged an attempt)".to_owned(),
+            n => format!(" ({n} not charged an attempt)"),
+        },
         summary.dead,
         summary.left_for_retry,
         if summary.unsettled > 0 {

@@ -94,6 +94,9 @@ pub enum Mode {
 pub struct Stats {
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
+    /// Of `retried`, those not charged an attempt (the sink was down, or another
+    /// row of their batch was to blame).
+    pub retried_uncharged: AtomicU64,
     pub dead: AtomicU64,
     pub lease_lost: AtomicU64,
     /// Rows whose outcome the database refused to record (after retrying what is
@@ -122,7 +125,10 @@ pub enum DrainEnd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
     pub delivered: u64,
+    /// Failed attempts settled for a retry (a row may be retried more than once).
     pub retried: u64,
+    /// Of `retried`, those not charged an attempt.
+    pub retried_uncharged: u64,
     pub dead: u64,
     /// Rows this run scheduled for a retry that are still waiting for it.
     pub left_for_retry: u64,
@@ -398,6 +404,7 @@ impl Relay {
         Summary {
             delivered: self.stats.delivered.load(Ordering::Relaxed),
             retried: self.stats.retried.load(Ordering::Relaxed),
+            retried_uncharged: self.stats.retried_uncharged.load(Ordering::Relaxed),
             dead: self.stats.dead.load(Ordering::Relaxed),
             left_for_retry,
             unsettled: self.stats.unsettled.load(Ordering::Relaxed),

@@ -211,6 +211,10 @@ impl Relay {
         self.stats
             .retried
             .fetch_add(s.retries.len() as u64, Ordering::Relaxed);
+        let uncharged = s.retries.iter().filter(|r| !r.charged).count();
+        self.stats
+            .retried_uncharged
+            .fetch_add(uncharged as u64, Ordering::Relaxed);
         self.stats
             .dead
             .fetch_add(s.dead.len() as u64, Ordering::Relaxed);

@@ -356,11 +356,15 @@ async fn a_sink_refusing_connections_stops_drain_and_pauses_run_without_charging
         .set("dispatch.max_probe_interval", "500ms");
 
     // drain stops as soon as the sink is down, and says so with exit 3.
-    drain_stopped_by_the_outage(&env).await;
+    let out = drain_stopped_by_the_outage(&env).await;
     assert_eq!(
         env.count("sync_outbox").await,
         n as i64,
         "nothing lost, nothing dead"
+    );
+    assert!(
+        out.stdout.contains("(none charged an attempt), dead 0"),
+        "the summary says the retries cost no attempt\n{out}"
     );
     assert_eq!(
         max_pending_attempts(&env).await,
