@@ -291,13 +291,23 @@ impl Relay {
                 biased;
                 delivered = &mut deliver => delivered,
                 _ = tokio::time::sleep(ahead_after) => {
-                    let (delivered, prefetched) =
-                        tokio::join!(&mut deliver, self.take_batch(lane, limit, share, last, finished));
+                    let ahead = self.take_batch(lane, limit, share, last, finished);
+                    tokio::pin!(ahead);
+                    let mut delivered = None;
+                    let prefetched = loop {
+                        tokio::select! {
+                            d = &mut deliver, if delivered.is_none() => delivered = Some(d),
+                            p = &mut ahead => break p,
+                        }
+                    };
                     // a failed claim is the next step's to notice (and report)
                     if let Ok(Some(prefetched)) = prefetched {
                         self.hold(next, prefetched);
                     }
-                    delivered
+                    match delivered {
+                        Some(delivered) => delivered,
+                        None => self.give_back_if_it_outlasts_a_request(&mut deliver, sent, next).await,
+                    }
                 }
             };
             self.slow_sink
@@ -310,6 +320,33 @@ impl Relay {
         self.settle(&claim, settlement).await;
         self.lock_in_flight().remove(&batch);
         Step::Delivered(n)
+    }
+
+    /// Wait for `deliver`, sent at `sent`. Past `ingest.timeout` a request of it has
+    /// timed out, so it is searching its batch for an entry that hangs the Frontend
+    /// (a timeout per level) or sending a long upload: the batch claimed ahead in
+    /// `next` is given back then, for the other workers and relays to take, rather
+    /// than held until the delivery ends.
+    async fn give_back_if_it_outlasts_a_request<T>(
+        &self,
+        deliver: &mut std::pin::Pin<&mut impl std::future::Future<Output = T>>,
+        sent: Instant,
+        next: &mut Prefetched,
+    ) -> T {
+        let give_back_at = sent + self.settings.ingest.timeout;
+        if next.is_some() {
+            tokio::select! {
+                biased;
+                delivered = deliver.as_mut() => return delivered,
+                _ = tokio::time::sleep_until(give_back_at) => {
+                    tracing::debug!("a delivery outlasted ingest.timeout: the batch claimed ahead is given back");
+                    self.release_prefetched(next).await;
+                    // an idle worker takes them now, not at its next poll
+                    self.wake();
+                }
+            }
+        }
+        deliver.as_mut().await
     }
 
     /// Keep a prefetched batch for the worker's next step. A drain counts it as work

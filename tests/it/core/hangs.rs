@@ -4,7 +4,7 @@
 //! holds up nothing but its own key. A Frontend that hangs on everything is an
 //! outage (`resilience/outages.rs`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use uuid::Uuid;
@@ -28,6 +28,60 @@ fn a_frontend_hanging_on_hang_rows(env: &mut TestEnv, max_attempts: u32) {
         .set("ingest.upload_timeout", "300ms")
         .set("dispatch.probe_interval", "100ms")
         .set("dispatch.max_probe_interval", "200ms");
+}
+
+/// While a worker's batch is searched for an entry that hangs the Frontend (a
+/// timeout per level: 2 × 3 s here), the batch the worker claimed ahead meanwhile
+/// goes back once a timeout has passed, and another worker delivers it; it used to
+/// wait for the whole search.
+#[tokio::test]
+async fn rows_claimed_ahead_by_a_worker_searching_for_a_hang_go_to_another_worker() {
+    let mut env = TestEnv::migrated().await;
+    let hang = Reply::ok().delay(Duration::from_secs(30));
+    a_frontend_failing_on(&mut env, "hang", hang, 10);
+    env.config
+        .set("ingest.timeout", "3s")
+        .set("dispatch.batch_size", 10)
+        .set("dispatch.batches_per_settle", 2)
+        .set("dispatch.concurrency", 4)
+        .set("dispatch.claim_concurrency", 1);
+    let others = 200;
+    env.insert("call_log", Uuid::new_v4(), json!({"hang": true}))
+        .await;
+    for n in 0..others {
+        env.insert("call_log", Uuid::new_v4(), json!({"n": n}))
+            .await;
+    }
+    let relay = env.spawn_run(&[]);
+    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    let started = Instant::now();
+    wait_until(
+        Duration::from_secs(20),
+        "every row but the hanging one delivered",
+        || async { distinct(&delivered(&env)) >= others },
+    )
+    .await;
+    let took = started.elapsed();
+    eprintln!("every row but the hanging one delivered {took:?} after the first request");
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success()
+        .assert_no_panic();
+    assert!(
+        took < Duration::from_millis(5_500),
+        "the rows claimed ahead waited {took:?}: the search itself takes 6 s"
+    );
+    let ids = delivered(&env);
+    assert_eq!(ids.len(), others, "each delivered once: {ids:?}");
+    assert_eq!(distinct(&ids), others);
+}
+
+/// How many distinct ids sorted `ids` holds.
+fn distinct(ids: &[i64]) -> usize {
+    let mut ids = ids.to_vec();
+    ids.dedup();
+    ids.len()
 }
 
 fn delivered(env: &TestEnv) -> Vec<i64> {
