@@ -57,13 +57,21 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
     let store = connect(settings, false).await?;
     store.require_current_schema().await?;
     let s = store.status().await?;
-    // recorded by any relay, whatever ingest.base_url this command was given
+    // recorded by any relay, whatever ingest.base_url this command was given; one
+    // that is not this configuration's may be one no relay uses any more
     let sinks_down = store.sinks_down().await?;
+    let configured = settings.ingest.base_url_shown();
     if json {
         let mut out = serde_json::to_value(&s)?;
         out["sinks_down"] = sinks_down
             .iter()
-            .map(|(sink, since)| serde_json::json!({"sink": sink, "down_since": since}))
+            .map(|(sink, since)| {
+                serde_json::json!({
+                    "sink": sink,
+                    "down_since": since,
+                    "configured": *sink == configured,
+                })
+            })
             .collect();
         say!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
@@ -97,7 +105,15 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
                 )
             })
             .unwrap_or_default();
-        say!("ingest sink:    DOWN since {since}{ago}: {sink} (relays probe it; rows wait, not charged)");
+        if *sink == configured {
+            say!("ingest sink:    DOWN since {since}{ago}: {sink} (relays probe it; rows wait, not charged)");
+        } else {
+            say!(
+                "ingest sink:    DOWN since {since}{ago}: {sink} (not this configuration's \
+                 ingest.base_url: if no relay uses it any more, delete its row from \
+                 sync_outbox_sink_state)"
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

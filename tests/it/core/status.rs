@@ -188,9 +188,31 @@ async fn status_and_check_say_which_sink_a_relay_recorded_as_down_until_it_answe
     let since = chrono::DateTime::parse_from_rfc3339(since).expect("RFC 3339");
     let age = chrono::Utc::now() - since.to_utc();
     assert!(age.num_seconds().abs() < 60, "recorded just now: {since}");
+    assert_eq!(down[0]["configured"], json!(true), "{s:#}");
     let out = env.run(&["status"]).await;
     assert!(
         out.stdout.contains("ingest sink:    DOWN since") && out.stdout.contains(&sink),
+        "{out}"
+    );
+    assert!(!out.stdout.contains("not this configuration's"), "{out}");
+    // seen from a configuration with another ingest.base_url (after a move, say):
+    // listed still, and said not to be its own
+    let elsewhere = ["--ingest-url", "http://127.0.0.1:9/"];
+    let out = env
+        .run(&[&elsewhere[..], &["status", "--json"]].concat())
+        .await;
+    out.assert_success();
+    assert_eq!(
+        out.json()["sinks_down"][0]["configured"],
+        json!(false),
+        "{out}"
+    );
+    let out = env.run(&[&elsewhere[..], &["status"]].concat()).await;
+    assert!(
+        out.stdout.contains(&sink)
+            && out
+                .stdout
+                .contains("not this configuration's ingest.base_url"),
         "{out}"
     );
     let out = env.run(&["check"]).await;
