@@ -320,14 +320,12 @@ impl Relay {
                     {
                         answered = true;
                         self.sink.on_answer();
-                        let (left, right) = chunk.split_at(chunk.len() / 2);
                         tracing::info!(
                             rows = chunk.len(),
                             http_status = f.http_status,
                             "batch rejected: splitting it to isolate the offending entries"
                         );
-                        pending.push(vec![right]);
-                        pending.push(vec![left]);
+                        push_halves(&mut pending, chunk);
                     }
                     // a 503: the Frontend says it is unavailable, not that an entry
                     // broke it; splitting would only multiply the requests it refuses
@@ -360,21 +358,20 @@ impl Relay {
                             give_up(pending.drain(..).flatten(), &mut untried, &f, &why);
                         } else if chunk.len() > 1 {
                             if timed_out {
+                                let ways = hang_split_ways(chunk.len());
                                 tracing::info!(
-                                rows = chunk.len(),
-                                parts = hang_split_ways(chunk.len()),
-                                "batch timed out while the sink answers: splitting it in case one entry hangs it"
-                            );
-                                pending.push(parts(chunk, hang_split_ways(chunk.len())));
+                                    rows = chunk.len(),
+                                    parts = ways,
+                                    "batch timed out while the sink answers: splitting it in case one entry hangs it"
+                                );
+                                pending.push(parts(chunk, ways));
                             } else {
                                 tracing::info!(
-                                rows = chunk.len(),
-                                http_status = f.http_status,
-                                "batch failed with a server error: splitting it in case one entry causes it"
-                            );
-                                let (left, right) = chunk.split_at(chunk.len() / 2);
-                                pending.push(vec![right]);
-                                pending.push(vec![left]);
+                                    rows = chunk.len(),
+                                    http_status = f.http_status,
+                                    "batch failed with a server error: splitting it in case one entry causes it"
+                                );
+                                push_halves(&mut pending, chunk);
                             }
                         } else {
                             suspects.push((chunk[0], f));
@@ -598,6 +595,14 @@ fn give_up<'r, 'a: 'r>(
     for rest in pending {
         untried.extend(rest.iter().map(|row| (*row, not_sent.clone())));
     }
+}
+
+/// `chunk`'s halves, each a group of its own: the left one is sent first, then the
+/// right one (halving after an answer, whose sibling tells a bad row from the sink).
+fn push_halves<'r, 'a>(pending: &mut Vec<Vec<&'r [&'a ClaimedRow]>>, chunk: &'r [&'a ClaimedRow]) {
+    let (left, right) = chunk.split_at(chunk.len() / 2);
+    pending.push(vec![right]);
+    pending.push(vec![left]);
 }
 
 /// `chunk` cut, in order, into `ways` parts as near equal in size as can be (fewer

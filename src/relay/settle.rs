@@ -53,16 +53,16 @@ impl Relay {
             };
             let out_of_attempts =
                 charged && number >= i32::try_from(params.max_attempts).unwrap_or(i32::MAX);
-            let mut line = FailureLine {
+            let line = |outcome| FailureLine {
                 id: row.id,
                 attempt: number,
                 error_type: failure.error_type,
                 http_status: failure.http_status,
                 message: failure.log_message().to_owned(),
-                outcome: LineOutcome::Dead,
+                outcome,
             };
             if !failure.retryable || out_of_attempts {
-                lines.push(line);
+                lines.push(line(LineOutcome::Dead));
                 s.dead.push(DeadRow {
                     id: row.id,
                     error,
@@ -81,12 +81,11 @@ impl Relay {
                     .saturating_sub(PROBE_LEAD)
                     .max(failure.retry_after.unwrap_or_default())
             };
-            line.outcome = if charged {
+            lines.push(line(if charged {
                 LineOutcome::Retry(delay)
             } else {
                 LineOutcome::Uncharged
-            };
-            lines.push(line);
+            }));
             s.retries.push(RetryRow {
                 id: row.id,
                 delay,
@@ -164,17 +163,10 @@ impl Relay {
     }
 
     pub(super) fn record(&self, claim: &Claim, s: &Settlement) {
-        // claimed rows are in id order; metrics are added up per batch, not per row
-        let row_of = |id: i64| {
-            claim
-                .rows
-                .binary_search_by_key(&id, |r| r.id)
-                .ok()
-                .map(|i| &claim.rows[i])
-        };
+        // metrics are added up per batch, not per row
         let now = chrono::Utc::now();
         let mut deliveries: Vec<([&str; 2], u64)> = Vec::new();
-        for row in s.sent.iter().filter_map(|id| row_of(*id)) {
+        for row in s.sent.iter().filter_map(|id| claim.row(*id)) {
             tally(&mut deliveries, [row.entity_type.as_str(), "sent"]);
             let lag = (now - row.created_at)
                 .num_microseconds()
@@ -187,7 +179,7 @@ impl Relay {
         let failures = s.retries.iter().map(|r| (r.id, &r.error, "retry"));
         let dead = s.dead.iter().map(|d| (d.id, &d.error, "dead"));
         for (id, error, outcome) in failures.chain(dead) {
-            if let Some(row) = row_of(id) {
+            if let Some(row) = claim.row(id) {
                 tally(&mut deliveries, [row.entity_type.as_str(), outcome]);
             }
             tally(&mut errors, [error.error_type.as_str()]);
@@ -260,9 +252,8 @@ enum LineOutcome {
 impl FailureLine {
     fn say(&self, claim: &Claim) {
         let entity_type = claim
-            .rows
-            .binary_search_by_key(&self.id, |r| r.id)
-            .map_or("", |i| claim.rows[i].entity_type.as_str())
+            .row(self.id)
+            .map_or("", |r| r.entity_type.as_str())
             .escape_debug();
         match self.outcome {
             LineOutcome::Dead => tracing::warn!(

@@ -95,6 +95,16 @@ pub struct Claim {
     pub full: bool,
 }
 
+impl Claim {
+    /// The claimed row `id` (claimed rows are in id order).
+    pub fn row(&self, id: i64) -> Option<&ClaimedRow> {
+        self.rows
+            .binary_search_by_key(&id, |r| r.id)
+            .ok()
+            .map(|i| &self.rows[i])
+    }
+}
+
 /// What went wrong in one attempt, as it is written to the row.
 #[derive(Debug, Clone)]
 pub struct ErrorRecord {
