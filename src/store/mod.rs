@@ -165,11 +165,15 @@ pub struct SettleReport {
     pub lost: Vec<i64>,
 }
 
-/// The ids of `wanted` a settle statement did not write (`written`: the ids it
-/// returned), in `wanted`'s order; found by a set only when some are missing.
-fn not_written(wanted: impl Iterator<Item = i64>, written: &[i64]) -> Vec<i64> {
-    let written: HashSet<i64> = written.iter().copied().collect();
-    wanted.filter(|id| !written.contains(id)).collect()
+/// How many rows of `wanted` a settle statement wrote (`written`: the ids it
+/// returned); the others go to `lost`, in `wanted`'s order (found by a set only when
+/// some are missing).
+fn tally(lost: &mut Vec<i64>, wanted: impl ExactSizeIterator<Item = i64>, written: &[i64]) -> u64 {
+    if written.len() < wanted.len() {
+        let written: HashSet<i64> = written.iter().copied().collect();
+        lost.extend(wanted.filter(|id| !written.contains(id)));
+    }
+    written.len() as u64
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

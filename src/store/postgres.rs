@@ -17,8 +17,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    millis, not_written, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter,
-    DlqSelection, Held, KeyShare, NewRow, SchemaState, SettleReport, Settlement, Status, Want,
+    millis, tally, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection,
+    Held, KeyShare, NewRow, SchemaState, SettleReport, Settlement, Status, Want,
 };
 
 mod admin;
@@ -471,16 +471,20 @@ async fn write_settlement(
             Archive::Insert => SENT_ARCHIVE_SQL,
             Archive::Upsert => SENT_ARCHIVE_UPSERT_SQL,
         };
-        let written = sqlx::query_scalar(sql)
+        let written: Option<Vec<i64>> = sqlx::query_scalar(sql)
             .bind(&s.sent)
             .bind(s.token)
             .fetch_one(&mut *conn)
             .await?;
-        report.sent = tally(&mut report.lost, s.sent.iter().copied(), written);
+        report.sent = tally(
+            &mut report.lost,
+            s.sent.iter().copied(),
+            &written.unwrap_or_default(),
+        );
     }
     if !s.retries.is_empty() {
         let r = &s.retries;
-        let written = sqlx::query_scalar(RETRY_SQL)
+        let written: Option<Vec<i64>> = sqlx::query_scalar(RETRY_SQL)
             .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
             .bind(r.iter().map(|x| millis(x.delay)).collect::<Vec<_>>())
             .bind(
@@ -503,11 +507,15 @@ async fn write_settlement(
             .bind(s.token)
             .fetch_one(&mut *conn)
             .await?;
-        report.retried = tally(&mut report.lost, r.iter().map(|x| x.id), written);
+        report.retried = tally(
+            &mut report.lost,
+            r.iter().map(|x| x.id),
+            &written.unwrap_or_default(),
+        );
     }
     if !s.dead.is_empty() {
         let d = &s.dead;
-        let written = sqlx::query_scalar(DEAD_SQL)
+        let written: Option<Vec<i64>> = sqlx::query_scalar(DEAD_SQL)
             .bind(d.iter().map(|x| x.id).collect::<Vec<_>>())
             .bind(
                 d.iter()
@@ -534,23 +542,13 @@ async fn write_settlement(
             .bind(s.token)
             .fetch_one(&mut *conn)
             .await?;
-        report.dead = tally(&mut report.lost, d.iter().map(|x| x.id), written);
+        report.dead = tally(
+            &mut report.lost,
+            d.iter().map(|x| x.id),
+            &written.unwrap_or_default(),
+        );
     }
     Ok(report)
-}
-
-/// How many rows of `wanted` a settle statement wrote (`written`: the ids it
-/// returned, `None` for none); the others go to `lost`.
-fn tally(
-    lost: &mut Vec<i64>,
-    wanted: impl ExactSizeIterator<Item = i64>,
-    written: Option<Vec<i64>>,
-) -> u64 {
-    let written = written.unwrap_or_default();
-    if written.len() < wanted.len() {
-        lost.extend(not_written(wanted, &written));
-    }
-    written.len() as u64
 }
 
 impl PgStore {

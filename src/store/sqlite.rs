@@ -22,8 +22,8 @@ use sqlx::{Connection as _, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
-    millis, not_written, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter,
-    DlqSelection, Held, NewRow, SchemaState, SettleReport, Settlement, Status, Want,
+    millis, tally, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection,
+    Held, NewRow, SchemaState, SettleReport, Settlement, Status, Want,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -352,10 +352,7 @@ impl SqliteStore {
                 .bind(s.token)
                 .fetch_all(&mut *tx)
                 .await?;
-            report.sent = written.len() as u64;
-            if written.len() < s.sent.len() {
-                report.lost = not_written(s.sent.iter().copied(), &written);
-            }
+            report.sent = tally(&mut report.lost, s.sent.iter().copied(), &written);
         }
         for r in &s.retries {
             let written = sqlx::query(RETRY_SQL)
