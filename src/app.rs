@@ -344,8 +344,8 @@ pub async fn drain(
         summary.left_for_retry,
         if summary.unsettled > 0 {
             format!(
-                ", not settled {} (the database refused their outcome; they return when \
-                 their lease expires)",
+                ", left leased {} (the database did not take their outcome or their \
+                 release; they return when their lease expires)",
                 summary.unsettled
             )
         } else {

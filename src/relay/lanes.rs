@@ -273,7 +273,7 @@ impl Relay {
                 .collect();
             held_of(removed.iter())
         };
-        self.store.release(&held).await
+        self.release_held(&held).await
     }
 }
 

@@ -33,7 +33,7 @@ use crate::config::Settings;
 use crate::dispatch::Dispatcher;
 use crate::metrics::{Health, Metrics};
 use crate::sink_health::{Gate, SinkHealth};
-use crate::store::{KeyShare, Store};
+use crate::store::{Held, KeyShare, Store};
 use lanes::Lane;
 
 /// How long an idle drain worker waits for another worker's settle before it looks
@@ -99,9 +99,11 @@ pub struct Stats {
     pub retried_uncharged: AtomicU64,
     pub dead: AtomicU64,
     pub lease_lost: AtomicU64,
-    /// Rows whose outcome the database refused to record (after retrying what is
-    /// transient): they return when their lease expires.
-    pub unsettled: AtomicU64,
+    /// Rows this relay claimed and left leased: the database refused to record
+    /// their outcome, or to release them (after retrying what is transient). They
+    /// return when their lease expires. By id, not counted: a batch whose settle
+    /// was still being retried when the relay tried to release it fails both.
+    pub unsettled: Mutex<HashSet<i64>>,
     /// Workers stopped by a panic (a bug): the relay stops, and exits non-zero.
     pub worker_panics: AtomicU64,
 }
@@ -132,7 +134,8 @@ pub struct Summary {
     pub dead: u64,
     /// Rows this run scheduled for a retry that are still waiting for it.
     pub left_for_retry: u64,
-    /// Rows whose outcome could not be written (`Stats::unsettled`).
+    /// Rows left leased: their outcome could not be written, or they could not be
+    /// released (`Stats::unsettled`).
     pub unsettled: u64,
     /// Workers stopped by a panic (`Stats::worker_panics`).
     pub worker_panics: u64,
@@ -366,13 +369,46 @@ impl Relay {
                  rows in flight return when their lease expires"
             );
         }
-        self.summary(stop.is_cancelled())
+        let mut summary = self.summary(stop.is_cancelled());
+        if started_down && summary.end == DrainEnd::Empty && self.sink.is_down() {
+            // Started on a sink recorded as down, and nothing fell due to probe it
+            // with (the rows left by the drain that saw the outage wait for its next
+            // probe time): the rows are there, undelivered, so this is not "all
+            // delivered" (exit 0), or a script looping until a drain succeeds would
+            // stop here.
+            if let Some(waiting) = self.rows_left().await.filter(|&n| n > 0) {
+                tracing::error!(
+                    rows = waiting,
+                    "ingest sink is down (as recorded by a relay) and no row fell due to \
+                     probe it with: drain stops; the rows wait for the sink"
+                );
+                summary.end = DrainEnd::SinkDown;
+            }
+        }
+        summary
+    }
+
+    /// Rows this relay leaves leased (`Stats::unsettled`).
+    pub(super) fn lock_unsettled(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        self.stats
+            .unsettled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Release `held` (rows claimed and not settled), or note them as left leased.
+    pub(super) async fn release_held(&self, held: &Held) -> anyhow::Result<u64> {
+        let released = self.store.release(held).await;
+        if released.is_err() {
+            self.lock_unsettled().extend(held.ids.iter().copied());
+        }
+        released
     }
 
     async fn release_in_flight(&self) {
         let held = self.held();
         let grace = self.settings.shutdown.grace;
-        match self.store.release(&held).await {
+        match self.release_held(&held).await {
             Ok(n) => tracing::warn!(
                 rows = n,
                 ?grace,
@@ -407,7 +443,7 @@ impl Relay {
             retried_uncharged: self.stats.retried_uncharged.load(Ordering::Relaxed),
             dead: self.stats.dead.load(Ordering::Relaxed),
             left_for_retry,
-            unsettled: self.stats.unsettled.load(Ordering::Relaxed),
+            unsettled: self.lock_unsettled().len() as u64,
             worker_panics: self.stats.worker_panics.load(Ordering::Relaxed),
             end: if stopped && end == DrainEnd::Empty {
                 DrainEnd::Stopped

@@ -134,14 +134,20 @@ impl Relay {
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "settling a batch failed; its rows return when the lease expires");
                 // the rows of this settlement: a claim with uploads is settled in two
-                let rows = s.sent.len() + s.retries.len() + s.dead.len();
-                self.stats
-                    .unsettled
-                    .fetch_add(rows as u64, Ordering::Relaxed);
+                self.lock_unsettled().extend(s.ids());
                 return;
             }
         };
         self.database_up();
+        {
+            // written after all (a release of the same rows may have failed before)
+            let mut unsettled = self.lock_unsettled();
+            if !unsettled.is_empty() {
+                for id in s.ids() {
+                    unsettled.remove(&id);
+                }
+            }
+        }
         let lost = &report.lost;
         if !lost.is_empty() {
             self.metrics.lease_lost.inc_by(lost.len() as u64);

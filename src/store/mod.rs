@@ -142,6 +142,15 @@ pub struct Settlement {
 }
 
 impl Settlement {
+    /// The ids of its rows, whatever their outcome.
+    pub fn ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.sent
+            .iter()
+            .copied()
+            .chain(self.retries.iter().map(|r| r.id))
+            .chain(self.dead.iter().map(|d| d.id))
+    }
+
     /// The settlement without the rows of `ids` (those whose lease was lost: what
     /// was decided for them did not happen, so it is not counted).
     pub fn without(mut self, ids: &[i64]) -> Settlement {
