@@ -215,13 +215,17 @@ async fn a_drain_delivers_everything_and_records_the_recovery(env: &TestEnv, n: 
     );
 }
 
-/// `serversync drain` against a sink that is down: it must stop by itself, with 3.
-async fn drain_stopped_by_the_outage(env: &TestEnv) -> Output {
-    let out = env
-        .cmd(["drain"])
+/// `serversync drain`, given 20 s to end by itself.
+async fn a_drain(env: &TestEnv) -> Output {
+    env.cmd(["drain"])
         .timeout(Duration::from_secs(20))
         .output()
-        .await;
+        .await
+}
+
+/// `serversync drain` against a sink that is down: it must stop by itself, with 3.
+async fn drain_stopped_by_the_outage(env: &TestEnv) -> Output {
+    let out = a_drain(env).await;
     out.assert_code(3).assert_no_panic();
     assert_eq!(
         out.stderr
@@ -787,11 +791,7 @@ async fn a_drain_finding_a_recorded_outage_and_nothing_due_to_probe_with_exits_3
     );
     let charged = max_pending_attempts(&env).await;
 
-    let out = env
-        .cmd(["drain"])
-        .timeout(Duration::from_secs(20))
-        .output()
-        .await;
+    let out = a_drain(&env).await;
     out.assert_code(3).assert_no_panic();
     assert!(
         out.stderr.contains("no row fell due to probe it with")
@@ -806,11 +806,7 @@ async fn a_drain_finding_a_recorded_outage_and_nothing_due_to_probe_with_exits_3
     );
 
     env.db.execute("DELETE FROM sync_outbox").await;
-    let out = env
-        .cmd(["drain"])
-        .timeout(Duration::from_secs(20))
-        .output()
-        .await;
+    let out = a_drain(&env).await;
     out.assert_success();
     assert_eq!(sinks_recorded_down(&env).await, 1, "still recorded as down");
 }
