@@ -371,16 +371,16 @@ impl Relay {
         }
         let mut summary = self.summary(stop.is_cancelled());
         if started_down && summary.end == DrainEnd::Empty && self.sink.is_down() {
-            // Started on a sink recorded as down, and nothing fell due to probe it
-            // with (the rows left by the drain that saw the outage wait for its next
+            // Started on a sink recorded as down, and no row went out to probe it
+            // (the rows left by the drain that saw the outage wait for its next
             // probe time): the rows are there, undelivered, so this is not "all
             // delivered" (exit 0), or a script looping until a drain succeeds would
             // stop here.
             if let Some(waiting) = self.rows_left().await.filter(|&n| n > 0) {
                 tracing::error!(
                     rows = waiting,
-                    "ingest sink is down (as recorded by a relay) and no row fell due to \
-                     probe it with: drain stops; the rows wait for the sink"
+                    "ingest sink is down (as recorded by a relay) and no row went out to \
+                     probe it: drain stops; the rows wait for the sink"
                 );
                 summary.end = DrainEnd::SinkDown;
             }

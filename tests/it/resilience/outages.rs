@@ -794,7 +794,7 @@ async fn a_drain_finding_a_recorded_outage_and_nothing_due_to_probe_with_exits_3
     let out = a_drain(&env).await;
     out.assert_code(3).assert_no_panic();
     assert!(
-        out.stderr.contains("no row fell due to probe it with")
+        out.stderr.contains("no row went out to probe it")
             && out.stdout.contains("stopped: the ingest sink is down"),
         "the drain says why it delivered nothing\n{out}"
     );
