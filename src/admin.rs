@@ -79,6 +79,10 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
     say!("pending:        {}", s.pending);
     say!("due now:        {}", s.due);
     say!("in flight:      {}", s.in_flight);
+    say!(
+        "behind key:     {} (waiting for an older row of their ordering key)",
+        s.waiting_behind_key
+    );
     match s.oldest_pending_age_seconds {
         Some(age) => say!(
             "oldest pending: {}",

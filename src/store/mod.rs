@@ -190,6 +190,10 @@ pub struct Status {
     pub pending: i64,
     pub due: i64,
     pub in_flight: i64,
+    /// Rows behind an older row of their ordering key still in the outbox (in
+    /// flight, or waiting for a retry): they go once it is delivered or
+    /// dead-lettered. Counted in `pending`, and in `due` when due.
+    pub waiting_behind_key: i64,
     pub oldest_pending_age_seconds: Option<f64>,
     pub dead_letters: i64,
     pub dead_letters_by_error_type: BTreeMap<String, i64>,

@@ -24,6 +24,7 @@ impl PgStore {
             "SELECT count(*) AS pending, \
                count(*) FILTER (WHERE next_attempt_at <= now() AND (lease_until IS NULL OR lease_until < now())) AS due, \
                count(*) FILTER (WHERE lease_until >= now()) AS in_flight, \
+               count(ordering_key_hash) - count(DISTINCT ordering_key_hash) AS behind_key, \
                EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE isfinite(created_at)))::float8 AS oldest \
              FROM sync_outbox",
         )
@@ -39,6 +40,7 @@ impl PgStore {
             pending: row.try_get("pending")?,
             due: row.try_get("due")?,
             in_flight: row.try_get("in_flight")?,
+            waiting_behind_key: row.try_get("behind_key")?,
             oldest_pending_age_seconds: row
                 .try_get::<Option<f64>, _>("oldest")?
                 .map(|a| a.max(0.0)),

@@ -22,7 +22,8 @@ impl SqliteStore {
             now!(),
             ")) AS due, count(*) FILTER (WHERE lease_until >= ",
             now!(),
-            ") AS in_flight, (julianday('now') - julianday(min(created_at))) * 86400.0 AS oldest FROM sync_outbox"
+            ") AS in_flight, count(ordering_key) - count(DISTINCT ordering_key) AS behind_key, \
+             (julianday('now') - julianday(min(created_at))) * 86400.0 AS oldest FROM sync_outbox"
         );
         let row = sqlx::query(sql).fetch_one(&self.pool).await?;
         let by_type = self.dead_by_type().await?;
@@ -37,6 +38,7 @@ impl SqliteStore {
             pending: row.try_get("pending")?,
             due: row.try_get("due")?,
             in_flight: row.try_get("in_flight")?,
+            waiting_behind_key: row.try_get("behind_key")?,
             oldest_pending_age_seconds: row
                 .try_get::<Option<f64>, _>("oldest")?
                 .map(|a| a.max(0.0)),

@@ -109,6 +109,44 @@ async fn status_reports_a_known_backlog(backend: Backend) {
         "{s:#}"
     );
     assert_eq!(s["sent_last_5m"], json!(2), "{s:#}");
+    assert_eq!(
+        s["waiting_behind_key"],
+        json!(0),
+        "keys all different: {s:#}"
+    );
+}
+
+both_stores!(status_counts_the_rows_behind_an_older_row_of_their_key);
+/// A call's log the Frontend failed, waiting an hour for its retry, holds back the
+/// call's recording and file; another call's log, also waiting, holds back nothing.
+async fn status_counts_the_rows_behind_an_older_row_of_their_key(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    retry_in_an_hour(&mut env);
+    env.sink.set_mode(Mode::Always(500));
+    let call = Uuid::new_v4();
+    env.insert("call_log", call, json!({"id": call})).await;
+    env.insert("recording", Uuid::new_v4(), json!({"callLogId": call}))
+        .await;
+    env.insert(
+        "recording_file",
+        Uuid::new_v4(),
+        json!({"callLogId": call, "filePath": "a.wav"}),
+    )
+    .await;
+    let other = Uuid::new_v4();
+    env.insert("call_log", other, json!({"id": other})).await;
+    env.drain().await.assert_code(3);
+
+    let s = status(&env).await;
+    assert_eq!(s["pending"], json!(4), "{s:#}");
+    assert_eq!(s["waiting_behind_key"], json!(2), "{s:#}");
+    let out = env.run(&["status"]).await;
+    out.assert_success();
+    assert!(
+        out.stdout
+            .contains("behind key:     2 (waiting for an older row of their ordering key)"),
+        "{out}"
+    );
 }
 
 both_stores!(a_drain_says_how_many_rows_it_left_that_were_not_due);
