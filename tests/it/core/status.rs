@@ -116,10 +116,9 @@ async fn status_reports_a_known_backlog(backend: Backend) {
     );
 }
 
-both_stores!(status_counts_the_rows_behind_an_older_row_of_their_key);
-/// A call's log the Frontend failed, waiting an hour for its retry, holds back the
-/// call's recording and file; another call's log, also waiting, holds back nothing.
-async fn status_counts_the_rows_behind_an_older_row_of_their_key(backend: Backend) {
+/// A call's log and its recording, for a sink that fails everything with a 500 and
+/// retries an hour later.
+async fn a_call_log_and_its_recording_behind_a_failing_sink(backend: Backend) -> (TestEnv, Uuid) {
     let mut env = TestEnv::migrated_on(backend).await;
     retry_in_an_hour(&mut env);
     env.sink.set_mode(Mode::Always(500));
@@ -127,6 +126,14 @@ async fn status_counts_the_rows_behind_an_older_row_of_their_key(backend: Backen
     env.insert("call_log", call, json!({"id": call})).await;
     env.insert("recording", Uuid::new_v4(), json!({"callLogId": call}))
         .await;
+    (env, call)
+}
+
+both_stores!(status_counts_the_rows_behind_an_older_row_of_their_key);
+/// A call's log the Frontend failed, waiting an hour for its retry, holds back the
+/// call's recording and file; another call's log, also waiting, holds back nothing.
+async fn status_counts_the_rows_behind_an_older_row_of_their_key(backend: Backend) {
+    let (env, call) = a_call_log_and_its_recording_behind_a_failing_sink(backend).await;
     env.insert(
         "recording_file",
         Uuid::new_v4(),
@@ -155,13 +162,7 @@ both_stores!(a_drain_says_how_many_rows_it_left_that_were_not_due);
 /// due now" was delivered, but says that two rows are still in the outbox, where a
 /// cron job's log used to read as if it were empty. An empty outbox adds nothing.
 async fn a_drain_says_how_many_rows_it_left_that_were_not_due(backend: Backend) {
-    let mut env = TestEnv::migrated_on(backend).await;
-    retry_in_an_hour(&mut env);
-    env.sink.set_mode(Mode::Always(500));
-    let call = Uuid::new_v4();
-    env.insert("call_log", call, json!({"id": call})).await;
-    env.insert("recording", Uuid::new_v4(), json!({"callLogId": call}))
-        .await;
+    let (env, _) = a_call_log_and_its_recording_behind_a_failing_sink(backend).await;
     let out = env.drain().await;
     out.assert_code(3);
     assert!(
