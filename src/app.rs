@@ -363,14 +363,29 @@ pub async fn drain(
         }
     );
     if summary.end == DrainEnd::Empty {
-        let left = relay.rows_left().await.unwrap_or(0);
+        let (left, behind) = relay
+            .rows_left()
+            .await
+            .map_or((0, 0), |s| (s.pending, s.waiting_behind_key));
         let others = left.saturating_sub(i64::try_from(summary.left_for_retry).unwrap_or(0));
         if others > 0 {
             let rows = if others == 1 { "row is" } else { "rows are" };
+            let why = match behind.min(others) {
+                0 => "waiting for a retry, behind an older row of their ordering key, or \
+                      held by another relay"
+                    .to_owned(),
+                b if b == others => "behind an older row of their ordering key".to_owned(),
+                1 => "1 behind an older row of its ordering key, the rest waiting for a retry \
+                      or held by another relay"
+                    .to_owned(),
+                b => format!(
+                    "{b} behind an older row of their ordering key, the rest waiting for a \
+                     retry or held by another relay"
+                ),
+            };
             say!(
                 "drain: {others} more {rows} in the outbox, not due during this drain \
-                 (waiting for a retry, behind an older row of their ordering key, or held \
-                 by another relay): `serversync status` counts them"
+                 ({why}): `serversync status` counts them"
             );
         }
     }

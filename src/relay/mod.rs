@@ -278,12 +278,12 @@ impl Relay {
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// The rows in the outbox, when there are any (a drain that found nothing more
+    /// The outbox's figures, when it holds any row (a drain that found nothing more
     /// due tells of those it left: not due yet, behind an older row of their key, or
     /// held by another relay). `None` when it is empty or cannot be counted.
-    pub async fn rows_left(&self) -> Option<i64> {
+    pub async fn rows_left(&self) -> Option<crate::store::Status> {
         match self.store.has_pending().await {
-            Ok(true) => self.store.status().await.ok().map(|s| s.pending),
+            Ok(true) => self.store.status().await.ok(),
             _ => None,
         }
     }
@@ -376,7 +376,8 @@ impl Relay {
             // probe time): the rows are there, undelivered, so this is not "all
             // delivered" (exit 0), or a script looping until a drain succeeds would
             // stop here.
-            if let Some(waiting) = self.rows_left().await.filter(|&n| n > 0) {
+            let waiting = self.rows_left().await.map_or(0, |s| s.pending);
+            if waiting > 0 {
                 tracing::error!(
                     rows = waiting,
                     "ingest sink is down (as recorded by a relay) and no row went out to \
