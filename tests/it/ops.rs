@@ -471,11 +471,7 @@ async fn readiness_follows_the_schema_while_running() {
     metrics
         .wait_for_status("/readyz", 200, Duration::from_secs(10))
         .await;
-    relay
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    relay.stop_cleanly().await;
 }
 
 /// `metrics.listen = "localhost:PORT"` serves on 127.0.0.1; a host name that would

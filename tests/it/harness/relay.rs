@@ -269,6 +269,13 @@ impl Running {
         self.wait(timeout).await
     }
 
+    /// SIGTERM, and a clean exit within 10 s: 0, no panic.
+    pub async fn stop_cleanly(self) -> Output {
+        let out = self.terminate(Duration::from_secs(10)).await;
+        out.assert_success().assert_no_panic();
+        out
+    }
+
     /// Wait for the child to exit by itself; SIGKILL and panic after `timeout`.
     pub async fn wait(mut self, timeout: Duration) -> Output {
         let deadline = Instant::now() + timeout;

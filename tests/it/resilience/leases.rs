@@ -49,10 +49,7 @@ async fn both_stopped_once_sent(env: &TestEnv, n: usize, a: Running, b: Running)
     .await;
     let a_out = a.terminate(Duration::from_secs(10)).await;
     a_out.assert_success().assert_no_panic();
-    b.terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    b.stop_cleanly().await;
     a_out
 }
 
@@ -110,10 +107,7 @@ async fn a_killed_relays_batch_is_taken_over_when_its_lease_expires() {
         env.count("sync_outbox_sent").await == n as i64
     })
     .await;
-    b.terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    b.stop_cleanly().await;
 
     let received = by_id(env.sink.entries());
     assert_eq!(received.len(), n);

@@ -110,11 +110,7 @@ async fn a_drain_rides_out_postgresql_stopping_and_starting_again() {
         })
         .await;
     }
-    daemon
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    daemon.stop_cleanly().await;
 
     assert!(stopped_at < rows as usize, "PostgreSQL went down mid-drain");
     assert_all_received(&by_id(env.sink.entries()), rows);
@@ -322,11 +318,7 @@ async fn an_outage_costs_rows_no_more_than_the_threshold(outage: Mode, what: &st
         env.count("sync_outbox_sent").await == n as i64
     })
     .await;
-    relay
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    relay.stop_cleanly().await;
 
     assert_eq!(
         tables(&env).await,
@@ -404,11 +396,7 @@ async fn a_sink_refusing_connections_stops_drain_and_pauses_run_without_charging
         env.count("sync_outbox_sent").await == n as i64
     })
     .await;
-    relay
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    relay.stop_cleanly().await;
     assert_eq!(
         tables(&env).await,
         (0, n as i64, 0),
@@ -563,11 +551,7 @@ async fn an_idle_daemon_sees_the_sink_come_back_without_a_row_to_probe_with() {
         "the sink saw empty batches only: {} requests",
         probes.len()
     );
-    relay
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    relay.stop_cleanly().await;
 }
 
 /// A drain without `--timeout` whose database goes away for good does not run for
@@ -666,11 +650,7 @@ async fn a_probe_that_sends_no_request_does_not_stall_the_relay() {
     .await;
     let later = insert_one(&env).await;
     env.sink.wait_for_entries(1, Duration::from_secs(10)).await;
-    relay
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    relay.stop_cleanly().await;
     let delivered: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
     assert_eq!(delivered, [later]);
 }
@@ -730,11 +710,7 @@ async fn the_row_delivered(env: &TestEnv, id: i64, relay: Running) {
         env.count("sync_outbox_sent").await == 1
     })
     .await;
-    relay
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    relay.stop_cleanly().await;
     assert_eq!(tables(env).await, (0, 1, 0), "(pending, sent, dead)");
     let ids: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
     assert_eq!(ids, [id]);

@@ -53,11 +53,7 @@ async fn delivered_records_are_pruned_after_the_ttl_and_dead_letters_are_kept() 
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(env.count("sync_outbox_dead_letters").await, poison);
     assert_eq!(env.count("sync_outbox").await, 0);
-    relay
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success()
-        .assert_no_panic();
+    relay.stop_cleanly().await;
     assert!(
         pruned_after >= Duration::from_millis(500),
         "records pruned {pruned_after:?} after delivery, before their 1s TTL"
