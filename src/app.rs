@@ -452,6 +452,7 @@ async fn progress(relay: Arc<Relay>, max_rows: Option<u64>, stop: CancellationTo
             };
             let n = done(&relay);
             let rate = rows_per_second(n, started.elapsed());
+            let total = total.max(n);
             say_err!("drain: {n}/{total} rows settled ({rate} rows/s)");
         }
     }
@@ -469,12 +470,13 @@ fn rows_per_second(rows: u64, elapsed: Duration) -> String {
 }
 
 /// What a drain has settled, has out and finds due now: the rows it is expected to
-/// settle (a batch settling meanwhile may be counted twice; the bar grows to fit).
+/// settle (a batch settled while the count runs is missed; the bar grows to fit).
 async fn drain_total(relay: &Relay, max_rows: Option<u64>) -> u64 {
-    let total = relay.store().count_due().await.unwrap_or(0).max(0) as u64
-        + relay.rows_in_flight()
-        + relay.stats.delivered.load(Ordering::Relaxed)
-        + relay.stats.dead.load(Ordering::Relaxed);
+    // settled before the count's snapshot, so none of them is counted again in it
+    let settled =
+        relay.stats.delivered.load(Ordering::Relaxed) + relay.stats.dead.load(Ordering::Relaxed);
+    let left = relay.store().count_due_or_held_by(relay.owner()).await;
+    let total = left.unwrap_or(0).max(0) as u64 + settled;
     max_rows.map_or(total, |m| total.min(m))
 }
 

@@ -256,8 +256,9 @@ impl SinkHealth {
         true
     }
 
-    /// When rows released during an outage should become due again.
-    pub fn until_next_probe(&self) -> Duration {
+    /// How long until the next probe (or the end of a Retry-After pause).
+    #[cfg(test)]
+    fn until_next_probe(&self) -> Duration {
         let s = self.lock();
         s.not_before.saturating_duration_since(Instant::now())
     }

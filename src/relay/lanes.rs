@@ -215,15 +215,6 @@ impl Relay {
         u64::from(rows.div_ceil(d.batch_size.max(1))) * u64::from(d.max_batch_bytes)
     }
 
-    /// Rows this relay has claimed and not yet settled (a drain's progress counts
-    /// them as work ahead: they are no longer due).
-    pub fn rows_in_flight(&self) -> u64 {
-        self.lock_in_flight()
-            .values()
-            .map(|(_, ids)| ids.len() as u64)
-            .sum()
-    }
-
     pub(super) fn lock_in_flight(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<u64, (i64, Vec<i64>)>> {

@@ -54,9 +54,6 @@ const DRAIN_DB_PATIENCE: Duration = Duration::from_secs(10);
 /// state) may take once they are done or the shutdown grace is over.
 const CLEANUP_LIMIT: Duration = Duration::from_secs(5);
 
-/// How long before the next probe rows released during an outage fall due again.
-const PROBE_LEAD: Duration = Duration::from_millis(100);
-
 /// How long a worker's requests may be out before it claims its next rows meanwhile.
 /// A sink that answers within it (the database is then the bottleneck) sees the same
 /// claim → deliver → settle cycle as ever; a slower one (a Frontend that stores what
@@ -267,6 +264,11 @@ impl Relay {
         self.wake.send_modify(|v| *v = v.wrapping_add(1));
     }
 
+    /// The name this relay leases rows under (`host:pid`).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
     /// Milliseconds since the worker loop last showed life (for the systemd watchdog).
     pub fn heartbeat_age(&self) -> Duration {
         let now = self.started.elapsed().as_millis() as u64;
@@ -370,6 +372,13 @@ impl Relay {
             );
         }
         let mut summary = self.summary(stop.is_cancelled());
+        if self.drain.is_some() && summary.end == DrainEnd::Stopped && self.nothing_due().await {
+            // stopped (`--timeout`, a signal) with its last requests out, which were
+            // answered and settled within the grace, or before it claimed anything
+            // from an outbox with nothing due: it did deliver everything due, and
+            // "stopped before the outbox was empty" would be untrue
+            summary.end = DrainEnd::Empty;
+        }
         if started_down && summary.end == DrainEnd::Empty && self.sink.is_down() {
             // Started on a sink recorded as down, and no row went out to probe it
             // (the rows left by the drain that saw the outage wait for its next
@@ -387,6 +396,16 @@ impl Relay {
             }
         }
         summary
+    }
+
+    /// Whether no row is due (unleased), as far as the database says; `false` when
+    /// it cannot tell.
+    async fn nothing_due(&self) -> bool {
+        match self.store.has_pending().await {
+            Ok(false) => true,
+            Ok(true) => self.store.status().await.is_ok_and(|s| s.due == 0),
+            Err(_) => false,
+        }
     }
 
     /// Rows this relay leaves leased (`Stats::unsettled`).

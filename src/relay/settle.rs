@@ -9,7 +9,7 @@ use std::time::Duration;
 use backon::Retryable;
 
 use super::deliver::Attempt;
-use super::{db_backoff_builder, Relay, PROBE_LEAD};
+use super::{db_backoff_builder, Relay};
 use crate::retry::next_delay;
 use crate::store::{Claim, DeadRow, ErrorRecord, RetryRow, Settlement};
 use crate::taxonomy::{storable, ErrorType};
@@ -73,13 +73,13 @@ impl Relay {
             let delay = if charged {
                 next_delay(&params, number as u32, failure.retry_after)
             } else {
-                // due a little before the next probe, so that the probe finds them
-                // (the database's clock and this process's need not agree to the
-                // millisecond) rather than an empty outbox
-                self.sink
-                    .until_next_probe()
-                    .saturating_sub(PROBE_LEAD)
-                    .max(failure.retry_after.unwrap_or_default())
+                // due again at once (but for a Retry-After the sink asked for): the
+                // outage is the sink's state, not the row's, and this relay's gate
+                // holds its claims until the next probe. Postponed to that probe, the
+                // rows would be out of reach of a `drain` run as soon as the sink is
+                // back (it would deliver the rest and leave them, or, with nothing
+                // else due, not even probe)
+                failure.retry_after.unwrap_or_default()
             };
             lines.push(line(if charged {
                 LineOutcome::Retry(delay)

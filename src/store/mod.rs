@@ -519,8 +519,11 @@ impl Store {
     }
 
     /// Rows due now (for drain's progress total).
-    pub async fn count_due(&self) -> anyhow::Result<i64> {
-        Ok(self.status().await?.due)
+    /// Rows due now plus the rows `owner` holds: what is left of a drain's work
+    /// (with what it has settled already), counted in one snapshot, so that a claim
+    /// landing meanwhile is not counted twice.
+    pub async fn count_due_or_held_by(&self, owner: &str) -> anyhow::Result<i64> {
+        delegate!(self, s => s.count_due_or_held_by(owner).await)
     }
 
     /// Whether any row is in the outbox at all (due, waiting or in flight).

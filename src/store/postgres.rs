@@ -601,6 +601,16 @@ impl PgStore {
     }
 
     /// Whether any row is in the outbox at all (due, waiting or in flight).
+    pub async fn count_due_or_held_by(&self, owner: &str) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM sync_outbox WHERE lease_owner = $1 \
+             OR (next_attempt_at <= now() AND (lease_until IS NULL OR lease_until < now()))",
+        )
+        .bind(owner)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     pub async fn has_pending(&self) -> anyhow::Result<bool> {
         Ok(
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sync_outbox)")

@@ -813,6 +813,55 @@ async fn a_drain_that_ends_before_its_timeout_does_not_report_reaching_it() {
     assert_eq!(env.sink.entries().len(), 1);
 }
 
+/// A drain whose `--timeout` comes while its last request is out waits for the
+/// answer (within `shutdown.grace`) and settles it: everything due was delivered, so
+/// it exits 0 instead of 3 "stopped before the outbox was empty". One cut short with
+/// rows still due does exit 3, and says so.
+#[tokio::test]
+async fn a_drain_stopped_by_its_timeout_exits_3_only_if_rows_are_still_due() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("ingest.timeout", "10s")
+        .set("dispatch.batch_size", 2)
+        .set("dispatch.concurrency", 1);
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(1500))));
+    for n in 0..2 {
+        env.insert("call_log", Uuid::new_v4(), serde_json::json!({"n": n}))
+            .await;
+    }
+    let out = env.run(&["drain", "--timeout", "300ms"]).await;
+    out.assert_code(0);
+    assert!(out.stderr.contains("timeout reached"), "{out}");
+    assert!(!out.stdout.contains("stopped before"), "{out}");
+    assert_eq!(env.sink.entries().len(), 2);
+    assert_eq!(env.count("sync_outbox").await, 0);
+
+    for n in 0..4 {
+        env.insert("call_log", Uuid::new_v4(), serde_json::json!({"n": n}))
+            .await;
+    }
+    let out = env.run(&["drain", "--timeout", "300ms"]).await;
+    out.assert_code(3);
+    assert!(
+        out.stdout.contains("stopped before the outbox was empty"),
+        "{out}"
+    );
+    assert_eq!(
+        env.count("sync_outbox").await,
+        2,
+        "the batch not claimed is left"
+    );
+
+    env.db.execute("DELETE FROM sync_outbox").await;
+    let out = env.run(&["drain", "--timeout", "1ms"]).await;
+    out.assert_code(0);
+    assert!(
+        !out.stdout.contains("stopped before"),
+        "an empty outbox: {out}"
+    );
+}
+
 /// Without a TTY a drain prints a progress line every 5 s. Rows out in requests are
 /// work ahead, not nothing: a drain whose only batch is still at a slow sink used to
 /// say "0/0 rows settled".

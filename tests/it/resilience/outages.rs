@@ -750,21 +750,80 @@ async fn an_outage_that_ends_during_a_probe_costs_the_probes_row_nothing() {
 /// to its next probe time): the rows are still undelivered, so it says so and exits
 /// 3, not 0, and a script looping until a drain succeeds goes on looping. With the
 /// outbox empty, there is nothing left to deliver, and it exits 0.
-#[tokio::test]
-async fn a_drain_finding_a_recorded_outage_and_nothing_due_to_probe_with_exits_3() {
-    let mut env = TestEnv::migrated().await;
-    let n = 3;
-    let _switch = backlog_behind_a_refusing_sink(&mut env, n).await;
+/// A backlog of `n` rows, and a drain stopped by the sink refusing it, with probes a
+/// minute apart: the outage is recorded, and the rows it held are due again at once
+/// (not at the next probe), uncharged.
+async fn a_drain_stopped_by_an_outage_probed_every_minute(
+    env: &mut TestEnv,
+    n: usize,
+) -> TcpSwitch {
+    let switch = backlog_behind_a_refusing_sink(env, n).await;
     env.config
         .set("dispatch.outage_threshold", 1)
         .set("dispatch.probe_interval", "1m")
         .set("dispatch.max_probe_interval", "1m");
-    drain_stopped_by_the_outage(&env).await;
+    drain_stopped_by_the_outage(env).await;
+    assert_eq!(sinks_recorded_down(env).await, 1, "the outage is recorded");
     assert_eq!(
         env.count_waiting().await,
-        n as i64,
-        "the rows wait for the next probe"
+        0,
+        "the rows the outage held are due"
     );
+    assert_eq!(max_pending_attempts(env).await, 0, "nothing charged");
+    switch
+}
+
+/// The sink is back and an operator runs `drain` at once, well before the next probe
+/// the last relay scheduled: it probes, finds the sink answering, and delivers every
+/// row, those the outage held included, with exit 0.
+#[tokio::test]
+async fn a_drain_run_as_soon_as_the_sink_is_back_delivers_every_row() {
+    let mut env = TestEnv::migrated().await;
+    let n = 3;
+    let mut switch = a_drain_stopped_by_an_outage_probed_every_minute(&mut env, n).await;
+    switch.up();
+    a_drain_delivers_everything_and_records_the_recovery(&env, n).await;
+    assert_eq!(
+        sent_attempts(&env).await,
+        vec![1; n],
+        "charged nothing for the outage"
+    );
+}
+
+/// The outage was a wrong `ingest.base_url`: a drain against the right one, right
+/// after, delivers every row (the rows the wrong one held are not left for later).
+#[tokio::test]
+async fn a_drain_against_the_right_sink_right_after_a_wrong_one_delivers_every_row() {
+    let mut env = TestEnv::migrated().await;
+    let n = 3;
+    let _switch = a_drain_stopped_by_an_outage_probed_every_minute(&mut env, n).await;
+    env.config.set("ingest.base_url", env.sink.url());
+    a_drain(&env).await.assert_success();
+    assert_eq!(
+        tables(&env).await,
+        (0, n as i64, 0),
+        "(pending, sent, dead)"
+    );
+    assert_eq!(
+        sent_attempts(&env).await,
+        vec![1; n],
+        "charged nothing for the outage"
+    );
+}
+
+/// A drain that finds the sink recorded as down and no row due to probe it with
+/// (they wait for their retries) says so and exits 3, not 0 ("all delivered").
+#[tokio::test]
+async fn a_drain_finding_a_recorded_outage_and_nothing_due_to_probe_with_exits_3() {
+    let mut env = TestEnv::migrated().await;
+    let n = 3;
+    let _switch = a_drain_stopped_by_an_outage_probed_every_minute(&mut env, n).await;
+    env.db
+        .execute(&format!(
+            "UPDATE sync_outbox SET next_attempt_at = {}",
+            env.db.now_plus(3600)
+        ))
+        .await;
     let charged = max_pending_attempts(&env).await;
 
     let out = a_drain(&env).await;
@@ -815,13 +874,6 @@ async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
     drains_charge_nothing_for_a_recorded_outage(&env, n, Duration::ZERO, after_first).await;
 
     switch.up();
-    // the last probe's rows are due again at the next probe time (max_probe_interval
-    // is 200ms here); a drain delivers what is due
-    wait_until(
-        Duration::from_secs(5),
-        "the probed rows to fall due",
-        || async { env.count_waiting().await == 0 },
-    )
-    .await;
+    // the last probe's rows are due again at once: the next drain delivers them all
     a_drain_delivers_everything_and_records_the_recovery(&env, n).await;
 }
