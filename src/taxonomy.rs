@@ -181,10 +181,15 @@ impl Failure {
         f
     }
 
-    /// A request that got no complete response.
+    /// A request that got no complete response. A connection that could not be
+    /// made is `connect`, also when it is `ingest.connect_timeout` that ran out (a
+    /// host or a listener that drops the handshake): `timeout` is a request sent
+    /// and not answered in `ingest.timeout` (SPEC 4).
     pub fn from_transport(err: &reqwest::Error) -> Failure {
         let err_without_url = error_chain(err);
-        let error_type = if err.is_timeout() || chain_has_timeout(err) {
+        let error_type = if err.is_connect() {
+            ErrorType::Connect
+        } else if err.is_timeout() || chain_has_timeout(err) {
             ErrorType::Timeout
         } else {
             ErrorType::Connect

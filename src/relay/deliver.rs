@@ -491,9 +491,15 @@ impl Relay {
         Verdict::Charge(self.account(failure))
     }
 
-    /// Whether the sink answers an empty batch with a 2xx (in `ingest.timeout`).
+    /// Whether the sink answers an empty batch (in `ingest.timeout`): a 2xx, or a
+    /// 4xx that rejects it (a Frontend may refuse a batch without entries, or this
+    /// relay's credentials), which is an answer all the same, as for an idle relay's
+    /// probe. Not a 408 or a redirect (retried as failures).
     pub(super) async fn answers_an_empty_batch(&self) -> bool {
-        self.dispatcher.send_json(&[]).await.is_ok()
+        match self.dispatcher.send_json(&[]).await {
+            Ok(()) => true,
+            Err(f) => f.error_type == ErrorType::Http4xx && !f.retryable,
+        }
     }
 
     /// Tell the sink-health tracker about a failure; returns whether it is charged.

@@ -374,6 +374,36 @@ async fn a_lone_row_the_sink_fails_on_dies_and_the_sink_is_never_taken_as_down(b
     a_lone_row_the_sink_fails_on_dies(env, fault, 5).await;
 }
 
+/// As above, with a Frontend that refuses an empty batch (422: "no entries"), as
+/// one validating its input may. A refusal is an answer: the sink works, and the row
+/// is charged. (Only a 2xx used to count: the sink was taken as down, and the lone
+/// row probed it uncharged for as long as nothing else came to send.)
+#[tokio::test]
+async fn a_lone_row_the_sink_fails_on_dies_also_when_the_frontend_refuses_empty_batches() {
+    let mut env = TestEnv::migrated().await;
+    a_frontend_failing_on_crash_rows(&mut env, 5);
+    let crash = Reply::status(500).body("NullPointerException: marker-crash");
+    env.sink
+        .set_mode(Mode::custom(move |incoming| match incoming {
+            Incoming::Sync(req) if req.entries().is_empty() => {
+                Reply::status(422).body(r#"{"error":"no entries"}"#)
+            }
+            Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["crash"] == true) => {
+                crash.clone()
+            }
+            Incoming::File(upload) if upload.text("recordingId").as_deref() == Some("crash") => {
+                crash.clone()
+            }
+            _ => Reply::ok(),
+        }));
+    let fault = Fault {
+        marker: "crash",
+        error_type: "http_5xx",
+        http_status: Some(500),
+    };
+    a_lone_row_the_sink_fails_on_dies(env, fault, 5).await;
+}
+
 /// How the fake Frontend fails the rows it cannot take: a payload `{marker: true}`,
 /// or an upload whose `recordingId` is `marker`, fails its request as `error_type`.
 pub(super) struct Fault {
@@ -842,6 +872,52 @@ async fn a_refused_connection_is_connect(backend: Backend) {
     assert_eq!(row.last_http_status, None);
     assert_eq!(row.attempts, 0, "{row:#?}");
     assert_eq!(row.attempt_errors, json!([]), "{row:#?}");
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+}
+
+/// A listener on 127.0.0.1 whose accept queue is full: the kernel drops further
+/// handshakes, so a connection to it hangs until the client gives up. The returned
+/// connections fill the queue (keep them open).
+fn a_listener_dropping_handshakes() -> (std::net::TcpListener, Vec<std::net::TcpStream>) {
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // the smallest backlog (std listens with a large one); never accepted
+    // SAFETY: listen(2) on a socket this function owns, with a plain integer
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), 0) };
+    assert_eq!(rc, 0, "listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(stream) => held.push(stream),
+            Err(_) => return (listener, held),
+        }
+    }
+    panic!("the accept queue never filled ({} connections)", held.len());
+}
+
+/// A connection the sink's host never completes (its handshake dropped) is
+/// `connect` when `ingest.connect_timeout` runs out, not `timeout` (a request sent
+/// and not answered), and no attempt is charged: the request never left.
+#[tokio::test]
+async fn a_connection_never_completed_is_connect_not_timeout() {
+    let mut env = TestEnv::migrated().await;
+    retry_in_an_hour(&mut env);
+    let (listener, _held) = a_listener_dropping_handshakes();
+    let addr = listener.local_addr().expect("addr");
+    env.config
+        .set("ingest.base_url", format!("http://{addr}"))
+        .set("ingest.connect_timeout", "300ms");
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+
+    let out = env.drain().await;
+    out.assert_code(3);
+    let rows = env.outbox().await;
+    assert_eq!(rows.len(), 1, "the row stays in sync_outbox: {rows:#?}");
+    let row = &rows[0];
+    assert_eq!(row.last_error_type.as_deref(), Some("connect"), "{row:#?}");
+    assert_eq!(row.attempts, 0, "{row:#?}");
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
 }
 
