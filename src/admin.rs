@@ -134,15 +134,19 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             limit,
             json,
         } => {
-            let rows = store
+            let limit = limit.max(0);
+            // one more than shown, to tell whether the listing was cut
+            let mut rows = store
                 .dlq_list(&DlqFilter {
                     error_type,
                     entity_type,
                     http_status,
                     older_than,
-                    limit: limit.max(0),
+                    limit: limit.saturating_add(1),
                 })
                 .await?;
+            let cut = rows.len() as i64 > limit;
+            rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
             if json {
                 say!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -172,6 +176,14 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
                     );
                 }
             }
+            if cut {
+                // on stderr: `--json` output stays one parseable array
+                say_err!(
+                    "dlq list: the first {limit} shown (oldest first); more match: raise \
+                     --limit, or narrow with --error-type, --entity-type, --http-status \
+                     or --older-than (`serversync status` counts them by error type)"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         DlqCommand::Show { id, json } => {
@@ -195,14 +207,10 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             say!("message:       {}", d.error_message);
             say!("attempts:      {}/{}", d.attempts, d.max_attempts);
             if let (Some(first), Some(last)) = (d.first_attempt_at, d.last_attempt_at) {
-                say!(
-                    "tried:         {} … {}",
-                    first.to_rfc3339(),
-                    last.to_rfc3339()
-                );
+                say!("tried:         {} … {}", utc(&first), utc(&last));
             }
-            say!("created:       {}", d.created_at.to_rfc3339());
-            say!("dead since:    {}", d.dead_at.to_rfc3339());
+            say!("created:       {}", utc(&d.created_at));
+            say!("dead since:    {}", utc(&d.dead_at));
             if let Some(body) = &d.response_body {
                 say!("response body: {}", one_line(body, 400));
             }
@@ -416,4 +424,9 @@ fn has_nul(value: &serde_json::Value) -> bool {
         serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
         _ => false,
     }
+}
+
+/// A time as the dead-letter listings show it: UTC, with a `Z`.
+fn utc(at: &chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }

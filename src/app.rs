@@ -214,7 +214,7 @@ pub async fn run(
             if let Err(e) =
                 crate::metrics::serve(listener, metrics, health, store, backlog, stop).await
             {
-                tracing::error!(error = %format!("{e:#}"), "metrics server failed");
+                tracing::error!(error = %causes(&e), "metrics server failed");
             }
         });
     }

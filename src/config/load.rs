@@ -17,11 +17,25 @@ impl Settings {
     /// Load from `path` (or the default path if it exists), the environment and the
     /// overrides, then validate. Errors name the offending key.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Settings> {
+        let file = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+        };
+        Settings::load_from(path, overrides).map_err(|e| with_origin(e, file.as_deref(), overrides))
+    }
+
+    fn load_from(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Settings> {
         let mut builder = config::Config::builder();
         match path {
             Some(p) => {
                 if !p.exists() {
                     bail!("config file {} does not exist", p.display());
+                }
+                if p.is_dir() {
+                    bail!(
+                        "config file {} is a directory, not a TOML file",
+                        p.display()
+                    );
                 }
                 builder =
                     builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
@@ -392,6 +406,72 @@ fn check_retry(prefix: &str, p: &RetryParams) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// An error that names a key says where that key's value came from, so that an
+/// operator looks in the right place: the flag, the environment variable, or the
+/// file (in that order of precedence).
+fn with_origin(err: anyhow::Error, file: Option<&Path>, overrides: &Overrides) -> anyhow::Error {
+    let text = format!("{err:#}");
+    match key_named(&text).and_then(|key| origin(&key, file, overrides)) {
+        Some(origin) => anyhow::anyhow!("{text} ({origin})"),
+        None => err,
+    }
+}
+
+/// The configuration key an error message names: "… key `dispatch.x`" or "invalid
+/// value for dispatch.x: …".
+fn key_named(text: &str) -> Option<String> {
+    if let Some((_, rest)) = text.split_once("key `") {
+        return rest.split_once('`').map(|(key, _)| key.to_owned());
+    }
+    let (_, rest) = text.split_once("invalid value for ")?;
+    let key: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        .collect();
+    key.contains('.').then_some(key)
+}
+
+/// Where `key` (or, for a section, a key under it) was set.
+fn origin(key: &str, file: Option<&Path>, overrides: &Overrides) -> Option<String> {
+    let flag = match key {
+        "database.url" => overrides.database_url.is_some().then_some("--database-url"),
+        "ingest.base_url" => overrides.ingest_url.is_some().then_some("--ingest-url"),
+        "dispatch.batch_size" => overrides.batch_size.is_some().then_some("--batch-size"),
+        "dispatch.concurrency" => overrides.concurrency.is_some().then_some("--concurrency"),
+        "metrics.listen" => overrides
+            .metrics_listen
+            .is_some()
+            .then_some("--metrics-listen"),
+        _ => None,
+    };
+    if let Some(flag) = flag {
+        return Some(format!("from {flag}"));
+    }
+    let key = key.to_ascii_lowercase();
+    let under = format!("{key}.");
+    let var = std::env::vars_os()
+        .filter_map(|(name, value)| (!value.is_empty()).then(|| name.into_string().ok())?)
+        .filter(|name| {
+            name.strip_prefix("SERVERSYNC__").is_some_and(|path| {
+                let path = path.to_ascii_lowercase().replace("__", ".");
+                path == key || path.starts_with(&under)
+            })
+        })
+        .min();
+    let var = var.or_else(|| {
+        (key == "database.url" && env_is_set("DATABASE_URL")).then(|| "DATABASE_URL".to_owned())
+    });
+    // the file, if it does mention the key (a check between two keys, or a
+    // default's, may name one the file does not set)
+    let last = key.rsplit('.').next().unwrap_or(&key).to_owned();
+    let in_file = file.filter(|f| std::fs::read_to_string(f).is_ok_and(|t| t.contains(&last)));
+    match (var, in_file) {
+        (Some(var), _) => Some(format!("set by the environment variable {var}")),
+        (None, Some(file)) => Some(format!("in {}", file.display())),
+        (None, None) => None,
+    }
 }
 
 /// The `config` crate reports unknown fields as "unknown field `x`, expected … for key

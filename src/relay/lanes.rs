@@ -244,7 +244,7 @@ impl Relay {
                 "released batches claimed for workers that stopped"
             ),
             Err(e) => tracing::warn!(
-                error = %format!("{e:#}"),
+                error = %crate::app::causes(&e),
                 "releasing undelivered batches failed: rows return when their lease expires"
             ),
         }

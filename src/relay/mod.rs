@@ -435,7 +435,7 @@ impl Relay {
                 "shutdown grace elapsed: released in-flight rows for redelivery"
             ),
             Err(e) => tracing::warn!(
-                error = %format!("{e:#}"),
+                error = %crate::app::causes(&e),
                 "shutdown grace elapsed and releasing leases failed: rows return when their lease expires"
             ),
         }
@@ -503,7 +503,7 @@ impl Relay {
             since.get_or_insert_with(Instant::now);
         }
         if self.health.db_up.swap(false, Ordering::Relaxed) {
-            tracing::error!(error = %format!("{e:#}"), "database unavailable: retrying with backoff");
+            tracing::error!(error = %crate::app::causes(&e), "database unavailable: retrying with backoff");
         }
         self.metrics.db_up.set(0);
     }

@@ -132,7 +132,7 @@ impl Relay {
         let report = match report {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "settling a batch failed; its rows return when the lease expires");
+                tracing::error!(error = %crate::app::causes(&e), "settling a batch failed; its rows return when the lease expires");
                 // the rows of this settlement: a claim with uploads is settled in two
                 self.lock_unsettled().extend(s.ids());
                 return;

@@ -31,7 +31,7 @@ impl Relay {
             }
             Ok(None) => false,
             Err(e) => {
-                tracing::debug!(error = %format!("{e:#}"), "cannot read the recorded sink state");
+                tracing::debug!(error = %crate::app::causes(&e), "cannot read the recorded sink state");
                 false
             }
         }
@@ -61,7 +61,7 @@ impl Relay {
                     match relay.store.set_sink_down(&sink, !now_up).await {
                         Ok(()) => recorded_up = now_up,
                         Err(e) => tracing::debug!(
-                            error = %format!("{e:#}"),
+                            error = %crate::app::causes(&e),
                             "cannot record the sink state"
                         ),
                     }

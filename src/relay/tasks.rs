@@ -45,7 +45,7 @@ impl Relay {
                 Err(e) => {
                     if !failing {
                         tracing::warn!(
-                            error = %format!("{e:#}"),
+                            error = %crate::app::causes(&e),
                             "renewing leases failed; trying again every {soon:?}"
                         );
                     }
@@ -69,7 +69,7 @@ impl Relay {
                     Ok(Some(n)) => n,
                     Ok(None) => return, // this backend has no notifications
                     Err(e) => {
-                        tracing::debug!(error = %format!("{e:#}"), "LISTEN failed; polling meanwhile");
+                        tracing::debug!(error = %crate::app::causes(&e), "LISTEN failed; polling meanwhile");
                         let nap = backoff.next().unwrap_or(Duration::from_secs(5));
                         tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(nap) => {} }
                         continue;
@@ -84,7 +84,7 @@ impl Relay {
                     n = notifications.next() => match n {
                         Ok(_) => self.wake(),
                         Err(e) => {
-                            tracing::debug!(error = %format!("{e:#}"), "LISTEN connection lost");
+                            tracing::debug!(error = %crate::app::causes(&e), "LISTEN connection lost");
                             self.wake();
                             break;
                         }
@@ -162,7 +162,7 @@ impl Relay {
                 }
                 Ok(n) => return deleted + n,
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "pruning delivered records failed");
+                    tracing::warn!(error = %crate::app::causes(&e), "pruning delivered records failed");
                     return deleted;
                 }
             }

@@ -374,7 +374,7 @@ impl Relay {
         };
         if let Err(e) = self.release_unsent(&[batch]).await {
             tracing::warn!(
-                error = %format!("{e:#}"),
+                error = %crate::app::causes(&e),
                 "releasing a prefetched batch failed: its rows return when their lease expires"
             );
         }

@@ -28,6 +28,39 @@ async fn an_unknown_config_key_is_named(backend: Backend) {
     }
 }
 
+/// A bad value, or an unknown key, says where it was set (the flag, the environment
+/// variable or the config file), so that an operator looks in the right place.
+#[tokio::test]
+async fn a_bad_key_says_where_it_was_set() {
+    let mut env = TestEnv::new_on(Backend::Sqlite).await;
+    env.config.set("dispatch.batch_size", 0);
+    let out = env.run(&["drain"]).await;
+    out.assert_fails_with("invalid value for dispatch.batch_size: 0 (expected 1..=10000) (in /")
+        .assert_single_stderr_line();
+    assert!(out.stderr.contains(".toml)"), "the file named\n{out}");
+    env.run(&["--batch-size", "20000", "drain"])
+        .await
+        .assert_fails_with("20000 (expected 1..=10000) (from --batch-size)");
+    env.config.remove("dispatch.batch_size");
+    env.cmd(["drain"])
+        .env("SERVERSYNC__DISPATCH__BATCH_SIZE", "abc")
+        .output()
+        .await
+        .assert_fails_with(
+            "for key `dispatch.batch_size` (set by the environment variable \
+             SERVERSYNC__DISPATCH__BATCH_SIZE)",
+        )
+        .assert_single_stderr_line();
+    env.cmd(["drain"])
+        .env("SERVERSYNC__BOGUS__X", "1")
+        .output()
+        .await
+        .assert_fails_with(
+            "unknown configuration key `bogus` (set by the environment variable \
+             SERVERSYNC__BOGUS__X)",
+        );
+}
+
 both_stores!(a_bad_duration_names_its_key);
 /// Not a duration, or one too long to mean anything (it would fail later, as an
 /// interval the database cannot hold, and a drain would retry that forever).

@@ -418,6 +418,27 @@ async fn purge_by_error_type_and_age_deletes_only_what_matches_all(backend: Back
     assert_eq!(dead_outbox_ids(&env).await, [faxes[1]]);
 }
 
+/// `dlq list` shows `--limit` dead letters (100 by default), oldest first; when
+/// more match it says so on stderr (the `--json` array stays whole and parseable).
+#[tokio::test]
+async fn list_says_when_its_limit_cut_it() {
+    let mut env = TestEnv::migrated().await;
+    let ids = dead_faxes(&mut env, 3).await;
+    assert_eq!(listed(&env, &["--limit", "2"]).await, ids[..2]);
+    let out = env.run(&["dlq", "list", "--json", "--limit", "2"]).await;
+    out.assert_success();
+    assert!(out.stderr.contains("the first 2 shown"), "{out}");
+    let out = env.run(&["dlq", "list", "--limit", "2"]).await;
+    out.assert_success();
+    assert!(out.stderr.contains("the first 2 shown"), "{out}");
+    for limit in ["3", "4"] {
+        let out = env.run(&["dlq", "list", "--limit", limit]).await;
+        out.assert_success();
+        assert!(!out.stderr.contains("shown"), "all listed: {out}");
+        assert_eq!(out.stdout.lines().count(), 4, "a header and 3 rows\n{out}");
+    }
+}
+
 both_stores!(show_prints_one_dead_letter_and_fails_for_a_missing_id);
 async fn show_prints_one_dead_letter_and_fails_for_a_missing_id(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
@@ -439,6 +460,15 @@ async fn show_prints_one_dead_letter_and_fails_for_a_missing_id(backend: Backend
     let human = env.run(&["dlq", "show", &id.to_string()]).await;
     human.assert_success();
     assert!(human.stdout.contains("unknown_entity_type"), "{human}");
+    let dead_since = human
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("dead since:"))
+        .unwrap_or_default();
+    assert!(
+        dead_since.ends_with('Z'),
+        "UTC with a Z, as `dlq list` shows it: {human}"
+    );
 
     env.run(&["dlq", "show", "999999"])
         .await
