@@ -388,6 +388,33 @@ async fn bad_arguments_name_what_is_wrong_on_one_line() {
     }
 }
 
+both_stores!(a_schema_newer_than_the_binary_is_refused_by_every_command_saying_so);
+/// A database a newer serversync migrated (a rollback of the binary, a mixed fleet):
+/// `migrate` has nothing to apply and says why in the words `status` and `drain`
+/// use, instead of the migrator's "previously applied but is missing in the
+/// resolved migrations".
+async fn a_schema_newer_than_the_binary_is_refused_by_every_command_saying_so(backend: Backend) {
+    let env = TestEnv::migrated_on(backend).await;
+    let checksum = match backend {
+        Backend::Postgres => "'\\x00'::bytea",
+        Backend::Sqlite => "x'00'",
+    };
+    env.db
+        .execute(&format!(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (20991231000000, 'from a newer serversync', true, {checksum}, 1)"
+        ))
+        .await;
+    for command in [&["migrate"][..], &["status"], &["drain"]] {
+        env.run(command)
+            .await
+            .assert_fails_with("schema is newer than this binary")
+            .assert_fails_with("20991231000000")
+            .assert_fails_with("upgrade serversync")
+            .assert_single_stderr_line();
+    }
+}
+
 #[tokio::test]
 async fn check_reports_each_part_and_exits_1_when_one_is_wrong() {
     let mut env = TestEnv::new().await;
