@@ -503,7 +503,7 @@ impl Relay {
             since.get_or_insert_with(Instant::now);
         }
         if self.health.db_up.swap(false, Ordering::Relaxed) {
-            tracing::error!(error = %crate::app::causes(&e), "database unavailable: retrying with backoff");
+            tracing::error!(error = %crate::app::causes(e), "database unavailable: retrying with backoff");
         }
         self.metrics.db_up.set(0);
     }
