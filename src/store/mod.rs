@@ -395,17 +395,24 @@ impl Store {
     /// on PostgreSQL, where a migration can wait on the outbox's users, sqlx's own
     /// slow-statement warning (the whole migration's SQL) is off for them.
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        // a newer binary's migrations: said as `status` says it, not as the migrator
-        // does ("previously applied but is missing in the resolved migrations")
-        if let Ok(SchemaState::Newer { unknown }) = self.schema_state().await {
-            bail!(
-                "the database schema is newer than this binary (unknown migration(s) \
-                 {unknown:?}, applied by a newer serversync): nothing to apply; upgrade \
-                 serversync"
-            );
-        }
         let started = std::time::Instant::now();
-        delegate!(self, s => s.migrate().await)?;
+        let applied = delegate!(self, s => s.migrate().await);
+        if let Err(e) = &applied {
+            // a newer binary's migrations: said as `status` says it, not as the
+            // migrator does ("previously applied but is missing in the resolved
+            // migrations"). Asked only now: before, the question would wait on a
+            // lock as the migrations do, and be logged as a slow statement
+            if let Some(sqlx::migrate::MigrateError::VersionMissing(_)) = e.downcast_ref() {
+                if let Ok(SchemaState::Newer { unknown }) = self.schema_state().await {
+                    bail!(
+                        "the database schema is newer than this binary (unknown migration(s) \
+                         {unknown:?}, applied by a newer serversync): nothing to apply; \
+                         upgrade serversync"
+                    );
+                }
+            }
+        }
+        applied?;
         let took = started.elapsed();
         if took >= SLOW_MIGRATION {
             tracing::info!(
