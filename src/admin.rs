@@ -90,7 +90,12 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
         ),
         None => say!("oldest pending: -"),
     }
-    say!("sent (last 5m): {}", s.sent_last_5m);
+    if settings.retention.delete_sent && s.sent_last_5m == 0 {
+        // relays so configured delete what they deliver and keep no record of it
+        say!("sent (last 5m): 0 (not counted: retention.delete_sent = true keeps no records)");
+    } else {
+        say!("sent (last 5m): {}", s.sent_last_5m);
+    }
     say!("dead letters:   {}", s.dead_letters);
     for (error_type, n) in &s.dead_letters_by_error_type {
         say!("  {error_type:<20} {n}");

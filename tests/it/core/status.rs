@@ -33,6 +33,32 @@ async fn status_of_an_empty_outbox(backend: Backend) {
     assert_eq!(s["dead_letters_by_error_type"], json!({}), "{s:#}");
 }
 
+/// With `retention.delete_sent`, delivered rows leave no record to count: the text
+/// says so rather than reading as "nothing sent" (`--json` keeps its number).
+#[tokio::test]
+async fn status_says_sent_rows_are_not_counted_when_no_records_are_kept() {
+    let mut env = TestEnv::migrated().await;
+    env.config.set("retention.delete_sent", true);
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    env.drain().await.assert_success();
+    let out = env.run(&["status"]).await;
+    out.assert_success();
+    assert!(
+        out.stdout
+            .contains("sent (last 5m): 0 (not counted: retention.delete_sent = true"),
+        "{out}"
+    );
+    assert_eq!(status(&env).await["sent_last_5m"], json!(0));
+
+    env.config.set("retention.delete_sent", false);
+    env.insert("call_log", Uuid::new_v4(), json!({"n": 2}))
+        .await;
+    env.drain().await.assert_success();
+    let out = env.run(&["status"]).await;
+    assert!(out.stdout.contains("sent (last 5m): 1\n"), "{out}");
+}
+
 both_stores!(status_reports_a_known_backlog);
 async fn status_reports_a_known_backlog(backend: Backend) {
     let env = TestEnv::migrated_on(backend).await;
