@@ -381,8 +381,8 @@ impl Relay {
         }
         if started_down && summary.end == DrainEnd::Empty && self.sink.is_down() {
             // Started on a sink recorded as down, and no row went out to probe it
-            // (the rows left by the drain that saw the outage wait for its next
-            // probe time): the rows are there, undelivered, so this is not "all
+            // (every row left waits for its retry): the rows are there,
+            // undelivered, so this is not "all
             // delivered" (exit 0), or a script looping until a drain succeeds would
             // stop here.
             let waiting = self.rows_left().await.map_or(0, |s| s.pending);
