@@ -283,11 +283,20 @@ impl Relay {
     /// The outbox's figures, when it holds any row (a drain that found nothing more
     /// due tells of those it left: not due yet, behind an older row of their key, or
     /// held by another relay). `None` when it is empty or cannot be counted.
+    /// Bounded by `CLEANUP_LIMIT`: a lock held on the outbox (an operator's, a long
+    /// migration) would hold the count, and the drain's exit with it, for as long
+    /// as it lasts.
     pub async fn rows_left(&self) -> Option<crate::store::Status> {
-        match self.store.has_pending().await {
-            Ok(true) => self.store.status().await.ok(),
-            _ => None,
-        }
+        let count = async {
+            match self.store.has_pending().await {
+                Ok(true) => self.store.status().await.ok(),
+                _ => None,
+            }
+        };
+        tokio::time::timeout(CLEANUP_LIMIT, count)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Run the workers (`concurrency ÷ batches_per_settle`) until `stop` (or, draining,
@@ -399,13 +408,18 @@ impl Relay {
     }
 
     /// Whether no row is due (unleased), as far as the database says; `false` when
-    /// it cannot tell.
+    /// it cannot tell (within `CLEANUP_LIMIT`, as `rows_left`).
     async fn nothing_due(&self) -> bool {
-        match self.store.has_pending().await {
-            Ok(false) => true,
-            Ok(true) => self.store.status().await.is_ok_and(|s| s.due == 0),
-            Err(_) => false,
-        }
+        let ask = async {
+            match self.store.has_pending().await {
+                Ok(false) => true,
+                Ok(true) => self.store.status().await.is_ok_and(|s| s.due == 0),
+                Err(_) => false,
+            }
+        };
+        tokio::time::timeout(CLEANUP_LIMIT, ask)
+            .await
+            .unwrap_or(false)
     }
 
     /// Rows this relay leaves leased (`Stats::unsettled`).

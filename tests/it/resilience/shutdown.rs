@@ -208,3 +208,47 @@ async fn a_second_signal_exits_at_once() {
         env.sink.clear();
     }
 }
+
+/// A lock held on the outbox (an operator's `LOCK TABLE`, a long migration) holds a
+/// drain's claim. `--timeout` then still ends the drain within the timeout, the grace
+/// and the bookkeeping's bound: its closing count of the rows left is not waited for
+/// (it used to wait, and the drain with it, for as long as the lock was held). The
+/// claim that commits once the lock is gone leases its rows to a relay that has
+/// exited: they come back when the lease expires, and nothing is lost.
+#[tokio::test]
+async fn a_drain_held_by_a_lock_on_the_outbox_still_ends_at_its_timeout() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("shutdown.grace", "1s")
+        .set("dispatch.lease_duration", "2s");
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(super::support::insert_one(&env).await);
+    }
+    let mut holder = env.db.pg().begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE sync_outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .expect("the lock");
+
+    let started = Instant::now();
+    let out = env.run(&["drain", "--timeout", "1s"]).await;
+    let took = started.elapsed();
+    holder.commit().await.expect("release the lock");
+    out.assert_code(3).assert_no_panic();
+    assert!(
+        took < Duration::from_secs(20),
+        "the drain waited {took:?} for the lock\n{out}"
+    );
+    assert!(
+        out.stdout.contains("stopped before the outbox was empty"),
+        "{out}"
+    );
+
+    // whatever the held claim leased expires in 2 s
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    env.drain().await.assert_success();
+    let mut sent = env.sent_ids().await;
+    sent.sort_unstable();
+    assert_eq!(sent, ids, "every row delivered once the lock is gone");
+}
