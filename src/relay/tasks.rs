@@ -109,7 +109,13 @@ impl Relay {
                     self.database_up();
                     self.check_schema().await;
                 }
-                Err(e) => self.database_down(&e),
+                Err(e) => {
+                    self.database_down(&e);
+                    // a database that answers without the relay's tables (re-created
+                    // empty, restored without them) fails the query as a database
+                    // down would: the schema says which it is
+                    self.check_schema().await;
+                }
             }
             tokio::select! {
                 _ = stop.cancelled() => return,

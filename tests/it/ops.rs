@@ -474,6 +474,47 @@ async fn readiness_follows_the_schema_while_running() {
     relay.stop_cleanly().await;
 }
 
+/// A database re-created empty under a running daemon (dropped and created again,
+/// restored without the relay's tables): `/readyz` says 503 "schema not current" and
+/// the log says to migrate. The failing gauge query used to leave it 200, and the
+/// relay silent. Once migrated, it is ready again and delivers.
+#[tokio::test]
+async fn readiness_follows_a_database_recreated_without_the_tables() {
+    let mut env = TestEnv::migrated().await;
+    let metrics = crate::harness::MetricsEndpoint::enable(&mut env);
+    let relay = env.spawn_run(&metrics.flag());
+    metrics
+        .wait_for_status("/readyz", 200, Duration::from_secs(15))
+        .await;
+    env.db
+        .execute(
+            "DROP TABLE sync_outbox, sync_outbox_sent, sync_outbox_dead_letters, \
+             sync_outbox_ordering_rules, sync_outbox_sink_state, \
+             _sqlx_migrations CASCADE",
+        )
+        .await;
+    metrics
+        .wait_for_status("/readyz", 503, Duration::from_secs(10))
+        .await;
+    let (_, body) = metrics.get("/readyz").await.unwrap_or_default();
+    assert_eq!(body.trim(), "schema not current");
+    env.run(&["migrate"]).await.assert_success();
+    metrics
+        .wait_for_status("/readyz", 200, Duration::from_secs(10))
+        .await;
+    let id = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    env.sink.wait_for_entries(1, Duration::from_secs(15)).await;
+    assert_eq!(env.sink.entries()[0].outbox_id, id);
+    let out = relay.terminate(Duration::from_secs(15)).await;
+    out.assert_success();
+    assert!(
+        out.stderr.contains("run `serversync migrate`"),
+        "the log says what to do\n{out}"
+    );
+}
+
 /// `metrics.listen = "localhost:PORT"` serves on 127.0.0.1; a host name that would
 /// need DNS is refused at start-up by key, with nothing delivered or lost.
 #[tokio::test]
