@@ -106,10 +106,15 @@ pub fn shutdown_signal() -> CancellationToken {
     token
 }
 
-/// The next SIGTERM or SIGINT, by name.
+/// The next SIGTERM, SIGINT or SIGHUP, by name. A hangup (the terminal of a
+/// foreground relay closed, a stray `kill -HUP`) stops it the same graceful way:
+/// left to its default action it ended the process at once, silently, with its rows
+/// leased until the lease ran out. (There is nothing to reload: a new configuration
+/// takes a restart.)
 async fn next_signal() -> &'static str {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let on = |kind: SignalKind| async move {
+        match signal(kind) {
             Ok(mut s) => {
                 s.recv().await;
             }
@@ -117,8 +122,9 @@ async fn next_signal() -> &'static str {
         }
     };
     tokio::select! {
-        _ = term => "SIGTERM",
+        _ = on(SignalKind::terminate()) => "SIGTERM",
         _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = on(SignalKind::hangup()) => "SIGHUP",
     }
 }
 

@@ -177,6 +177,38 @@ async fn a_lock_held_on_the_outbox_does_not_hold_the_shutdown_past_the_grace() {
     assert_all_received(&received, n);
 }
 
+/// SIGHUP (a foreground relay's terminal closed, a stray `kill -HUP`) stops the
+/// relay as SIGTERM does: the batch out is settled, nothing is left leased, exit 0.
+/// It used to end the process at once, silently (129), its rows leased until the
+/// lease ran out.
+#[tokio::test]
+async fn sighup_stops_the_relay_as_sigterm_does() {
+    let mut env = TestEnv::migrated().await;
+    seed_calls(&env, 100, 100).await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(1_500))));
+    env.config
+        .set("shutdown.grace", "10s")
+        .set("ingest.timeout", "5s");
+    let relay = env.spawn_run(&[]);
+    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    relay.signal(libc::SIGHUP);
+    let out = relay.wait(Duration::from_secs(15)).await;
+    out.assert_success().assert_no_panic();
+    assert!(out.stderr.contains("SIGHUP: stopping"), "{out}");
+    let leased: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sync_outbox WHERE claim_token IS NOT NULL OR lease_until IS NOT NULL",
+    )
+    .fetch_one(env.db.pg())
+    .await
+    .unwrap();
+    assert_eq!(leased, 0, "rows left leased\n{out}");
+    assert!(
+        !env.sink.entries().is_empty(),
+        "the batch out was delivered"
+    );
+}
+
 /// A second SIGTERM or SIGINT during the grace exits at once (130), without waiting
 /// for the batches in flight: their rows return when their lease expires.
 #[tokio::test]
