@@ -1,19 +1,21 @@
 //! serversync: an outbox relay. See ARCHITECTURE.md for the map.
 
 /// `println!` that never panics: when stdout is closed (`serversync status | head -1`)
-/// what cannot be written is dropped instead of aborting the command mid-way.
+/// what cannot be written is dropped instead of aborting the command mid-way. Any
+/// other write error (a full disk) fails the command at its end (`main`).
 macro_rules! say {
+    () => {{
+        $crate::telemetry::say(format_args!(""));
+    }};
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+        $crate::telemetry::say(format_args!($($arg)*));
     }};
 }
 
 /// `eprintln!` that never panics on a closed stderr (see [`say!`]).
 macro_rules! say_err {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+        $crate::telemetry::say_err(format_args!($($arg)*));
     }};
 }
 

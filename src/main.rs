@@ -56,11 +56,19 @@ fn main() -> ExitCode {
     // stuck in the kernel (a file open on a mount that stopped answering) would
     // keep a finished process from exiting.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if let Err(e) = std::io::stdout().flush() {
+        serversync::telemetry::output_error(&e);
+    }
     match result {
+        Ok(_) if serversync::telemetry::output_failed().is_some() => {
+            let why = serversync::telemetry::output_failed().unwrap_or_default();
+            serversync::telemetry::say_err(format_args!("error: writing the output failed: {why}"));
+            ExitCode::FAILURE
+        }
         Ok(code) => code,
         Err(e) => {
             let line = one_line(&e);
-            let _ = writeln!(std::io::stderr(), "error: {line}");
+            serversync::telemetry::say_err(format_args!("error: {line}"));
             ExitCode::FAILURE
         }
     }

@@ -14,6 +14,53 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether logs are JSON (`--log-format json`): then every line on stderr is one JSON
+/// object, the messages meant for people (`say_err!`, the closing error) included.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn json() -> bool {
+    JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Why writing a command's output failed, if it did (but for a closed pipe: `status
+/// | head -1` wants only the start), for `main` to report instead of exit 0 over an
+/// empty file (`status --json > out.json` on a full disk).
+static OUTPUT_FAILED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// A command's output line on stdout (`say!`); a failure is noted, never a panic.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+        output_error(&e);
+    }
+}
+
+/// Note a failure to write the output (`say`, the final flush).
+pub fn output_error(e: &std::io::Error) {
+    if e.kind() != std::io::ErrorKind::BrokenPipe {
+        let _ = OUTPUT_FAILED.set(e.to_string());
+    }
+}
+
+pub fn output_failed() -> Option<&'static str> {
+    OUTPUT_FAILED.get().map(String::as_str)
+}
+
+/// A line for people on stderr, as a log event under `--log-format json` (at ERROR
+/// when it says `error: …`, which is then left out), else as it is.
+pub fn say_err(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    if !json() {
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
+        return;
+    }
+    let line = line.to_string();
+    match line.strip_prefix("error: ") {
+        Some(error) => tracing::error!(target: "serversync", "{error}"),
+        None => tracing::info!(target: "serversync", "{line}"),
+    }
+}
+
 pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.is_empty() => EnvFilter::try_new(&spec)
@@ -38,16 +85,19 @@ pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
                 inner: format::format().compact(),
             })
             .try_init(),
-        LogFormat::Json => builder
-            .fmt_fields(format::JsonFields::new())
-            .event_format(JournalPriority {
-                journal,
-                inner: format::format()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false),
-            })
-            .try_init(),
+        LogFormat::Json => {
+            JSON.store(true, std::sync::atomic::Ordering::Relaxed);
+            builder
+                .fmt_fields(format::JsonFields::new())
+                .event_format(JournalPriority {
+                    journal,
+                    inner: format::format()
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(false),
+                })
+                .try_init()
+        }
     };
     result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
 }

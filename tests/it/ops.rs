@@ -233,6 +233,25 @@ async fn readiness_is_not_sent_for_an_outdated_schema() {
     );
 }
 
+/// Under `--log-format json` every line on stderr is a JSON object, the closing
+/// error of a command that fails included (it used to be a plain `error: …` line).
+#[tokio::test]
+async fn json_logs_are_json_down_to_the_closing_error() {
+    let mut env = TestEnv::migrated().await;
+    env.config.set("dispatch.batch_size", 0);
+    let out = env.run(&["--log-format", "json", "status"]).await;
+    out.assert_code(1).assert_no_panic();
+    let events: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert_eq!(events.len(), 1, "{out}");
+    assert_eq!(events[0]["level"], "ERROR", "{out}");
+    let message = events[0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("dispatch.batch_size"), "{out}");
+}
+
 both_stores!(json_logs_carry_ids_and_error_types_but_no_payload);
 async fn json_logs_carry_ids_and_error_types_but_no_payload(backend: Backend) {
     let env = TestEnv::migrated_on(backend).await;

@@ -61,6 +61,49 @@ async fn a_bad_key_says_where_it_was_set() {
         );
 }
 
+/// Output that cannot be written (a full disk: `status --json > out.json`) fails the
+/// command with a line saying so, instead of exit 0 over an empty file. A closed pipe
+/// (`status | head -1`) is not a failure.
+#[tokio::test]
+async fn output_that_cannot_be_written_fails_the_command() {
+    let env = TestEnv::migrated_on(Backend::Sqlite).await;
+    let config = env.write_config();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_serversync"))
+        .arg("--config")
+        .arg(&config)
+        .args(["status", "--json"])
+        .stdout(full)
+        .output()
+        .expect("run serversync");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: writing the output failed") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_serversync"))
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run serversync");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a closed pipe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 both_stores!(a_bad_duration_names_its_key);
 /// Not a duration, or one too long to mean anything (it would fail later, as an
 /// interval the database cannot hold, and a drain would retry that forever).
