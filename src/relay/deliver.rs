@@ -530,8 +530,14 @@ impl Relay {
         let well_formed =
             !t.trim().is_empty() && t.len() <= 100 && !t.chars().any(char::is_control);
         if !well_formed {
+            let shown = super::settle::brief(t);
+            let cut = if shown.len() < t.len() {
+                format!("… ({} bytes)", t.len())
+            } else {
+                String::new()
+            };
             return Err(Failure::unknown_entity_type(format!(
-                "entity type {t:?} is not routable"
+                "entity type {shown:?}{cut} is not routable"
             )));
         }
         if d.file_entity_types.iter().any(|f| f == t) {

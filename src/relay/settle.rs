@@ -259,7 +259,7 @@ impl FailureLine {
     fn say(&self, claim: &Claim) {
         let entity_type = claim
             .row(self.id)
-            .map_or("", |r| r.entity_type.as_str())
+            .map_or("", |r| brief(&r.entity_type))
             .escape_debug();
         match self.outcome {
             LineOutcome::Dead => tracing::warn!(
@@ -289,6 +289,20 @@ impl FailureLine {
             ),
         }
     }
+}
+
+/// A name a producer wrote, for a log line: its first 100 bytes (a type name longer
+/// than that is refused as not routable; it must not make a 10 KB log line).
+pub(super) fn brief(name: &str) -> &str {
+    const SHOWN: usize = 100;
+    if name.len() <= SHOWN {
+        return name;
+    }
+    let mut end = SHOWN;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 /// `ids` for a log line: all of them up to 10, else the first 10 and how many more.

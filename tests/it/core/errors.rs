@@ -1522,3 +1522,24 @@ async fn any_named_entity_type_goes_to_sync_and_a_blank_one_is_unknown(backend: 
     assert_dead(&dead, blank, "unknown_entity_type", 1);
     assert_dead(&dead, control, "unknown_entity_type", 1);
 }
+
+/// A 10 KB entity type is not routable, and its dead-lettering logs a line of normal
+/// length: the name's first 100 bytes (it used to log all 10 KB, and quote them all
+/// in the message).
+#[tokio::test]
+async fn a_huge_entity_type_is_dead_lettered_with_a_log_line_of_normal_length() {
+    let env = TestEnv::migrated().await;
+    let huge = "t".repeat(10_000);
+    let id = env.insert(&huge, Uuid::new_v4(), json!({"n": 1})).await;
+    let out = env.drain().await;
+    out.assert_code(3);
+    let longest = out.stderr.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 1_000, "a {longest}-byte log line\n{out}");
+    let dead = env.dead_letters().await;
+    let d = assert_dead(&dead, id, "unknown_entity_type", 1);
+    assert!(
+        d.error_message.contains("(10000 bytes) is not routable") && d.error_message.len() < 300,
+        "{}",
+        d.error_message
+    );
+}
