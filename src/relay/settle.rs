@@ -158,7 +158,9 @@ impl Relay {
                 rows = lost.len(),
                 outbox_ids = %ids_in_brief(lost),
                 claim_token = claim.token,
-                "lease lost: another relay took these rows over; left its outcome alone"
+                "lease lost: these rows are no longer this relay's (their lease expired and \
+                 a relay took them over, or they were removed or released by hand); their \
+                 outcome is not written"
             );
         }
         for line in lines.iter().filter(|l| !lost.contains(&l.id)) {
