@@ -104,7 +104,7 @@ WITH d AS (
     RETURNING id, entity_type, entity_id, created_at, attempts
 ), a AS (
 INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)
-SELECT id, entity_type, entity_id, created_at, LEAST(attempts, 2147483646) + 1 FROM d
+SELECT id, entity_type, entity_id, created_at, GREATEST(LEAST(attempts, 2147483646), 0) + 1 FROM d
 "#,
             $tail,
             "RETURNING id) SELECT array_agg(id) FROM a"
@@ -136,7 +136,7 @@ const SENT_DELETE_SQL: &str =
 const RETRY_SQL: &str = r#"
 WITH r AS (
 UPDATE sync_outbox o SET
-    attempts = LEAST(o.attempts, 2147483646) + CASE WHEN u.charged THEN 1 ELSE 0 END,
+    attempts = GREATEST(LEAST(o.attempts, 2147483646), 0) + CASE WHEN u.charged THEN 1 ELSE 0 END,
     next_attempt_at = now() + u.delay_ms * interval '1 millisecond',
     last_error_type = u.error_type,
     last_error = u.message,
@@ -166,7 +166,7 @@ INSERT INTO sync_outbox_dead_letters
     (outbox_id, entity_type, entity_id, payload, ordering_key, created_at, error_type, http_status,
      error_message, response_body, attempts, max_attempts, attempt_errors, first_attempt_at, last_attempt_at)
 SELECT id, entity_type, entity_id, payload, ordering_key, created_at, error_type, http_status,
-       message, response_body, LEAST(attempts, 2147483646) + 1, max_attempts, attempt_errors || jsonb_build_array(entry),
+       message, response_body, GREATEST(LEAST(attempts, 2147483646), 0) + 1, max_attempts, attempt_errors || jsonb_build_array(entry),
        COALESCE(first_attempt_at, now()), now()
 FROM d
 RETURNING outbox_id
@@ -347,13 +347,16 @@ impl PgStore {
             // null: `infinity`, or a year past what the wire's time type holds (a
             // decode would panic); the row is dead-lettered, not claimed for ever
             let created_at: Option<DateTime<Utc>> = row.try_get(4)?;
+            // a count a producer set below zero counts from 0 (the settles write it
+            // so), not from 2^31 attempts below the limit
+            let attempts: i32 = row.try_get(5)?;
             claimed.push(ClaimedRow {
                 id: row.try_get(0)?,
                 entity_type: row.try_get(1)?,
                 entity_id: row.try_get(2)?,
                 payload: RawValue::from_string(payload)?,
                 created_at: created_at.unwrap_or(DateTime::UNIX_EPOCH),
-                attempts: row.try_get(5)?,
+                attempts: attempts.max(0),
                 ordering_key: row.try_get(6)?,
                 defect: created_at.is_none().then(|| {
                     "created_at is not a time that can be sent (infinity, or past the \

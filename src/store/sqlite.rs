@@ -77,7 +77,7 @@ const CLAIM_SQL: &str = concat!(
 /// `?1` is a JSON array of ids: SQLite has no array parameters, `json_each` stands in.
 const SENT_ARCHIVE_SQL: &str =
     "INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts) \
-    SELECT id, entity_type, entity_id, created_at, MIN(attempts, 2147483646) + 1 FROM sync_outbox \
+    SELECT id, entity_type, entity_id, created_at, MAX(MIN(attempts, 2147483646), 0) + 1 FROM sync_outbox \
     WHERE id IN (SELECT value FROM json_each(?1)) AND claim_token = ?2 \
     ON CONFLICT (id) DO UPDATE SET entity_type = excluded.entity_type, \
         entity_id = excluded.entity_id, created_at = excluded.created_at, \
@@ -90,7 +90,7 @@ const SENT_DELETE_SQL: &str =
 /// One retry: ?1 id, ?2 token, ?3 delay ms, ?4 error type, ?5 message, ?6 HTTP status,
 /// ?7 charged, ?8 history entry (JSON text).
 const RETRY_SQL: &str = concat!(
-    "UPDATE sync_outbox SET attempts = MIN(attempts, 2147483646) + CASE WHEN ?7 THEN 1 ELSE 0 END, \
+    "UPDATE sync_outbox SET attempts = MAX(MIN(attempts, 2147483646), 0) + CASE WHEN ?7 THEN 1 ELSE 0 END, \
      next_attempt_at = ",
     now_plus_ms!("?3"),
     ", last_error_type = ?4, last_error = ?5, last_http_status = ?6, \
@@ -107,7 +107,7 @@ const DEAD_SQL: &str = concat!(
     "INSERT INTO sync_outbox_dead_letters (outbox_id, entity_type, entity_id, payload, ordering_key, \
        created_at, error_type, http_status, error_message, response_body, attempts, max_attempts, \
        attempt_errors, first_attempt_at, last_attempt_at) \
-     SELECT id, entity_type, entity_id, payload, ordering_key, created_at, ?3, ?4, ?5, ?6, MIN(attempts, 2147483646) + 1, ?8, \
+     SELECT id, entity_type, entity_id, payload, ordering_key, created_at, ?3, ?4, ?5, ?6, MAX(MIN(attempts, 2147483646), 0) + 1, ?8, \
        json_insert(attempt_errors, '$[#]', json(?7)), COALESCE(first_attempt_at, ",
     now!(),
     "), ",
@@ -539,12 +539,12 @@ fn claimed_from_row(row: &SqliteRow) -> anyhow::Result<ClaimedRow> {
         DateTime::UNIX_EPOCH
     });
     // a number SQLite holds in any form (text, real, beyond 32 bits): the count only
-    // says how many attempts were made, so a value it cannot be is taken as 0
+    // says how many attempts were made, so a value it cannot be is taken as 0 (a
+    // defect); one below zero counts from 0, as the settles write it
     let attempts = row
         .try_get::<i64, _>("attempts")
         .ok()
-        .and_then(|n| i32::try_from(n).ok())
-        .filter(|n| *n >= 0)
+        .and_then(|n| i32::try_from(n.max(0)).ok())
         .unwrap_or_else(|| {
             note(anyhow::anyhow!("attempts is not a count of attempts"));
             0

@@ -197,7 +197,8 @@ both_stores!(rows_a_producer_wrote_oddly_never_hold_up_the_others);
 /// `created_at` of `infinity` (PostgreSQL; its decode panicked the worker, and with
 /// every worker gone the daemon exited 0) or not a time at all (SQLite, where a
 /// claim that failed on it failed every claim), an `attempts` at int's maximum (its
-/// `+ 1` failed every settle of the batch) or not a number. The unsendable rows are
+/// `+ 1` failed every settle of the batch) or not a number; one below zero counts
+/// from 0. The unsendable rows are
 /// dead-lettered as `payload_invalid`, the others delivered, and the operator's
 /// commands still read them.
 async fn rows_a_producer_wrote_oddly_never_hold_up_the_others(backend: Backend) {
@@ -210,6 +211,15 @@ async fn rows_a_producer_wrote_oddly_never_hold_up_the_others(backend: Backend) 
         .await;
     let fine = env
         .insert("call_log", Uuid::new_v4(), json!({"n": 3}))
+        .await;
+    // below zero: delivered, and counted from 0 (it would have had about 2^31 retries)
+    let negative = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 5}))
+        .await;
+    env.db
+        .execute(&format!(
+            "UPDATE sync_outbox SET attempts = -2147483648 WHERE id = {negative}"
+        ))
         .await;
     let (time, odd_count) = match backend {
         Backend::Postgres => ("'infinity'", None),
@@ -262,9 +272,16 @@ async fn rows_a_producer_wrote_oddly_never_hold_up_the_others(backend: Backend) 
     if let Some(id) = odd_count {
         assert_eq!(dead_as(id).map(|d| d.0), Some(json!("payload_invalid")));
     }
-    let mut sent = vec![fine, max_attempts];
+    let mut sent = vec![fine, max_attempts, negative];
     sent.sort();
     assert_eq!(env.sent_ids().await, sent);
+    let counted: i64 = env
+        .db
+        .scalar(&format!(
+            "SELECT CAST(attempts AS BIGINT) FROM sync_outbox_sent WHERE id = {negative}"
+        ))
+        .await;
+    assert_eq!(counted, 1, "a count below zero counts from 0");
     assert_eq!(env.count("sync_outbox").await, 0);
     env.run(&["status", "--json"])
         .await
