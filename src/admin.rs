@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use crate::app::{causes, connect};
+use crate::app::{causes, connect_operator};
 use crate::cli::DlqCommand;
 use crate::config::Settings;
 use crate::dispatch::Dispatcher;
@@ -39,7 +39,7 @@ pub async fn enqueue(
     if entity_type.trim().is_empty() {
         bail!("invalid --entity-type: must not be empty");
     }
-    let store = connect(settings, false).await?;
+    let store = connect_operator(settings).await?;
     store.require_current_schema().await?;
     let id = store
         .enqueue(&NewRow {
@@ -54,7 +54,7 @@ pub async fn enqueue(
 }
 
 pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
-    let store = connect(settings, false).await?;
+    let store = connect_operator(settings).await?;
     store.require_current_schema().await?;
     let s = store.status().await?;
     // recorded by any relay, whatever ingest.base_url this command was given; one
@@ -128,7 +128,7 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
 }
 
 pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
-    let store = connect(settings, false).await?;
+    let store = connect_operator(settings).await?;
     store.require_current_schema().await?;
     match command {
         DlqCommand::List {
@@ -326,7 +326,7 @@ pub async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
     let mut healthy = true;
     // the store, once its schema is known to be current
     let mut current = None;
-    match connect(settings, false).await {
+    match connect_operator(settings).await {
         Ok(store) => {
             say!("ok    database reachable ({})", store.backend());
             match store.schema_state().await {

@@ -74,14 +74,20 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             say!("migrations applied: the schema is current");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => admin::status(&settings, json).await,
-        Command::Dlq { command } => admin::dlq(&settings, command).await,
+        Command::Status { json } => admin::status(&settings, json)
+            .await
+            .map_err(explain_lock_timeout),
+        Command::Dlq { command } => admin::dlq(&settings, command)
+            .await
+            .map_err(explain_lock_timeout),
         Command::Enqueue {
             entity_type,
             entity_id,
             payload,
             ordering_key,
-        } => admin::enqueue(&settings, entity_type, &entity_id, &payload, ordering_key).await,
+        } => admin::enqueue(&settings, entity_type, &entity_id, &payload, ordering_key)
+            .await
+            .map_err(explain_lock_timeout),
         Command::Check => admin::check(&settings).await,
         Command::Demo { .. } | Command::DevSink { .. } => Ok(ExitCode::SUCCESS),
     }
@@ -131,7 +137,31 @@ async fn next_signal() -> &'static str {
 /// `create`: the command migrates what it opens, so a missing SQLite file may be made.
 /// For operator commands: their commits keep the server's `synchronous_commit`.
 pub async fn connect(settings: &Settings, create: bool) -> anyhow::Result<Store> {
-    connect_with(settings, create, true).await
+    connect_with(settings, create, true, None).await
+}
+
+/// How long an operator's command (`status`, `dlq`, `enqueue`, `check`) waits for a
+/// lock another session holds on the tables before it says so.
+pub const OPERATOR_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// For `status`, `dlq`, `enqueue` and `check`: as `connect`, and a statement waiting
+/// on a lock (a migration, an operator's `LOCK TABLE`) fails after
+/// `OPERATOR_LOCK_TIMEOUT` instead of hanging (`explain_lock_timeout`).
+pub async fn connect_operator(settings: &Settings) -> anyhow::Result<Store> {
+    connect_with(settings, false, true, Some(OPERATOR_LOCK_TIMEOUT)).await
+}
+
+/// An operator's command that gave up on a lock says what to do.
+pub fn explain_lock_timeout(e: anyhow::Error) -> anyhow::Error {
+    if causes(&e).contains("lock timeout") {
+        e.context(format!(
+            "another session has held a lock on the outbox's tables for over {}s (a \
+             migration, a LOCK TABLE, a long transaction): try again once it is done",
+            OPERATOR_LOCK_TIMEOUT.as_secs()
+        ))
+    } else {
+        e
+    }
 }
 
 /// The relay's pool (`run`, `drain`): `database.synchronous_commit` applies.
@@ -139,12 +169,14 @@ async fn connect_with(
     settings: &Settings,
     create: bool,
     synchronous_commit: bool,
+    lock_timeout: Option<Duration>,
 ) -> anyhow::Result<Store> {
     let options = ConnectOptions {
         max_connections: settings.database.max_connections,
         acquire_timeout: settings.database.acquire_timeout,
         create,
         synchronous_commit,
+        lock_timeout,
     };
     Store::connect(settings.database_url()?, &options).await
 }
@@ -166,7 +198,13 @@ async fn prepare(
     settings: &Arc<Settings>,
     migrate: bool,
 ) -> anyhow::Result<(RelayParts, Option<crate::store::RelayLock>)> {
-    let store = connect_with(settings, migrate, settings.database.synchronous_commit).await?;
+    let store = connect_with(
+        settings,
+        migrate,
+        settings.database.synchronous_commit,
+        None,
+    )
+    .await?;
     if migrate {
         store.migrate().await?;
     } else {

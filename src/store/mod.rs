@@ -306,6 +306,11 @@ pub struct ConnectOptions {
     /// crash can undo the last fraction of a second of them, which means rows are
     /// delivered again, never lost. Operator commands always keep the server's setting.
     pub synchronous_commit: bool,
+    /// PostgreSQL: how long a statement waits for a lock before it fails
+    /// (`lock_timeout`). `None` for the relay, whose claims wait out a lock held on the
+    /// outbox (a migration, an operator's `LOCK TABLE`) and go on; an operator's
+    /// command says what holds it up instead of hanging.
+    pub lock_timeout: Option<Duration>,
 }
 
 /// The two backends. Each method is a thin match; the SQL lives in the backend files.

@@ -216,7 +216,14 @@ impl PgStore {
 
     pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<PgStore> {
         let synchronous_commit = options.synchronous_commit;
-        let connect_options = PgConnectOptions::from_str(url)?.application_name("serversync");
+        let lock_timeout = options.lock_timeout;
+        let mut connect_options = PgConnectOptions::from_str(url)?.application_name("serversync");
+        if options.lock_timeout.is_some() {
+            // an operator's command: a statement held up by a lock ends in one line
+            // saying so, which sqlx's slow-statement warning, with the statement's
+            // whole SQL, would come before
+            connect_options = connect_options.disable_statement_logging();
+        }
         // One direct connection first: a pool would retry until its timeout and
         // report only "timed out", hiding the cause (refused, auth, unknown db).
         let probe = connect_one(&connect_options, options.acquire_timeout).await?;
@@ -225,7 +232,9 @@ impl PgStore {
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
             .after_connect(move |conn, _| {
-                Box::pin(async move { session_settings(conn, synchronous_commit).await })
+                Box::pin(
+                    async move { session_settings(conn, synchronous_commit, lock_timeout).await },
+                )
             })
             .connect_lazy_with(connect_options);
         Ok(PgStore { pool })
@@ -713,7 +722,14 @@ impl Notifications {
 async fn session_settings(
     conn: &mut PgConnection,
     synchronous_commit: bool,
+    lock_timeout: Option<Duration>,
 ) -> Result<(), sqlx::Error> {
+    if let Some(wait) = lock_timeout {
+        let set = format!("SET lock_timeout = '{}ms'", wait.as_millis());
+        if let Err(e) = sqlx::query(&set).execute(&mut *conn).await {
+            tracing::debug!(error = %e, "cannot set lock_timeout for this session");
+        }
+    }
     if let Err(e) = sqlx::query("SET jit = off").execute(&mut *conn).await {
         tracing::debug!(error = %e, "cannot turn JIT off for this session");
     }

@@ -14,6 +14,7 @@ async fn open(dir: &TempDir) -> anyhow::Result<SqliteStore> {
         acquire_timeout: Duration::from_secs(5),
         create: true,
         synchronous_commit: true,
+        lock_timeout: None,
     };
     SqliteStore::connect(&url, &options).await
 }
@@ -450,6 +451,7 @@ async fn an_in_memory_database_works_without_a_lock_file() -> anyhow::Result<()>
         acquire_timeout: Duration::from_secs(5),
         create: true,
         synchronous_commit: true,
+        lock_timeout: None,
     };
     let store = SqliteStore::connect("sqlite::memory:", &options).await?;
     store.migrate().await?;

@@ -59,6 +59,30 @@ async fn status_says_sent_rows_are_not_counted_when_no_records_are_kept() {
     assert!(out.stdout.contains("sent (last 5m): 1\n"), "{out}");
 }
 
+/// An operator's command that meets a lock held on the outbox (a migration, a `LOCK
+/// TABLE`, a long transaction) says so after 10 s, in one line, instead of hanging
+/// for as long as the lock is held.
+#[tokio::test]
+async fn status_says_what_holds_it_up_instead_of_waiting_on_a_lock_for_ever() {
+    let env = TestEnv::migrated().await;
+    let mut holder = env.db.pg().begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE sync_outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .expect("the lock");
+    let started = std::time::Instant::now();
+    let out = env.run(&["status"]).await;
+    let took = started.elapsed();
+    holder.rollback().await.expect("release");
+    out.assert_fails_with("held a lock on the outbox's tables")
+        .assert_single_stderr_line();
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "waited {took:?}\n{out}"
+    );
+    env.run(&["status"]).await.assert_success();
+}
+
 both_stores!(status_reports_a_known_backlog);
 async fn status_reports_a_known_backlog(backend: Backend) {
     let env = TestEnv::migrated_on(backend).await;

@@ -19,6 +19,7 @@ async fn relay_pool(url: &str, synchronous_commit: bool) -> Store {
         acquire_timeout: Duration::from_secs(10),
         create: false,
         synchronous_commit,
+        lock_timeout: None,
     };
     Store::connect(&SecretString::from(url.to_owned()), &options)
         .await
