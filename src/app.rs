@@ -151,9 +151,16 @@ pub async fn connect_operator(settings: &Settings) -> anyhow::Result<Store> {
     connect_with(settings, false, true, Some(OPERATOR_LOCK_TIMEOUT)).await
 }
 
-/// An operator's command that gave up on a lock says what to do.
+/// An operator's command that gave up on a lock says what to do. Told by the error's
+/// SQLSTATE (55P03, lock_not_available), not its text, which the server may
+/// translate (`lc_messages`).
 pub fn explain_lock_timeout(e: anyhow::Error) -> anyhow::Error {
-    if causes(&e).contains("lock timeout") {
+    let locked = e
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<sqlx::Error>())
+        .filter_map(sqlx::Error::as_database_error)
+        .any(|db| db.code().as_deref() == Some("55P03"));
+    if locked {
         e.context(format!(
             "another session has held a lock on the outbox's tables for over {}s (a \
              migration, a LOCK TABLE, a long transaction): try again once it is done",

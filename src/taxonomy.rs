@@ -187,9 +187,7 @@ impl Failure {
     /// and not answered in `ingest.timeout` (SPEC 4).
     pub fn from_transport(err: &reqwest::Error) -> Failure {
         let err_without_url = error_chain(err);
-        let error_type = if err.is_connect() {
-            ErrorType::Connect
-        } else if err.is_timeout() || chain_has_timeout(err) {
+        let error_type = if !err.is_connect() && (err.is_timeout() || chain_has_timeout(err)) {
             ErrorType::Timeout
         } else {
             ErrorType::Connect

@@ -17,36 +17,28 @@ impl Settings {
     /// Load from `path` (or the default path if it exists), the environment and the
     /// overrides, then validate. Errors name the offending key.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Settings> {
+        // the file read: the one named, or the default one where there is one
         let file = match path {
             Some(p) => Some(p.to_path_buf()),
             None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
         };
-        Settings::load_from(path, overrides).map_err(|e| with_origin(e, file.as_deref(), overrides))
+        Settings::load_from(file.as_deref(), overrides)
+            .map_err(|e| with_origin(e, file.as_deref(), overrides))
     }
 
-    fn load_from(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Settings> {
+    fn load_from(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Settings> {
         let mut builder = config::Config::builder();
-        match path {
-            Some(p) => {
-                if !p.exists() {
-                    bail!("config file {} does not exist", p.display());
-                }
-                if p.is_dir() {
-                    bail!(
-                        "config file {} is a directory, not a TOML file",
-                        p.display()
-                    );
-                }
-                builder =
-                    builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+        if let Some(p) = file {
+            if !p.exists() {
+                bail!("config file {} does not exist", p.display());
             }
-            None => {
-                let p = Path::new(DEFAULT_CONFIG_PATH);
-                if p.exists() {
-                    builder =
-                        builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
-                }
+            if p.is_dir() {
+                bail!(
+                    "config file {} is a directory, not a TOML file",
+                    p.display()
+                );
             }
+            builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
         }
         // Environment values stay the strings they were written as: the config
         // crate's `try_parsing` would turn a token `007` into `7` and `1e3` into

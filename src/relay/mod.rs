@@ -283,14 +283,30 @@ impl Relay {
     /// The outbox's figures, when it holds any row (a drain that found nothing more
     /// due tells of those it left: not due yet, behind an older row of their key, or
     /// held by another relay). `None` when it is empty or cannot be counted.
-    /// Bounded by `CLEANUP_LIMIT`: a lock held on the outbox (an operator's, a long
-    /// migration) would hold the count, and the drain's exit with it, for as long
-    /// as it lasts.
     pub async fn rows_left(&self) -> Option<crate::store::Status> {
+        self.outbox_left().await.flatten()
+    }
+
+    /// Whether no row is due (unleased), as far as the database says; `false` when
+    /// it cannot tell.
+    async fn nothing_due(&self) -> bool {
+        match self.outbox_left().await {
+            Some(None) => true,
+            Some(Some(s)) => s.due == 0,
+            None => false,
+        }
+    }
+
+    /// What the outbox holds: `Some(None)` when it is empty, `None` when it cannot be
+    /// counted. Bounded by `CLEANUP_LIMIT`: a lock held on the outbox (an
+    /// operator's, a long migration) would hold the count, and a drain's exit with
+    /// it, for as long as it lasts.
+    async fn outbox_left(&self) -> Option<Option<crate::store::Status>> {
         let count = async {
             match self.store.has_pending().await {
-                Ok(true) => self.store.status().await.ok(),
-                _ => None,
+                Ok(false) => Some(None),
+                Ok(true) => self.store.status().await.ok().map(Some),
+                Err(_) => None,
             }
         };
         tokio::time::timeout(CLEANUP_LIMIT, count)
@@ -390,10 +406,9 @@ impl Relay {
         }
         if started_down && summary.end == DrainEnd::Empty && self.sink.is_down() {
             // Started on a sink recorded as down, and no row went out to probe it
-            // (every row left waits for its retry): the rows are there,
-            // undelivered, so this is not "all
-            // delivered" (exit 0), or a script looping until a drain succeeds would
-            // stop here.
+            // (every row left waits for its retry): the rows are there, undelivered,
+            // so this is not "all delivered" (exit 0), or a script looping until a
+            // drain succeeds would stop here.
             let waiting = self.rows_left().await.map_or(0, |s| s.pending);
             if waiting > 0 {
                 tracing::error!(
@@ -405,21 +420,6 @@ impl Relay {
             }
         }
         summary
-    }
-
-    /// Whether no row is due (unleased), as far as the database says; `false` when
-    /// it cannot tell (within `CLEANUP_LIMIT`, as `rows_left`).
-    async fn nothing_due(&self) -> bool {
-        let ask = async {
-            match self.store.has_pending().await {
-                Ok(false) => true,
-                Ok(true) => self.store.status().await.is_ok_and(|s| s.due == 0),
-                Err(_) => false,
-            }
-        };
-        tokio::time::timeout(CLEANUP_LIMIT, ask)
-            .await
-            .unwrap_or(false)
     }
 
     /// Rows this relay leaves leased (`Stats::unsettled`).

@@ -539,7 +539,6 @@ impl Store {
         }
     }
 
-    /// Rows due now (for drain's progress total).
     /// Rows due now plus the rows `owner` holds: what is left of a drain's work
     /// (with what it has settled already), counted in one snapshot, so that a claim
     /// landing meanwhile is not counted twice.

@@ -218,7 +218,7 @@ impl PgStore {
         let synchronous_commit = options.synchronous_commit;
         let lock_timeout = options.lock_timeout;
         let mut connect_options = PgConnectOptions::from_str(url)?.application_name("serversync");
-        if options.lock_timeout.is_some() {
+        if lock_timeout.is_some() {
             // an operator's command: a statement held up by a lock ends in one line
             // saying so, which sqlx's slow-statement warning, with the statement's
             // whole SQL, would come before
@@ -612,7 +612,7 @@ impl PgStore {
         })
     }
 
-    /// Whether any row is in the outbox at all (due, waiting or in flight).
+    /// Rows due now plus the rows `owner` holds, in one snapshot (`Store`'s).
     pub async fn count_due_or_held_by(&self, owner: &str) -> anyhow::Result<i64> {
         Ok(sqlx::query_scalar(
             "SELECT count(*) FROM sync_outbox WHERE lease_owner = $1 \
@@ -623,6 +623,7 @@ impl PgStore {
         .await?)
     }
 
+    /// Whether any row is in the outbox at all (due, waiting or in flight).
     pub async fn has_pending(&self) -> anyhow::Result<bool> {
         Ok(
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sync_outbox)")

@@ -426,7 +426,7 @@ impl SqliteStore {
         })
     }
 
-    /// Whether any row is in the outbox at all (due, waiting or in flight).
+    /// Rows due now plus the rows `owner` holds, in one snapshot (`Store`'s).
     pub async fn count_due_or_held_by(&self, owner: &str) -> anyhow::Result<i64> {
         let sql = concat!(
             "SELECT count(*) FROM sync_outbox WHERE lease_owner = ?1 OR (next_attempt_at <= ",
@@ -441,6 +441,7 @@ impl SqliteStore {
             .await?)
     }
 
+    /// Whether any row is in the outbox at all (due, waiting or in flight).
     pub async fn has_pending(&self) -> anyhow::Result<bool> {
         Ok(
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sync_outbox)")
