@@ -311,11 +311,7 @@ async fn migrate_is_idempotent(backend: Backend) {
 #[tokio::test]
 async fn a_slow_migration_is_reported_in_one_line_without_its_sql() {
     let env = TestEnv::migrated().await;
-    let mut holder = env.db.pg().begin().await.expect("a transaction");
-    sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *holder)
-        .await
-        .expect("the lock");
+    let holder = env.db.hold_lock("_sqlx_migrations").await;
     let release = async {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         holder.commit().await.expect("commit");

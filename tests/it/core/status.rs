@@ -65,11 +65,7 @@ async fn status_says_sent_rows_are_not_counted_when_no_records_are_kept() {
 #[tokio::test]
 async fn status_says_what_holds_it_up_instead_of_waiting_on_a_lock_for_ever() {
     let env = TestEnv::migrated().await;
-    let mut holder = env.db.pg().begin().await.expect("a transaction");
-    sqlx::query("LOCK TABLE sync_outbox IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *holder)
-        .await
-        .expect("the lock");
+    let holder = env.db.hold_lock("sync_outbox").await;
     let started = std::time::Instant::now();
     let out = env.run(&["status"]).await;
     let took = started.elapsed();

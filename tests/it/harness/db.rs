@@ -116,6 +116,18 @@ impl Db {
         }
     }
 
+    /// A transaction that holds `LOCK TABLE table IN ACCESS EXCLUSIVE MODE` (as a
+    /// migration or an operator would): every other session's statement on the
+    /// table waits until it ends (commit or roll it back, or drop it).
+    pub async fn hold_lock(&self, table: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut holder = self.pg().begin().await.expect("a transaction");
+        sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            .execute(&mut *holder)
+            .await
+            .expect("the lock");
+        holder
+    }
+
     /// A `select` expression for the UUID column `column` that sqlx decodes as a
     /// `Uuid` on this backend (SQLite keeps it as hyphenated text).
     pub fn uuid_column(&self, column: &str) -> String {

@@ -145,11 +145,7 @@ async fn a_lock_held_on_the_outbox_does_not_hold_the_shutdown_past_the_grace() {
     let relay = env.spawn_run(&[]);
     env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
     // the settles of the batches out, and every later statement, now wait on this
-    let mut lock = env.db.pg().begin().await.unwrap();
-    sqlx::query("LOCK TABLE sync_outbox IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = env.db.hold_lock("sync_outbox").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     relay.signal(libc::SIGTERM);
     let signalled = Instant::now();
@@ -257,11 +253,7 @@ async fn a_drain_held_by_a_lock_on_the_outbox_still_ends_at_its_timeout() {
     for _ in 0..5 {
         ids.push(super::support::insert_one(&env).await);
     }
-    let mut holder = env.db.pg().begin().await.expect("a transaction");
-    sqlx::query("LOCK TABLE sync_outbox IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *holder)
-        .await
-        .expect("the lock");
+    let holder = env.db.hold_lock("sync_outbox").await;
 
     let started = Instant::now();
     let out = env.run(&["drain", "--timeout", "1s"]).await;
