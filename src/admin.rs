@@ -170,7 +170,7 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
                         "{:>8} {:>10} {:<16} {:<20} {:>6} {:>8}  {:<24} {}",
                         d.id,
                         d.outbox_id,
-                        d.entity_type,
+                        shown(&d.entity_type),
                         d.error_type,
                         d.http_status
                             .map(|s| s.to_string())
@@ -201,7 +201,7 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
                 return Ok(ExitCode::SUCCESS);
             }
             say!("dead letter {}  (outbox id {})", d.id, d.outbox_id);
-            say!("entity:        {} {}", d.entity_type, d.entity_id);
+            say!("entity:        {} {}", shown(&d.entity_type), d.entity_id);
             say!(
                 "error:         {} (HTTP {})",
                 d.error_type,
@@ -209,7 +209,7 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "-".into())
             );
-            say!("message:       {}", d.error_message);
+            say!("message:       {}", shown(&d.error_message));
             say!("attempts:      {}/{}", d.attempts, d.max_attempts);
             if let (Some(first), Some(last)) = (d.first_attempt_at, d.last_attempt_at) {
                 say!("tried:         {} … {}", utc(&first), utc(&last));
@@ -227,7 +227,7 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
                     entry["at"].as_str().unwrap_or("?"),
                     entry["errorType"].as_str().unwrap_or("?"),
                     entry["httpStatus"],
-                    entry["message"].as_str().unwrap_or("")
+                    shown(entry["message"].as_str().unwrap_or(""))
                 );
                 if let Some(at) = entry["requeuedAt"].as_str() {
                     say!("  requeued {at} (attempts counted from 1 again)");
@@ -309,6 +309,21 @@ fn selection(
     }
 }
 
+/// Text a producer or a sink wrote, for a terminal: control characters escaped
+/// (`\u{1b}`), so that an entity type cannot move the cursor, recolour or retitle
+/// the operator's terminal.
+fn shown(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn one_line(text: &str, max: usize) -> String {
     let flat: String = text
         .chars()
@@ -387,12 +402,25 @@ pub async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
                 healthy = false;
                 let hint = if f.message.contains("UnknownIssuer") {
                     " (a CA the relay does not trust: give its PEM file as ingest.ca_file)"
+                } else if f.message.contains("CaUsedAsEndEntity") {
+                    " (the Frontend presents a CA certificate as its own, which TLS refuses \
+                     even when trusted: give it a certificate issued by that CA)"
                 } else {
                     ""
                 };
                 say!("FAIL  ingest {base}: {}{hint}", one_line(&f.message, 300));
             }
         },
+    }
+    let ingest = &settings.ingest;
+    for warning in [
+        ingest.unverified_tls_warning(),
+        ingest.cleartext_token_warning(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        say!("warn  {warning}");
     }
     // what relays starting now would find: they probe before delivering anything
     if let Some(store) = &current {

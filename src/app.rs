@@ -532,7 +532,9 @@ async fn drain_total(relay: &Relay, max_rows: Option<u64>) -> u64 {
 }
 
 /// The error and its causes, skipping causes already quoted by their parent (sqlx
-/// and reqwest errors repeat their source in their own message).
+/// and reqwest errors repeat their source in their own message), and a part said
+/// twice in a row within one message (sqlx's "error with configuration: error with
+/// configuration: …").
 pub fn causes(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
@@ -544,5 +546,11 @@ pub fn causes(e: &anyhow::Error) -> String {
             line.push_str(&text);
         }
     }
-    line
+    let mut parts: Vec<&str> = Vec::new();
+    for part in line.split(": ") {
+        if parts.last() != Some(&part) {
+            parts.push(part);
+        }
+    }
+    parts.join(": ")
 }

@@ -25,7 +25,11 @@ const KNOWN_ENTITY_TYPES: [&str; 3] = ["call_log", "recording", "recording_file"
 /// id into the type must not make a series per row, in memory and in Prometheus.
 const MAX_ENTITY_LABELS: usize = 64;
 
-/// The label of entity types past [`MAX_ENTITY_LABELS`].
+/// The longest entity type that is its own label; a longer one is `other` (a
+/// producer's 100 KB type would otherwise be a 100 KB label on every scrape).
+const MAX_ENTITY_LABEL_BYTES: usize = 100;
+
+/// The label of entity types past [`MAX_ENTITY_LABELS`] or [`MAX_ENTITY_LABEL_BYTES`].
 const OTHER_ENTITY_TYPE: &str = "other";
 
 #[derive(Clone)]
@@ -199,7 +203,7 @@ impl Metrics {
         if known.contains(entity_type) {
             return entity_type;
         }
-        if known.len() < MAX_ENTITY_LABELS {
+        if known.len() < MAX_ENTITY_LABELS && entity_type.len() <= MAX_ENTITY_LABEL_BYTES {
             known.insert(entity_type.to_string());
             return entity_type;
         }
@@ -475,5 +479,14 @@ mod tests {
         assert_eq!(other.map(|(_, v)| *v), Some(2.0 * 39.0));
         assert_eq!(metrics.entity_label("type_099"), OTHER_ENTITY_TYPE);
         assert_eq!(metrics.entity_label("call_log"), "call_log");
+    }
+
+    #[test]
+    fn an_entity_type_too_long_for_a_label_is_other() {
+        let metrics = Metrics::new().expect("metrics");
+        let long = "t".repeat(MAX_ENTITY_LABEL_BYTES + 1);
+        assert_eq!(metrics.entity_label(&long), OTHER_ENTITY_TYPE);
+        let longest = "t".repeat(MAX_ENTITY_LABEL_BYTES);
+        assert_eq!(metrics.entity_label(&longest), longest);
     }
 }

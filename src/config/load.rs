@@ -38,8 +38,12 @@ impl Settings {
                     p.display()
                 );
             }
-            builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+            builder = builder.add_source(config::File::from_str(
+                &read_config_file(p)?,
+                config::FileFormat::Toml,
+            ));
         }
+        refuse_non_unicode_environment()?;
         // Environment values stay the strings they were written as: the config
         // crate's `try_parsing` would turn a token `007` into `7` and `1e3` into
         // `1000`. Numbers, switches and lists are read from strings by their fields'
@@ -239,10 +243,21 @@ impl Settings {
             )?;
         }
         for (entity_type, source) in &self.ordering.keys {
-            if source != "entity_id" && source.strip_prefix("payload.").is_none_or(str::is_empty) {
+            // a top-level field of the payload, named by letters, digits, `_` and `-`:
+            // the stores' insert triggers read it as a JSON path on SQLite and as a
+            // key on PostgreSQL, which agree on such names only (`a.b` would be a
+            // nested field on one and a dotted key on the other; a quote breaks the
+            // path and with it every producer's insert)
+            let field_ok = |f: &str| {
+                !f.is_empty()
+                    && f.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+            };
+            if source != "entity_id" && !source.strip_prefix("payload.").is_some_and(field_ok) {
                 bail!(
                     "invalid value for ordering.keys.{entity_type}: {source:?} \
-                     (expected \"entity_id\" or \"payload.<field>\")"
+                     (expected \"entity_id\" or \"payload.<field>\", a top-level field \
+                     named by letters, digits, _ and -)"
                 );
             }
         }
@@ -260,6 +275,46 @@ impl Settings {
              SERVERSYNC__DATABASE__URL or DATABASE_URL, or pass --database-url",
         )
     }
+}
+
+/// The config file's text, read here rather than by the `config` crate: its errors
+/// quote the line they stopped at, which can hold a secret (`auth_token = "…`), so a
+/// syntax error is told by its position and the parser's message alone; and a file
+/// that cannot be read is named.
+fn read_config_file(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    if let Err(e) = toml::de::DeTable::parse(&text) {
+        let at = e.span().map_or(String::new(), |span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!(" at line {line}, column {column}")
+        });
+        bail!(
+            "invalid configuration: config file {} is not valid TOML{at}: {}",
+            path.display(),
+            e.message().trim_end()
+        );
+    }
+    Ok(text)
+}
+
+/// A `SERVERSYNC__…` or `DATABASE_URL` value that is not UTF-8 is refused naming the
+/// variable only: the `config` crate's error quotes the value, a secret as often as
+/// not, and `std::env::var` would take `DATABASE_URL` as unset.
+fn refuse_non_unicode_environment() -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    for (name, value) in std::env::vars_os() {
+        let ours = name.as_bytes().starts_with(b"SERVERSYNC__") || name == "DATABASE_URL";
+        if ours && value.to_str().is_none() {
+            bail!(
+                "invalid configuration: the environment variable {} is not valid UTF-8",
+                name.to_string_lossy()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn env_is_set(name: &str) -> bool {
@@ -285,7 +340,16 @@ fn prefer_environment_form(
 fn read_secret(path: &Path, key: &str) -> anyhow::Result<SecretString> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read {key} ({})", path.display()))?;
-    Ok(SecretString::from(text.trim().to_string()))
+    let value = text.trim();
+    if value.contains(['\n', '\r']) {
+        // a URL parser drops line breaks, joining the lines into another value
+        bail!(
+            "invalid value for {key}: {} holds more than one line (the file must hold \
+             the value alone)",
+            path.display()
+        );
+    }
+    Ok(SecretString::from(value.to_string()))
 }
 
 /// The CA certificates of `ingest.ca_file`: at least one, each one a certificate a
@@ -448,7 +512,7 @@ fn origin(key: &str, file: Option<&Path>, overrides: &Overrides) -> Option<Strin
         .filter(|name| {
             name.strip_prefix("SERVERSYNC__").is_some_and(|path| {
                 let path = path.to_ascii_lowercase().replace("__", ".");
-                path == key || path.starts_with(&under)
+                path == key || path == format!("{key}_file") || path.starts_with(&under)
             })
         })
         .min();
@@ -501,6 +565,36 @@ mod tests {
     #[test]
     fn defaults_validate() {
         Settings::default().validate().unwrap();
+    }
+
+    /// A key source the two stores' triggers would read differently (or that would
+    /// break SQLite's inserts) is refused, naming the key.
+    #[test]
+    fn ordering_key_sources_are_fields_both_stores_read_alike() {
+        let with = |source: &str| {
+            let mut settings = Settings::default();
+            settings
+                .ordering
+                .keys
+                .insert("widget".into(), source.into());
+            settings.validate().map_err(|e| e.to_string())
+        };
+        for good in ["entity_id", "payload.callLogId", "payload.call_id-2"] {
+            assert_eq!(with(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "payload.",
+            "payload.call.id",
+            "payload.\"x",
+            "payload.a[0]",
+            "id",
+        ] {
+            let err = with(bad).expect_err(bad);
+            assert!(
+                err.starts_with("invalid value for ordering.keys.widget:"),
+                "{err}"
+            );
+        }
     }
 
     /// `config/serversync.example.toml` says it lists every key with its default.

@@ -126,6 +126,37 @@ impl Default for IngestSettings {
 impl IngestSettings {
     /// `base_url` as it may be shown and recorded: without its query (which some
     /// Frontends take a key in) or fragment.
+    /// What `danger_accept_invalid_certs` does, said at every start and by `check`:
+    /// a switch that turns off a protection is never silent.
+    pub fn unverified_tls_warning(&self) -> Option<String> {
+        self.danger_accept_invalid_certs.then(|| {
+            "ingest.danger_accept_invalid_certs = true: the Frontend's TLS certificate is \
+             not verified, so anyone on the network path can pose as it and read the rows \
+             and the token (for a private CA, give its PEM file as ingest.ca_file instead)"
+                .to_string()
+        })
+    }
+
+    /// A bearer token about to cross a network in the clear: `http://` to a host
+    /// other than the loopback (`check` says so; a sidecar or a service mesh that
+    /// encrypts the hop is a reason to keep it).
+    pub fn cleartext_token_warning(&self) -> Option<String> {
+        let url = reqwest::Url::parse(&self.base_url).ok()?;
+        let host = url.host_str()?;
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        (self.auth_token.is_some() && url.scheme() == "http" && !loopback).then(|| {
+            format!(
+                "ingest.auth_token is sent over plain http:// to {}: anyone on the network \
+                 path can read it (use https://)",
+                host
+            )
+        })
+    }
+
     pub fn base_url_shown(&self) -> String {
         match reqwest::Url::parse(&self.base_url) {
             Ok(mut url) => {

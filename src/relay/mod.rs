@@ -207,6 +207,9 @@ impl Relay {
     pub fn new(parts: RelayParts, mode: Mode) -> Arc<Relay> {
         let d = &parts.settings.dispatch;
         warn_if_an_outage_can_dead_letter(&parts.settings);
+        if let Some(warning) = parts.settings.ingest.unverified_tls_warning() {
+            tracing::warn!("{warning}");
+        }
         let sink = SinkHealth::new(
             d.outage_threshold,
             d.probe_interval,

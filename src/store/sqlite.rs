@@ -139,7 +139,16 @@ impl SqliteStore {
             .create_if_missing(options.create)
             .busy_timeout(Duration::from_secs(5))
             .synchronous(SqliteSynchronous::Normal);
-        if !memory && !options.create && !connect.get_filename().exists() {
+        let file = connect.get_filename();
+        let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+        if !memory && dir.is_some_and(|d| !d.is_dir()) {
+            // `migrate` creates the file, not the directories above it
+            bail!(
+                "its directory {} does not exist",
+                dir.map_or_else(String::new, |d| d.display().to_string())
+            );
+        }
+        if !memory && !options.create && !file.exists() {
             bail!("the file does not exist; `serversync migrate` creates it");
         }
         let mut pool = SqlitePoolOptions::new().acquire_timeout(options.acquire_timeout);
@@ -171,9 +180,7 @@ impl SqliteStore {
         let Some(db) = &self.path else {
             return Ok(RelayLock { _file: None });
         };
-        let mut lock_path = db.clone().into_os_string();
-        lock_path.push(".relay.lock");
-        let lock_path = PathBuf::from(lock_path);
+        let lock_path = sidecar(db, ".relay.lock");
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -204,17 +211,44 @@ impl SqliteStore {
     /// says in one line how long it took. An in-memory database has its one
     /// connection only, which keeps the logs.
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        let applied = if self.path.is_none() {
-            MIGRATOR.run(&self.pool).await
-        } else {
-            let options = (*self.pool.connect_options())
-                .clone()
-                .disable_statement_logging();
-            let mut conn = options.connect().await.context("connecting to migrate")?;
-            let applied = MIGRATOR.run(&mut conn).await;
-            let _ = conn.close().await;
-            applied
+        let Some(db) = &self.path else {
+            return MIGRATOR
+                .run(&self.pool)
+                .await
+                .context("applying migrations");
         };
+        // Migrations run one process at a time, as PostgreSQL's advisory lock makes
+        // them there: two `migrate`s of a new file would both apply the first
+        // migration, and the second would fail on its record. The lock is waited
+        // for; the one that waited then finds every migration applied.
+        let lock_path = sidecar(db, ".migrate.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| {
+                format!(
+                    "cannot open the migration lock file {}",
+                    lock_path.display()
+                )
+            })?;
+        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+            .await
+            .context("waiting for the migration lock")?
+            .with_context(|| {
+                format!(
+                    "cannot lock the migration lock file {}",
+                    lock_path.display()
+                )
+            })?;
+        let options = (*self.pool.connect_options())
+            .clone()
+            .disable_statement_logging();
+        let mut conn = options.connect().await.context("connecting to migrate")?;
+        let applied = MIGRATOR.run(&mut conn).await;
+        let _ = conn.close().await;
+        drop(lock);
         applied.context("applying migrations")
     }
 
@@ -605,6 +639,13 @@ fn parse_time(text: &str) -> anyhow::Result<DateTime<Utc>> {
 }
 
 mod admin;
+
+/// The file beside the database file `db` whose name adds `suffix` (a lock file).
+fn sidecar(db: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut path = db.as_os_str().to_owned();
+    path.push(suffix);
+    PathBuf::from(path)
+}
 
 #[cfg(test)]
 mod tests;

@@ -475,6 +475,34 @@ async fn show_prints_one_dead_letter_and_fails_for_a_missing_id(backend: Backend
         .assert_fails_with("999999");
 }
 
+/// An entity type a producer wrote with terminal control sequences in it is shown
+/// escaped by `dlq list` and `dlq show`, so that it cannot recolour, retitle or
+/// clear the operator's terminal; `--json` keeps it as written (JSON escapes it).
+#[tokio::test]
+async fn list_and_show_escape_control_characters() {
+    let mut env = TestEnv::migrated().await;
+    env.config.set("dispatch.json_entity_types", ["call_log"]);
+    let hostile = "fax\u{1b}[31mRED\u{1b}]0;TITLE\u{7}";
+    let outbox_id = env.insert(hostile, Uuid::new_v4(), json!({"n": 1})).await;
+    env.drain().await.assert_code(3);
+    let id = env.dead_letter_id(outbox_id).await.to_string();
+    for args in [vec!["dlq", "list"], vec!["dlq", "show", &id]] {
+        let out = env.run(&args).await;
+        out.assert_success();
+        assert!(
+            !out.stdout.contains('\u{1b}') && !out.stdout.contains('\u{7}'),
+            "{args:?} printed control characters\n{out}"
+        );
+        assert!(
+            out.stdout
+                .contains("fax\\u{1b}[31mRED\\u{1b}]0;TITLE\\u{7}"),
+            "{args:?} shows the type escaped\n{out}"
+        );
+    }
+    let listed = list(&env, &[]).await;
+    assert_eq!(listed[0]["entityType"], hostile);
+}
+
 both_stores!(list_json_has_the_columns_in_camel_case_and_filters);
 async fn list_json_has_the_columns_in_camel_case_and_filters(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;

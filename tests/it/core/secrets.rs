@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::{a_call_with_its_recording, drain_until_with, write_recording};
 use crate::harness::pg::with_password;
-use crate::harness::{both_stores, closed_port, Backend, Output, TestEnv};
+use crate::harness::{both_stores, closed_port, serversync, Backend, Output, TestEnv};
 
 const TOKEN: &str = "s3cret-token";
 const DB_PASSWORD: &str = "pw-s3cret-db";
@@ -110,6 +110,19 @@ async fn an_unreachable_database_is_reported_without_its_password() {
     assert_nothing_leaks(&out);
     let out = env.cmd(["check", "--log-level", "debug"]).output().await;
     assert_eq!(out.code, Some(1), "check fails without a database\n{out}");
+    assert_nothing_leaks(&out);
+
+    // a bad option in the URL: said once (sqlx's message repeats its own prefix)
+    env.config
+        .set("database.url", format!("{url}?sslmode=bogus").as_str());
+    let out = env.run(&["status"]).await;
+    out.assert_fails_with("unknown value \"bogus\" for `ssl_mode`")
+        .assert_single_stderr_line();
+    assert_eq!(
+        out.stderr.matches("error with configuration").count(),
+        1,
+        "{out}"
+    );
     assert_nothing_leaks(&out);
 }
 
@@ -237,4 +250,76 @@ async fn a_secret_set_twice_or_a_malformed_signing_secret_is_a_config_error() {
     }
     assert_eq!(env.sink.request_count(), 0);
     assert_eq!(env.outbox().await[0].attempts, 0, "nothing charged");
+}
+
+/// A config file that is not valid TOML is told by its line and column alone: the
+/// parser's own message quotes the line, and the line can hold a secret. A secret in
+/// the environment that is not UTF-8 is refused naming the variable, not quoting it
+/// (and `DATABASE_URL` is not taken as unset).
+#[tokio::test]
+async fn config_errors_never_quote_a_secret() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = TestEnv::migrated_on(Backend::Sqlite).await;
+    let file = env.root.join("broken.toml");
+    for (text, at) in [
+        (
+            format!("[ingest]\nauth_token = \"{TOKEN}\n"),
+            "line 2, column",
+        ),
+        (
+            format!("[ingest]\nauth_token = \"x\"\nauth_token = \"{TOKEN}\"\n"),
+            "line 3, column 1: duplicate key",
+        ),
+        (
+            format!("[database]\nurl = \"postgres://u:{DB_PASSWORD}@127.0.0.1/x\" more\n"),
+            "line 2, column",
+        ),
+    ] {
+        std::fs::write(&file, text).expect("write the config file");
+        let out = serversync()
+            .arg("--config")
+            .arg(&file)
+            .arg("drain")
+            .output()
+            .await;
+        out.assert_fails_with(&format!("broken.toml is not valid TOML at {at}"))
+            .assert_single_stderr_line();
+        assert_nothing_leaks(&out);
+    }
+    for var in [
+        "SERVERSYNC__INGEST__AUTH_TOKEN",
+        "SERVERSYNC__INGEST__SIGNING_SECRET",
+        "SERVERSYNC__DATABASE__URL",
+        "DATABASE_URL",
+    ] {
+        let value = [TOKEN.as_bytes(), b"\xff"].concat();
+        let out = env
+            .cmd(["drain"])
+            .env(var, std::ffi::OsStr::from_bytes(&value))
+            .output()
+            .await;
+        out.assert_fails_with(&format!(
+            "the environment variable {var} is not valid UTF-8"
+        ))
+        .assert_single_stderr_line();
+        assert_nothing_leaks(&out);
+    }
+    // a secret file of two lines is not joined into one value
+    let two_lines = env.root.join("url");
+    std::fs::write(
+        &two_lines,
+        format!("postgres://u:{DB_PASSWORD}@127.0.0.1/x\nmore\n"),
+    )
+    .expect("write the url file");
+    let out = env
+        .cmd(["drain"])
+        .env("SERVERSYNC__DATABASE__URL_FILE", &two_lines)
+        .output()
+        .await;
+    out.assert_fails_with(
+        "holds more than one line (the file must hold the value alone) \
+         (set by the environment variable SERVERSYNC__DATABASE__URL_FILE)",
+    )
+    .assert_single_stderr_line();
+    assert_nothing_leaks(&out);
 }

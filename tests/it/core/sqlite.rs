@@ -69,6 +69,38 @@ async fn migrate_creates_a_missing_database_file() {
     env.run(&["drain"]).await.assert_success();
 }
 
+/// Several `migrate`s of one new file at once (every instance of a deployment
+/// running it at start) all succeed, as on PostgreSQL; a file in a directory that
+/// does not exist is refused naming the directory, which `migrate` does not create.
+#[tokio::test]
+async fn concurrent_migrates_of_a_new_file_all_succeed() {
+    let mut env = TestEnv::new_on(Backend::Sqlite).await;
+    for round in 0..4 {
+        let path = env.work_dir().join(format!("fresh-{round}.db"));
+        env.config
+            .set("database.url", format!("sqlite://{}", path.display()));
+        let runs: Vec<_> = (0..3).map(|_| env.cmd(["migrate"]).output()).collect();
+        for out in futures_util::future::join_all(runs).await {
+            out.assert_success().assert_no_panic();
+        }
+        let status = env.run(&["status", "--json"]).await;
+        status.assert_success();
+        assert_eq!(status.json()["pending"], json!(0), "{status}");
+    }
+    let missing = env.work_dir().join("no-such-dir");
+    env.config.set(
+        "database.url",
+        format!("sqlite://{}", missing.join("o.db").display()),
+    );
+    env.run(&["migrate"])
+        .await
+        .assert_fails_with(&format!(
+            "its directory {} does not exist",
+            missing.display()
+        ))
+        .assert_single_stderr_line();
+}
+
 /// SQLite does not enforce `entity_id uuid` or `payload jsonb`: a producer can write
 /// anything. Such a row is dead-lettered as `payload_invalid`, and the dead letters
 /// must still list and show, with the values as the producer wrote them.

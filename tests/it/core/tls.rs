@@ -135,9 +135,29 @@ async fn the_systems_ca_certificates_are_trusted_unless_ingest_system_roots_is_o
     assert_eq!(env.count("sync_outbox").await, 1);
 }
 
+/// And says so: at every start, and in `check`, which otherwise finds all well.
 #[tokio::test]
-async fn danger_accept_invalid_certs_turns_verification_off() {
-    a_call_delivered_over_tls_with("ingest.danger_accept_invalid_certs", true).await;
+async fn danger_accept_invalid_certs_turns_verification_off_and_says_so() {
+    let mut env = behind_tls().await;
+    env.config.set("ingest.danger_accept_invalid_certs", true);
+    let (call, audio, _meta) = a_call_with_its_recording(&env).await;
+    let out = env.drain().await;
+    out.assert_success();
+    assert_delivered(&env, call, &audio);
+    let warning = "ingest.danger_accept_invalid_certs = true: the Frontend's TLS \
+                   certificate is not verified";
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains(warning)),
+        "the drain warns\n{out}"
+    );
+    let out = env.run(&["check"]).await;
+    out.assert_success();
+    assert!(
+        out.stdout.contains(&format!("warn  {warning}")),
+        "check warns\n{out}"
+    );
 }
 
 #[tokio::test]
