@@ -196,23 +196,38 @@ impl RecordingsRoot {
     }
 
     /// Where `relative` leads, relative to the root: a symlink that points out of
-    /// the root is a denial, not a missing file. `None` when it does not resolve
-    /// (missing: the open reports it).
+    /// the root is a denial, not a missing file. What does not exist (yet) is
+    /// resolved as far as it does, and the rest joined as written, so that a file
+    /// missing from a directory reached through an absolute link inside the root is
+    /// missing there, not denied (cap-std refuses absolute links, whatever they point
+    /// to). `None` when the root itself does not resolve (the open reports it).
     fn resolve_inside(&self, relative: &Path) -> Result<Option<PathBuf>, Failure> {
-        let (Ok(root), Ok(target)) = (
-            self.root.canonicalize(),
-            self.root.join(relative).canonicalize(),
-        ) else {
+        let Ok(root) = self.root.canonicalize() else {
             return Ok(None);
         };
-        if let Ok(inside) = target.strip_prefix(&root) {
-            Ok(Some(inside.to_path_buf()))
-        } else {
-            Err(Failure::path_denied(format!(
+        let mut existing = relative;
+        let mut missing = Vec::new();
+        let target = loop {
+            if let Ok(target) = self.root.join(existing).canonicalize() {
+                break target;
+            }
+            match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    missing.push(name);
+                    existing = parent;
+                }
+                _ => return Ok(None),
+            }
+        };
+        let Ok(inside) = target.strip_prefix(&root) else {
+            return Err(Failure::path_denied(format!(
                 "{}: resolves outside the recordings root (symlink)",
                 relative.display()
-            )))
-        }
+            )));
+        };
+        let mut resolved = inside.to_path_buf();
+        resolved.extend(missing.iter().rev());
+        Ok(Some(resolved))
     }
 }
 
@@ -389,6 +404,26 @@ mod tests {
                 Some(ErrorType::PathDenied),
                 "{name}"
             );
+        }
+    }
+
+    /// A directory reached through an absolute link that stays inside the root:
+    /// what is in it opens, and what is not is missing (and the optional meta file
+    /// simply absent), not denied.
+    #[test]
+    fn a_missing_file_behind_an_absolute_link_inside_is_missing() {
+        let (_tmp, root) = setup();
+        std::fs::create_dir(root.path().join("s")).unwrap();
+        std::os::unix::fs::symlink(root.path().join("call"), root.path().join("s/abs")).unwrap();
+        std::os::unix::fs::symlink(root.path(), root.path().join("s/root")).unwrap();
+        for dir in ["s/abs", "s/root/call"] {
+            assert_eq!(root.open(&format!("{dir}/mixed.wav")).unwrap().len, 8);
+            assert_eq!(kind(root.open(&format!("{dir}/none.wav"))), ErrorType::FileMissing);
+            assert_eq!(
+                kind(root.open(&format!("{dir}/nodir/none.wav"))),
+                ErrorType::FileMissing
+            );
+            assert_eq!(root.exists(&format!("{dir}/meta.json")).ok(), Some(false));
         }
     }
 
