@@ -418,7 +418,10 @@ mod tests {
         std::os::unix::fs::symlink(root.path(), root.path().join("s/root")).unwrap();
         for dir in ["s/abs", "s/root/call"] {
             assert_eq!(root.open(&format!("{dir}/mixed.wav")).unwrap().len, 8);
-            assert_eq!(kind(root.open(&format!("{dir}/none.wav"))), ErrorType::FileMissing);
+            assert_eq!(
+                kind(root.open(&format!("{dir}/none.wav"))),
+                ErrorType::FileMissing
+            );
             assert_eq!(
                 kind(root.open(&format!("{dir}/nodir/none.wav"))),
                 ErrorType::FileMissing

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use futures_util::StreamExt;
 
-use super::Relay;
+use super::{Relay, StandIn};
 use crate::dispatch::FileJob;
 use crate::store::{Claim, ClaimedRow};
 use crate::taxonomy::{ErrorType, Failure};
@@ -88,7 +88,14 @@ impl Relay {
     /// and before the uploads start; returns the attempts not settled yet.
     /// A claim holds at most one row per ordering key, so its batches need no order
     /// among themselves.
-    pub(super) async fn deliver(&self, claim: &Claim, probing: bool) -> HashMap<i64, Attempt> {
+    /// Once only uploads are out, for a while, another worker stands in for this one
+    /// (`stand_in`, `StandIns`).
+    pub(super) async fn deliver(
+        &self,
+        claim: &Claim,
+        probing: bool,
+        stand_in: Option<&StandIn>,
+    ) -> HashMap<i64, Attempt> {
         let mut attempts = HashMap::with_capacity(claim.rows.len());
         let mut json = Vec::new();
         let mut files = Vec::new();
@@ -139,7 +146,14 @@ impl Relay {
             futures_util::stream::iter(batches).buffer_unordered(self.batches_per_worker as usize);
         let mut settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
         while let Some(outcome) = self
-            .next_settling(claim, &mut outcomes, &sent, &mut attempts, &mut settle_at)
+            .next_settling(
+                claim,
+                &mut outcomes,
+                &sent,
+                &mut attempts,
+                &mut settle_at,
+                None,
+            )
             .await
         {
             attempts.extend(outcome);
@@ -156,8 +170,19 @@ impl Relay {
         }
         let mut uploads = futures_util::stream::iter(futures)
             .buffer_unordered(self.settings.dispatch.file_concurrency as usize);
+        let stand_in = stand_in.filter(|_| !files.is_empty());
+        if let Some(stand_in) = stand_in {
+            stand_in.uploads_only();
+        }
         while let Some((id, result)) = self
-            .next_settling(claim, &mut uploads, &sent, &mut attempts, &mut settle_at)
+            .next_settling(
+                claim,
+                &mut uploads,
+                &sent,
+                &mut attempts,
+                &mut settle_at,
+                stand_in,
+            )
             .await
         {
             let attempt = match result {
@@ -185,7 +210,8 @@ impl Relay {
 
     /// The next outcome of `stream`; whenever `settle_at` comes first, the `attempts`
     /// in so far (and the rows `sent` so far) are settled meanwhile
-    /// (`settle_answered`).
+    /// (`settle_answered`); when `stand_in`'s time comes, another worker is asked to
+    /// stand in for this one.
     async fn next_settling<S: futures_util::Stream + Unpin>(
         &self,
         claim: &Claim,
@@ -193,10 +219,24 @@ impl Relay {
         sent: &Sent,
         attempts: &mut HashMap<i64, Attempt>,
         settle_at: &mut tokio::time::Instant,
+        stand_in: Option<&StandIn>,
     ) -> Option<S::Item> {
         loop {
+            let stand_in_at = stand_in.and_then(StandIn::due);
             tokio::select! {
                 item = stream.next() => return item,
+                () = async {
+                    match stand_in_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(stand_in) = stand_in {
+                        if !self.ask_stand_in(stand_in) {
+                            stand_in.later();
+                        }
+                    }
+                }
                 () = tokio::time::sleep_until(*settle_at) => {
                     sent.gather(attempts);
                     if attempts.is_empty() {

@@ -3,7 +3,7 @@
 //! a backlog is drained, starting where the lane's last claim started; and the
 //! bookkeeping of what is in flight, for renewal and release.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -12,6 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Relay;
 use crate::store::{Claim, Held, KeyShare, Want};
+
+/// How often a claim holding rows an earlier batch still has out looks again
+/// (`Relay::wait_for_earlier_deliveries`).
+const EARLIER_DELIVERY_POLL: Duration = Duration::from_millis(10);
 
 /// One claim at a time, for every worker queued at the lane's gate: the worker that
 /// gets through claims for the ones behind it too and leaves their batches here, so
@@ -219,6 +223,37 @@ impl Relay {
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<u64, (i64, Vec<i64>)>> {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait until no batch this relay claimed before `batch` and still has out holds
+    /// a row of `claim`. Such a row was given out again by the database, so the
+    /// earlier claim of it is gone: a server crash lost that claim before its commit
+    /// reached the disk (claims do not wait for the WAL flush). Sent now, the row
+    /// would be out twice at once, and its key's later rows could follow it before
+    /// the earlier request ends. Waited for, it goes again after it (the earlier
+    /// settle then finds the lease gone), as after a relay crash. Only earlier
+    /// batches are waited for, so no two batches wait for each other; each delivery
+    /// ends within its timeouts.
+    pub(super) async fn wait_for_earlier_deliveries(&self, batch: u64, claim: &Claim) {
+        let rows: HashSet<i64> = claim.rows.iter().map(|r| r.id).collect();
+        let earlier = || {
+            self.lock_in_flight().iter().any(|(other, (token, ids))| {
+                *other < batch && *token != claim.token && ids.iter().any(|id| rows.contains(id))
+            })
+        };
+        if !earlier() {
+            return;
+        }
+        tracing::warn!(
+            rows = rows.len(),
+            "rows this relay is still delivering were claimed again: the database lost \
+             the earlier claim (a server crash?); they go out again once the earlier \
+             requests end"
+        );
+        while earlier() {
+            self.with_heartbeat(tokio::time::sleep(EARLIER_DELIVERY_POLL))
+                .await;
+        }
     }
 
     /// Everything in flight, for renewal or release.

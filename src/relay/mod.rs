@@ -66,6 +66,71 @@ const PREFETCH_AFTER: Duration = Duration::from_millis(10);
 /// A worker's next batch, claimed while its requests were out.
 type Prefetched = Option<(u64, crate::store::Claim)>;
 
+/// How long a worker's claim may have nothing but uploads out before another worker
+/// stands in for it (`StandIns`).
+const STAND_IN_AFTER: Duration = Duration::from_secs(1);
+
+/// Workers that stand in for workers held by long uploads. A worker waits for its
+/// whole claim before it claims again, and a recording can take minutes to upload
+/// (or hang until `ingest.upload_timeout`): with a few such uploads every worker
+/// would be waiting on one, and no JSON row of any key would go out meanwhile. Once a
+/// claim has had only uploads out for `STAND_IN_AFTER`, a new worker is started in
+/// the same lane, and the held one ends after its settle, so that as many workers
+/// claim as ever. At most `dispatch.file_concurrency` stand in at once (the uploads
+/// in flight are bounded by that too); JSON requests in flight stay within
+/// `dispatch.concurrency`, since a worker held by its uploads has none out.
+struct StandIns {
+    /// Lanes to start a stand-in in; read by `run_workers`, which owns the workers.
+    requests: tokio::sync::mpsc::UnboundedSender<usize>,
+    receiver: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<usize>>>,
+    /// Workers stood in for that have not ended yet.
+    active: AtomicUsize,
+    max: usize,
+}
+
+/// A step's claim as far as standing in goes: its lane, when its uploads began to be
+/// all it has out, and whether a stand-in was started for it (the worker then ends
+/// after this step).
+pub(super) struct StandIn {
+    lane: usize,
+    since: Mutex<Option<Instant>>,
+    granted: AtomicBool,
+}
+
+impl StandIn {
+    fn new(lane: usize) -> StandIn {
+        StandIn {
+            lane,
+            since: Mutex::new(None),
+            granted: AtomicBool::new(false),
+        }
+    }
+
+    /// Only uploads are out from now on.
+    pub(super) fn uploads_only(&self) {
+        if let Ok(mut since) = self.since.lock() {
+            since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// No stand-in could be started (`file_concurrency` stand in already): ask again
+    /// `STAND_IN_AFTER` from now.
+    pub(super) fn later(&self) {
+        if let Ok(mut since) = self.since.lock() {
+            *since = Some(Instant::now());
+        }
+    }
+
+    /// When to ask for a stand-in, while none was started.
+    pub(super) fn due(&self) -> Option<Instant> {
+        if self.granted.load(Ordering::Relaxed) {
+            return None;
+        }
+        let since = self.since.lock().ok().and_then(|s| *s)?;
+        Some(since + STAND_IN_AFTER)
+    }
+}
+
 /// What one step did; the loop decides how to wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -194,6 +259,7 @@ pub struct Relay {
     /// may hold a batch of recording files, and each upload keeps up to a few MiB of
     /// its file in flight, so memory is bounded by this, not by the worker count.
     uploads: tokio::sync::Semaphore,
+    stand_ins: StandIns,
     /// Batches each worker claims and settles together: `dispatch.batches_per_settle`,
     /// at most `dispatch.concurrency`.
     batches_per_worker: u32,
@@ -226,6 +292,13 @@ impl Relay {
             .map(|index| Lane::new((lanes > 1).then_some(KeyShare { index, of: lanes })))
             .collect();
         let uploads = tokio::sync::Semaphore::new(d.file_concurrency.max(1) as usize);
+        let (requests, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let stand_ins = StandIns {
+            requests,
+            receiver: Mutex::new(Some(receiver)),
+            active: AtomicUsize::new(0),
+            max: d.file_concurrency.max(1) as usize,
+        };
         let drain = match mode {
             Mode::Run => None,
             Mode::Drain { max_rows } => Some(DrainState {
@@ -253,6 +326,7 @@ impl Relay {
             backlog: AtomicBool::new(false),
             slow_sink: AtomicBool::new(false),
             uploads,
+            stand_ins,
             batches_per_worker,
             workers,
         })
@@ -329,39 +403,35 @@ impl Relay {
         let tracker = TaskTracker::new();
         let finished = stop.child_token();
         for i in 0..self.workers {
-            let relay = Arc::clone(self);
-            let finished = finished.clone();
-            let lane = i % self.lanes.len();
-            tracker.spawn(async move {
-                let work = Arc::clone(&relay).worker(lane, finished.clone());
-                if let Err(panic) = std::panic::AssertUnwindSafe(work).catch_unwind().await {
-                    // a bug, not bad data (that is dead-lettered): the relay stops and
-                    // exits non-zero, so that a service manager restarts it, instead of
-                    // running on with fewer workers, or none, and saying all is well
-                    relay.stats.worker_panics.fetch_add(1, Ordering::Relaxed);
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    tracing::error!(
-                        lane,
-                        "a delivery worker stopped on an internal error ({what}): stopping; \
-                         its rows return when their lease expires"
-                    );
-                    finished.cancel();
-                }
-            });
+            self.spawn_worker(&tracker, i % self.lanes.len(), &finished);
         }
         tracker.close();
+        let mut stand_in_requests = self
+            .stand_ins
+            .receiver
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take());
         // Workers stop claiming on `finished`; a batch in flight is finished and settled.
         let mut grace_elapsed = false;
-        tokio::select! {
-            _ = tracker.wait() => {}
-            _ = finished.cancelled() => {
-                let grace = self.settings.shutdown.grace;
-                if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                    grace_elapsed = true;
+        loop {
+            tokio::select! {
+                _ = tracker.wait() => break,
+                _ = finished.cancelled() => {
+                    let grace = self.settings.shutdown.grace;
+                    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+                        grace_elapsed = true;
+                    }
+                    break;
+                }
+                Some(lane) = async {
+                    match stand_in_requests.as_mut() {
+                        Some(requests) => requests.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // the worker asking is alive, so the tracker is not done yet
+                    self.spawn_worker(&tracker, lane, &finished);
                 }
             }
         }
@@ -423,6 +493,62 @@ impl Relay {
             }
         }
         summary
+    }
+
+    /// Start a worker in `lane`, until `finished`. One that panics (a bug, not bad
+    /// data: that is dead-lettered) stops the relay, which exits non-zero so that a
+    /// service manager restarts it, instead of running on with fewer workers, or
+    /// none, and saying all is well.
+    fn spawn_worker(
+        self: &Arc<Self>,
+        tracker: &TaskTracker,
+        lane: usize,
+        finished: &CancellationToken,
+    ) {
+        let relay = Arc::clone(self);
+        let finished = finished.clone();
+        tracker.spawn(async move {
+            let work = Arc::clone(&relay).worker(lane, finished.clone());
+            if let Err(panic) = std::panic::AssertUnwindSafe(work).catch_unwind().await {
+                relay.stats.worker_panics.fetch_add(1, Ordering::Relaxed);
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(
+                    lane,
+                    "a delivery worker stopped on an internal error ({what}): stopping; \
+                     its rows return when their lease expires"
+                );
+                finished.cancel();
+            }
+        });
+    }
+
+    /// Start a worker in the lane of `stand_in`'s claim, whose uploads hold its
+    /// worker (`StandIns`), unless `file_concurrency` workers already stand in.
+    pub(super) fn ask_stand_in(&self, stand_in: &StandIn) -> bool {
+        let stand_ins = &self.stand_ins;
+        let taken = stand_ins
+            .active
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < stand_ins.max).then_some(n + 1)
+            })
+            .is_ok();
+        if !taken {
+            return false;
+        }
+        if stand_ins.requests.send(stand_in.lane).is_err() {
+            stand_ins.active.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        tracing::debug!(
+            lane = stand_in.lane,
+            "a worker's uploads are taking a while: another worker claims meanwhile"
+        );
+        stand_in.granted.store(true, Ordering::Relaxed);
+        true
     }
 
     /// Rows this relay leaves leased (`Stats::unsettled`).

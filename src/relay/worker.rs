@@ -22,7 +22,14 @@ impl Relay {
                 .drain
                 .as_ref()
                 .map_or(0, |d| d.settles.load(Ordering::SeqCst));
-            match self.step(lane, finished, next).await {
+            let stand_in = StandIn::new(lane);
+            let step = self.step(&stand_in, finished, next).await;
+            if stand_in.granted.load(Ordering::Relaxed) {
+                // another worker took this one's place while its uploads ran
+                self.stand_ins.active.fetch_sub(1, Ordering::SeqCst);
+                break;
+            }
+            match step {
                 Step::Delivered(_) => backoff = db_backoff(),
                 Step::Idle => {
                     if let Some(d) = &self.drain {
@@ -125,10 +132,15 @@ impl Relay {
         }
     }
 
-    /// One claim (in `lane`) → deliver → settle. Once `finished`, no new claim is made.
+    /// One claim (in `stand_in`'s lane) → deliver → settle. Once `finished`, no new claim is made.
     /// `next` is the batch claimed while the last step's requests were out, delivered
     /// now if the sink's gate is open, else released.
-    async fn step(&self, lane: usize, finished: &CancellationToken, next: &mut Prefetched) -> Step {
+    async fn step(
+        &self,
+        stand_in: &StandIn,
+        finished: &CancellationToken,
+        next: &mut Prefetched,
+    ) -> Step {
         let probing = match self.sink.gate() {
             Gate::Open => false,
             Gate::Probe => {
@@ -169,7 +181,7 @@ impl Relay {
         let step = if limit == 0 {
             Step::Idle
         } else {
-            self.claim_and_deliver(lane, limit, probing, finished, next)
+            self.claim_and_deliver(stand_in, limit, probing, finished, next)
                 .await
         };
         if let Some(drain) = &self.drain {
@@ -225,12 +237,13 @@ impl Relay {
 
     async fn claim_and_deliver(
         &self,
-        lane: usize,
+        stand_in: &StandIn,
         limit: u32,
         probing: bool,
         finished: &CancellationToken,
         next: &mut Prefetched,
     ) -> Step {
+        let lane = stand_in.lane;
         // a probe is one small batch, and a drain with --max-rows claims its quota
         let share = !probing && self.drain.as_ref().is_none_or(|d| d.max_rows.is_none());
         let prefetched = self.unhold(next);
@@ -258,6 +271,7 @@ impl Relay {
             // only a claim made now says the database answers
             self.database_up();
         }
+        self.wait_for_earlier_deliveries(batch, &claim).await;
         let n = claim.rows.len();
         if let Some(drain) = self.drain.as_ref().filter(|d| d.max_rows.is_none()) {
             drain.claimed.fetch_add(n as u64, Ordering::SeqCst);
@@ -270,7 +284,9 @@ impl Relay {
         ) {
             self.metrics.batch_size.observe(batch.len() as f64);
         }
-        let deliver = self.with_heartbeat(self.deliver(&claim, probing));
+        // a probe's upload is the sink's test: the workers wait for its outcome
+        let stand_in = (!probing).then_some(stand_in);
+        let deliver = self.with_heartbeat(self.deliver(&claim, probing, stand_in));
         // claim ahead only from a backlog (a full claim, or one that the byte bound
         // cut short): a trickle is picked up by the next step, woken by its commit,
         // with no empty claim per cycle

@@ -1048,6 +1048,61 @@ async fn rows_answered_are_settled_without_waiting_for_the_uploads_claimed_with_
     assert_eq!(env.sink.entries().len(), 1);
 }
 
+both_stores!(uploads_holding_every_worker_do_not_hold_back_other_rows);
+/// Two workers, each held by a recording upload the Frontend answers only after
+/// 6 s (each file its own claim, as rows trickle in): a call log committed
+/// meanwhile goes out within a couple of seconds, while both uploads are still
+/// unanswered, and the relay still has its workers once they are. Before, every
+/// worker waited for its upload, and nothing of any key went out until one ended.
+async fn uploads_holding_every_worker_do_not_hold_back_other_rows(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("dispatch.concurrency", 2)
+        .set("dispatch.batches_per_settle", 1)
+        .set("ingest.upload_timeout", "20s");
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::File(_) => Reply::ok().delay(Duration::from_secs(6)),
+        Incoming::Sync(_) => Reply::ok(),
+    }));
+    let relay = env.spawn_run(&[]);
+    let mut files = Vec::new();
+    for n in 1..=2 {
+        files.push(a_recording_file_row(&env, Uuid::new_v4()).await);
+        wait_until(Duration::from_secs(10), "the upload under way", || async {
+            env.sink.all_uploads().len() >= n
+        })
+        .await;
+    }
+    let log = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    env.sink.wait_for_entries(1, Duration::from_secs(4)).await;
+    assert_eq!(env.sink.entries()[0].outbox_id, log);
+    let uploads = env.sink.all_uploads();
+    assert!(
+        uploads.iter().all(|u| u.answered_at.is_none()),
+        "the log went out while both uploads were still out: {uploads:#?}"
+    );
+    wait_until(Duration::from_secs(20), "the uploads settled", || async {
+        let sent = env.sent_ids().await;
+        files.iter().all(|id| sent.contains(id))
+    })
+    .await;
+    // the workers that stood in carry on; the ones they stood in for are gone
+    let later = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 2}))
+        .await;
+    wait_until(Duration::from_secs(10), "a later row settled", || async {
+        env.sent_ids().await.contains(&later)
+    })
+    .await;
+    assert_eq!(env.sink.uploads().len(), 2, "each file uploaded once");
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+}
+
 both_stores!(rows_answered_are_settled_while_a_slow_request_of_their_claim_is_out);
 /// One worker claims two rows for two requests; the Frontend answers one at once and
 /// the other after 4 s (well within `ingest.timeout`). The first is settled about a

@@ -132,6 +132,15 @@ impl PrivatePg {
             .unwrap_or_else(|e| panic!("cannot stop the private PostgreSQL: {e}"));
     }
 
+    /// Immediate shutdown (SIGQUIT): what the server had not written out is lost,
+    /// as in a crash of the server (its operating system survives).
+    pub async fn crash(&self) {
+        let cluster = Arc::clone(&self.cluster);
+        tokio::task::spawn_blocking(move || cluster.kill())
+            .await
+            .expect("crash task");
+    }
+
     /// Start again on the same data directory and port; returns when it accepts
     /// connections.
     pub async fn start(&self) {

@@ -877,3 +877,60 @@ async fn drains_started_during_an_outage_probe_first_and_charge_nothing() {
     // the last probe's rows are due again at once: the next drain delivers them all
     a_drain_delivers_everything_and_records_the_recovery(&env, n).await;
 }
+
+/// A claim lost in a crash of PostgreSQL itself (a claim's commit does not wait for
+/// the WAL flush) gives its rows out again while the relay's request for them is
+/// still out. The relay that claims them again waits for that request to end before
+/// sending them again: no row, and so no key, is ever in flight twice at once.
+/// Before, the same rows went out again at once, overlapping the first request.
+#[tokio::test]
+async fn rows_whose_claim_a_database_crash_lost_are_not_sent_twice_at_once() {
+    let pg = PrivatePg::start_new().await;
+    let mut env = TestEnv::with_db(pg.create_database().await);
+    env.migrate().await;
+    // the claim's commit stays in the server's WAL buffers until the crash
+    env.db
+        .execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+        .await;
+    env.db.execute("SELECT pg_reload_conf()").await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(3))));
+    env.config
+        .set("ingest.timeout", "10s")
+        .set("database.acquire_timeout", "1s");
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(insert_one(&env).await);
+    }
+    let relay = env.spawn_run(&[]);
+    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    pg.crash().await;
+    pg.start().await;
+    wait_until(Duration::from_secs(40), "every row settled", || async {
+        let sent = env.sent_ids().await;
+        ids.iter().all(|id| sent.contains(id))
+    })
+    .await;
+    let requests = env.sink.sync_requests();
+    let carrying = |id: i64| -> Vec<_> {
+        requests
+            .iter()
+            .filter(|r| r.entries().iter().any(|e| e.outbox_id == id))
+            .collect()
+    };
+    assert!(
+        ids.iter().all(|id| carrying(*id).len() >= 2),
+        "the crash lost the claim: every row went out again\n{requests:#?}"
+    );
+    for id in &ids {
+        let out = carrying(*id);
+        for pair in out.windows(2) {
+            let answered = pair[0].answered_at.expect("the first request was answered");
+            assert!(
+                pair[1].received_at >= answered,
+                "row {id} was out twice at once\n{out:#?}"
+            );
+        }
+    }
+    relay.stop_cleanly().await;
+}
