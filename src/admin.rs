@@ -431,16 +431,16 @@ pub async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    if settings.storage.recordings_root.is_dir() {
+    let root = &settings.storage.recordings_root;
+    if root.is_dir() {
+        say!("ok    recordings root {}", root.display());
+    } else if root.exists() {
         say!(
-            "ok    recordings root {}",
-            settings.storage.recordings_root.display()
+            "warn  recordings root {} is not a directory",
+            root.display()
         );
     } else {
-        say!(
-            "warn  recordings root {} does not exist",
-            settings.storage.recordings_root.display()
-        );
+        say!("warn  recordings root {} does not exist", root.display());
     }
     Ok(if healthy {
         ExitCode::SUCCESS

@@ -95,6 +95,7 @@ pub enum Command {
     /// Validate config, database reachability, schema version and ingest reachability.
     Check,
     /// Zero-setup tour: temporary SQLite outbox, a stand-in Frontend, a real drain.
+    /// Its own database and Frontend: the configured (or given) ones are not touched.
     Demo {
         /// Keep the temporary directory (database, received files) afterwards.
         #[arg(long)]

@@ -242,6 +242,10 @@ impl Settings {
                 &self.retry.for_entity(entity_type),
             )?;
         }
+        if self.storage.recordings_root.as_os_str().is_empty() {
+            // every file row would look for its file under the working directory
+            bail!("invalid value for storage.recordings_root: it is empty");
+        }
         for (entity_type, source) in &self.ordering.keys {
             // a top-level field of the payload, named by letters, digits, `_` and `-`:
             // the stores' insert triggers read it as a JSON path on SQLite and as a
@@ -565,6 +569,17 @@ mod tests {
     #[test]
     fn defaults_validate() {
         Settings::default().validate().unwrap();
+    }
+
+    #[test]
+    fn an_empty_recordings_root_is_refused() {
+        let mut settings = Settings::default();
+        settings.storage.recordings_root = PathBuf::new();
+        let err = settings.validate().expect_err("an empty root").to_string();
+        assert_eq!(
+            err,
+            "invalid value for storage.recordings_root: it is empty"
+        );
     }
 
     /// A key source the two stores' triggers would read differently (or that would

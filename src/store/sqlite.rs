@@ -180,13 +180,7 @@ impl SqliteStore {
         let Some(db) = &self.path else {
             return Ok(RelayLock { _file: None });
         };
-        let lock_path = sidecar(db, ".relay.lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("cannot open the relay lock file {}", lock_path.display()))?;
+        let (file, lock_path) = lock_file(db, "relay")?;
         match file.try_lock() {
             Ok(()) => Ok(RelayLock { _file: Some(file) }),
             Err(TryLockError::WouldBlock) => bail!(
@@ -221,18 +215,7 @@ impl SqliteStore {
         // them there: two `migrate`s of a new file would both apply the first
         // migration, and the second would fail on its record. The lock is waited
         // for; the one that waited then finds every migration applied.
-        let lock_path = sidecar(db, ".migrate.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| {
-                format!(
-                    "cannot open the migration lock file {}",
-                    lock_path.display()
-                )
-            })?;
+        let (lock, lock_path) = lock_file(db, "migrate")?;
         let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
             .await
             .context("waiting for the migration lock")?
@@ -640,11 +623,19 @@ fn parse_time(text: &str) -> anyhow::Result<DateTime<Utc>> {
 
 mod admin;
 
-/// The file beside the database file `db` whose name adds `suffix` (a lock file).
-fn sidecar(db: &std::path::Path, suffix: &str) -> PathBuf {
+/// The `what` lock file beside the database file `db` (`<db>.<what>.lock`), opened
+/// (created if need be) for locking, with its path.
+fn lock_file(db: &std::path::Path, what: &str) -> anyhow::Result<(File, PathBuf)> {
     let mut path = db.as_os_str().to_owned();
-    path.push(suffix);
-    PathBuf::from(path)
+    path.push(format!(".{what}.lock"));
+    let path = PathBuf::from(path);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the {what} lock file {}", path.display()))?;
+    Ok((file, path))
 }
 
 #[cfg(test)]

@@ -476,9 +476,25 @@ async fn check_reports_each_part_and_exits_1_when_one_is_wrong() {
         "ok    database reachable",
         "ok    schema current",
         "ok    ingest",
+        "ok    recordings root",
     ] {
         assert!(out.stdout.contains(line), "missing {line:?}\n{out}");
     }
+    // a recordings root that is a file, or is not there, is a warning naming it
+    let file = env.work_dir().join("not-a-dir");
+    std::fs::write(&file, "x").expect("write");
+    for (root, says) in [
+        (file.clone(), "is not a directory"),
+        (file.join("gone"), "does not exist"),
+    ] {
+        env.config.set("storage.recordings_root", root.as_path());
+        let out = env.run(&["check"]).await;
+        out.assert_success();
+        let line = format!("warn  recordings root {} {says}", root.display());
+        assert!(out.stdout.contains(&line), "missing {line:?}\n{out}");
+    }
+    env.config
+        .set("storage.recordings_root", env.root.as_path());
 
     env.config.set(
         "ingest.base_url",
