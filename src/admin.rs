@@ -226,7 +226,9 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
                     entry["attempt"],
                     entry["at"].as_str().unwrap_or("?"),
                     entry["errorType"].as_str().unwrap_or("?"),
-                    entry["httpStatus"],
+                    entry["httpStatus"]
+                        .as_i64()
+                        .map_or_else(|| "-".to_string(), |s| s.to_string()),
                     shown(entry["message"].as_str().unwrap_or(""))
                 );
                 if let Some(at) = entry["requeuedAt"].as_str() {
@@ -309,13 +311,15 @@ fn selection(
     }
 }
 
-/// Text a producer or a sink wrote, for a terminal: control characters escaped
-/// (`\u{1b}`), so that an entity type cannot move the cursor, recolour or retitle
-/// the operator's terminal.
+/// Text a producer or a sink wrote, for a terminal: control characters and the
+/// bidirectional overrides escaped (`\u{1b}`, `\u{202e}`), so that an entity type
+/// cannot move the cursor, recolour or retitle the operator's terminal, or show
+/// itself reversed.
 fn shown(text: &str) -> String {
     text.chars()
         .map(|c| {
-            if c.is_control() {
+            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi {
                 c.escape_debug().to_string()
             } else {
                 c.to_string()

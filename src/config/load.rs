@@ -18,9 +18,14 @@ impl Settings {
     /// overrides, then validate. Errors name the offending key.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Settings> {
         // the file read: the one named, or the default one where there is one
+        // the default file is read where there is something at its path: one that
+        // cannot be reached (a directory without search permission, a link loop) is
+        // an error, not a reason to run on defaults
         let file = match path {
             Some(p) => Some(p.to_path_buf()),
-            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| {
+                !matches!(p.symlink_metadata(), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            }),
         };
         Settings::load_from(file.as_deref(), overrides)
             .map_err(|e| with_origin(e, file.as_deref(), overrides))
@@ -29,8 +34,12 @@ impl Settings {
     fn load_from(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Settings> {
         let mut builder = config::Config::builder();
         if let Some(p) = file {
-            if !p.exists() {
-                bail!("config file {} does not exist", p.display());
+            match std::fs::metadata(p) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    bail!("config file {} does not exist", p.display())
+                }
+                Err(e) => bail!("cannot read config file {}: {e}", p.display()),
+                Ok(_) => {}
             }
             if p.is_dir() {
                 bail!(
@@ -54,6 +63,9 @@ impl Settings {
                 .separator("__")
                 .try_parsing(false),
         );
+        // the flags, over both: a flag's value is the one in effect, whatever the file
+        // or the environment says for its key (even a value of the wrong type)
+        builder = apply_flags(builder, overrides).map_err(describe_config_error)?;
         let raw = builder.build().map_err(describe_config_error)?;
         let mut settings: Settings = raw.try_deserialize().map_err(describe_config_error)?;
 
@@ -88,28 +100,14 @@ impl Settings {
                 }
             }
         }
-        settings.apply(overrides);
+        if let Some(url) = &overrides.database_url {
+            // over `DATABASE_URL` too
+            settings.database.url = Some(SecretString::from(url.clone()));
+            settings.database.url_file = None;
+        }
         settings.resolve_secret_files()?;
         settings.validate()?;
         Ok(settings)
-    }
-
-    fn apply(&mut self, o: &Overrides) {
-        if let Some(url) = &o.database_url {
-            self.database.url = Some(SecretString::from(url.clone()));
-        }
-        if let Some(url) = &o.ingest_url {
-            self.ingest.base_url = url.clone();
-        }
-        if let Some(n) = o.batch_size {
-            self.dispatch.batch_size = n;
-        }
-        if let Some(n) = o.concurrency {
-            self.dispatch.concurrency = n;
-        }
-        if let Some(addr) = o.metrics_listen {
-            self.metrics.listen = addr;
-        }
     }
 
     fn resolve_secret_files(&mut self) -> anyhow::Result<()> {
@@ -152,10 +150,13 @@ impl Settings {
     /// Check values that deserialize but make no sense; the error names the key.
     pub fn validate(&self) -> anyhow::Result<()> {
         let url = reqwest::Url::parse(&self.ingest.base_url).with_context(|| {
-            format!(
-                "invalid value for ingest.base_url: {:?}",
-                self.ingest.base_url
-            )
+            // a URL that does not parse may still hold credentials (`http://u:p@[::1`)
+            let shown = if self.ingest.base_url.contains('@') {
+                "<unparseable URL>".to_string()
+            } else {
+                format!("{:?}", self.ingest.base_url)
+            };
+            format!("invalid value for ingest.base_url: {shown}")
         })?;
         if !matches!(url.scheme(), "http" | "https") {
             bail!("invalid value for ingest.base_url: scheme must be http or https");
@@ -281,18 +282,96 @@ impl Settings {
     }
 }
 
+/// The command-line flags of SPEC §6, as the `config` crate's overrides.
+fn apply_flags(
+    mut builder: config::ConfigBuilder<config::builder::DefaultState>,
+    o: &Overrides,
+) -> Result<config::ConfigBuilder<config::builder::DefaultState>, config::ConfigError> {
+    if let Some(url) = &o.database_url {
+        builder = builder.set_override("database.url", url.as_str())?;
+    }
+    if let Some(url) = &o.ingest_url {
+        builder = builder.set_override("ingest.base_url", url.as_str())?;
+    }
+    if let Some(n) = o.batch_size {
+        builder = builder.set_override("dispatch.batch_size", u64::from(n))?;
+    }
+    if let Some(n) = o.concurrency {
+        builder = builder.set_override("dispatch.concurrency", u64::from(n))?;
+    }
+    if let Some(addr) = o.metrics_listen {
+        builder = builder.set_override("metrics.listen", addr.to_string())?;
+    }
+    Ok(builder)
+}
+
+/// The most bytes read from the config file, a secret file, or `ingest.ca_file`.
+const CONFIG_FILE_LIMIT: u64 = 1 << 20;
+const SECRET_FILE_LIMIT: u64 = 64 << 10;
+const CA_FILE_LIMIT: u64 = 4 << 20;
+
+/// How long a file that is a pipe may take to be written to its end.
+const PIPE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The bytes of the file at `path`, at most `limit` of them (`/dev/zero` given by
+/// mistake must not fill the memory). Opened without blocking, so that a FIFO
+/// nobody writes to reads as empty at once instead of hanging the start; a pipe that
+/// is being written (`--config <(…)`, `/dev/stdin`) is read to its end, waited for
+/// up to `PIPE_PATIENCE`.
+fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let mut reader = file.take(limit + 1);
+    let mut bytes = Vec::new();
+    let deadline = std::time::Instant::now() + PIPE_PATIENCE;
+    loop {
+        match reader.read_to_end(&mut bytes) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(std::io::Error::other(format!(
+                        "a pipe with nothing more written to it for {PIPE_PATIENCE:?}"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::other(format!("larger than {limit} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// `read_bounded`, as UTF-8 text.
+fn read_text(path: &Path, limit: u64) -> std::io::Result<String> {
+    String::from_utf8(read_bounded(path, limit)?).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        )
+    })
+}
+
 /// The config file's text, read here rather than by the `config` crate: its errors
 /// quote the line they stopped at, which can hold a secret (`auth_token = "…`), so a
 /// syntax error is told by its position and the parser's message alone; and a file
 /// that cannot be read is named.
 fn read_config_file(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
+    let text = read_text(path, CONFIG_FILE_LIMIT)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
     if let Err(e) = toml::de::DeTable::parse(&text) {
         let at = e.span().map_or(String::new(), |span| {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            let line_start = before.rsplit('\n').next().unwrap_or("");
+            let column = line_start.trim_start_matches('\u{feff}').chars().count() + 1;
             format!(" at line {line}, column {column}")
         });
         bail!(
@@ -342,7 +421,7 @@ fn prefer_environment_form(
 }
 
 fn read_secret(path: &Path, key: &str) -> anyhow::Result<SecretString> {
-    let text = std::fs::read_to_string(path)
+    let text = read_text(path, SECRET_FILE_LIMIT)
         .with_context(|| format!("cannot read {key} ({})", path.display()))?;
     let value = text.trim();
     if value.contains(['\n', '\r']) {
@@ -361,7 +440,7 @@ fn read_secret(path: &Path, key: &str) -> anyhow::Result<SecretString> {
 /// file stops the daemon here instead of failing every request as `connect`.
 fn read_ca_file(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
     let invalid = || format!("invalid value for ingest.ca_file ({})", path.display());
-    let pem = std::fs::read(path)
+    let pem = read_bounded(path, CA_FILE_LIMIT)
         .with_context(|| format!("cannot read ingest.ca_file ({})", path.display()))?;
     let certificates = reqwest::Certificate::from_pem_bundle(&pem).with_context(invalid)?;
     if certificates.is_empty() {
@@ -511,11 +590,14 @@ fn origin(key: &str, file: Option<&Path>, overrides: &Overrides) -> Option<Strin
     }
     let key = key.to_ascii_lowercase();
     let under = format!("{key}.");
+    // set, even empty (the `config` crate takes an empty value as given), with the
+    // prefix in any case (so does the crate)
     let var = std::env::vars_os()
-        .filter_map(|(name, value)| (!value.is_empty()).then(|| name.into_string().ok())?)
+        .filter_map(|(name, _)| name.into_string().ok())
         .filter(|name| {
-            name.strip_prefix("SERVERSYNC__").is_some_and(|path| {
-                let path = path.to_ascii_lowercase().replace("__", ".");
+            let name = name.to_ascii_lowercase();
+            name.strip_prefix("serversync__").is_some_and(|path| {
+                let path = path.replace("__", ".");
                 path == key || path == format!("{key}_file") || path.starts_with(&under)
             })
         })
@@ -526,7 +608,9 @@ fn origin(key: &str, file: Option<&Path>, overrides: &Overrides) -> Option<Strin
     // the file, if it does mention the key (a check between two keys, or a
     // default's, may name one the file does not set)
     let last = key.rsplit('.').next().unwrap_or(&key).to_owned();
-    let in_file = file.filter(|f| std::fs::read_to_string(f).is_ok_and(|t| t.contains(&last)));
+    let in_file = file.filter(|f| {
+        std::fs::read_to_string(f).is_ok_and(|t| t.to_ascii_lowercase().contains(&last))
+    });
     match (var, in_file) {
         (Some(var), _) => Some(format!("set by the environment variable {var}")),
         (None, Some(file)) => Some(format!("in {}", file.display())),

@@ -20,10 +20,18 @@ pub use sqlite::{RelayLock, SqliteStore};
 
 /// Which backend a database URL names, or a clear error.
 pub fn check_url(url: &str) -> anyhow::Result<()> {
-    if url.starts_with("postgres://")
-        || url.starts_with("postgresql://")
-        || url.starts_with("sqlite:")
-    {
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        let path = rest.split('?').next().unwrap_or("");
+        if path.is_empty() {
+            bail!(
+                "a SQLite URL names a file (sqlite:///path/to/outbox.db, or sqlite://outbox.db \
+                 relative to the working directory) or sqlite::memory:"
+            );
+        }
+        return Ok(());
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(())
     } else {
         bail!(
@@ -664,7 +672,30 @@ pub fn is_transient(err: &anyhow::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::KeyShare;
+    use super::{check_url, KeyShare};
+
+    #[test]
+    fn database_urls_name_a_server_or_a_file() {
+        for good in [
+            "postgres://u@h/db",
+            "postgresql://h/db",
+            "sqlite:///abs/outbox.db",
+            "sqlite://rel.db?mode=rwc",
+            "sqlite:rel.db",
+            "sqlite::memory:",
+        ] {
+            assert!(check_url(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "sqlite:",
+            "sqlite://",
+            "sqlite://?mode=rwc",
+            "mysql://h/db",
+            "h/db",
+        ] {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn key_shares_split_hashtexts_range_without_gaps_or_overlap() {

@@ -91,6 +91,66 @@ RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload,
           o.attempts, o.ordering_key, (SELECT count(*) FROM cand) AS candidates
 "#;
 
+/// The connection parameters sqlx reads from a URL's query; it ignores any other,
+/// with a warning that quotes its value (a misspelt `passwd=` would be logged).
+const KNOWN_PARAMETERS: [&str; 16] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+];
+
+/// `url` without the query parameters sqlx would ignore (`KNOWN_PARAMETERS`,
+/// `application_name`, `options`, `options[…]`), each named in a warning without
+/// its value.
+fn without_unknown_parameters(url: &str) -> String {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return url.to_string();
+    };
+    if parsed.query().is_none() {
+        return url.to_string();
+    }
+    let known = |key: &str| {
+        KNOWN_PARAMETERS.contains(&key)
+            || key == "application_name"
+            || key == "options"
+            || key.starts_with("options[")
+    };
+    let pairs: Vec<(String, String)> = parsed
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if pairs.iter().all(|(key, _)| known(key)) {
+        return url.to_string();
+    }
+    for (key, _) in pairs.iter().filter(|(key, _)| !known(key)) {
+        tracing::warn!(
+            parameter = %key,
+            "ignoring an unrecognized connection parameter of database.url (its value is not shown)"
+        );
+    }
+    parsed
+        .query_pairs_mut()
+        .clear()
+        .extend_pairs(pairs.iter().filter(|(key, _)| known(key)));
+    if parsed.query() == Some("") {
+        parsed.set_query(None);
+    }
+    parsed.to_string()
+}
+
 /// The archive statement: sent rows leave the outbox (fenced on the claim token) and
 /// their records go to `sync_outbox_sent`, followed by `$tail`; it returns the ids it
 /// archived (as every settle statement does: the rest had lost their lease). One
@@ -217,7 +277,8 @@ impl PgStore {
     pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<PgStore> {
         let synchronous_commit = options.synchronous_commit;
         let lock_timeout = options.lock_timeout;
-        let mut connect_options = PgConnectOptions::from_str(url)?.application_name("serversync");
+        let url = without_unknown_parameters(url);
+        let mut connect_options = PgConnectOptions::from_str(&url)?.application_name("serversync");
         if lock_timeout.is_some() {
             // an operator's command: a statement held up by a lock ends in one line
             // saying so, which sqlx's slow-statement warning, with the statement's

@@ -6,7 +6,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::harness::config::TomlValue;
-use crate::harness::{both_stores, closed_port, Backend, Mode, Reply, TestEnv};
+use crate::harness::{both_stores, closed_port, serversync, Backend, Mode, Reply, TestEnv};
 
 both_stores!(an_unknown_config_key_is_named);
 async fn an_unknown_config_key_is_named(backend: Backend) {
@@ -59,6 +59,99 @@ async fn a_bad_key_says_where_it_was_set() {
             "unknown configuration key `bogus` (set by the environment variable \
              SERVERSYNC__BOGUS__X)",
         );
+    // set but empty, or with the prefix in lower case, still named
+    env.cmd(["drain"])
+        .env("SERVERSYNC__INGEST__TIMEOUT", "")
+        .output()
+        .await
+        .assert_fails_with("(set by the environment variable SERVERSYNC__INGEST__TIMEOUT)");
+    env.cmd(["drain"])
+        .env("serversync__ingest__timeout", "soon")
+        .output()
+        .await
+        .assert_fails_with("(set by the environment variable serversync__ingest__timeout)");
+    // a flag's value is the one in effect, whatever the file or the environment
+    // says for its key, even a value of the wrong type
+    env.config.set("dispatch.batch_size", "abc");
+    env.run(&["--batch-size", "5", "drain", "--migrate"])
+        .await
+        .assert_success();
+    env.config.remove("dispatch.batch_size");
+    env.cmd(["--concurrency", "2", "drain"])
+        .env("SERVERSYNC__DISPATCH__CONCURRENCY", "many")
+        .output()
+        .await
+        .assert_success();
+}
+
+/// A config file that cannot be reached is an error saying why, also at the default
+/// path (not a reason to run on the defaults); `/dev/zero` given by mistake is
+/// refused by its size instead of filling the memory; a FIFO nobody writes to reads
+/// as empty at once instead of hanging; a pipe (`--config <(…)`) is read.
+#[tokio::test]
+async fn config_files_that_are_no_files_are_refused_or_read_without_hanging() {
+    let env = TestEnv::migrated_on(Backend::Sqlite).await;
+    let dir = env.work_dir();
+    let lp = dir.join("loop");
+    std::os::unix::fs::symlink(&lp, &lp).expect("a link loop");
+    serversync()
+        .arg("--config")
+        .arg(&lp)
+        .arg("status")
+        .output()
+        .await
+        .assert_fails_with("cannot read config file")
+        .assert_single_stderr_line();
+    let cwd = tempfile::tempdir().expect("a working directory");
+    std::fs::create_dir(cwd.path().join("config")).expect("mkdir config");
+    std::os::unix::fs::symlink("serversync.toml", cwd.path().join("config/serversync.toml"))
+        .expect("a link loop at the default path");
+    let url = format!("sqlite://{}", env.work_dir().join("none.db").display());
+    serversync()
+        .args(["--database-url", url.as_str(), "status"])
+        .current_dir(cwd.path())
+        .output()
+        .await
+        .assert_fails_with("cannot read config file config/serversync.toml")
+        .assert_single_stderr_line();
+    env.cmd(["status"]).output().await.assert_success();
+    serversync()
+        .args(["--config", "/dev/zero", "status"])
+        .output()
+        .await
+        .assert_fails_with("cannot read config file /dev/zero: larger than 1048576 bytes")
+        .assert_single_stderr_line();
+    let fifo = dir.join("fifo.toml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let config = env.write_config();
+    let out = serversync()
+        .arg("--config")
+        .arg(&fifo)
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", dir.join("fifo.db").display()))
+        .arg("status")
+        .timeout(std::time::Duration::from_secs(20))
+        .output()
+        .await;
+    out.assert_fails_with("the file does not exist; `serversync migrate` creates it");
+    let piped = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} --config <(cat {}) status --json",
+            env!("CARGO_BIN_EXE_serversync"),
+            config.display()
+        ))
+        .output()
+        .expect("bash");
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
 }
 
 /// Output that cannot be written (a full disk: `status --json > out.json`) fails the

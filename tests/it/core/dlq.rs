@@ -482,7 +482,7 @@ async fn show_prints_one_dead_letter_and_fails_for_a_missing_id(backend: Backend
 async fn list_and_show_escape_control_characters() {
     let mut env = TestEnv::migrated().await;
     env.config.set("dispatch.json_entity_types", ["call_log"]);
-    let hostile = "fax\u{1b}[31mRED\u{1b}]0;TITLE\u{7}";
+    let hostile = "fax\u{1b}[31mRED\u{1b}]0;TITLE\u{7}\u{202e}";
     let outbox_id = env.insert(hostile, Uuid::new_v4(), json!({"n": 1})).await;
     env.drain().await.assert_code(3);
     let id = env.dead_letter_id(outbox_id).await.to_string();
@@ -490,12 +490,12 @@ async fn list_and_show_escape_control_characters() {
         let out = env.run(&args).await;
         out.assert_success();
         assert!(
-            !out.stdout.contains('\u{1b}') && !out.stdout.contains('\u{7}'),
+            !out.stdout.contains(['\u{1b}', '\u{7}', '\u{202e}']),
             "{args:?} printed control characters\n{out}"
         );
         assert!(
             out.stdout
-                .contains("fax\\u{1b}[31mRED\\u{1b}]0;TITLE\\u{7}"),
+                .contains("fax\\u{1b}[31mRED\\u{1b}]0;TITLE\\u{7}\\u{202e}"),
             "{args:?} shows the type escaped\n{out}"
         );
     }

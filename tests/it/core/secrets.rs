@@ -112,6 +112,30 @@ async fn an_unreachable_database_is_reported_without_its_password() {
     assert_eq!(out.code, Some(1), "check fails without a database\n{out}");
     assert_nothing_leaks(&out);
 
+    // a parameter sqlx does not know (a misspelt `password`) is named, not quoted
+    env.config.set(
+        "database.url",
+        format!("{url}?passwd={DB_PASSWORD}").as_str(),
+    );
+    let out = env.run(&["status", "--log-level", "debug"]).await;
+    out.assert_fails_with("database");
+    assert!(
+        out.stderr.contains("unrecognized connection parameter") && out.stderr.contains("passwd"),
+        "{out}"
+    );
+    assert_nothing_leaks(&out);
+    // an ingest URL that does not parse is not quoted when it may hold credentials
+    let out = env
+        .run(&[
+            "--ingest-url",
+            &format!("http://u:{DB_PASSWORD}@[::1"),
+            "status",
+        ])
+        .await;
+    out.assert_fails_with("invalid value for ingest.base_url: <unparseable URL>")
+        .assert_single_stderr_line();
+    assert_nothing_leaks(&out);
+
     // a bad option in the URL: said once (sqlx's message repeats its own prefix)
     env.config
         .set("database.url", format!("{url}?sslmode=bogus").as_str());
