@@ -19,23 +19,16 @@ fn main() -> ExitCode {
                     | clap::error::ErrorKind::MissingSubcommand
             ) =>
         {
-            let _ = writeln!(
-                std::io::stderr(),
-                "error: a command is required (see --help)"
-            );
+            early_error("error: a command is required (see --help)");
             return ExitCode::FAILURE;
         }
         Err(e) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "{} (see --help)",
-                clap_one_line(&e.to_string())
-            );
+            early_error(&format!("{} (see --help)", clap_one_line(&e.to_string())));
             return ExitCode::FAILURE;
         }
     };
     if let Err(e) = serversync::telemetry::init(cli.log_format, &cli.log_level) {
-        let _ = writeln!(std::io::stderr(), "error: {e:#}");
+        early_error(&format!("error: {e:#}"));
         return ExitCode::FAILURE;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -72,6 +65,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error before the logs are set up (bad arguments, a bad `--log-level`): one
+/// line on stderr, a JSON object like every other line when the command line asks
+/// for `--log-format json`.
+fn early_error(line: &str) {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let json = args.iter().enumerate().any(|(i, arg)| {
+        arg == "--log-format=json"
+            || (arg == "--log-format" && args.get(i + 1).is_some_and(|next| next == "json"))
+    });
+    let line = if json {
+        serde_json::json!({
+            "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "level": "ERROR",
+            "message": line.strip_prefix("error: ").unwrap_or(line),
+            "target": "serversync",
+        })
+        .to_string()
+    } else {
+        line.to_string()
+    };
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// clap's message up to its first blank line (which ends what went wrong and

@@ -239,17 +239,34 @@ async fn readiness_is_not_sent_for_an_outdated_schema() {
 async fn json_logs_are_json_down_to_the_closing_error() {
     let mut env = TestEnv::migrated().await;
     env.config.set("dispatch.batch_size", 0);
-    let out = env.run(&["--log-format", "json", "status"]).await;
-    out.assert_code(1).assert_no_panic();
-    let events: Vec<serde_json::Value> = out
-        .stderr
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    assert_eq!(events.len(), 1, "{out}");
-    assert_eq!(events[0]["level"], "ERROR", "{out}");
-    let message = events[0]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("dispatch.batch_size"), "{out}");
+    // a bad configuration, a bad argument, a bad log level, no command at all
+    for (args, says) in [
+        (
+            &["--log-format", "json", "status"][..],
+            "dispatch.batch_size",
+        ),
+        (
+            &["--log-format", "json", "--concurrency", "many", "status"][..],
+            "--concurrency",
+        ),
+        (
+            &["--log-format=json", "--log-level", "loud", "status"][..],
+            "--log-level",
+        ),
+        (&["--log-format", "json"][..], "a command is required"),
+    ] {
+        let out = env.run(args).await;
+        out.assert_code(1).assert_no_panic();
+        let events: Vec<serde_json::Value> = out
+            .stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        assert_eq!(events.len(), 1, "{out}");
+        assert_eq!(events[0]["level"], "ERROR", "{out}");
+        let message = events[0]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{out}");
+    }
 }
 
 both_stores!(json_logs_carry_ids_and_error_types_but_no_payload);
