@@ -13,6 +13,11 @@ use tokio_util::sync::CancellationToken;
 use super::Relay;
 use crate::store::{Claim, Held, KeyShare, Want};
 
+/// A claim this slow refreshes the outbox's statistics (`refresh_statistics_after`),
+/// at most once per `ANALYZE_AT_MOST_EVERY`.
+const SLOW_CLAIM: Duration = Duration::from_secs(1);
+const ANALYZE_AT_MOST_EVERY: Duration = Duration::from_secs(60);
+
 /// How often a claim holding rows an earlier batch still has out looks again
 /// (`Relay::wait_for_earlier_deliveries`).
 const EARLIER_DELIVERY_POLL: Duration = Duration::from_millis(10);
@@ -165,10 +170,12 @@ impl Relay {
             (false, _) | (true, 0) => 0,
             (true, from) => after.map_or(from, |a| from.max(a.saturating_add(1))),
         };
+        let started = Instant::now();
         let mut claim = self
             .store
             .claim(want, lease, &self.owner, keys, from_id)
             .await?;
+        self.refresh_statistics_after(started.elapsed()).await;
         let mut from_share = keys.is_some();
         if claim.rows.is_empty() && from_share {
             claim = self.store.claim(want, lease, &self.owner, None, 0).await?;
@@ -212,6 +219,31 @@ impl Relay {
         Ok(Some(mine))
     }
 
+    /// A claim that took `SLOW_CLAIM` or longer refreshes the planner's statistics
+    /// of the outbox, at most once per `ANALYZE_AT_MOST_EVERY`: stale ones (a vacuum
+    /// in a quiet moment leaves them saying the outbox is empty) can give a burst of
+    /// rows a plan that probes every older row for each one, and claims then take
+    /// seconds, until autovacuum's next analyze, up to a minute or more later.
+    async fn refresh_statistics_after(&self, took: Duration) {
+        if took < SLOW_CLAIM {
+            return;
+        }
+        {
+            let mut last = self.last_analyze.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < ANALYZE_AT_MOST_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        tracing::info!(
+            took = ?took,
+            "a claim was slow: refreshing the outbox's planner statistics (ANALYZE sync_outbox)"
+        );
+        if let Err(e) = self.store.analyze_outbox().await {
+            tracing::debug!(error = %crate::app::causes(&e), "ANALYZE sync_outbox failed");
+        }
+    }
+
     /// The payload bytes a claim of `rows` rows may hold: `dispatch.max_batch_bytes`
     /// for each request they make.
     fn claim_bytes(&self, rows: u32) -> u64 {
@@ -227,8 +259,10 @@ impl Relay {
 
     /// Wait until no batch this relay claimed before `batch` and still has out holds
     /// a row of `claim`. Such a row was given out again by the database, so the
-    /// earlier claim of it is gone: a server crash lost that claim before its commit
-    /// reached the disk (claims do not wait for the WAL flush). Sent now, the row
+    /// earlier claim of it is gone: its lease ran out before this relay could renew
+    /// it (the database stalled, or was unreachable, for longer than a lease), or a
+    /// server crash lost the claim before its commit reached the disk (claims do not
+    /// wait for the WAL flush). Sent now, the row
     /// would be out twice at once, and its key's later rows could follow it before
     /// the earlier request ends. Waited for, it goes again after it (the earlier
     /// settle then finds the lease gone), as after a relay crash. Only earlier
@@ -246,9 +280,9 @@ impl Relay {
         }
         tracing::warn!(
             rows = rows.len(),
-            "rows this relay is still delivering were claimed again: the database lost \
-             the earlier claim (a server crash?); they go out again once the earlier \
-             requests end"
+            "rows this relay is still delivering were claimed again: their earlier claim is \
+             gone (its lease ran out while the database stalled or was unreachable, or a \
+             database crash lost it); they go out again once the earlier requests end"
         );
         while earlier() {
             self.with_heartbeat(tokio::time::sleep(EARLIER_DELIVERY_POLL))

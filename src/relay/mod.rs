@@ -260,6 +260,8 @@ pub struct Relay {
     /// its file in flight, so memory is bounded by this, not by the worker count.
     uploads: tokio::sync::Semaphore,
     stand_ins: StandIns,
+    /// When a slow claim last refreshed the outbox's statistics (`lanes.rs`).
+    last_analyze: Mutex<Option<std::time::Instant>>,
     /// Batches each worker claims and settles together: `dispatch.batches_per_settle`,
     /// at most `dispatch.concurrency`.
     batches_per_worker: u32,
@@ -327,6 +329,7 @@ impl Relay {
             slow_sink: AtomicBool::new(false),
             uploads,
             stand_ins,
+            last_analyze: Mutex::new(None),
             batches_per_worker,
             workers,
         })

@@ -403,6 +403,17 @@ impl Store {
         delegate!(self, s => s.ping().await)
     }
 
+    /// Refresh the planner's statistics of the outbox (PostgreSQL: `ANALYZE`; SQLite
+    /// plans without them). After a quiet spell a vacuum can leave them saying the
+    /// outbox is empty, and a burst of rows is then claimed with a plan for an
+    /// empty table until autovacuum's next analyze.
+    pub async fn analyze_outbox(&self) -> anyhow::Result<()> {
+        match self {
+            Store::Postgres(s) => s.analyze_outbox().await,
+            Store::Sqlite(_) => Ok(()),
+        }
+    }
+
     /// Apply the embedded migrations. One that takes a while (a large outbox to
     /// rewrite, a lock another session holds) is said in one line, with its time;
     /// on PostgreSQL, where a migration can wait on the outbox's users, sqlx's own

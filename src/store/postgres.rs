@@ -39,7 +39,14 @@ pub struct PgStore {
 /// generated column), in an index-only scan: 8-byte comparisons in an index a third
 /// the size of one on the text key, whatever the database's collation (the probe is
 /// most of what ordering costs: docs/BENCHMARKS.md). Two keys with one hash are only
-/// ordered behind each other.
+/// ordered behind each other. The probe compares `(ordering_key_hash, id)` as one row
+/// value, which only that index can serve: written `p.id < o.id`, the planner could
+/// serve it from the primary key instead when its statistics say the outbox is
+/// empty (vacuumed between two quiet moments), and then each probe walks every
+/// older row: a burst of 20,000 rows made claims take 10 s and more, longer than the
+/// lease (docs/OPERATIONS.md).
+/// The lease runs from the claim's end (`clock_timestamp()`, not the transaction's
+/// start): a claim slowed down by the database still gets a whole lease.
 /// SKIP LOCKED lets concurrent relays take disjoint batches without waiting.
 /// The update finds the locked rows by `ctid` (a TID scan) instead of a primary-key
 /// descent per row: 14 % fewer buffers per claim. That is safe because the CTE's row
@@ -69,7 +76,8 @@ WITH cand AS (
       AND ($6::bigint IS NULL OR hashtext(COALESCE(o.ordering_key, o.id::text)) < $6)
       AND (o.ordering_key_hash IS NULL OR NOT EXISTS (
             SELECT 1 FROM sync_outbox p
-            WHERE p.ordering_key_hash = o.ordering_key_hash AND p.id < o.id))
+            WHERE p.ordering_key_hash = o.ordering_key_hash
+              AND (p.ordering_key_hash, p.id) < (o.ordering_key_hash, o.id)))
       AND o.id >= $7
     ORDER BY o.id
     LIMIT $1
@@ -82,7 +90,8 @@ WITH cand AS (
     WHERE running <= $8 OR running = size
 )
 UPDATE sync_outbox o
-SET claim_token = $2, lease_owner = $3, lease_until = now() + $4 * interval '1 millisecond'
+SET claim_token = $2, lease_owner = $3,
+    lease_until = clock_timestamp() + $4 * interval '1 millisecond'
 WHERE o.ctid = ANY(ARRAY(SELECT ctid FROM within))
   AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL
 RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload,
@@ -301,6 +310,21 @@ impl PgStore {
         Ok(PgStore { pool })
     }
 
+    /// `ANALYZE sync_outbox`, giving up after a second's wait for a lock (another
+    /// analyze or a vacuum running, a migration) rather than holding its caller.
+    pub async fn analyze_outbox(&self) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '1s'")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SET LOCAL statement_timeout = '60s'")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("ANALYZE sync_outbox").execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn ping(&self) -> anyhow::Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -445,7 +469,7 @@ impl PgStore {
 
     pub async fn renew(&self, held: &Held, lease: Duration) -> anyhow::Result<u64> {
         let done = sqlx::query(
-            "UPDATE sync_outbox SET lease_until = now() + $3 * interval '1 millisecond' \
+            "UPDATE sync_outbox SET lease_until = clock_timestamp() + $3 * interval '1 millisecond' \
              WHERE id = ANY($1) AND claim_token = ANY($2)",
         )
         .bind(&held.ids)

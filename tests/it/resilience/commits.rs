@@ -85,3 +85,54 @@ async fn relay_commits_skip_the_flush_unless_configured_and_operators_keep_the_s
         .expect("connect");
     assert_eq!(setting(&operator).await, "on");
 }
+
+/// A claim held up (here by a lock on the outbox; in the field by a stale plan or a
+/// stalled server) still gets a whole lease, counted from its end: counted from its
+/// start, a claim slower than the lease committed rows already expired, which any
+/// other claim could take while the first was sending them.
+#[tokio::test]
+async fn a_claim_held_up_longer_than_its_lease_still_gets_a_whole_lease() {
+    let env = TestEnv::migrated_on(Backend::Postgres).await;
+    let store = relay_pool(env.db.url(), true).await;
+    // prepared once, so that the wait below is the claim's execution's, as a
+    // relay's claims are (a first claim would wait while being prepared, in a
+    // transaction of its own)
+    let none = store
+        .claim(
+            Want::rows(10),
+            Duration::from_secs(2),
+            "lease-test",
+            None,
+            0,
+        )
+        .await
+        .expect("claim");
+    assert!(none.rows.is_empty());
+    env.insert("call_log", Uuid::new_v4(), json!({})).await;
+    let holder = env.db.hold_lock("sync_outbox").await;
+    let claim = tokio::spawn(async move {
+        store
+            .claim(
+                Want::rows(10),
+                Duration::from_secs(2),
+                "lease-test",
+                None,
+                0,
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(holder);
+    let claim = claim.await.expect("the claim task").expect("claim");
+    assert_eq!(claim.rows.len(), 1);
+    let left: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM lease_until - clock_timestamp())::float8 FROM sync_outbox",
+    )
+    .fetch_one(env.db.pg())
+    .await
+    .expect("the lease");
+    assert!(
+        left > 1.0,
+        "the lease ends {left:.1} s from now: it ran from the claim's start"
+    );
+}

@@ -378,3 +378,35 @@ async fn a_renewal_refused_by_the_database_is_tried_again_within_a_second() {
         "B took nothing over: A's lease never lapsed"
     );
 }
+
+/// A claim that took more than a second (here held up by a lock on the outbox; in
+/// the field, most often a plan made with statistics that a vacuum in a quiet
+/// moment left saying the outbox is empty) makes the relay refresh the outbox's
+/// planner statistics at once, instead of claiming with that plan until
+/// autovacuum's next analyze.
+#[tokio::test]
+async fn a_slow_claim_refreshes_the_outboxs_statistics() {
+    let env = TestEnv::migrated().await;
+    let relay = env.spawn_run(&[]);
+    insert_one(&env).await;
+    env.sink.wait_for_entries(1, Duration::from_secs(15)).await;
+    let analyzed = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'sync_outbox'",
+        )
+        .fetch_one(env.db.pg())
+        .await
+        .expect("pg_stat_user_tables")
+    };
+    assert!(!analyzed().await, "no manual ANALYZE yet");
+    let holder = env.db.hold_lock("sync_outbox").await;
+    // the relay polls every 50 ms: its next claim waits for the lock
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(holder);
+    wait_until(Duration::from_secs(15), "ANALYZE sync_outbox", || async {
+        analyzed().await
+    })
+    .await;
+    let out = relay.stop_cleanly().await;
+    assert!(out.stderr.contains("a claim was slow"), "{out}");
+}
