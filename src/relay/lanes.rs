@@ -160,9 +160,19 @@ impl Relay {
         let number = lane.claims.fetch_add(1, Ordering::SeqCst) + 1;
         let others = if share { queued.min(self.workers) } else { 0 };
         let want = u32::try_from(others + 1).unwrap_or(1).saturating_mul(limit);
+        // every upload slot taken (uploads that hang, or a backlog of recordings):
+        // recording files claimed now would hold their workers until a slot frees,
+        // and with enough of them no worker would claim anything else; they wait in
+        // the outbox instead (their keys' later rows behind them), and other rows go
+        let skip_types: &[String] = if self.uploads.available_permits() == 0 {
+            &self.settings.dispatch.file_entity_types
+        } else {
+            &[]
+        };
         let want = Want {
             rows: want,
             bytes: self.claim_bytes(want),
+            skip_types,
         };
         let lease = self.settings.dispatch.lease_duration;
         let keys = lane.share.filter(|_| self.backlog.load(Ordering::SeqCst));

@@ -76,19 +76,22 @@ pub struct ClaimedRow {
 }
 
 /// How much a claim may take: rows, and their payload bytes together (at least one
-/// row whatever its size).
+/// row whatever its size); and entity types it leaves alone (`skip_types`: the
+/// recording files, while every upload slot is taken).
 #[derive(Debug, Clone, Copy)]
-pub struct Want {
+pub struct Want<'a> {
     pub rows: u32,
     pub bytes: u64,
+    pub skip_types: &'a [String],
 }
 
-impl Want {
-    /// `rows` rows, whatever their size.
-    pub fn rows(rows: u32) -> Want {
+impl Want<'static> {
+    /// `rows` rows, whatever their size and type.
+    pub fn rows(rows: u32) -> Want<'static> {
         Want {
             rows,
             bytes: u64::MAX,
+            skip_types: &[],
         }
     }
 }
@@ -504,7 +507,7 @@ impl Store {
     /// older row of its key is left anywhere in the outbox.
     pub async fn claim(
         &self,
-        want: Want,
+        want: Want<'_>,
         lease: Duration,
         owner: &str,
         share: Option<KeyShare>,

@@ -79,6 +79,7 @@ WITH cand AS (
             WHERE p.ordering_key_hash = o.ordering_key_hash
               AND (p.ordering_key_hash, p.id) < (o.ordering_key_hash, o.id)))
       AND o.id >= $7
+      AND ($9::text[] IS NULL OR o.entity_type <> ALL($9))
     ORDER BY o.id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -276,6 +277,7 @@ impl PgStore {
             .bind(hi)
             .bind(0_i64)
             .bind(max_bytes)
+            .bind(None::<Vec<String>>)
             .fetch_all(&mut *tx)
             .await
             .context("EXPLAIN of the claim")?;
@@ -412,7 +414,7 @@ impl PgStore {
     pub async fn claim(
         &self,
         token: i64,
-        want: Want,
+        want: Want<'_>,
         lease: Duration,
         owner: &str,
         share: Option<KeyShare>,
@@ -428,6 +430,7 @@ impl PgStore {
             .bind(hi)
             .bind(from_id)
             .bind(i64::try_from(want.bytes).unwrap_or(i64::MAX))
+            .bind((!want.skip_types.is_empty()).then_some(want.skip_types))
             .fetch_all(&self.pool)
             .await?;
         let candidates: i64 = match rows.first() {

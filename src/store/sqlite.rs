@@ -64,6 +64,7 @@ const CLAIM_SQL: &str = concat!(
     now!(),
     ") AND (o.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM sync_outbox p \
        WHERE p.ordering_key = o.ordering_key AND p.id < o.id)) \
+       AND (?6 IS NULL OR o.entity_type NOT IN (SELECT value FROM json_each(?6))) \
      ORDER BY o.id LIMIT ?1) \
      UPDATE sync_outbox SET claim_token = ?2, lease_owner = ?3, lease_until = ",
     now_plus_ms!("?4"),
@@ -287,7 +288,7 @@ impl SqliteStore {
     pub async fn claim(
         &self,
         token: i64,
-        want: Want,
+        want: Want<'_>,
         lease: Duration,
         owner: &str,
     ) -> anyhow::Result<Claim> {
@@ -298,6 +299,11 @@ impl SqliteStore {
             .bind(owner)
             .bind(offset_ms(lease))
             .bind(i64::try_from(want.bytes).unwrap_or(i64::MAX))
+            .bind(if want.skip_types.is_empty() {
+                None
+            } else {
+                Some(serde_json::to_string(want.skip_types)?)
+            })
             .fetch_all(&mut *tx)
             .await
             .context("claiming rows")?;

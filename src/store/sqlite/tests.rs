@@ -133,6 +133,7 @@ async fn a_claim_holds_at_most_its_bytes_and_at_least_one_row() -> anyhow::Resul
             Want {
                 rows: 5,
                 bytes: 250,
+                skip_types: &[],
             },
             LEASE,
             "test",
@@ -144,7 +145,16 @@ async fn a_claim_holds_at_most_its_bytes_and_at_least_one_row() -> anyhow::Resul
     assert!(claim.full, "five were claimable");
 
     let claim = store
-        .claim(2, Want { rows: 5, bytes: 10 }, LEASE, "test")
+        .claim(
+            2,
+            Want {
+                rows: 5,
+                bytes: 10,
+                skip_types: &[],
+            },
+            LEASE,
+            "test",
+        )
         .await?;
     let claimed: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
     assert_eq!(claimed, ids[2..3], "one row, larger than the bound");

@@ -1103,6 +1103,59 @@ async fn uploads_holding_every_worker_do_not_hold_back_other_rows(backend: Backe
         .assert_success();
 }
 
+both_stores!(recording_files_wait_in_the_outbox_while_every_upload_slot_is_taken);
+/// One upload slot (`file_concurrency = 1`), taken by an upload the Frontend answers
+/// only after 6 s; three more recording files come meanwhile, then a call log. The
+/// files are not claimed while the slot is taken (a worker holding them would wait
+/// for the slot, and with them every worker), so the log goes out at once; the
+/// files follow one at a time once the slot is free, each uploaded once.
+async fn recording_files_wait_in_the_outbox_while_every_upload_slot_is_taken(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("dispatch.concurrency", 2)
+        .set("dispatch.batches_per_settle", 1)
+        .set("dispatch.file_concurrency", 1)
+        .set("ingest.upload_timeout", "20s");
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::File(_) => Reply::ok().delay(Duration::from_secs(6)),
+        Incoming::Sync(_) => Reply::ok(),
+    }));
+    let relay = env.spawn_run(&[]);
+    let mut files = vec![a_recording_file_row(&env, Uuid::new_v4()).await];
+    wait_until(
+        Duration::from_secs(10),
+        "the first upload under way",
+        || async { !env.sink.all_uploads().is_empty() },
+    )
+    .await;
+    for _ in 0..3 {
+        files.push(a_recording_file_row(&env, Uuid::new_v4()).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // past the stand-in's start: a claim of its own for the log
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    env.sink.wait_for_entries(1, Duration::from_secs(6)).await;
+    assert_eq!(env.sink.entries()[0].outbox_id, log);
+    let uploads = env.sink.all_uploads();
+    assert!(
+        uploads.len() == 1 && uploads[0].answered_at.is_none(),
+        "the log went out while the first upload was still out: {uploads:#?}"
+    );
+    wait_until(Duration::from_secs(60), "every file settled", || async {
+        let sent = env.sent_ids().await;
+        files.iter().all(|id| sent.contains(id))
+    })
+    .await;
+    assert_eq!(env.sink.uploads().len(), 4, "each file uploaded once");
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+}
+
 both_stores!(rows_answered_are_settled_while_a_slow_request_of_their_claim_is_out);
 /// One worker claims two rows for two requests; the Frontend answers one at once and
 /// the other after 4 s (well within `ingest.timeout`). The first is settled about a
