@@ -39,12 +39,13 @@ pub struct PgStore {
 /// generated column), in an index-only scan: 8-byte comparisons in an index a third
 /// the size of one on the text key, whatever the database's collation (the probe is
 /// most of what ordering costs: docs/BENCHMARKS.md). Two keys with one hash are only
-/// ordered behind each other. The probe compares `(ordering_key_hash, id)` as one row
-/// value, which only that index can serve: written `p.id < o.id`, the planner could
-/// serve it from the primary key instead when its statistics say the outbox is
-/// empty (vacuumed between two quiet moments), and then each probe walks every
-/// older row: a burst of 20,000 rows made claims take 10 s and more, longer than the
-/// lease (docs/OPERATIONS.md).
+/// ordered behind each other. Planned with statistics that say the outbox is empty
+/// (a vacuum in a quiet moment), the probe can be served from the primary key
+/// instead, walking every older row: a burst of 20,000 rows then made claims take
+/// 10 s and more. A claim that slow makes the relay `ANALYZE` the outbox
+/// (`Relay::refresh_statistics_after`). (Writing the probe as a row comparison on
+/// `(ordering_key_hash, id)`, which only that index serves, cost 2–9 % more
+/// PostgreSQL CPU per row in `bench ordering`; docs/BENCHMARKS.md.)
 /// The lease runs from the claim's end (`clock_timestamp()`, not the transaction's
 /// start): a claim slowed down by the database still gets a whole lease.
 /// SKIP LOCKED lets concurrent relays take disjoint batches without waiting.
@@ -76,8 +77,7 @@ WITH cand AS (
       AND ($6::bigint IS NULL OR hashtext(COALESCE(o.ordering_key, o.id::text)) < $6)
       AND (o.ordering_key_hash IS NULL OR NOT EXISTS (
             SELECT 1 FROM sync_outbox p
-            WHERE p.ordering_key_hash = o.ordering_key_hash
-              AND (p.ordering_key_hash, p.id) < (o.ordering_key_hash, o.id)))
+            WHERE p.ordering_key_hash = o.ordering_key_hash AND p.id < o.id))
       AND o.id >= $7
       AND ($9::text[] IS NULL OR o.entity_type <> ALL($9))
     ORDER BY o.id
