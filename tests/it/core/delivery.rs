@@ -8,6 +8,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{a_recording_file_row, file_payload, parse_time, write_recording};
+use crate::harness::relay::Running;
 use crate::harness::sink::Incoming;
 use crate::harness::{both_stores, wait_until, Backend, Mode, NewRow, Reply, TestEnv};
 
@@ -1048,6 +1049,53 @@ async fn rows_answered_are_settled_without_waiting_for_the_uploads_claimed_with_
     assert_eq!(env.sink.entries().len(), 1);
 }
 
+/// Two workers (one batch each) on a relay whose Frontend answers every upload only
+/// after 6 s (within `ingest.upload_timeout`), with `file_concurrency` upload slots.
+async fn uploads_held_for_six_seconds(backend: Backend, file_concurrency: u32) -> TestEnv {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("dispatch.concurrency", 2)
+        .set("dispatch.batches_per_settle", 1)
+        .set("dispatch.file_concurrency", file_concurrency)
+        .set("ingest.upload_timeout", "20s");
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::File(_) => Reply::ok().delay(Duration::from_secs(6)),
+        Incoming::Sync(_) => Reply::ok(),
+    }));
+    env
+}
+
+/// The call log `log` was the first entry delivered, while the uploads so far (at
+/// most `uploads`) were all still unanswered.
+#[track_caller]
+fn went_out_before_the_uploads_ended(env: &TestEnv, log: i64, uploads: usize) {
+    assert_eq!(env.sink.entries()[0].outbox_id, log);
+    let out = env.sink.all_uploads();
+    assert!(
+        out.len() <= uploads && out.iter().all(|u| u.answered_at.is_none()),
+        "the log went out while the uploads were still out: {out:#?}"
+    );
+}
+
+/// Every one of `files` is settled as sent, each uploaded once; the relay then
+/// stops cleanly.
+async fn every_file_uploaded_once(env: &TestEnv, files: &[i64], relay: Running) {
+    wait_until(Duration::from_secs(60), "every file settled", || async {
+        let sent = env.sent_ids().await;
+        files.iter().all(|id| sent.contains(id))
+    })
+    .await;
+    assert_eq!(
+        env.sink.uploads().len(),
+        files.len(),
+        "each file uploaded once"
+    );
+    relay
+        .terminate(Duration::from_secs(10))
+        .await
+        .assert_success();
+}
+
 both_stores!(uploads_holding_every_worker_do_not_hold_back_other_rows);
 /// Two workers, each held by a recording upload the Frontend answers only after
 /// 6 s (each file its own claim, as rows trickle in): a call log committed
@@ -1055,15 +1103,7 @@ both_stores!(uploads_holding_every_worker_do_not_hold_back_other_rows);
 /// unanswered, and the relay still has its workers once they are. Before, every
 /// worker waited for its upload, and nothing of any key went out until one ended.
 async fn uploads_holding_every_worker_do_not_hold_back_other_rows(backend: Backend) {
-    let mut env = TestEnv::migrated_on(backend).await;
-    env.config
-        .set("dispatch.concurrency", 2)
-        .set("dispatch.batches_per_settle", 1)
-        .set("ingest.upload_timeout", "20s");
-    env.sink.set_mode(Mode::custom(|incoming| match incoming {
-        Incoming::File(_) => Reply::ok().delay(Duration::from_secs(6)),
-        Incoming::Sync(_) => Reply::ok(),
-    }));
+    let env = uploads_held_for_six_seconds(backend, 4).await;
     let relay = env.spawn_run(&[]);
     let mut files = Vec::new();
     for n in 1..=2 {
@@ -1077,12 +1117,7 @@ async fn uploads_holding_every_worker_do_not_hold_back_other_rows(backend: Backe
         .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
         .await;
     env.sink.wait_for_entries(1, Duration::from_secs(4)).await;
-    assert_eq!(env.sink.entries()[0].outbox_id, log);
-    let uploads = env.sink.all_uploads();
-    assert!(
-        uploads.iter().all(|u| u.answered_at.is_none()),
-        "the log went out while both uploads were still out: {uploads:#?}"
-    );
+    went_out_before_the_uploads_ended(&env, log, 2);
     wait_until(Duration::from_secs(20), "the uploads settled", || async {
         let sent = env.sent_ids().await;
         files.iter().all(|id| sent.contains(id))
@@ -1096,11 +1131,7 @@ async fn uploads_holding_every_worker_do_not_hold_back_other_rows(backend: Backe
         env.sent_ids().await.contains(&later)
     })
     .await;
-    assert_eq!(env.sink.uploads().len(), 2, "each file uploaded once");
-    relay
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success();
+    every_file_uploaded_once(&env, &files, relay).await;
 }
 
 both_stores!(recording_files_wait_in_the_outbox_while_every_upload_slot_is_taken);
@@ -1110,16 +1141,7 @@ both_stores!(recording_files_wait_in_the_outbox_while_every_upload_slot_is_taken
 /// for the slot, and with them every worker), so the log goes out at once; the
 /// files follow one at a time once the slot is free, each uploaded once.
 async fn recording_files_wait_in_the_outbox_while_every_upload_slot_is_taken(backend: Backend) {
-    let mut env = TestEnv::migrated_on(backend).await;
-    env.config
-        .set("dispatch.concurrency", 2)
-        .set("dispatch.batches_per_settle", 1)
-        .set("dispatch.file_concurrency", 1)
-        .set("ingest.upload_timeout", "20s");
-    env.sink.set_mode(Mode::custom(|incoming| match incoming {
-        Incoming::File(_) => Reply::ok().delay(Duration::from_secs(6)),
-        Incoming::Sync(_) => Reply::ok(),
-    }));
+    let env = uploads_held_for_six_seconds(backend, 1).await;
     let relay = env.spawn_run(&[]);
     let mut files = vec![a_recording_file_row(&env, Uuid::new_v4()).await];
     wait_until(
@@ -1138,22 +1160,8 @@ async fn recording_files_wait_in_the_outbox_while_every_upload_slot_is_taken(bac
         .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
         .await;
     env.sink.wait_for_entries(1, Duration::from_secs(6)).await;
-    assert_eq!(env.sink.entries()[0].outbox_id, log);
-    let uploads = env.sink.all_uploads();
-    assert!(
-        uploads.len() == 1 && uploads[0].answered_at.is_none(),
-        "the log went out while the first upload was still out: {uploads:#?}"
-    );
-    wait_until(Duration::from_secs(60), "every file settled", || async {
-        let sent = env.sent_ids().await;
-        files.iter().all(|id| sent.contains(id))
-    })
-    .await;
-    assert_eq!(env.sink.uploads().len(), 4, "each file uploaded once");
-    relay
-        .terminate(Duration::from_secs(10))
-        .await
-        .assert_success();
+    went_out_before_the_uploads_ended(&env, log, 1);
+    every_file_uploaded_once(&env, &files, relay).await;
 }
 
 both_stores!(rows_answered_are_settled_while_a_slow_request_of_their_claim_is_out);

@@ -42,6 +42,14 @@ fn with_commits_on(url: &str) -> String {
     format!("{url}{sep}options[synchronous_commit]=on")
 }
 
+/// A claim of up to 10 rows, leased for `lease`.
+async fn claim_ten(store: &Store, lease: Duration) -> serversync::store::Claim {
+    store
+        .claim(Want::rows(10), lease, "commits-test", None, 0)
+        .await
+        .expect("claim")
+}
+
 #[tokio::test]
 async fn relay_commits_skip_the_flush_unless_configured_and_operators_keep_the_servers() {
     let env = TestEnv::migrated_on(Backend::Postgres).await;
@@ -55,16 +63,7 @@ async fn relay_commits_skip_the_flush_unless_configured_and_operators_keep_the_s
             "synchronous_commit = {configured}"
         );
         env.insert("call_log", Uuid::new_v4(), json!({})).await;
-        let claim = store
-            .claim(
-                Want::rows(10),
-                Duration::from_secs(60),
-                "commits-test",
-                None,
-                0,
-            )
-            .await
-            .expect("claim");
+        let claim = claim_ten(&store, Duration::from_secs(60)).await;
         assert_eq!(claim.rows.len(), 1, "the new row is claimed");
         // the claim's commit skips the flush for its own transaction only
         assert_eq!(
@@ -97,33 +96,14 @@ async fn a_claim_held_up_longer_than_its_lease_still_gets_a_whole_lease() {
     // prepared once, so that the wait below is the claim's execution's, as a
     // relay's claims are (a first claim would wait while being prepared, in a
     // transaction of its own)
-    let none = store
-        .claim(
-            Want::rows(10),
-            Duration::from_secs(2),
-            "lease-test",
-            None,
-            0,
-        )
-        .await
-        .expect("claim");
+    let none = claim_ten(&store, Duration::from_secs(2)).await;
     assert!(none.rows.is_empty());
     env.insert("call_log", Uuid::new_v4(), json!({})).await;
     let holder = env.db.hold_lock("sync_outbox").await;
-    let claim = tokio::spawn(async move {
-        store
-            .claim(
-                Want::rows(10),
-                Duration::from_secs(2),
-                "lease-test",
-                None,
-                0,
-            )
-            .await
-    });
+    let claim = tokio::spawn(async move { claim_ten(&store, Duration::from_secs(2)).await });
     tokio::time::sleep(Duration::from_secs(3)).await;
     drop(holder);
-    let claim = claim.await.expect("the claim task").expect("claim");
+    let claim = claim.await.expect("the claim task");
     assert_eq!(claim.rows.len(), 1);
     let left: f64 = sqlx::query_scalar(
         "SELECT extract(epoch FROM lease_until - clock_timestamp())::float8 FROM sync_outbox",
