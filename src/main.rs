@@ -52,12 +52,15 @@ fn main() -> ExitCode {
     if let Err(e) = std::io::stdout().flush() {
         serversync::telemetry::output_error(&e);
     }
+    let unwritten = result
+        .is_ok()
+        .then(serversync::telemetry::output_failed)
+        .flatten();
+    if let Some(why) = unwritten {
+        serversync::telemetry::say_err(format_args!("error: writing the output failed: {why}"));
+        return ExitCode::FAILURE;
+    }
     match result {
-        Ok(_) if serversync::telemetry::output_failed().is_some() => {
-            let why = serversync::telemetry::output_failed().unwrap_or_default();
-            serversync::telemetry::say_err(format_args!("error: writing the output failed: {why}"));
-            ExitCode::FAILURE
-        }
         Ok(code) => code,
         Err(e) => {
             let line = one_line(&e);

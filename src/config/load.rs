@@ -17,10 +17,9 @@ impl Settings {
     /// Load from `path` (or the default path if it exists), the environment and the
     /// overrides, then validate. Errors name the offending key.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Settings> {
-        // the file read: the one named, or the default one where there is one
-        // the default file is read where there is something at its path: one that
-        // cannot be reached (a directory without search permission, a link loop) is
-        // an error, not a reason to run on defaults
+        // the file read: the one named, or the default one where there is something
+        // at its path; one there that cannot be reached (a directory without search
+        // permission, a link loop) is an error, not a reason to run on defaults
         let file = match path {
             Some(p) => Some(p.to_path_buf()),
             None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| {
@@ -39,13 +38,11 @@ impl Settings {
                     bail!("config file {} does not exist", p.display())
                 }
                 Err(e) => bail!("cannot read config file {}: {e}", p.display()),
-                Ok(_) => {}
-            }
-            if p.is_dir() {
-                bail!(
+                Ok(meta) if meta.is_dir() => bail!(
                     "config file {} is a directory, not a TOML file",
                     p.display()
-                );
+                ),
+                Ok(_) => {}
             }
             builder = builder.add_source(config::File::from_str(
                 &read_config_file(p)?,

@@ -124,8 +124,6 @@ impl Default for IngestSettings {
 }
 
 impl IngestSettings {
-    /// `base_url` as it may be shown and recorded: without its query (which some
-    /// Frontends take a key in) or fragment.
     /// What `danger_accept_invalid_certs` does, said at every start and by `check`:
     /// a switch that turns off a protection is never silent.
     pub fn unverified_tls_warning(&self) -> Option<String> {
@@ -157,6 +155,8 @@ impl IngestSettings {
         })
     }
 
+    /// `base_url` as it may be shown and recorded: without its query (which some
+    /// Frontends take a key in) or fragment.
     pub fn base_url_shown(&self) -> String {
         match reqwest::Url::parse(&self.base_url) {
             Ok(mut url) => {

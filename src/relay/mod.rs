@@ -293,13 +293,14 @@ impl Relay {
         let lanes = (0..lanes)
             .map(|index| Lane::new((lanes > 1).then_some(KeyShare { index, of: lanes })))
             .collect();
-        let uploads = tokio::sync::Semaphore::new(d.file_concurrency.max(1) as usize);
+        let file_slots = d.file_concurrency.max(1) as usize;
+        let uploads = tokio::sync::Semaphore::new(file_slots);
         let (requests, receiver) = tokio::sync::mpsc::unbounded_channel();
         let stand_ins = StandIns {
             requests,
             receiver: Mutex::new(Some(receiver)),
             active: AtomicUsize::new(0),
-            max: d.file_concurrency.max(1) as usize,
+            max: file_slots,
         };
         let drain = match mode {
             Mode::Run => None,

@@ -101,9 +101,10 @@ RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload,
           o.attempts, o.ordering_key, (SELECT count(*) FROM cand) AS candidates
 "#;
 
-/// The connection parameters sqlx reads from a URL's query; it ignores any other,
-/// with a warning that quotes its value (a misspelt `passwd=` would be logged).
-const KNOWN_PARAMETERS: [&str; 16] = [
+/// The connection parameters sqlx reads from a URL's query (and `options[…]`); it
+/// ignores any other, with a warning that quotes its value (a misspelt `passwd=`
+/// would be logged).
+const KNOWN_PARAMETERS: [&str; 18] = [
     "sslmode",
     "ssl-mode",
     "sslrootcert",
@@ -120,11 +121,12 @@ const KNOWN_PARAMETERS: [&str; 16] = [
     "dbname",
     "user",
     "password",
+    "application_name",
+    "options",
 ];
 
-/// `url` without the query parameters sqlx would ignore (`KNOWN_PARAMETERS`,
-/// `application_name`, `options`, `options[…]`), each named in a warning without
-/// its value.
+/// `url` without the query parameters sqlx would ignore (all but
+/// `KNOWN_PARAMETERS`), each named in a warning without its value.
 fn without_unknown_parameters(url: &str) -> String {
     let Ok(mut parsed) = reqwest::Url::parse(url) else {
         return url.to_string();
@@ -132,12 +134,7 @@ fn without_unknown_parameters(url: &str) -> String {
     if parsed.query().is_none() {
         return url.to_string();
     }
-    let known = |key: &str| {
-        KNOWN_PARAMETERS.contains(&key)
-            || key == "application_name"
-            || key == "options"
-            || key.starts_with("options[")
-    };
+    let known = |key: &str| KNOWN_PARAMETERS.contains(&key) || key.starts_with("options[");
     let pairs: Vec<(String, String)> = parsed
         .query_pairs()
         .map(|(k, v)| (k.into_owned(), v.into_owned()))

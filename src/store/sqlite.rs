@@ -141,13 +141,12 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5))
             .synchronous(SqliteSynchronous::Normal);
         let file = connect.get_filename();
-        let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
-        if !memory && dir.is_some_and(|d| !d.is_dir()) {
+        let dir = file
+            .parent()
+            .filter(|d| !memory && !d.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
             // `migrate` creates the file, not the directories above it
-            bail!(
-                "its directory {} does not exist",
-                dir.map_or_else(String::new, |d| d.display().to_string())
-            );
+            bail!("its directory {} does not exist", dir.display());
         }
         if !memory && !options.create && !file.exists() {
             bail!("the file does not exist; `serversync migrate` creates it");
