@@ -380,13 +380,19 @@ fn read_config_file(path: &Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// A `SERVERSYNC__…` or `DATABASE_URL` value that is not UTF-8 is refused naming the
-/// variable only: the `config` crate's error quotes the value, a secret as often as
-/// not, and `std::env::var` would take `DATABASE_URL` as unset.
+/// A `SERVERSYNC__…` (the prefix in any case, as the `config` crate reads it) or
+/// `DATABASE_URL` value that is not UTF-8 is refused naming the variable only: the
+/// `config` crate's error quotes the value, a secret as often as not, and
+/// `std::env::var` would take `DATABASE_URL` as unset.
 fn refuse_non_unicode_environment() -> anyhow::Result<()> {
     use std::os::unix::ffi::OsStrExt;
+    const PREFIX: &[u8] = b"SERVERSYNC__";
     for (name, value) in std::env::vars_os() {
-        let ours = name.as_bytes().starts_with(b"SERVERSYNC__") || name == "DATABASE_URL";
+        let ours = name
+            .as_bytes()
+            .get(..PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+            || name == "DATABASE_URL";
         if ours && value.to_str().is_none() {
             bail!(
                 "invalid configuration: the environment variable {} is not valid UTF-8",

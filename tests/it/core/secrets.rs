@@ -314,6 +314,7 @@ async fn config_errors_never_quote_a_secret() {
         "SERVERSYNC__INGEST__AUTH_TOKEN",
         "SERVERSYNC__INGEST__SIGNING_SECRET",
         "SERVERSYNC__DATABASE__URL",
+        "serversync__ingest__auth_token",
         "DATABASE_URL",
     ] {
         let value = [TOKEN.as_bytes(), b"\xff"].concat();
