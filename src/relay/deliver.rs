@@ -8,6 +8,7 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 
 use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
 
 use super::{Relay, StandIn};
 use crate::dispatch::FileJob;
@@ -42,7 +43,14 @@ fn hang_split_ways(rows: usize) -> usize {
 /// What became of one row's delivery.
 pub(super) enum Attempt {
     Sent,
-    Failed { failure: Failure, charged: bool },
+    Failed {
+        failure: Failure,
+        charged: bool,
+    },
+    /// Never sent: the relay was stopping (`finished`) when the row's upload was to
+    /// start. Released at the settle, unchanged and uncharged, for a relay to claim
+    /// at once.
+    NotSent,
 }
 
 /// The rows of a claim answered with a 2xx and not gathered into its attempts yet.
@@ -90,11 +98,14 @@ impl Relay {
     /// among themselves.
     /// Once only uploads are out, for a while, another worker stands in for this one
     /// (`stand_in`, `StandIns`).
+    /// Once `finished` (a signal, a drain's `--timeout` or its end on an outage),
+    /// uploads not started yet are not: they are `Attempt::NotSent`.
     pub(super) async fn deliver(
         &self,
         claim: &Claim,
         probing: bool,
         stand_in: Option<&StandIn>,
+        finished: &CancellationToken,
     ) -> HashMap<i64, Attempt> {
         let mut attempts = HashMap::with_capacity(claim.rows.len());
         let mut json = Vec::new();
@@ -166,7 +177,7 @@ impl Relay {
         }
         let mut futures = Vec::with_capacity(files.len());
         for (row, job) in &files {
-            futures.push(self.upload(row, job));
+            futures.push(self.upload(row, job, finished));
         }
         let mut uploads = futures_util::stream::iter(futures)
             .buffer_unordered(self.settings.dispatch.file_concurrency as usize);
@@ -186,14 +197,18 @@ impl Relay {
             .await
         {
             let attempt = match result {
-                Ok(()) => {
+                None => Attempt::NotSent,
+                Some(Ok(())) => {
                     self.sink.on_answer();
                     Attempt::Sent
                 }
-                Err(failure) => {
+                Some(Err(failure)) => {
                     let again = || async {
                         match files.iter().find(|(row, _)| row.id == id) {
-                            Some((row, job)) => self.upload(row, job).await.1,
+                            Some((row, job)) => match self.upload(row, job, finished).await.1 {
+                                Some(result) => result,
+                                None => Err(failure.clone()),
+                            },
                             None => Err(failure.clone()),
                         }
                     };
@@ -597,11 +612,21 @@ impl Relay {
 
 impl Relay {
     /// One upload, once the relay has room for it (the wait is not part of the
-    /// request's timeout; the lease is renewed meanwhile).
-    async fn upload(&self, row: &ClaimedRow, job: &FileJob) -> (i64, Result<(), Failure>) {
+    /// request's timeout; the lease is renewed meanwhile); none (`None`) if the relay
+    /// is `finished` by then: stopping, it starts no upload, which could outlast the
+    /// shutdown grace and be cut off at its end.
+    async fn upload(
+        &self,
+        row: &ClaimedRow,
+        job: &FileJob,
+        finished: &CancellationToken,
+    ) -> (i64, Option<Result<(), Failure>>) {
         // the semaphore is never closed; were it, uploading unbounded is harmless
         let _permit = self.uploads.acquire().await.ok();
-        (row.id, self.dispatcher.send_file(row, job).await)
+        if finished.is_cancelled() {
+            return (row.id, None);
+        }
+        (row.id, Some(self.dispatcher.send_file(row, job).await))
     }
 }
 

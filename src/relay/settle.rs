@@ -11,7 +11,7 @@ use backon::Retryable;
 use super::deliver::Attempt;
 use super::{db_backoff_builder, Relay};
 use crate::retry::next_delay;
-use crate::store::{Claim, DeadRow, ErrorRecord, RetryRow, Settlement};
+use crate::store::{Claim, DeadRow, ErrorRecord, Held, RetryRow, Settlement};
 use crate::taxonomy::{storable, ErrorType};
 
 impl Relay {
@@ -23,6 +23,7 @@ impl Relay {
             ..Default::default()
         };
         let mut lines = Vec::new();
+        let mut unsent = Vec::new();
         let now = chrono::Utc::now();
         for row in &claim.rows {
             let Some(attempt) = attempts.remove(&row.id) else {
@@ -31,6 +32,10 @@ impl Relay {
             let (failure, charged) = match attempt {
                 Attempt::Sent => {
                     s.sent.push(row.id);
+                    continue;
+                }
+                Attempt::NotSent => {
+                    unsent.push(row.id);
                     continue;
                 }
                 Attempt::Failed { failure, charged } => (failure, charged),
@@ -93,13 +98,17 @@ impl Relay {
                 charged,
             });
         }
-        Decided { s, lines }
+        Decided { s, lines, unsent }
     }
 
     /// Write the outcome (`write_settlement`), then count the settle for a drain's
     /// end and wake the workers: rows of the same ordering keys may be due now.
-    pub(super) async fn settle(&self, claim: &Claim, decided: Decided) {
+    pub(super) async fn settle(&self, claim: &Claim, mut decided: Decided) {
+        let unsent = std::mem::take(&mut decided.unsent);
         self.write_settlement(claim, decided).await;
+        if !unsent.is_empty() {
+            self.release_not_sent(claim, unsent).await;
+        }
         if let Some(drain) = &self.drain {
             drain.settles.fetch_add(1, Ordering::SeqCst);
         }
@@ -111,7 +120,7 @@ impl Relay {
     /// rows are logged once their outcome is written, but for those whose lease was
     /// lost (what was decided for them did not happen).
     async fn write_settlement(&self, claim: &Claim, decided: Decided) {
-        let Decided { s, lines } = decided;
+        let Decided { s, lines, .. } = decided;
         if s.sent.is_empty() && s.retries.is_empty() && s.dead.is_empty() {
             // everything was settled as it was answered (`Relay::settle_answered`)
             return;
@@ -168,6 +177,30 @@ impl Relay {
         }
         // what was decided for the lost rows did not happen: not counted as done
         self.record(claim, &s.without(lost));
+    }
+
+    /// Give back the rows of `claim` the relay did not send because it was stopping
+    /// (`Attempt::NotSent`): unleased at once, fenced on the claim's token, so that
+    /// another relay (or this one restarted) takes them now rather than when their
+    /// lease expires. Nothing else of them changes: no attempt is charged.
+    async fn release_not_sent(&self, claim: &Claim, ids: Vec<i64>) {
+        let held = Held {
+            tokens: vec![claim.token],
+            ids,
+        };
+        match self.release_held(&held).await {
+            Ok(n) => tracing::info!(
+                rows = n,
+                outbox_ids = %ids_in_brief(&held.ids),
+                "stopping: recording uploads not started yet are released for redelivery"
+            ),
+            Err(e) => tracing::warn!(
+                rows = held.ids.len(),
+                error = %crate::app::causes(&e),
+                "stopping: releasing the recording uploads not started failed; \
+                 their rows return when their lease expires"
+            ),
+        }
     }
 
     pub(super) fn record(&self, claim: &Claim, s: &Settlement) {
@@ -236,6 +269,8 @@ impl Relay {
 pub(super) struct Decided {
     s: Settlement,
     lines: Vec<FailureLine>,
+    /// Rows never sent (`Attempt::NotSent`): released, not settled.
+    unsent: Vec<i64>,
 }
 
 /// A failed row's log line.

@@ -286,7 +286,7 @@ impl Relay {
         }
         // a probe's upload is the sink's test: the workers wait for its outcome
         let stand_in = (!probing).then_some(stand_in);
-        let deliver = self.with_heartbeat(self.deliver(&claim, probing, stand_in));
+        let deliver = self.with_heartbeat(self.deliver(&claim, probing, stand_in, finished));
         // claim ahead only from a backlog (a full claim, or one that the byte bound
         // cut short): a trickle is picked up by the next step, woken by its commit,
         // with no empty claim per cycle

@@ -1164,6 +1164,85 @@ async fn recording_files_wait_in_the_outbox_while_every_upload_slot_is_taken(bac
     every_file_uploaded_once(&env, &files, relay).await;
 }
 
+both_stores!(a_stopping_relay_starts_no_more_uploads_and_gives_their_rows_back);
+/// SIGTERM while a relay uploads five recording files one at a time
+/// (`file_concurrency = 1`, the Frontend answering each after 3 s): the upload out
+/// is finished and settled; the four others are not started (before, one after
+/// another was until the grace ran out, and the one out then was cut off), and their
+/// rows are released at once, unleased and uncharged. The next drain delivers them,
+/// each file uploaded once in all.
+async fn a_stopping_relay_starts_no_more_uploads_and_gives_their_rows_back(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("dispatch.file_concurrency", 1)
+        .set("ingest.upload_timeout", "20s")
+        .set("shutdown.grace", "20s");
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::File(_) => Reply::ok().delay(Duration::from_secs(3)),
+        Incoming::Sync(_) => Reply::ok(),
+    }));
+    let mut files = Vec::new();
+    for _ in 0..5 {
+        files.push(a_recording_file_row(&env, Uuid::new_v4()).await);
+    }
+    let relay = env.spawn_run(&[]);
+    wait_until(
+        Duration::from_secs(10),
+        "the first upload under way",
+        || async { !env.sink.all_uploads().is_empty() },
+    )
+    .await;
+    relay.signal(libc::SIGTERM);
+    let signalled = std::time::Instant::now();
+    let out = relay.wait(Duration::from_secs(40)).await;
+    let took = signalled.elapsed();
+    out.assert_success().assert_no_panic();
+    assert_eq!(
+        env.sink.all_uploads().len(),
+        1,
+        "an upload was started after SIGTERM\n{out}"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "exit {took:?} after SIGTERM: it waited for more than the upload out\n{out}"
+    );
+    assert!(out.stderr.contains("released for redelivery"), "{out}");
+    // `recording_file:<outboxId>`
+    let outbox_id = |u: &crate::harness::sink::Upload| -> i64 {
+        let key = u.headers.get("idempotency-key").unwrap_or_default();
+        key.rsplit(':')
+            .next()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(-1)
+    };
+    let uploaded = outbox_id(&env.sink.uploads()[0]);
+    assert_eq!(
+        env.sent_ids().await,
+        vec![uploaded],
+        "the upload out is settled"
+    );
+    let given_back = env
+        .db
+        .scalar(
+            "SELECT count(*) FROM sync_outbox WHERE claim_token IS NULL AND lease_until IS NULL \
+             AND attempts = 0 AND last_error_type IS NULL",
+        )
+        .await;
+    assert_eq!(
+        given_back, 4,
+        "the rows not uploaded wait, unleased and uncharged"
+    );
+
+    env.sink.set_mode(Mode::Accept);
+    env.drain().await.assert_success();
+    let mut sent = env.sent_ids().await;
+    sent.sort_unstable();
+    assert_eq!(sent, files);
+    let mut uploads: Vec<i64> = env.sink.uploads().iter().map(outbox_id).collect();
+    uploads.sort_unstable();
+    assert_eq!(uploads, files, "each file uploaded once");
+}
+
 both_stores!(rows_answered_are_settled_while_a_slow_request_of_their_claim_is_out);
 /// One worker claims two rows for two requests; the Frontend answers one at once and
 /// the other after 4 s (well within `ingest.timeout`). The first is settled about a
