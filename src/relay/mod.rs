@@ -95,6 +95,8 @@ pub(super) struct StandIn {
     lane: usize,
     since: Mutex<Option<Instant>>,
     granted: AtomicBool,
+    /// Told once `granted` is set.
+    granted_now: tokio::sync::Notify,
 }
 
 impl StandIn {
@@ -103,6 +105,14 @@ impl StandIn {
             lane,
             since: Mutex::new(None),
             granted: AtomicBool::new(false),
+            granted_now: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Once a stand-in was started for this step's worker (at once if it was).
+    pub(super) async fn stood_in_for(&self) {
+        if !self.granted.load(Ordering::Relaxed) {
+            self.granted_now.notified().await;
         }
     }
 
@@ -552,6 +562,8 @@ impl Relay {
             "a worker's uploads are taking a while: another worker claims meanwhile"
         );
         stand_in.granted.store(true, Ordering::Relaxed);
+        // a permit is kept if nothing waits yet
+        stand_in.granted_now.notify_one();
         true
     }
 

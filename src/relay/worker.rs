@@ -322,7 +322,7 @@ impl Relay {
                     }
                     match delivered {
                         Some(delivered) => delivered,
-                        None => self.give_back_if_it_outlasts_a_request(&mut deliver, sent, next).await,
+                        None => self.give_back_if_it_outlasts_a_request(&mut deliver, sent, next, stand_in).await,
                     }
                 }
             };
@@ -340,14 +340,16 @@ impl Relay {
 
     /// Wait for `deliver`, sent at `sent`. Past `ingest.timeout` a request of it has
     /// timed out, so it is searching its batch for an entry that hangs the Frontend
-    /// (a timeout per level) or sending a long upload: the batch claimed ahead in
-    /// `next` is given back then, for the other workers and relays to take, rather
-    /// than held until the delivery ends.
+    /// (a timeout per level) or sending a long upload; once a worker stands in for
+    /// this one (`stand_in`), only uploads are out, for a while. The batch claimed
+    /// ahead in `next` is given back then, for the stand-in and the other workers and
+    /// relays to take, rather than held until the delivery ends.
     async fn give_back_if_it_outlasts_a_request<T>(
         &self,
         deliver: &mut std::pin::Pin<&mut impl std::future::Future<Output = T>>,
         sent: Instant,
         next: &mut Prefetched,
+        stand_in: Option<&StandIn>,
     ) -> T {
         let give_back_at = sent + self.settings.ingest.timeout;
         if next.is_some() {
@@ -356,11 +358,19 @@ impl Relay {
                 delivered = deliver.as_mut() => return delivered,
                 _ = tokio::time::sleep_until(give_back_at) => {
                     tracing::debug!("a delivery outlasted ingest.timeout: the batch claimed ahead is given back");
-                    self.release_prefetched(next).await;
-                    // an idle worker takes them now, not at its next poll
-                    self.wake();
+                }
+                () = async {
+                    match stand_in {
+                        Some(stand_in) => stand_in.stood_in_for().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    tracing::debug!("uploads hold the worker: the batch claimed ahead is given back");
                 }
             }
+            self.release_prefetched(next).await;
+            // an idle worker takes them now, not at its next poll
+            self.wake();
         }
         deliver.as_mut().await
     }

@@ -1243,6 +1243,67 @@ async fn a_stopping_relay_starts_no_more_uploads_and_gives_their_rows_back(backe
     assert_eq!(uploads, files, "each file uploaded once");
 }
 
+both_stores!(a_batch_claimed_ahead_is_given_back_when_uploads_hold_its_worker);
+/// One worker (`concurrency = 1`) claims a full batch of five rows whose last is a
+/// recording file the Frontend answers only after 15 s, and claims the next five
+/// (call logs) ahead while it is out. A worker stands in for it a second into the
+/// upload; the batch claimed ahead is given back then, and the stand-in delivers it
+/// long before the upload ends. Before, it stayed with the held worker until
+/// `ingest.timeout` (10 s here) or the upload's end.
+async fn a_batch_claimed_ahead_is_given_back_when_uploads_hold_its_worker(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("dispatch.concurrency", 1)
+        .set("dispatch.batches_per_settle", 1)
+        .set("dispatch.batch_size", 5)
+        .set("ingest.timeout", "10s")
+        .set("ingest.upload_timeout", "30s");
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::File(_) => Reply::ok().delay(Duration::from_secs(15)),
+        Incoming::Sync(_) => Reply::ok(),
+    }));
+    for n in 0..4 {
+        env.insert("call_log", Uuid::new_v4(), json!({ "n": n }))
+            .await;
+    }
+    let file = a_recording_file_row(&env, Uuid::new_v4()).await;
+    let mut later = Vec::new();
+    for n in 0..5 {
+        later.push(
+            env.insert("call_log", Uuid::new_v4(), json!({ "later": n }))
+                .await,
+        );
+    }
+    let relay = env.spawn_run(&[]);
+    wait_until(Duration::from_secs(10), "the upload under way", || async {
+        !env.sink.all_uploads().is_empty()
+    })
+    .await;
+    let upload_began = std::time::Instant::now();
+    wait_until(
+        Duration::from_secs(30),
+        "the rows claimed ahead delivered",
+        || async {
+            let sent = env.sent_ids().await;
+            later.iter().all(|id| sent.contains(id))
+        },
+    )
+    .await;
+    let took = upload_began.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "the rows claimed ahead waited {took:?} for the upload's worker"
+    );
+    assert!(
+        env.sink
+            .all_uploads()
+            .iter()
+            .all(|u| u.answered_at.is_none()),
+        "delivered while the upload was still out"
+    );
+    every_file_uploaded_once(&env, &[file], relay).await;
+}
+
 both_stores!(rows_answered_are_settled_while_a_slow_request_of_their_claim_is_out);
 /// One worker claims two rows for two requests; the Frontend answers one at once and
 /// the other after 4 s (well within `ingest.timeout`). The first is settled about a
