@@ -39,6 +39,20 @@ pub async fn enqueue(
     if entity_type.trim().is_empty() {
         bail!("invalid --entity-type: must not be empty");
     }
+    if !crate::taxonomy::well_formed_entity_type(&entity_type) {
+        // the relay would only dead-letter it (`unknown_entity_type`)
+        bail!(
+            "invalid --entity-type: at most 100 bytes and no control characters \
+             (no such type can be routed)"
+        );
+    }
+    if ordering_key.as_deref().is_some_and(|k| k.is_empty()) {
+        // an empty key is a key: every row given it would wait for the one before
+        bail!(
+            "invalid --ordering-key: must not be empty (leave it out for the key \
+             derived from the entity type)"
+        );
+    }
     let store = connect_operator(settings).await?;
     store.require_current_schema().await?;
     let id = store
@@ -390,6 +404,12 @@ pub async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
             // it answered, authorized, and only refused the empty batch itself
             Some(400 | 422) => say!(
                 "warn  ingest {base} reachable, but refused an empty batch: {}",
+                one_line(&f.message, 300)
+            ),
+            // it answered, and asks for fewer requests: relays pause, and go on
+            Some(429) => say!(
+                "warn  ingest {base} reachable, but asks to slow down now (relays pause \
+                 as it says, then go on): {}",
                 one_line(&f.message, 300)
             ),
             Some(status) => {

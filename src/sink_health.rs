@@ -153,6 +153,17 @@ impl SinkHealth {
         }
     }
 
+    /// How many different rows failed in this streak (as noted; at most 8).
+    pub fn rows_failing(&self) -> usize {
+        self.lock().failing_rows.len()
+    }
+
+    /// How long a probe's row the sink failed (not the row's doing) is put off: past
+    /// the next probe at the longest interval, which so takes another row.
+    pub fn rotation_delay(&self) -> Duration {
+        self.probe_max * 2
+    }
+
     /// Whether the failures of this streak noted so far, and `rows`, are all one row's.
     pub fn only_row_failing(&self, rows: &[i64]) -> bool {
         let s = self.lock();

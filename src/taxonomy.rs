@@ -63,6 +63,15 @@ impl ErrorType {
     }
 }
 
+/// Whether `entity_type` can be routed at all: not blank, at most 100 bytes, no
+/// control characters (it goes into logs and metric labels). Any other name goes
+/// to `/api/ingest/sync` unless `dispatch.json_entity_types` says otherwise.
+pub fn well_formed_entity_type(entity_type: &str) -> bool {
+    !entity_type.trim().is_empty()
+        && entity_type.len() <= 100
+        && !entity_type.chars().any(char::is_control)
+}
+
 impl fmt::Display for ErrorType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -152,7 +161,10 @@ impl Failure {
             // a redirect (never followed): a misconfigured ingest.base_url or a proxy
             // in front of the API, for an operator to fix; retried like a 408 meanwhile
             300..=399 => (ErrorType::Http4xx, true),
-            _ => (ErrorType::Http4xx, false),
+            400..=499 => (ErrorType::Http4xx, false),
+            // no HTTP status at all (600 and up, or below 200 as a final answer): a
+            // broken server or proxy, not a refusal of the rows; retried
+            _ => (ErrorType::Http5xx, true),
         };
         let reason = reqwest::StatusCode::from_u16(status)
             .ok()
@@ -263,6 +275,9 @@ mod tests {
             (400, ErrorType::Http4xx, false),
             (404, ErrorType::Http4xx, false),
             (422, ErrorType::Http4xx, false),
+            // no HTTP status: a broken server or proxy, retried
+            (600, ErrorType::Http5xx, true),
+            (999, ErrorType::Http5xx, true),
         ];
         for (status, error_type, retryable) in cases {
             let f = Failure::from_status(status, None, None);

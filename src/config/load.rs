@@ -427,6 +427,9 @@ fn read_secret(path: &Path, key: &str) -> anyhow::Result<SecretString> {
     let text = read_text(path, SECRET_FILE_LIMIT)
         .with_context(|| format!("cannot read {key} ({})", path.display()))?;
     let value = text.trim();
+    if value.is_empty() {
+        bail!("invalid value for {key}: {} is empty", path.display());
+    }
     if value.contains(['\n', '\r']) {
         // a URL parser drops line breaks, joining the lines into another value
         bail!(

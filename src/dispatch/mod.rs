@@ -89,12 +89,23 @@ impl FileJob {
                 ))),
             }
         };
+        // a path ending in `/` can only name a directory: never a file to send
+        let file = |name: &str, v: Option<serde_json::Value>, required: bool| {
+            let path = text(name, v, required)?;
+            match path {
+                Some(p) if p.ends_with('/') => Err(Failure::payload_invalid(format!(
+                    "recording_file payload field `{name}` ends with `/`: it names a \
+                     directory, not a file"
+                ))),
+                other => Ok(other),
+            }
+        };
         Ok(FileJob {
             call_log_id: text("callLogId", fields.call_log_id, true)?.unwrap_or_default(),
             recording_id: text("recordingId", fields.recording_id, false)?
                 .unwrap_or_else(|| row.entity_id.to_string()),
-            file_path: text("filePath", fields.file_path, true)?.unwrap_or_default(),
-            meta_path: text("metaPath", fields.meta_path, false)?,
+            file_path: file("filePath", fields.file_path, true)?.unwrap_or_default(),
+            meta_path: file("metaPath", fields.meta_path, false)?,
         })
     }
 
@@ -390,15 +401,36 @@ impl Dispatcher {
             Ok(mut response) if response.status().is_success() => {
                 // read a short body to its end, so the connection goes back to the
                 // pool; past 64 KiB (no ingest API says that much) it is dropped, the
-                // connection with it, instead of held in memory
+                // connection with it, instead of held in memory. A body cut off or
+                // not finished within `ingest.timeout` is no complete response (SPEC
+                // 4: `connect`, `timeout`): the rows go again, under the same
+                // Idempotency-Key, rather than be taken as delivered on a status line
+                // alone (a proxy may send one before its upstream is done)
                 let mut read = 0usize;
+                let mut cut = None;
                 while read <= ACK_BODY_LIMIT {
                     match response.chunk().await {
                         Ok(Some(chunk)) => read += chunk.len(),
-                        _ => break,
+                        Ok(None) => break,
+                        Err(e) => {
+                            cut = Some(e);
+                            break;
+                        }
                     }
                 }
-                Ok(())
+                match cut {
+                    None => Ok(()),
+                    Some(e) => {
+                        let mut f = Failure::from_transport(&e.without_url());
+                        f.message = format!(
+                            "sink answered HTTP {} but its response was cut off: {}",
+                            response.status().as_u16(),
+                            f.message
+                        );
+                        f.unsent = false;
+                        Err(f)
+                    }
+                }
             }
             Ok(response) => Err(failure_from_response(response).await),
         };
@@ -556,6 +588,9 @@ mod tests {
             r#"{"filePath":"a.wav"}"#,
             r#"{"callLogId":"c1","filePath":5}"#,
             "[1]",
+            // a directory's path, never a file's
+            r#"{"callLogId":"c1","filePath":"c1/mixed.wav/"}"#,
+            r#"{"callLogId":"c1","filePath":"c1/mixed.wav","metaPath":"c1/"}"#,
         ] {
             let f = FileJob::from_row(&row(bad)).unwrap_err();
             assert_eq!(

@@ -20,6 +20,11 @@ use crate::taxonomy::{ErrorType, Failure};
 /// per worker and second, none while requests are answered sooner.
 const SETTLE_ANSWERED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// While the sink is down, and answers an empty batch: once this many different
+/// rows have failed, with nothing going through, the probes' failures are the
+/// sink's, not their rows' (`Relay::row_or_sink`).
+const ROWS_FAILING_ARE_AN_OUTAGE: usize = 3;
+
 /// A batch of at most this many rows that timed out while the sink answers an empty
 /// batch is cut into single rows, sent at once (`hang_split_ways`).
 const HANG_SPLIT_SINGLES: usize = 32;
@@ -76,6 +81,10 @@ impl Sent {
 enum Verdict {
     /// Failed: charged to its rows, or not.
     Charge(bool),
+    /// Failed, not charged, and not due again for this long: the sink fails row
+    /// after row while it answers an empty batch, and the next probe is to take
+    /// another row.
+    Postpone(std::time::Duration),
     /// The sink answered an empty batch, and then the row itself.
     SentAgain,
 }
@@ -214,6 +223,14 @@ impl Relay {
                     };
                     match self.row_or_sink(&failure, &[id], true, again).await {
                         Verdict::Charge(charged) => Attempt::Failed { failure, charged },
+                        Verdict::Postpone(delay) => {
+                            let mut failure = failure;
+                            failure.retry_after = Some(delay);
+                            Attempt::Failed {
+                                failure,
+                                charged: false,
+                            }
+                        }
                         Verdict::SentAgain => Attempt::Sent,
                     }
                 }
@@ -461,6 +478,7 @@ impl Relay {
         }
         // The verdict. Something went through: the sink works, these rows fail it.
         // Nothing did: the sink is asked whether it works at all.
+        let mut postpone = None;
         let charged = if answered {
             true
         } else {
@@ -472,13 +490,20 @@ impl Relay {
                 .await
             {
                 Verdict::Charge(charged) => charged,
+                Verdict::Postpone(delay) => {
+                    postpone = Some(delay);
+                    false
+                }
                 Verdict::SentAgain => {
                     attempts.extend(again_rows.iter().map(|row| (row.id, Attempt::Sent)));
                     return attempts;
                 }
             }
         };
-        for (row, failure) in suspects {
+        for (row, mut failure) in suspects {
+            if postpone.is_some() {
+                failure.retry_after = postpone;
+            }
             attempts.insert(row.id, Attempt::Failed { failure, charged });
         }
         attempts
@@ -499,9 +524,15 @@ impl Relay {
     ///   hung sink's probe waits `ingest.timeout`): if it goes through the sink is up
     ///   (`Verdict::SentAgain`); if it fails as before, the row is charged and the
     ///   sink stays down for the others, which were not tried; the next probe takes
-    ///   the next row due. A Frontend whose storage is down while it answers empty
-    ///   batches so costs attempts to the probes' rows only, one at a time, and an
-    ///   outage that ends during a probe costs its row nothing.
+    ///   the next row due. Once `ROWS_FAILING_ARE_AN_OUTAGE` different rows have
+    ///   failed so in this streak, with nothing going through, it is the sink that
+    ///   fails whatever it is sent (a Frontend whose storage is down while its
+    ///   request handler answers empty batches, or whose upload endpoint fails):
+    ///   the probe's row is not charged, but put off (`Verdict::Postpone`,
+    ///   `SinkHealth::rotation_delay`), so that the next probe takes another row
+    ///   and a few rows that always fail cannot hold back the rest. Fewer rows
+    ///   than that, failing alone, are charged, one probe at a time, until dead.
+    ///   An outage that ends during a probe costs its row nothing.
     ///
     /// Failures of different rows are the sink's. A 503 says the Frontend is
     /// unavailable, and a connection that failed or a 429 no row causes: those count
@@ -538,7 +569,11 @@ impl Relay {
                 Err(f) if may_be_an_entrys_doing(&f) => {
                     self.sink
                         .on_sink_failure(f.error_type.as_str(), f.retry_after);
-                    Verdict::Charge(true)
+                    if self.sink.rows_failing() >= ROWS_FAILING_ARE_AN_OUTAGE {
+                        Verdict::Postpone(self.sink.rotation_delay())
+                    } else {
+                        Verdict::Charge(true)
+                    }
                 }
                 Err(f) => Verdict::Charge(self.account(&f)),
             };
@@ -582,9 +617,7 @@ impl Relay {
         let t = row.entity_type.as_str();
         // any name a JSON entity type may have (SPEC §1.2), but not an empty one, a
         // novel, or one with control characters (it goes into logs and metric labels)
-        let well_formed =
-            !t.trim().is_empty() && t.len() <= 100 && !t.chars().any(char::is_control);
-        if !well_formed {
+        if !crate::taxonomy::well_formed_entity_type(t) {
             let shown = super::settle::brief(t);
             let cut = if shown.len() < t.len() {
                 format!("… ({} bytes)", t.len())

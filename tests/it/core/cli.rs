@@ -639,10 +639,16 @@ async fn check_tries_the_ingest_api_itself() {
             "HTTP {status}\n{out}"
         );
     }
-    env.sink.set_mode(crate::harness::Mode::Always(422));
-    let out = env.run(&["check"]).await;
-    out.assert_success();
-    assert!(out.stdout.contains("warn  ingest"), "{out}");
+    // refusing the empty batch, or asking to slow down, it answers: a warning
+    for (status, says) in [(422, "refused an empty batch"), (429, "asks to slow down")] {
+        env.sink.set_mode(crate::harness::Mode::Always(status));
+        let out = env.run(&["check"]).await;
+        out.assert_success();
+        assert!(
+            out.stdout.contains("warn  ingest") && out.stdout.contains(says),
+            "HTTP {status}\n{out}"
+        );
+    }
     assert_eq!(
         env.count("sync_outbox").await,
         0,

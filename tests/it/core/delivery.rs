@@ -571,6 +571,30 @@ async fn enqueue_rejects_bad_json_and_bad_uuids_with_one_line(backend: Backend) 
     .await
     .assert_fails_with("entity-id")
     .assert_single_stderr_line();
+    // an entity type no relay can route, and an empty ordering key (a key all the
+    // same: every row given it would wait for the one before)
+    let long_type = "a".repeat(150);
+    for (flag, value, needle) in [
+        ("--entity-type", long_type.as_str(), "invalid --entity-type"),
+        ("--entity-type", "call\nlog", "invalid --entity-type"),
+        (
+            "--ordering-key",
+            "",
+            "invalid --ordering-key: must not be empty",
+        ),
+    ] {
+        let mut args = vec!["enqueue", "--entity-type", "call_log", "--entity-id", &id];
+        args.extend(["--payload", "{}"]);
+        if flag == "--entity-type" {
+            args[2] = value;
+        } else {
+            args.extend([flag, value]);
+        }
+        env.run(&args)
+            .await
+            .assert_fails_with(needle)
+            .assert_single_stderr_line();
+    }
     assert_eq!(env.count("sync_outbox").await, 0, "nothing inserted");
 }
 

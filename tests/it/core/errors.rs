@@ -611,6 +611,84 @@ async fn lone_rows_the_sink_fails_on_die_one_probe_at_a_time_when_it_is_down(bac
     assert_eq!(delivered, [fine], "and delivery goes on");
 }
 
+both_stores!(a_frontend_failing_every_row_while_it_answers_empty_batches_burns_no_attempts);
+/// A Frontend whose storage is down while its request handler is up: 500 to every
+/// batch with entries, and 502 to every upload, but 200 to an empty batch. Rows of
+/// five calls, and five recording files: the sink is taken as down, and its probes
+/// charge nothing once three different rows have failed (they used to charge one
+/// row per probe, and dead-letter the oldest rows, one after another, for as long
+/// as the outage lasted). When it is back, everything goes.
+async fn a_frontend_failing_every_row_while_it_answers_empty_batches_burns_no_attempts(
+    backend: Backend,
+) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("retry.max_attempts", 4)
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "50ms")
+        .set("retry.max_delay", "50ms")
+        .set("dispatch.poll_interval", "50ms")
+        .set("dispatch.outage_threshold", 3)
+        .set("dispatch.probe_interval", "50ms")
+        .set("dispatch.max_probe_interval", "100ms");
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::Sync(req) if req.entries().is_empty() => Reply::ok(),
+        Incoming::Sync(_) => Reply::status(500).body("database unavailable"),
+        Incoming::File(_) => Reply::status(502),
+    }));
+    let mut calls = Vec::new();
+    for n in 0..5 {
+        let call = Uuid::new_v4();
+        let log = env.insert("call_log", call, json!({"n": n})).await;
+        let file = a_recording_file_row(&env, call).await;
+        calls.push([log, file]);
+    }
+    let relay = env.spawn_run(&[]);
+    // a few seconds of probes: dozens at this interval
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let probes = env.sink.sync_requests().len() + env.sink.all_uploads().len();
+    assert_eq!(
+        env.count("sync_outbox_dead_letters").await,
+        0,
+        "nothing dead-lettered"
+    );
+    let most = env.outbox().await.iter().map(|r| r.attempts).max();
+    assert!(
+        most.is_some_and(|a| a < 4),
+        "attempts burnt on the outage: at most {most:?}, after {probes} requests"
+    );
+    assert!(probes > 20, "the sink was probed: {probes} requests");
+
+    env.sink.set_mode(Mode::Accept);
+    crate::harness::wait_until(Duration::from_secs(20), "every row delivered", || async {
+        env.count("sync_outbox_sent").await == 10
+    })
+    .await;
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success();
+    assert!(out.stderr.contains("ingest sink is DOWN"), "{}", out.stderr);
+    let uploads: Vec<i64> = env
+        .sink
+        .uploads()
+        .iter()
+        .filter_map(|u| {
+            u.headers
+                .get("idempotency-key")?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    for [log, file] in calls {
+        assert!(uploads.contains(&file), "file {file} uploaded");
+        assert!(
+            env.sink.entries().iter().any(|e| e.outbox_id == log),
+            "log {log} delivered"
+        );
+    }
+}
+
 both_stores!(a_500_caused_by_one_entry_holds_back_only_that_entry);
 async fn a_500_caused_by_one_entry_holds_back_only_that_entry(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
@@ -1111,6 +1189,8 @@ async fn file_payloads_without_required_fields_are_invalid(backend: Backend) {
         json!({"callLogId": Uuid::new_v4(), "filePath": 42}),
         json!({"filePath": format!("{call}/mixed.wav")}),
         json!(["not", "an", "object"]),
+        // the file exists, but a path ending with `/` names a directory
+        json!({"callLogId": call, "filePath": format!("{call}/mixed.wav/")}),
     ];
     let mut ids = Vec::new();
     for payload in cases {
@@ -1272,6 +1352,48 @@ async fn a_redirect_is_not_followed_and_not_taken_as_delivered(backend: Backend)
             "{message}"
         );
         assert!(!message.contains("s3cr3t"), "{message}");
+    }
+}
+
+both_stores!(answers_that_are_no_complete_http_answer_are_retried);
+/// A 2xx whose body is cut off (a proxy that sends the status line before its
+/// upstream is done, a connection reset) is no complete response (SPEC 4): the row
+/// is not taken as delivered, and goes again. A status that is no HTTP status (600)
+/// is a broken server's, retried as `http_5xx`, not dead-lettered as a refusal.
+async fn answers_that_are_no_complete_http_answer_are_retried(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    retry_in_an_hour(&mut env);
+    // the cut answer last: a drain whose last request got no answer records the
+    // sink as down, and the next drain's probe would charge nothing
+    for (reply, error_type, http_status) in [
+        (Reply::status(600), "http_5xx", Some(600)),
+        (Reply::ok().cut(), "connect", None),
+    ] {
+        env.sink.set_mode(Mode::Reply(reply));
+        let id = env
+            .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+            .await;
+        env.drain().await.assert_code(3).assert_no_panic();
+        let sent_with_it = env
+            .sink
+            .all_entries()
+            .iter()
+            .filter(|e| e.outbox_id == id)
+            .count();
+        assert_eq!(sent_with_it, 1, "{error_type}");
+        assert_eq!(env.count("sync_outbox_sent").await, 0, "{error_type}");
+        assert_eq!(
+            env.count("sync_outbox_dead_letters").await,
+            0,
+            "{error_type}"
+        );
+        let rows = env.outbox().await;
+        let row = rows.iter().find(|r| r.id == id).expect("the row waits");
+        assert_eq!(row.last_error_type.as_deref(), Some(error_type));
+        assert_eq!(row.last_http_status, http_status);
+        assert_eq!(row.attempts, 1, "{error_type}");
+        env.db.execute("DELETE FROM sync_outbox").await;
+        env.sink.clear();
     }
 }
 

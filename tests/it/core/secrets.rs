@@ -347,4 +347,17 @@ async fn config_errors_never_quote_a_secret() {
     )
     .assert_single_stderr_line();
     assert_nothing_leaks(&out);
+    // an empty token file is named as the key that points to it
+    let empty = env.root.join("token");
+    std::fs::write(&empty, "\n").expect("write the token file");
+    let out = env
+        .cmd(["drain"])
+        .env("SERVERSYNC__INGEST__AUTH_TOKEN_FILE", &empty)
+        .output()
+        .await;
+    out.assert_fails_with(&format!(
+        "invalid value for ingest.auth_token_file: {} is empty",
+        empty.display()
+    ))
+    .assert_single_stderr_line();
 }

@@ -71,6 +71,8 @@ pub struct Reply {
     /// After `body`, 64 KiB of `x` every 10 ms, for a minute (a Frontend that never
     /// stops answering).
     pub endless: bool,
+    /// After `body`, the connection is cut: the answer never ends properly.
+    pub cut: bool,
 }
 
 impl Reply {
@@ -85,7 +87,14 @@ impl Reply {
             body: format!(r#"{{"error":"sink says {status}"}}"#).into_bytes(),
             delay: Duration::ZERO,
             endless: false,
+            cut: false,
         }
+    }
+
+    /// A body cut off after `body`: see [`Reply::cut`].
+    pub fn cut(mut self) -> Reply {
+        self.cut = true;
+        self
     }
 
     /// A body that does not end (for a minute): see [`Reply::endless`].
@@ -652,6 +661,13 @@ async fn respond(shared: &Shared, kind: Kind, index: usize, reply: Reply) -> Res
         );
     }
     let status = StatusCode::from_u16(reply.status).expect("valid status");
+    if reply.cut {
+        let body = futures_util::stream::iter([
+            Ok::<_, std::io::Error>(Bytes::from(reply.body)),
+            Err(std::io::Error::other("the sink cuts its answer")),
+        ]);
+        return (status, headers, axum::body::Body::from_stream(body)).into_response();
+    }
     if reply.endless {
         let head = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(reply.body))]);
         let tail = futures_util::stream::unfold(0u32, |sent| async move {
