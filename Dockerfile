@@ -28,7 +28,9 @@ RUN mkdir src \
  && rm -rf src
 
 # Our sources. The SQL migrations are embedded into the binary at compile time
-# (sqlx::migrate!), so they must be in the build context as well.
+# (sqlx::migrate!), so they must be in the build context as well, with build.rs,
+# which tells cargo to rebuild when they change.
+COPY build.rs ./
 COPY src ./src
 COPY migrations ./migrations
 # COPY keeps the files' mtimes, which can be older than the dummy build above; touch

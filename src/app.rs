@@ -194,10 +194,32 @@ async fn apply_ordering_rules(store: &Store, settings: &Settings) -> anyhow::Res
     } else {
         Default::default()
     };
-    store
+    let before = store
         .set_ordering_rules(&rules)
         .await
-        .context("writing the ordering rules")
+        .context("writing the ordering rules")?;
+    if before != rules {
+        // the rules are the database's, for every producer and relay: a relay (or a
+        // drain) started with other `[ordering]` settings changes them for all
+        let shown = |r: &std::collections::BTreeMap<String, String>| {
+            if r.is_empty() {
+                "none".to_string()
+            } else {
+                r.iter()
+                    .map(|(t, s)| format!("{t} = {s}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        tracing::warn!(
+            before = %shown(&before),
+            now = %shown(&rules),
+            "ordering rules changed by this relay's [ordering] settings: rows inserted from \
+             now on derive their ordering keys by these, whichever relay delivers them \
+             (every relay and drain on this database should have the same [ordering])"
+        );
+    }
+    Ok(())
 }
 
 /// Connect, check or apply the schema, and build the relay's parts.

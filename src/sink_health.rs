@@ -275,6 +275,110 @@ impl SinkHealth {
     }
 }
 
+/// Whether the recording-file endpoint works, apart from the sink as a whole: a
+/// Frontend whose file storage is down fails every upload while it takes JSON
+/// batches (and answers empty ones), so the sink as a whole stays up, and each file
+/// row would be charged for the outage until dead. Once `ROWS_FAILING_ARE_AN_OUTAGE`
+/// different file rows have failed with a server error or a timeout since the last
+/// upload that went through, the endpoint is taken as down: failed uploads are not
+/// charged (their rows are put off, `rotation_delay`), and claims leave file rows in
+/// the outbox but for a probe now and then (`hold_files`), until an upload goes
+/// through.
+pub struct UploadHealth {
+    state: Mutex<UploadState>,
+    probe_base: Duration,
+    probe_max: Duration,
+}
+
+#[derive(Debug)]
+struct UploadState {
+    /// Different file rows whose uploads failed since the last that went through.
+    failing: Vec<i64>,
+    down: bool,
+    probe_delay: Duration,
+    next_probe: Instant,
+}
+
+/// Once this many different rows have failed with nothing going through, the
+/// failures are the endpoint's, not the rows' (`UploadHealth`, `Relay::row_or_sink`).
+pub const ROWS_FAILING_ARE_AN_OUTAGE: usize = 3;
+
+impl UploadHealth {
+    pub fn new(probe_base: Duration, probe_max: Duration) -> UploadHealth {
+        UploadHealth {
+            state: Mutex::new(UploadState {
+                failing: Vec::new(),
+                down: false,
+                probe_delay: probe_base,
+                next_probe: Instant::now(),
+            }),
+            probe_base,
+            probe_max: probe_max.max(probe_base),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, UploadState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An upload went through.
+    pub fn on_upload(&self) {
+        let mut s = self.lock();
+        s.failing.clear();
+        if s.down {
+            s.down = false;
+            tracing::warn!("the recording-file endpoint takes uploads again: recordings go on");
+        }
+    }
+
+    /// The upload of `row` failed as one file could make it fail (a server error, a
+    /// timeout). Whether the endpoint is taken as down, the failure not the row's.
+    pub fn on_upload_failure(&self, row: i64) -> bool {
+        let mut s = self.lock();
+        if !s.failing.contains(&row) && s.failing.len() < 8 {
+            s.failing.push(row);
+        }
+        if s.failing.len() < ROWS_FAILING_ARE_AN_OUTAGE {
+            return false;
+        }
+        if !s.down {
+            s.down = true;
+            s.probe_delay = self.probe_base;
+            s.next_probe = Instant::now() + self.probe_base;
+            tracing::error!(
+                failing_rows = s.failing.len(),
+                "the recording-file endpoint fails every upload (its file storage is down?): \
+                 recording files wait in the outbox, tried now and then, and are not charged \
+                 attempts until an upload goes through; JSON rows go on"
+            );
+        }
+        true
+    }
+
+    /// Whether a claim made now is to leave file rows in the outbox: the endpoint is
+    /// down, and no probe is due. The first claim once one is due takes file rows
+    /// (the probe), and puts the next off, doubling up to the longest interval.
+    pub fn hold_files(&self) -> bool {
+        let mut s = self.lock();
+        if !s.down {
+            return false;
+        }
+        let now = Instant::now();
+        if now < s.next_probe {
+            return true;
+        }
+        s.probe_delay = (s.probe_delay * 2).min(self.probe_max);
+        s.next_probe = now + s.probe_delay;
+        false
+    }
+
+    /// How long a file row whose upload failed while the endpoint is down is put
+    /// off: past the next probe at the longest interval, which so takes other rows.
+    pub fn rotation_delay(&self) -> Duration {
+        self.probe_max * 2
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +426,34 @@ mod tests {
         assert!(!h.is_down());
         assert_eq!(h.gate(), Gate::Open);
         assert_eq!(h.metrics.sink_up.get(), 1);
+    }
+
+    /// Failures of one or two files are theirs; of three different files, with no
+    /// upload through in between, the endpoint's: file rows are held back but for a
+    /// probe, on a doubling interval, until an upload goes through.
+    #[tokio::test(start_paused = true)]
+    async fn three_files_failing_take_the_upload_endpoint_as_down_until_one_goes() {
+        let u = UploadHealth::new(Duration::from_secs(1), Duration::from_secs(4));
+        assert!(!u.on_upload_failure(1));
+        assert!(!u.on_upload_failure(1), "the same file again");
+        assert!(!u.on_upload_failure(2));
+        u.on_upload();
+        assert!(!u.on_upload_failure(3), "an upload went through in between");
+        assert!(!u.on_upload_failure(4));
+        assert!(!u.hold_files());
+        assert!(u.on_upload_failure(5));
+        assert!(u.hold_files(), "no probe due yet");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!u.hold_files(), "the probe's claim takes files");
+        assert!(u.hold_files(), "one probe at a time");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(u.hold_files(), "the next probe comes later: 2 s");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!u.hold_files());
+        assert_eq!(u.rotation_delay(), Duration::from_secs(8));
+        u.on_upload();
+        assert!(!u.hold_files());
+        assert!(!u.on_upload_failure(5), "a new streak");
     }
 
     /// Requests that were out when the sink was taken as down fail afterwards, one

@@ -169,6 +169,18 @@ impl Settings {
             "dispatch.json_entity_types",
             &self.dispatch.json_entity_types,
         )?;
+        if let Some(both) = self
+            .dispatch
+            .json_entity_types
+            .iter()
+            .find(|t| self.dispatch.file_entity_types.contains(t))
+        {
+            // a file type goes to the upload endpoint whatever the JSON list says
+            bail!(
+                "invalid value for dispatch.json_entity_types: {both:?} is in \
+                 dispatch.file_entity_types too (a type goes to one endpoint)"
+            );
+        }
         check_range("dispatch.batch_size", self.dispatch.batch_size, 1, 10_000)?;
         check_range(
             "dispatch.max_batch_bytes",
@@ -511,11 +523,16 @@ fn check_signing_secret(secret: &str) -> anyhow::Result<()> {
 /// every row wrongly without a word; and an empty name routes nothing.
 fn check_type_names(key: &str, names: &[String]) -> anyhow::Result<()> {
     for name in names {
-        if name.trim().is_empty() || name.contains(['[', ']', '"', '\'']) {
-            bail!(
-                "invalid value for {key}: {name:?} is not an entity type name \
-                 (in the environment, write the list as comma-separated names: a,b)"
-            );
+        // brackets and quotes: most likely a JSON array in an environment variable,
+        // which the config loader splits on its commas
+        let json_like = name.contains(['[', ']', '"', '\'']);
+        if name.trim().is_empty() || json_like {
+            let hint = if json_like {
+                " (in the environment, write the list as comma-separated names: a,b)"
+            } else {
+                ""
+            };
+            bail!("invalid value for {key}: {name:?} is not an entity type name{hint}");
         }
     }
     Ok(())

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Relay, StandIn};
 use crate::dispatch::FileJob;
+use crate::sink_health::ROWS_FAILING_ARE_AN_OUTAGE;
 use crate::store::{Claim, ClaimedRow};
 use crate::taxonomy::{ErrorType, Failure};
 
@@ -19,11 +20,6 @@ use crate::taxonomy::{ErrorType, Failure};
 /// on their own (a slow or hanging request, a long upload): at most one extra settle
 /// per worker and second, none while requests are answered sooner.
 const SETTLE_ANSWERED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// While the sink is down, and answers an empty batch: once this many different
-/// rows have failed, with nothing going through, the probes' failures are the
-/// sink's, not their rows' (`Relay::row_or_sink`).
-const ROWS_FAILING_ARE_AN_OUTAGE: usize = 3;
 
 /// A batch of at most this many rows that timed out while the sink answers an empty
 /// batch is cut into single rows, sent at once (`hang_split_ways`).
@@ -209,7 +205,19 @@ impl Relay {
                 None => Attempt::NotSent,
                 Some(Ok(())) => {
                     self.sink.on_answer();
+                    self.upload_health.on_upload();
                     Attempt::Sent
+                }
+                Some(Err(mut failure))
+                    if may_be_an_entrys_doing(&failure)
+                        && self.upload_health.on_upload_failure(id) =>
+                {
+                    // the endpoint fails every upload: not this file's doing
+                    failure.retry_after = Some(self.upload_health.rotation_delay());
+                    Attempt::Failed {
+                        failure,
+                        charged: false,
+                    }
                 }
                 Some(Err(failure)) => {
                     let again = || async {
@@ -292,6 +300,9 @@ impl Relay {
         settle_at: &mut tokio::time::Instant,
     ) {
         let answered = std::mem::take(attempts);
+        // answered, they are out no more (and stay in the outbox until the settle
+        // commits, so no claim takes their keys' later rows before)
+        self.give_back_keys(answered.keys().filter_map(|id| claim.row(*id)));
         let settlement = self.settlement(claim, answered);
         self.settle(claim, settlement).await;
         *settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;

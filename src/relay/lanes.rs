@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::Relay;
-use crate::store::{Claim, Held, KeyShare, Want};
+use crate::store::{Claim, ClaimedRow, Held, KeyShare, Want};
 
 /// A claim this slow refreshes the outbox's statistics (`refresh_statistics_after`),
 /// at most once per `ANALYZE_AT_MOST_EVERY`.
@@ -164,11 +164,13 @@ impl Relay {
         // recording files claimed now would hold their workers until a slot frees,
         // and with enough of them no worker would claim anything else; they wait in
         // the outbox instead (their keys' later rows behind them), and other rows go
-        let skip_types: &[String] = if self.uploads.available_permits() == 0 {
-            &self.settings.dispatch.file_entity_types
-        } else {
-            &[]
-        };
+        // so too while the upload endpoint is down (`UploadHealth`), but for a probe
+        let skip_types: &[String] =
+            if self.uploads.available_permits() == 0 || self.upload_health.hold_files() {
+                &self.settings.dispatch.file_entity_types
+            } else {
+                &[]
+            };
         let want = Want {
             rows: want,
             bytes: self.claim_bytes(want),
@@ -278,6 +280,12 @@ impl Relay {
     /// settle then finds the lease gone), as after a relay crash. Only earlier
     /// batches are waited for, so no two batches wait for each other; each delivery
     /// ends within its timeouts.
+    ///
+    /// Then, until no other row of their ordering keys is out from this relay, and
+    /// the keys are taken (`take_keys`): a claim holds a key's oldest row, but one
+    /// that a producer committed after a later row of its key, or a dead letter
+    /// requeued while its key's later rows go, comes after that later row was
+    /// claimed, and the two would be out at once.
     pub(super) async fn wait_for_earlier_deliveries(&self, batch: u64, claim: &Claim) {
         let rows: HashSet<i64> = claim.rows.iter().map(|r| r.id).collect();
         let earlier = || {
@@ -285,18 +293,64 @@ impl Relay {
                 *other < batch && *token != claim.token && ids.iter().any(|id| rows.contains(id))
             })
         };
-        if !earlier() {
+        if earlier() {
+            tracing::warn!(
+                rows = rows.len(),
+                "rows this relay is still delivering were claimed again: their earlier claim is \
+                 gone (its lease ran out while the database stalled or was unreachable, or a \
+                 database crash lost it); they go out again once the earlier requests end"
+            );
+            while earlier() {
+                self.with_heartbeat(tokio::time::sleep(EARLIER_DELIVERY_POLL))
+                    .await;
+            }
+        }
+        if self.take_keys(claim) {
             return;
         }
         tracing::warn!(
             rows = rows.len(),
-            "rows this relay is still delivering were claimed again: their earlier claim is \
-             gone (its lease ran out while the database stalled or was unreachable, or a \
-             database crash lost it); they go out again once the earlier requests end"
+            "a claim holds a row of an ordering key whose later row this relay is still \
+             delivering (rows of the key committed out of id order, or a dead letter \
+             requeued): it goes once that row is answered, never two of a key at once"
         );
-        while earlier() {
+        while !self.take_keys(claim) {
             self.with_heartbeat(tokio::time::sleep(EARLIER_DELIVERY_POLL))
                 .await;
+        }
+    }
+
+    /// Note the ordering keys of `claim`'s rows as out, all or none: none when another
+    /// row of one of them is out (returns `false`). A claim waiting so holds no key,
+    /// so no two claims wait for each other.
+    fn take_keys(&self, claim: &Claim) -> bool {
+        let mut out = self.keys_out.lock().unwrap_or_else(|e| e.into_inner());
+        let keyed = || {
+            claim
+                .rows
+                .iter()
+                .filter_map(|r| r.ordering_key.as_deref().map(|k| (key_hash(k), r.id)))
+        };
+        if keyed().any(|(key, id)| out.get(&key).is_some_and(|holder| *holder != id)) {
+            return false;
+        }
+        out.extend(keyed());
+        true
+    }
+
+    /// The keys of `rows` are no longer out (the rows are settled, or given back).
+    pub(super) fn give_back_keys<'r>(&self, rows: impl Iterator<Item = &'r ClaimedRow>) {
+        let mut out = self.keys_out.lock().unwrap_or_else(|e| e.into_inner());
+        if out.is_empty() {
+            return;
+        }
+        for row in rows {
+            if let Some(key) = row.ordering_key.as_deref() {
+                let key = key_hash(key);
+                if out.get(&key) == Some(&row.id) {
+                    out.remove(&key);
+                }
+            }
         }
     }
 
@@ -345,6 +399,15 @@ impl Relay {
         };
         self.release_held(&held).await
     }
+}
+
+/// An ordering key's 64-bit hash, for `Relay::keys_out` (two keys sharing one
+/// would only make a row wait for the other's delivery).
+fn key_hash(key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The rows and tokens of some in-flight batches, as renewal and release take them

@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Settings;
 use crate::dispatch::Dispatcher;
 use crate::metrics::{Health, Metrics};
-use crate::sink_health::{Gate, SinkHealth};
+use crate::sink_health::{Gate, SinkHealth, UploadHealth};
 use crate::store::{Held, KeyShare, Store};
 use lanes::Lane;
 
@@ -242,11 +242,16 @@ pub struct Relay {
     metrics: Metrics,
     health: Arc<Health>,
     sink: SinkHealth,
+    /// The recording-file endpoint's own health (`UploadHealth`).
+    upload_health: UploadHealth,
     owner: String,
     wake: watch::Sender<u64>,
     /// Batches claimed and not yet settled, by batch number: (claim token, ids), for
     /// renewal and release. A shared claim's batches have the same token.
     in_flight: Mutex<HashMap<u64, (i64, Vec<i64>)>>,
+    /// The ordering keys of the rows this relay is delivering (by a 64-bit hash of
+    /// the key): the row out for each (`Relay::take_keys`).
+    keys_out: Mutex<HashMap<u64, i64>>,
     next_batch: AtomicU64,
     heartbeat: AtomicU64,
     started: Instant,
@@ -288,6 +293,7 @@ impl Relay {
         if let Some(warning) = parts.settings.ingest.unverified_tls_warning() {
             tracing::warn!("{warning}");
         }
+        let upload_health = UploadHealth::new(d.probe_interval, d.max_probe_interval);
         let sink = SinkHealth::new(
             d.outage_threshold,
             d.probe_interval,
@@ -326,9 +332,11 @@ impl Relay {
             metrics: parts.metrics,
             health: parts.health,
             sink,
+            upload_health,
             owner: owner_name(),
             wake: watch::channel(0).0,
             in_flight: Mutex::new(HashMap::new()),
+            keys_out: Mutex::new(HashMap::new()),
             next_batch: AtomicU64::new(0),
             heartbeat: AtomicU64::new(0),
             started: Instant::now(),

@@ -333,6 +333,10 @@ impl Relay {
             deliver.await
         };
         let settlement = self.settlement(&claim, attempts);
+        // before the settle: the rows stay in the outbox until it commits, so no
+        // claim takes their keys' later rows meanwhile, and none that comes after
+        // waits for this give-back
+        self.give_back_keys(claim.rows.iter());
         self.settle(&claim, settlement).await;
         self.lock_in_flight().remove(&batch);
         Step::Delivered(n)

@@ -487,7 +487,12 @@ impl Store {
         }
     }
 
-    pub async fn set_ordering_rules(&self, rules: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    /// Write the rules producers' inserts derive ordering keys by; returns those
+    /// they replace.
+    pub async fn set_ordering_rules(
+        &self,
+        rules: &BTreeMap<String, String>,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
         delegate!(self, s => s.set_ordering_rules(rules).await)
     }
 

@@ -381,13 +381,20 @@ impl PgStore {
         ))
     }
 
-    pub async fn set_ordering_rules(&self, rules: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    pub async fn set_ordering_rules(
+        &self,
+        rules: &BTreeMap<String, String>,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
         let mut tx = self.pool.begin().await?;
         // rules written at start-up stay written: a relay does not rewrite them after
         // a server crash, so this commit waits for the flush whatever the pool does
         sqlx::query("SET LOCAL synchronous_commit = on")
             .execute(&mut *tx)
             .await?;
+        let before: Vec<(String, String)> =
+            sqlx::query_as("SELECT entity_type, source FROM sync_outbox_ordering_rules")
+                .fetch_all(&mut *tx)
+                .await?;
         let (types, sources): (Vec<String>, Vec<String>) =
             rules.iter().map(|(k, v)| (k.clone(), v.clone())).unzip();
         sqlx::query("DELETE FROM sync_outbox_ordering_rules WHERE NOT (entity_type = ANY($1))")
@@ -405,7 +412,7 @@ impl PgStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(before.into_iter().collect())
     }
 
     pub async fn claim(

@@ -265,8 +265,15 @@ impl SqliteStore {
             .context("starting a write transaction")
     }
 
-    pub async fn set_ordering_rules(&self, rules: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    pub async fn set_ordering_rules(
+        &self,
+        rules: &BTreeMap<String, String>,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
         let mut tx = self.write_tx().await?;
+        let before: Vec<(String, String)> =
+            sqlx::query_as("SELECT entity_type, source FROM sync_outbox_ordering_rules")
+                .fetch_all(&mut *tx)
+                .await?;
         sqlx::query("DELETE FROM sync_outbox_ordering_rules")
             .execute(&mut *tx)
             .await?;
@@ -281,7 +288,7 @@ impl SqliteStore {
             .with_context(|| format!("ordering rule {entity_type} = {source}"))?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(before.into_iter().collect())
     }
 
     pub async fn claim(

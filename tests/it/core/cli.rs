@@ -738,6 +738,19 @@ async fn a_json_array_in_an_environment_list_is_refused_naming_the_key() {
         .output()
         .await
         .assert_success();
+    // a type in both lists would go to the upload endpoint whatever JSON says
+    env.cmd(["drain"])
+        .env(
+            "SERVERSYNC__DISPATCH__JSON_ENTITY_TYPES",
+            "call_log,recording_file",
+        )
+        .output()
+        .await
+        .assert_fails_with(
+            "invalid value for dispatch.json_entity_types: \"recording_file\" is in \
+             dispatch.file_entity_types too",
+        )
+        .assert_single_stderr_line();
 }
 
 /// A wrong retry policy names the key and the policies there are, not a Rust type.

@@ -689,6 +689,79 @@ async fn a_frontend_failing_every_row_while_it_answers_empty_batches_burns_no_at
     }
 }
 
+both_stores!(an_upload_endpoint_failing_every_upload_while_json_goes_burns_no_attempts);
+/// The Frontend takes JSON, but its file storage is down: every upload fails (500).
+/// Five recording files of five calls, whose logs go; more call logs keep coming.
+/// The sink as a whole stays up (JSON goes), so the file rows used to be charged
+/// for the outage until dead-lettered. Once three different files failed, the upload
+/// endpoint is taken as down: files wait in the outbox, tried now and then, charged
+/// nothing more, while JSON goes on; when uploads work again, they all go.
+async fn an_upload_endpoint_failing_every_upload_while_json_goes_burns_no_attempts(
+    backend: Backend,
+) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("retry.max_attempts", 4)
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "50ms")
+        .set("retry.max_delay", "50ms")
+        .set("dispatch.poll_interval", "50ms")
+        .set("dispatch.probe_interval", "50ms")
+        .set("dispatch.max_probe_interval", "100ms");
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::File(_) => Reply::status(500).body("blob storage unavailable"),
+        Incoming::Sync(_) => Reply::ok(),
+    }));
+    let mut files = Vec::new();
+    for n in 0..5 {
+        let call = Uuid::new_v4();
+        env.insert("call_log", call, json!({"n": n})).await;
+        files.push(a_recording_file_row(&env, call).await);
+    }
+    let relay = env.spawn_run(&[]);
+    let mut logs = Vec::new();
+    for n in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        logs.push(
+            env.insert("call_log", Uuid::new_v4(), json!({"later": n}))
+                .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tries = env.sink.all_uploads().len();
+    assert_eq!(
+        env.count("sync_outbox_dead_letters").await,
+        0,
+        "nothing dead-lettered"
+    );
+    let most = env.outbox().await.iter().map(|r| r.attempts).max();
+    assert!(
+        most.is_some_and(|a| a < 4),
+        "attempts burnt on the upload outage: at most {most:?}, after {tries} uploads"
+    );
+    let sent = env.sent_ids().await;
+    assert!(
+        logs.iter().all(|id| sent.contains(id)),
+        "JSON rows went on meanwhile"
+    );
+
+    env.sink.set_mode(Mode::Accept);
+    crate::harness::wait_until(Duration::from_secs(20), "every file delivered", || async {
+        let sent = env.sent_ids().await;
+        files.iter().all(|id| sent.contains(id))
+    })
+    .await;
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success();
+    assert!(
+        out.stderr
+            .contains("the recording-file endpoint fails every upload")
+            && out.stderr.contains("takes uploads again"),
+        "{}",
+        out.stderr
+    );
+}
+
 both_stores!(a_500_caused_by_one_entry_holds_back_only_that_entry);
 async fn a_500_caused_by_one_entry_holds_back_only_that_entry(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
