@@ -611,16 +611,10 @@ async fn lone_rows_the_sink_fails_on_die_one_probe_at_a_time_when_it_is_down(bac
     assert_eq!(delivered, [fine], "and delivery goes on");
 }
 
-both_stores!(a_frontend_failing_every_row_while_it_answers_empty_batches_burns_no_attempts);
-/// A Frontend whose storage is down while its request handler is up: 500 to every
-/// batch with entries, and 502 to every upload, but 200 to an empty batch. Rows of
-/// five calls, and five recording files: the sink is taken as down, and its probes
-/// charge nothing once three different rows have failed (they used to charge one
-/// row per probe, and dead-letter the oldest rows, one after another, for as long
-/// as the outage lasted). When it is back, everything goes.
-async fn a_frontend_failing_every_row_while_it_answers_empty_batches_burns_no_attempts(
-    backend: Backend,
-) {
+/// Quick fixed retries up to 4 attempts, an outage taken after 3 failures, and
+/// probes every 50–100 ms: an outage of a few seconds would dead-letter rows that
+/// were charged for it.
+async fn an_outage_of_many_quick_retries(backend: Backend) -> TestEnv {
     let mut env = TestEnv::migrated_on(backend).await;
     env.config
         .set("retry.max_attempts", 4)
@@ -631,6 +625,35 @@ async fn a_frontend_failing_every_row_while_it_answers_empty_batches_burns_no_at
         .set("dispatch.outage_threshold", 3)
         .set("dispatch.probe_interval", "50ms")
         .set("dispatch.max_probe_interval", "100ms");
+    env
+}
+
+/// After `requests` to a failing sink, no row is dead-lettered, and none has used
+/// its 4 attempts.
+async fn no_attempts_burnt(env: &TestEnv, requests: usize) {
+    assert_eq!(
+        env.count("sync_outbox_dead_letters").await,
+        0,
+        "nothing dead-lettered"
+    );
+    let most = env.outbox().await.iter().map(|r| r.attempts).max();
+    assert!(
+        most.is_some_and(|a| a < 4),
+        "attempts burnt on the outage: at most {most:?}, after {requests} requests"
+    );
+}
+
+both_stores!(a_frontend_failing_every_row_while_it_answers_empty_batches_burns_no_attempts);
+/// A Frontend whose storage is down while its request handler is up: 500 to every
+/// batch with entries, and 502 to every upload, but 200 to an empty batch. Rows of
+/// five calls, and five recording files: the sink is taken as down, and its probes
+/// charge nothing once three different rows have failed (they used to charge one
+/// row per probe, and dead-letter the oldest rows, one after another, for as long
+/// as the outage lasted). When it is back, everything goes.
+async fn a_frontend_failing_every_row_while_it_answers_empty_batches_burns_no_attempts(
+    backend: Backend,
+) {
+    let env = an_outage_of_many_quick_retries(backend).await;
     env.sink.set_mode(Mode::custom(|incoming| match incoming {
         Incoming::Sync(req) if req.entries().is_empty() => Reply::ok(),
         Incoming::Sync(_) => Reply::status(500).body("database unavailable"),
@@ -647,16 +670,7 @@ async fn a_frontend_failing_every_row_while_it_answers_empty_batches_burns_no_at
     // a few seconds of probes: dozens at this interval
     tokio::time::sleep(Duration::from_secs(6)).await;
     let probes = env.sink.sync_requests().len() + env.sink.all_uploads().len();
-    assert_eq!(
-        env.count("sync_outbox_dead_letters").await,
-        0,
-        "nothing dead-lettered"
-    );
-    let most = env.outbox().await.iter().map(|r| r.attempts).max();
-    assert!(
-        most.is_some_and(|a| a < 4),
-        "attempts burnt on the outage: at most {most:?}, after {probes} requests"
-    );
+    no_attempts_burnt(&env, probes).await;
     assert!(probes > 20, "the sink was probed: {probes} requests");
 
     env.sink.set_mode(Mode::Accept);
@@ -699,15 +713,7 @@ both_stores!(an_upload_endpoint_failing_every_upload_while_json_goes_burns_no_at
 async fn an_upload_endpoint_failing_every_upload_while_json_goes_burns_no_attempts(
     backend: Backend,
 ) {
-    let mut env = TestEnv::migrated_on(backend).await;
-    env.config
-        .set("retry.max_attempts", 4)
-        .set("retry.policy", "fixed")
-        .set("retry.base_delay", "50ms")
-        .set("retry.max_delay", "50ms")
-        .set("dispatch.poll_interval", "50ms")
-        .set("dispatch.probe_interval", "50ms")
-        .set("dispatch.max_probe_interval", "100ms");
+    let env = an_outage_of_many_quick_retries(backend).await;
     env.sink.set_mode(Mode::custom(|incoming| match incoming {
         Incoming::File(_) => Reply::status(500).body("blob storage unavailable"),
         Incoming::Sync(_) => Reply::ok(),
@@ -728,17 +734,7 @@ async fn an_upload_endpoint_failing_every_upload_while_json_goes_burns_no_attemp
         );
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let tries = env.sink.all_uploads().len();
-    assert_eq!(
-        env.count("sync_outbox_dead_letters").await,
-        0,
-        "nothing dead-lettered"
-    );
-    let most = env.outbox().await.iter().map(|r| r.attempts).max();
-    assert!(
-        most.is_some_and(|a| a < 4),
-        "attempts burnt on the upload outage: at most {most:?}, after {tries} uploads"
-    );
+    no_attempts_burnt(&env, env.sink.all_uploads().len()).await;
     let sent = env.sent_ids().await;
     assert!(
         logs.iter().all(|id| sent.contains(id)),
