@@ -493,9 +493,12 @@ async fn progress(relay: Arc<Relay>, max_rows: Option<u64>, stop: CancellationTo
         r.stats.delivered.load(Ordering::Relaxed) + r.stats.dead.load(Ordering::Relaxed)
     };
     if std::io::stdout().is_terminal() {
+        let started = Instant::now();
         let bar = indicatif::ProgressBar::new(drain_total(&relay, max_rows).await);
+        // the rate as the summary line says it (indicatif's `{per_sec}` shows four
+        // decimals): whole rows per second, since the start
         if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows  {per_sec}  ETA {eta}",
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows  {msg} rows/s  ETA {eta}",
         ) {
             bar.set_style(style);
         }
@@ -505,6 +508,7 @@ async fn progress(relay: Arc<Relay>, max_rows: Option<u64>, stop: CancellationTo
                 bar.set_length(n);
             }
             bar.set_position(n);
+            bar.set_message(rows_per_second(n, started.elapsed()));
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
