@@ -153,6 +153,23 @@ impl SinkHealth {
         }
     }
 
+    /// Down, and a probe's row failed where the sink answers an empty batch: the
+    /// row's doing, so the next probe (another row) is due at once, not after the
+    /// probe interval.
+    pub fn probe_again_now(&self) {
+        let mut s = self.lock();
+        if s.down {
+            s.probing = false;
+            s.not_before = Instant::now();
+        }
+    }
+
+    /// `rows` are dead-lettered: they fail nothing any more, and no longer count
+    /// among the streak's rows (two rows failing, and a third dead, are not three).
+    pub fn forget_rows(&self, rows: &[i64]) {
+        self.lock().failing_rows.retain(|r| !rows.contains(r));
+    }
+
     /// How many different rows failed in this streak (as noted; at most 8).
     pub fn rows_failing(&self) -> usize {
         self.lock().failing_rows.len()
@@ -355,6 +372,11 @@ impl UploadHealth {
         true
     }
 
+    /// `rows` are dead-lettered: they no longer count among the failing files.
+    pub fn forget(&self, rows: &[i64]) {
+        self.lock().failing.retain(|r| !rows.contains(r));
+    }
+
     /// Whether a claim made now is to leave file rows in the outbox: the endpoint is
     /// down, and no probe is due. The first claim once one is due takes file rows
     /// (the probe), and puts the next off, doubling up to the longest interval.
@@ -454,6 +476,22 @@ mod tests {
         u.on_upload();
         assert!(!u.hold_files());
         assert!(!u.on_upload_failure(5), "a new streak");
+        assert!(!u.on_upload_failure(6));
+        u.forget(&[5]);
+        assert!(
+            !u.on_upload_failure(7),
+            "a dead-lettered file is not one of the three"
+        );
+        assert!(u.on_upload_failure(8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dead_rows_leave_the_streak() {
+        let h = health(3);
+        h.note_failing_rows(&[1, 2, 3]);
+        assert_eq!(h.rows_failing(), 3);
+        h.forget_rows(&[2]);
+        assert_eq!(h.rows_failing(), 2);
     }
 
     /// Requests that were out when the sink was taken as down fail afterwards, one

@@ -54,6 +54,34 @@ pub(super) enum Attempt {
     NotSent,
 }
 
+/// The file rows of a claim whose upload has begun (`Relay::upload`).
+#[derive(Default)]
+pub(super) struct Started(std::sync::Mutex<std::collections::HashSet<i64>>);
+
+impl Started {
+    /// Whether the upload of `id` may begin (not once `finished`); noted if so.
+    /// Under one lock with `never`, so that no upload begins after `never` said
+    /// it would not.
+    fn begin(&self, id: i64, finished: &CancellationToken) -> bool {
+        let mut started = self.lock();
+        if finished.is_cancelled() {
+            return false;
+        }
+        started.insert(id);
+        true
+    }
+
+    /// Of `ids`, those whose upload has not begun, and (once `finished`) never will.
+    fn never(&self, ids: impl Iterator<Item = i64>) -> Vec<i64> {
+        let started = self.lock();
+        ids.filter(|id| !started.contains(id)).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<i64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The rows of a claim answered with a 2xx and not gathered into its attempts yet.
 #[derive(Default)]
 pub(super) struct Sent(std::sync::Mutex<Vec<i64>>);
@@ -180,9 +208,10 @@ impl Relay {
             self.settle_answered(claim, &mut attempts, &mut settle_at)
                 .await;
         }
+        let started = Started::default();
         let mut futures = Vec::with_capacity(files.len());
         for (row, job) in &files {
-            futures.push(self.upload(row, job, finished));
+            futures.push(self.upload(row, job, finished, &started));
         }
         let mut uploads = futures_util::stream::iter(futures)
             .buffer_unordered(self.settings.dispatch.file_concurrency as usize);
@@ -190,15 +219,62 @@ impl Relay {
         if let Some(stand_in) = stand_in {
             stand_in.uploads_only();
         }
-        while let Some((id, result)) = self
-            .next_settling(
+        // Stopping, the uploads not started yet never will be: their rows are given
+        // back at once, for another relay (or the next start), not when the uploads
+        // out end (their settle gives them back again, a no-op by then).
+        let uploads_over = CancellationToken::new();
+        let give_back_unstarted = async {
+            if files.is_empty() {
+                return;
+            }
+            tokio::select! {
+                () = finished.cancelled() => {}
+                () = uploads_over.cancelled() => return,
+            }
+            let unstarted = started.never(files.iter().map(|(row, _)| row.id));
+            if !unstarted.is_empty() {
+                self.give_back_keys(unstarted.iter().filter_map(|id| claim.row(*id)));
+                self.release_not_sent(claim, unstarted).await;
+            }
+        };
+        let upload_all = async {
+            self.settle_uploads(
                 claim,
+                &files,
                 &mut uploads,
                 &sent,
                 &mut attempts,
                 &mut settle_at,
                 stand_in,
+                finished,
+                &started,
             )
+            .await;
+            uploads_over.cancel();
+        };
+        tokio::join!(upload_all, give_back_unstarted);
+        attempts
+    }
+
+    /// Each upload's outcome as it comes (`deliver`), and the claim's attempts
+    /// settled meanwhile as `next_settling` does.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_uploads<S>(
+        &self,
+        claim: &Claim,
+        files: &[(&ClaimedRow, FileJob)],
+        uploads: &mut S,
+        sent: &Sent,
+        attempts: &mut HashMap<i64, Attempt>,
+        settle_at: &mut tokio::time::Instant,
+        stand_in: Option<&StandIn>,
+        finished: &CancellationToken,
+        started: &Started,
+    ) where
+        S: futures_util::Stream<Item = (i64, Option<Result<(), Failure>>)> + Unpin,
+    {
+        while let Some((id, result)) = self
+            .next_settling(claim, uploads, sent, attempts, settle_at, stand_in)
             .await
         {
             let attempt = match result {
@@ -222,10 +298,12 @@ impl Relay {
                 Some(Err(failure)) => {
                     let again = || async {
                         match files.iter().find(|(row, _)| row.id == id) {
-                            Some((row, job)) => match self.upload(row, job, finished).await.1 {
-                                Some(result) => result,
-                                None => Err(failure.clone()),
-                            },
+                            Some((row, job)) => {
+                                match self.upload(row, job, finished, started).await.1 {
+                                    Some(result) => result,
+                                    None => Err(failure.clone()),
+                                }
+                            }
                             None => Err(failure.clone()),
                         }
                     };
@@ -245,7 +323,6 @@ impl Relay {
             };
             attempts.insert(id, attempt);
         }
-        attempts
     }
 
     /// The next outcome of `stream`; whenever `settle_at` comes first, the `attempts`
@@ -583,6 +660,10 @@ impl Relay {
                     if self.sink.rows_failing() >= ROWS_FAILING_ARE_AN_OUTAGE {
                         Verdict::Postpone(self.sink.rotation_delay())
                     } else {
+                        // the sink answers, and this row fails it: the next probe,
+                        // another row, goes at once (a drain would stop here, the
+                        // sink taken as down, run after run until the row was dead)
+                        self.sink.probe_again_now();
                         Verdict::Charge(true)
                     }
                 }
@@ -664,10 +745,11 @@ impl Relay {
         row: &ClaimedRow,
         job: &FileJob,
         finished: &CancellationToken,
+        started: &Started,
     ) -> (i64, Option<Result<(), Failure>>) {
         // the semaphore is never closed; were it, uploading unbounded is harmless
         let _permit = self.uploads.acquire().await.ok();
-        if finished.is_cancelled() {
+        if !started.begin(row.id, finished) {
             return (row.id, None);
         }
         (row.id, Some(self.dispatcher.send_file(row, job).await))

@@ -183,12 +183,14 @@ impl Relay {
     /// (`Attempt::NotSent`): unleased at once, fenced on the claim's token, so that
     /// another relay (or this one restarted) takes them now rather than when their
     /// lease expires. Nothing else of them changes: no attempt is charged.
-    async fn release_not_sent(&self, claim: &Claim, ids: Vec<i64>) {
+    pub(super) async fn release_not_sent(&self, claim: &Claim, ids: Vec<i64>) {
         let held = Held {
             tokens: vec![claim.token],
             ids,
         };
         match self.release_held(&held).await {
+            // none: given back already, as the relay began to stop (`Relay::deliver`)
+            Ok(0) => {}
             Ok(n) => tracing::info!(
                 rows = n,
                 outbox_ids = %ids_in_brief(&held.ids),
@@ -204,6 +206,12 @@ impl Relay {
     }
 
     pub(super) fn record(&self, claim: &Claim, s: &Settlement) {
+        if !s.dead.is_empty() {
+            // failing no more: not among the rows that say the sink is failing
+            let dead: Vec<i64> = s.dead.iter().map(|d| d.id).collect();
+            self.sink.forget_rows(&dead);
+            self.upload_health.forget(&dead);
+        }
         // metrics are added up per batch, not per row
         let now = chrono::Utc::now();
         let mut deliveries: Vec<([&str; 2], u64)> = Vec::new();

@@ -1313,7 +1313,8 @@ both_stores!(a_stopping_relay_starts_no_more_uploads_and_gives_their_rows_back);
 /// (`file_concurrency = 1`, the Frontend answering each after 3 s): the upload out
 /// is finished and settled; the four others are not started (before, one after
 /// another was until the grace ran out, and the one out then was cut off), and their
-/// rows are released at once, unleased and uncharged. The next drain delivers them,
+/// rows are released at once (while the upload out still is), unleased and
+/// uncharged. The next drain delivers them,
 /// each file uploaded once in all.
 async fn a_stopping_relay_starts_no_more_uploads_and_gives_their_rows_back(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
@@ -1329,7 +1330,7 @@ async fn a_stopping_relay_starts_no_more_uploads_and_gives_their_rows_back(backe
     for _ in 0..5 {
         files.push(a_recording_file_row(&env, Uuid::new_v4()).await);
     }
-    let relay = env.spawn_run(&[]);
+    let mut relay = env.spawn_run(&[]);
     wait_until(
         Duration::from_secs(10),
         "the first upload under way",
@@ -1338,6 +1339,27 @@ async fn a_stopping_relay_starts_no_more_uploads_and_gives_their_rows_back(backe
     .await;
     relay.signal(libc::SIGTERM);
     let signalled = std::time::Instant::now();
+    // at once: while the upload out (3 s) still is, not when it ends
+    wait_until(
+        Duration::from_secs(2),
+        "the rows not uploaded given back",
+        || async {
+            env.db
+                .scalar("SELECT count(*) FROM sync_outbox WHERE claim_token IS NULL")
+                .await
+                == 4
+        },
+    )
+    .await;
+    assert!(
+        relay.is_running()
+            && env
+                .sink
+                .all_uploads()
+                .iter()
+                .all(|u| u.answered_at.is_none()),
+        "given back only once the upload out ended"
+    );
     let out = relay.wait(Duration::from_secs(40)).await;
     let took = signalled.elapsed();
     out.assert_success().assert_no_panic();

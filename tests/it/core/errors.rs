@@ -758,6 +758,55 @@ async fn an_upload_endpoint_failing_every_upload_while_json_goes_burns_no_attemp
     );
 }
 
+both_stores!(a_drain_on_a_sink_recorded_as_down_goes_past_a_row_the_frontend_fails_on);
+/// A drain that starts on a sink recorded as down probes with its oldest due row. When
+/// that row is one the Frontend fails on (500) while it answers an empty batch, the
+/// row is charged, and the next probe, another row, goes at once: the drain delivers
+/// the rest. It used to stop there, "ingest sink is down", run after run, until the
+/// row was dead-lettered.
+async fn a_drain_on_a_sink_recorded_as_down_goes_past_a_row_the_frontend_fails_on(
+    backend: Backend,
+) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "200ms")
+        .set("retry.max_delay", "200ms")
+        .set("ingest.timeout", "300ms");
+    // a drain whose requests time out records the sink as down
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_secs(5))));
+    let poison = env
+        .insert("call_log", Uuid::new_v4(), json!({"crash": true}))
+        .await;
+    env.drain().await.assert_code(3);
+    env.config.set("ingest.timeout", "5s");
+    // the row is due again
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut good = Vec::new();
+    for n in 0..3 {
+        good.push(
+            env.insert("call_log", Uuid::new_v4(), json!({"n": n}))
+                .await,
+        );
+    }
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["crash"] == true) => {
+            Reply::status(500).body("NullPointerException")
+        }
+        _ => Reply::ok(),
+    }));
+    let out = env.drain().await;
+    out.assert_no_panic();
+    let sent = env.sent_ids().await;
+    assert!(
+        good.iter().all(|id| sent.contains(id)),
+        "the rows after the failing one were delivered\n{out}"
+    );
+    assert!(!sent.contains(&poison));
+    assert!(!out.stderr.contains("drain stops"), "{out}");
+}
+
 both_stores!(a_500_caused_by_one_entry_holds_back_only_that_entry);
 async fn a_500_caused_by_one_entry_holds_back_only_that_entry(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;
