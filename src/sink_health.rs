@@ -21,12 +21,47 @@ pub enum Gate {
     WaitUntil(Instant),
 }
 
+/// The different rows whose failures make up a streak (a few: the first
+/// `FailingRows::MOST`), for the sink (`SinkHealth`) and its upload endpoint
+/// (`UploadHealth`) alike.
+#[derive(Debug, Default)]
+struct FailingRows(Vec<i64>);
+
+impl FailingRows {
+    const MOST: usize = 8;
+
+    fn note(&mut self, row: i64) {
+        if !self.0.contains(&row) && self.0.len() < Self::MOST {
+            self.0.push(row);
+        }
+    }
+
+    /// `rows` are dead-lettered: they fail nothing any more (two rows failing, and
+    /// a third dead, are not three).
+    fn forget(&mut self, rows: &[i64]) {
+        self.0.retain(|r| !rows.contains(r));
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// How long a row that failed by the sink's doing, not its own, is put off: past the
+/// next probe at the longest interval (`probe_max`), which so takes another row.
+fn rotation_delay(probe_max: Duration) -> Duration {
+    probe_max * 2
+}
+
 #[derive(Debug)]
 struct State {
     consecutive_failures: u32,
-    /// The rows whose 5xx or timeout failures make up the streak (a few;
-    /// `Relay::row_or_sink`).
-    failing_rows: Vec<i64>,
+    /// The rows whose 5xx or timeout failures make up the streak (`Relay::row_or_sink`).
+    failing_rows: FailingRows,
     /// The latest failure was the sink not answering at all (connect, timeout),
     /// which no row can cause, unlike a 5xx; but for a timeout: an entry can hang a
     /// Frontend that answers everything else (`last_timed_out`).
@@ -60,7 +95,7 @@ impl SinkHealth {
         SinkHealth {
             state: Mutex::new(State {
                 consecutive_failures: 0,
-                failing_rows: Vec::new(),
+                failing_rows: FailingRows::default(),
                 last_unreachable: false,
                 last_timed_out: false,
                 down: false,
@@ -147,9 +182,7 @@ impl SinkHealth {
     pub fn note_failing_rows(&self, rows: &[i64]) {
         let mut s = self.lock();
         for row in rows {
-            if !s.failing_rows.contains(row) && s.failing_rows.len() < 8 {
-                s.failing_rows.push(*row);
-            }
+            s.failing_rows.note(*row);
         }
     }
 
@@ -164,27 +197,25 @@ impl SinkHealth {
         }
     }
 
-    /// `rows` are dead-lettered: they fail nothing any more, and no longer count
-    /// among the streak's rows (two rows failing, and a third dead, are not three).
+    /// `rows` are dead-lettered: no longer among the streak's rows.
     pub fn forget_rows(&self, rows: &[i64]) {
-        self.lock().failing_rows.retain(|r| !rows.contains(r));
+        self.lock().failing_rows.forget(rows);
     }
 
-    /// How many different rows failed in this streak (as noted; at most 8).
+    /// How many different rows failed in this streak (as noted; a few at most).
     pub fn rows_failing(&self) -> usize {
         self.lock().failing_rows.len()
     }
 
-    /// How long a probe's row the sink failed (not the row's doing) is put off: past
-    /// the next probe at the longest interval, which so takes another row.
+    /// How long a probe's row the sink failed (not the row's doing) is put off.
     pub fn rotation_delay(&self) -> Duration {
-        self.probe_max * 2
+        rotation_delay(self.probe_max)
     }
 
     /// Whether the failures of this streak noted so far, and `rows`, are all one row's.
     pub fn only_row_failing(&self, rows: &[i64]) -> bool {
         let s = self.lock();
-        let mut all = s.failing_rows.iter().chain(rows);
+        let mut all = s.failing_rows.0.iter().chain(rows);
         let first = all.next().copied();
         all.all(|r| Some(*r) == first)
     }
@@ -310,7 +341,7 @@ pub struct UploadHealth {
 #[derive(Debug)]
 struct UploadState {
     /// Different file rows whose uploads failed since the last that went through.
-    failing: Vec<i64>,
+    failing: FailingRows,
     down: bool,
     probe_delay: Duration,
     next_probe: Instant,
@@ -324,7 +355,7 @@ impl UploadHealth {
     pub fn new(probe_base: Duration, probe_max: Duration) -> UploadHealth {
         UploadHealth {
             state: Mutex::new(UploadState {
-                failing: Vec::new(),
+                failing: FailingRows::default(),
                 down: false,
                 probe_delay: probe_base,
                 next_probe: Instant::now(),
@@ -352,9 +383,7 @@ impl UploadHealth {
     /// timeout). Whether the endpoint is taken as down, the failure not the row's.
     pub fn on_upload_failure(&self, row: i64) -> bool {
         let mut s = self.lock();
-        if !s.failing.contains(&row) && s.failing.len() < 8 {
-            s.failing.push(row);
-        }
+        s.failing.note(row);
         if s.failing.len() < ROWS_FAILING_ARE_AN_OUTAGE {
             return false;
         }
@@ -374,7 +403,7 @@ impl UploadHealth {
 
     /// `rows` are dead-lettered: they no longer count among the failing files.
     pub fn forget(&self, rows: &[i64]) {
-        self.lock().failing.retain(|r| !rows.contains(r));
+        self.lock().failing.forget(rows);
     }
 
     /// Whether a claim made now is to leave file rows in the outbox: the endpoint is
@@ -394,10 +423,9 @@ impl UploadHealth {
         false
     }
 
-    /// How long a file row whose upload failed while the endpoint is down is put
-    /// off: past the next probe at the longest interval, which so takes other rows.
+    /// How long a file row whose upload failed while the endpoint is down is put off.
     pub fn rotation_delay(&self) -> Duration {
-        self.probe_max * 2
+        rotation_delay(self.probe_max)
     }
 }
 

@@ -54,6 +54,18 @@ pub(super) enum Attempt {
     NotSent,
 }
 
+impl Attempt {
+    /// Failed by the sink's doing, not the row's: not charged, and not due again
+    /// for `delay` (`Verdict::Postpone`, `UploadHealth::rotation_delay`).
+    fn put_off(mut failure: Failure, delay: std::time::Duration) -> Attempt {
+        failure.retry_after = Some(delay);
+        Attempt::Failed {
+            failure,
+            charged: false,
+        }
+    }
+}
+
 /// The file rows of a claim whose upload has begun (`Relay::upload`).
 #[derive(Default)]
 pub(super) struct Started(std::sync::Mutex<std::collections::HashSet<i64>>);
@@ -284,16 +296,12 @@ impl Relay {
                     self.upload_health.on_upload();
                     Attempt::Sent
                 }
-                Some(Err(mut failure))
+                Some(Err(failure))
                     if may_be_an_entrys_doing(&failure)
                         && self.upload_health.on_upload_failure(id) =>
                 {
                     // the endpoint fails every upload: not this file's doing
-                    failure.retry_after = Some(self.upload_health.rotation_delay());
-                    Attempt::Failed {
-                        failure,
-                        charged: false,
-                    }
+                    Attempt::put_off(failure, self.upload_health.rotation_delay())
                 }
                 Some(Err(failure)) => {
                     let again = || async {
@@ -309,14 +317,7 @@ impl Relay {
                     };
                     match self.row_or_sink(&failure, &[id], true, again).await {
                         Verdict::Charge(charged) => Attempt::Failed { failure, charged },
-                        Verdict::Postpone(delay) => {
-                            let mut failure = failure;
-                            failure.retry_after = Some(delay);
-                            Attempt::Failed {
-                                failure,
-                                charged: false,
-                            }
-                        }
+                        Verdict::Postpone(delay) => Attempt::put_off(failure, delay),
                         Verdict::SentAgain => Attempt::Sent,
                     }
                 }
@@ -588,11 +589,12 @@ impl Relay {
                 }
             }
         };
-        for (row, mut failure) in suspects {
-            if postpone.is_some() {
-                failure.retry_after = postpone;
-            }
-            attempts.insert(row.id, Attempt::Failed { failure, charged });
+        for (row, failure) in suspects {
+            let attempt = match postpone {
+                Some(delay) => Attempt::put_off(failure, delay),
+                None => Attempt::Failed { failure, charged },
+            };
+            attempts.insert(row.id, attempt);
         }
         attempts
     }

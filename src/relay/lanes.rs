@@ -269,6 +269,10 @@ impl Relay {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_keys_out(&self) -> std::sync::MutexGuard<'_, HashMap<u64, i64>> {
+        self.keys_out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Wait until no batch this relay claimed before `batch` and still has out holds
     /// a row of `claim`. Such a row was given out again by the database, so the
     /// earlier claim of it is gone: its lease ran out before this relay could renew
@@ -324,7 +328,7 @@ impl Relay {
     /// row of one of them is out (returns `false`). A claim waiting so holds no key,
     /// so no two claims wait for each other.
     fn take_keys(&self, claim: &Claim) -> bool {
-        let mut out = self.keys_out.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = self.lock_keys_out();
         let keyed = || {
             claim
                 .rows
@@ -340,7 +344,7 @@ impl Relay {
 
     /// The keys of `rows` are no longer out (the rows are settled, or given back).
     pub(super) fn give_back_keys<'r>(&self, rows: impl Iterator<Item = &'r ClaimedRow>) {
-        let mut out = self.keys_out.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = self.lock_keys_out();
         if out.is_empty() {
             return;
         }
