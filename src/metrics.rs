@@ -44,6 +44,9 @@ pub struct Metrics {
     pub delivery_lag: Histogram,
     pub batch_size: Histogram,
     pub sink_up: IntGauge,
+    /// 0 while the recording-file endpoint is taken as down on its own
+    /// (`UploadHealth`): JSON goes on, recording files wait.
+    pub upload_up: IntGauge,
     pub db_up: IntGauge,
     pub lease_lost: IntCounter,
     known_entity_types: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
@@ -138,6 +141,11 @@ impl Metrics {
             "serversync_sink_up",
             "1 while the ingest sink is taken as healthy",
         )?;
+        let upload_up = IntGauge::new(
+            "serversync_upload_up",
+            "1 while the recording-file endpoint is taken as healthy (0: uploads fail while \
+             the sink takes JSON; recording files wait)",
+        )?;
         let db_up = IntGauge::new("serversync_db_up", "1 while the database answers")?;
         let lease_lost = IntCounter::new(
             "serversync_lease_lost_total",
@@ -152,12 +160,14 @@ impl Metrics {
         registry.register(Box::new(delivery_lag.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(sink_up.clone()))?;
+        registry.register(Box::new(upload_up.clone()))?;
         registry.register(Box::new(db_up.clone()))?;
         registry.register(Box::new(lease_lost.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         sink_up.set(1);
+        upload_up.set(1);
         // Every series of the spec is in the first scrape, at 0, instead of appearing
         // with its first event: an absent series looks like a broken exporter, and
         // `rate()` over a counter that springs into being at 1 misses that first event.
@@ -183,6 +193,7 @@ impl Metrics {
             delivery_lag,
             batch_size,
             sink_up,
+            upload_up,
             db_up,
             lease_lost,
             known_entity_types: Arc::new(std::sync::Mutex::new(

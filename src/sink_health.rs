@@ -7,6 +7,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
@@ -334,6 +335,8 @@ impl SinkHealth {
 /// through.
 pub struct UploadHealth {
     state: Mutex<UploadState>,
+    /// `serversync_upload_up`
+    up: IntGauge,
     probe_base: Duration,
     probe_max: Duration,
 }
@@ -352,8 +355,10 @@ struct UploadState {
 pub const ROWS_FAILING_ARE_AN_OUTAGE: usize = 3;
 
 impl UploadHealth {
-    pub fn new(probe_base: Duration, probe_max: Duration) -> UploadHealth {
+    pub fn new(probe_base: Duration, probe_max: Duration, up: IntGauge) -> UploadHealth {
+        up.set(1);
         UploadHealth {
+            up,
             state: Mutex::new(UploadState {
                 failing: FailingRows::default(),
                 down: false,
@@ -375,6 +380,7 @@ impl UploadHealth {
         s.failing.clear();
         if s.down {
             s.down = false;
+            self.up.set(1);
             tracing::warn!("the recording-file endpoint takes uploads again: recordings go on");
         }
     }
@@ -389,6 +395,7 @@ impl UploadHealth {
         }
         if !s.down {
             s.down = true;
+            self.up.set(0);
             s.probe_delay = self.probe_base;
             s.next_probe = Instant::now() + self.probe_base;
             tracing::error!(
@@ -483,7 +490,9 @@ mod tests {
     /// probe, on a doubling interval, until an upload goes through.
     #[tokio::test(start_paused = true)]
     async fn three_files_failing_take_the_upload_endpoint_as_down_until_one_goes() {
-        let u = UploadHealth::new(Duration::from_secs(1), Duration::from_secs(4));
+        let up = Metrics::new().unwrap().upload_up;
+        let u = UploadHealth::new(Duration::from_secs(1), Duration::from_secs(4), up.clone());
+        assert_eq!(up.get(), 1);
         assert!(!u.on_upload_failure(1));
         assert!(!u.on_upload_failure(1), "the same file again");
         assert!(!u.on_upload_failure(2));
@@ -491,7 +500,9 @@ mod tests {
         assert!(!u.on_upload_failure(3), "an upload went through in between");
         assert!(!u.on_upload_failure(4));
         assert!(!u.hold_files());
+        assert_eq!(up.get(), 1);
         assert!(u.on_upload_failure(5));
+        assert_eq!(up.get(), 0, "serversync_upload_up says so");
         assert!(u.hold_files(), "no probe due yet");
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(!u.hold_files(), "the probe's claim takes files");
@@ -502,6 +513,7 @@ mod tests {
         assert!(!u.hold_files());
         assert_eq!(u.rotation_delay(), Duration::from_secs(8));
         u.on_upload();
+        assert_eq!(up.get(), 1);
         assert!(!u.hold_files());
         assert!(!u.on_upload_failure(5), "a new streak");
         assert!(!u.on_upload_failure(6));

@@ -293,7 +293,11 @@ impl Relay {
         if let Some(warning) = parts.settings.ingest.unverified_tls_warning() {
             tracing::warn!("{warning}");
         }
-        let upload_health = UploadHealth::new(d.probe_interval, d.max_probe_interval);
+        let upload_health = UploadHealth::new(
+            d.probe_interval,
+            d.max_probe_interval,
+            parts.metrics.upload_up.clone(),
+        );
         let sink = SinkHealth::new(
             d.outage_threshold,
             d.probe_interval,

@@ -78,6 +78,7 @@ async fn metrics_health_and_readiness_follow_the_spec() {
         ("serversync_delivery_lag_seconds", "histogram"),
         ("serversync_batch_size", "histogram"),
         ("serversync_sink_up", "gauge"),
+        ("serversync_upload_up", "gauge"),
         ("serversync_lease_lost_total", "counter"),
         ("process_resident_memory_bytes", "gauge"),
     ] {
@@ -93,6 +94,7 @@ async fn metrics_health_and_readiness_follow_the_spec() {
         "serversync_delivery_errors_total{error_type=\"path_denied\"} 2",
         "serversync_outbox_pending{entity_type=\"call_log\"} 0",
         "serversync_sink_up 1",
+        "serversync_upload_up 1",
         "serversync_delivery_lag_seconds_count 5",
     ] {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");

@@ -11,7 +11,9 @@ use super::{
     a_recording_file_row, assert_dead, assert_history, drain_until, file_payload, retry_in_an_hour,
     the_row_left_for_retry, write_recording,
 };
-use crate::harness::{both_stores, closed_port, fixtures, Backend, Incoming, Mode, Reply, TestEnv};
+use crate::harness::{
+    both_stores, closed_port, fixtures, Backend, Incoming, MetricsEndpoint, Mode, Reply, TestEnv,
+};
 
 both_stores!(a_500_until_out_of_attempts_is_dead_lettered_with_its_history);
 async fn a_500_until_out_of_attempts_is_dead_lettered_with_its_history(backend: Backend) {
@@ -713,7 +715,8 @@ both_stores!(an_upload_endpoint_failing_every_upload_while_json_goes_burns_no_at
 async fn an_upload_endpoint_failing_every_upload_while_json_goes_burns_no_attempts(
     backend: Backend,
 ) {
-    let env = an_outage_of_many_quick_retries(backend).await;
+    let mut env = an_outage_of_many_quick_retries(backend).await;
+    let metrics = MetricsEndpoint::enable(&mut env);
     env.sink.set_mode(Mode::custom(|incoming| match incoming {
         Incoming::File(_) => Reply::status(500).body("blob storage unavailable"),
         Incoming::Sync(_) => Reply::ok(),
@@ -724,7 +727,15 @@ async fn an_upload_endpoint_failing_every_upload_while_json_goes_burns_no_attemp
         env.insert("call_log", call, json!({"n": n})).await;
         files.push(a_recording_file_row(&env, call).await);
     }
-    let relay = env.spawn_run(&[]);
+    let relay = env.spawn_run(&metrics.flag());
+    metrics
+        .wait_for_sample("serversync_upload_up", 0.0, Duration::from_secs(15))
+        .await;
+    assert_eq!(
+        metrics.sample("serversync_sink_up").await,
+        Some(1.0),
+        "the sink as a whole is up: JSON goes"
+    );
     let mut logs = Vec::new();
     for n in 0..10 {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -741,12 +752,16 @@ async fn an_upload_endpoint_failing_every_upload_while_json_goes_burns_no_attemp
         "JSON rows went on meanwhile"
     );
 
+    assert_eq!(metrics.sample("serversync_upload_up").await, Some(0.0));
     env.sink.set_mode(Mode::Accept);
     crate::harness::wait_until(Duration::from_secs(20), "every file delivered", || async {
         let sent = env.sent_ids().await;
         files.iter().all(|id| sent.contains(id))
     })
     .await;
+    metrics
+        .wait_for_sample("serversync_upload_up", 1.0, Duration::from_secs(5))
+        .await;
     let out = relay.terminate(Duration::from_secs(10)).await;
     out.assert_success();
     assert!(
