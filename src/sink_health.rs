@@ -25,7 +25,7 @@ pub enum Gate {
 /// The different rows whose failures make up a streak (a few: the first
 /// `FailingRows::MOST`), for the sink (`SinkHealth`) and its upload endpoint
 /// (`UploadHealth`) alike.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct FailingRows(Vec<i64>);
 
 impl FailingRows {
@@ -213,12 +213,16 @@ impl SinkHealth {
         rotation_delay(self.probe_max)
     }
 
-    /// Whether the failures of this streak noted so far, and `rows`, are all one row's.
-    pub fn only_row_failing(&self, rows: &[i64]) -> bool {
+    /// Whether the failures of this streak noted so far, and `rows`, are those of
+    /// fewer different rows than make an outage (`ROWS_FAILING_ARE_AN_OUTAGE`): they
+    /// may be the rows' doing.
+    pub fn few_rows_failing(&self, rows: &[i64]) -> bool {
         let s = self.lock();
-        let mut all = s.failing_rows.0.iter().chain(rows);
-        let first = all.next().copied();
-        all.all(|r| Some(*r) == first)
+        let mut seen = s.failing_rows.clone();
+        for row in rows {
+            seen.note(*row);
+        }
+        seen.len() < ROWS_FAILING_ARE_AN_OUTAGE
     }
 
     /// The sink answered (2xx, or a 4xx about the request itself).

@@ -605,10 +605,12 @@ impl Relay {
     /// outage threshold it does not matter: charged either way. Where it does, one row failing again and again is told
     /// from a sink failing every row by asking it with an empty batch (as `check`
     /// and an idle relay's probe do), and only then:
-    /// - about to take the sink as down, when every failure of the streak was this
-    ///   one row's: a 2xx says the sink works, so the row is charged and the sink stays
-    ///   up (a row the Frontend always fails on, with nothing else to send, used to
-    ///   take it as down and stay the probe, uncharged, for ever);
+    /// - about to take the sink as down, when the failures of the streak were those
+    ///   of fewer than `ROWS_FAILING_ARE_AN_OUTAGE` different rows: a 2xx says the
+    ///   sink works, so the row is charged and the sink stays up (a row the Frontend
+    ///   always fails on, with nothing else to send, used to take it as down and stay
+    ///   the probe, uncharged, for ever; two such rows took it as down for a moment,
+    ///   saying rows were not charged while its probes charged them);
     /// - down, when the probe (one row) failed: after a 2xx the row is sent `again`,
     ///   once, as the sink may have come back while the probe's request was out (a
     ///   hung sink's probe waits `ingest.timeout`): if it goes through the sink is up
@@ -624,7 +626,7 @@ impl Relay {
     ///   than that, failing alone, are charged, one probe at a time, until dead.
     ///   An outage that ends during a probe costs its row nothing.
     ///
-    /// Failures of different rows are the sink's. A 503 says the Frontend is
+    /// Failures of three or more different rows are the sink's. A 503 says the Frontend is
     /// unavailable, and a connection that failed or a 429 no row causes: those count
     /// towards the outage without asking.
     async fn row_or_sink<F, Fut>(
@@ -643,7 +645,7 @@ impl Relay {
             && if down {
                 alone
             } else {
-                self.sink.at_threshold() && self.sink.only_row_failing(rows)
+                self.sink.at_threshold() && self.sink.few_rows_failing(rows)
             };
         self.sink.note_failing_rows(rows);
         if ask && self.answers_an_empty_batch().await {
