@@ -228,7 +228,12 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             if let (Some(first), Some(last)) = (d.first_attempt_at, d.last_attempt_at) {
                 say!("tried:         {} … {}", utc(&first), utc(&last));
             }
-            say!("created:       {}", utc(&d.created_at));
+            say!(
+                "created:       {}",
+                d.created_at
+                    .as_ref()
+                    .map_or_else(|| "(not a time this program can show)".to_owned(), utc)
+            );
             say!("dead since:    {}", utc(&d.dead_at));
             if let Some(body) = &d.response_body {
                 say!("response body: {}", one_line(body, 400));

@@ -163,9 +163,7 @@ impl Metrics {
         registry.register(Box::new(upload_up.clone()))?;
         registry.register(Box::new(db_up.clone()))?;
         registry.register(Box::new(lease_lost.clone()))?;
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        registry.register(Box::new(ProcessMetrics::new()))?;
         sink_up.set(1);
         upload_up.set(1);
         // Every series of the spec is in the first scrape, at 0, instead of appearing
@@ -401,6 +399,56 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// The `process_*` metrics of `prometheus`'s `ProcessCollector`, but for
+/// `process_cpu_seconds_total` in fractions of a second: the crate counts it in whole
+/// seconds, so a relay that is idle or lightly loaded showed 0 and a `rate()` of it
+/// jumped in steps of a second.
+struct ProcessMetrics {
+    inner: prometheus::process_collector::ProcessCollector,
+}
+
+impl ProcessMetrics {
+    const CPU: &'static str = "process_cpu_seconds_total";
+
+    fn new() -> ProcessMetrics {
+        ProcessMetrics {
+            inner: prometheus::process_collector::ProcessCollector::for_self(),
+        }
+    }
+}
+
+/// User and system CPU time of this process, in seconds (to the kernel's tick).
+#[cfg(target_os = "linux")]
+fn cpu_seconds() -> Option<f64> {
+    let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
+    Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn cpu_seconds() -> Option<f64> {
+    None
+}
+
+impl prometheus::core::Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.inner.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.inner.collect();
+        if let Some(seconds) = cpu_seconds() {
+            for family in families.iter_mut().filter(|f| f.name() == Self::CPU) {
+                for metric in family.mut_metric() {
+                    let mut counter = prometheus::proto::Counter::new();
+                    counter.set_value(seconds);
+                    metric.set_counter(counter);
+                }
+            }
+        }
+        families
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,6 +496,31 @@ mod tests {
             pending.contains(&("call_log".to_string(), 5.0)),
             "{pending:?}"
         );
+    }
+
+    /// `process_cpu_seconds_total` counts fractions of a second: the prometheus
+    /// crate's whole seconds showed 0 for a relay that had used 0.15 s.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_cpu_seconds_count_fractions_of_a_second() {
+        let metrics = Metrics::new().unwrap();
+        let started = std::time::Instant::now();
+        let mut spin = 0_u64;
+        while cpu_seconds().unwrap_or(0.0) < 0.05
+            && started.elapsed() < std::time::Duration::from_secs(3)
+        {
+            spin = std::hint::black_box(spin.wrapping_add(1));
+        }
+        let before = cpu_seconds().expect("the process's CPU time");
+        assert!(before >= 0.05, "{before}");
+        let cpu = metrics
+            .registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "process_cpu_seconds_total")
+            .map(|f| f.get_metric()[0].get_counter().value())
+            .expect("process_cpu_seconds_total");
+        assert!(cpu >= before, "{cpu} < {before}");
     }
 
     /// Every error type of the relay's reads 0 when it has no dead letters; one

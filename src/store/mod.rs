@@ -230,7 +230,9 @@ pub struct DeadLetter {
     pub entity_id: String,
     pub payload: serde_json::Value,
     pub ordering_key: Option<String>,
-    pub created_at: DateTime<Utc>,
+    /// `None` (`null`) when the stored value is no time this program can show:
+    /// PostgreSQL's ±infinity, or SQLite text that is no time.
+    pub created_at: Option<DateTime<Utc>>,
     pub error_type: String,
     pub http_status: Option<i32>,
     pub error_message: String,

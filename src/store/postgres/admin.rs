@@ -156,9 +156,7 @@ fn dead_letter_from_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<DeadLette
             serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
         },
         ordering_key: row.try_get("ordering_key")?,
-        created_at: row
-            .try_get::<Option<DateTime<Utc>>, _>("created_at")?
-            .unwrap_or(DateTime::UNIX_EPOCH),
+        created_at: row.try_get::<Option<DateTime<Utc>>, _>("created_at")?,
         error_type: row.try_get("error_type")?,
         http_status: row.try_get("http_status")?,
         error_message: row.try_get("error_message")?,

@@ -23,7 +23,8 @@ impl SqliteStore {
             ")) AS due, count(*) FILTER (WHERE lease_until >= ",
             now!(),
             ") AS in_flight, count(ordering_key) - count(DISTINCT ordering_key) AS behind_key, \
-             (julianday('now') - julianday(min(created_at))) * 86400.0 AS oldest FROM sync_outbox"
+             (julianday('now') - min(CASE WHEN typeof(created_at) = 'text' \
+             THEN julianday(created_at) END)) * 86400.0 AS oldest FROM sync_outbox"
         );
         let row = sqlx::query(sql).fetch_one(&self.pool).await?;
         let by_type = self.dead_by_type().await?;
@@ -196,7 +197,7 @@ fn dead_letter_from_row(row: &SqliteRow) -> anyhow::Result<DeadLetter> {
             .or_else(|_| get_text_lossy(row, "payload").map(serde_json::Value::String))?,
         ordering_key: get_opt_text_lossy(row, "ordering_key")?,
         // what a producer wrote, possibly no time at all (the reason it died)
-        created_at: get_time(row, "created_at").unwrap_or(DateTime::UNIX_EPOCH),
+        created_at: get_time(row, "created_at").ok(),
         error_type: row.try_get("error_type")?,
         http_status: row.try_get("http_status")?,
         error_message: row.try_get("error_message")?,

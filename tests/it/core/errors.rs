@@ -274,6 +274,21 @@ async fn rows_a_producer_wrote_oddly_never_hold_up_the_others(backend: Backend) 
     if let Some(id) = odd_count {
         assert_eq!(dead_as(id).map(|d| d.0), Some(json!("payload_invalid")));
     }
+    // the odd time is shown as none, not as a time it is not (1970-01-01)
+    let odd = dead
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["outboxId"] == odd_time)
+        .expect("listed");
+    assert_eq!(odd["createdAt"], json!(null), "{odd:#}");
+    let dead_id = odd["id"].as_i64().expect("id").to_string();
+    let shown = env.run(&["dlq", "show", &dead_id]).await;
+    shown.assert_success().assert_no_panic();
+    assert!(
+        shown.stdout.contains("not a time this program can show") && !shown.stdout.contains("1970"),
+        "{shown}"
+    );
     let mut sent = vec![fine, max_attempts, negative];
     sent.sort();
     assert_eq!(env.sent_ids().await, sent);

@@ -146,6 +146,7 @@ async fn values_bound_as_bytes_or_spelled_otherwise_are_delivered_in_order() {
         .set("retry.max_delay", "100ms");
     let a = Uuid::new_v4();
     let b = Uuid::new_v4();
+    let c = Uuid::new_v4();
     let hex = a.simple().to_string();
     let upper_a = a.to_string().to_uppercase();
     env.db
@@ -161,11 +162,23 @@ async fn values_bound_as_bytes_or_spelled_otherwise_are_delivered_in_order() {
             simple_b = b.simple(),
         ))
         .await;
+    // a key the producer sets itself, bound as 16 bytes, and the call's recording
+    // keyed by its `callLogId`
+    env.db
+        .execute(&format!(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key) VALUES \
+             ('call_log', '{c}', '{{\"call\":\"c\"}}', X'{c_hex}'); \
+             INSERT INTO sync_outbox (entity_type, entity_id, payload) VALUES \
+             ('recording', '{rec_c}', '{{\"callLogId\":\"{c}\"}}')",
+            c_hex = c.simple(),
+            rec_c = Uuid::new_v4(),
+        ))
+        .await;
     let rows = env.outbox().await;
     let keys: Vec<Option<String>> = rows.iter().map(|r| r.ordering_key.clone()).collect();
     assert_eq!(
         keys,
-        [a, b, a, b].map(|id| Some(id.to_string())),
+        [a, b, a, b, c, c].map(|id| Some(id.to_string())),
         "one canonical key per call"
     );
     assert_eq!(rows[0].entity_id, a);
@@ -179,9 +192,13 @@ async fn values_bound_as_bytes_or_spelled_otherwise_are_delivered_in_order() {
     .await;
 
     let entries = env.sink.entries();
-    assert_eq!(entries.len(), 4, "{entries:#?}");
+    assert_eq!(entries.len(), 6, "{entries:#?}");
     let position = |id: i64| entries.iter().position(|e| e.outbox_id == id);
-    for (log, recording) in [(rows[0].id, rows[2].id), (rows[1].id, rows[3].id)] {
+    for (log, recording) in [
+        (rows[0].id, rows[2].id),
+        (rows[1].id, rows[3].id),
+        (rows[4].id, rows[5].id),
+    ] {
         assert!(
             matches!((position(log), position(recording)), (Some(l), Some(r)) if l < r),
             "both delivered, the call log first: {entries:#?}"

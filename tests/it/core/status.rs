@@ -319,3 +319,33 @@ async fn status_and_check_say_which_sink_a_relay_recorded_as_down_until_it_answe
     out.assert_success();
     assert!(!out.stdout.contains("recorded as down"), "{out}");
 }
+
+/// SQLite keeps `created_at` as the producer wrote it, and text times in different
+/// spellings do not sort by time (`2026-12-07 17:00:00` sorts before
+/// `2026-12-07T15:00:00Z`): the oldest pending age is the oldest time, not the
+/// smallest text (it said 0 s for a row two hours old). A `created_at` that is no
+/// time text is left out, as PostgreSQL leaves out infinity.
+#[tokio::test]
+async fn status_finds_the_oldest_created_at_however_sqlite_spells_it() {
+    let env = TestEnv::migrated_on(Backend::Sqlite).await;
+    env.db
+        .execute(&format!(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload, created_at) VALUES \
+             ('call_log', '{}', '{{}}', strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 hours')), \
+             ('call_log', '{}', '{{}}', CURRENT_TIMESTAMP), \
+             ('call_log', '{}', '{{}}', 1770458730)",
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        ))
+        .await;
+    let s = status(&env).await;
+    assert_eq!(s["pending"], json!(3), "{s:#}");
+    let age = s["oldest_pending_age_seconds"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("a number: {s:#}"));
+    assert!(
+        (7190.0..7300.0).contains(&age),
+        "the oldest row is two hours old: {s:#}"
+    );
+}
