@@ -157,6 +157,10 @@ impl Relay {
         if finished.is_cancelled() || lane.last_short.load(Ordering::SeqCst) > queued_at {
             return Ok(None);
         }
+        self.wait_for_settles(finished).await;
+        if finished.is_cancelled() {
+            return Ok(None);
+        }
         let number = lane.claims.fetch_add(1, Ordering::SeqCst) + 1;
         let others = if share { queued.min(self.workers) } else { 0 };
         let want = u32::try_from(others + 1).unwrap_or(1).saturating_mul(limit);

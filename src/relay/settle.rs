@@ -3,10 +3,11 @@
 //! counted in the metrics and the drain's summary.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::Retryable;
+use tokio_util::sync::CancellationToken;
 
 use super::deliver::Attempt;
 use super::{db_backoff_builder, Relay};
@@ -127,6 +128,7 @@ impl Relay {
         }
         let keep_sent = !self.settings.retention.delete_sent;
         let write = || async { self.store.settle(&s, keep_sent).await };
+        let retrying = SettleRetrying::new(&self.settles_retrying);
         let report = write
             .retry(db_backoff_builder())
             // a drain gives up on a database gone for good: the rows return when
@@ -135,9 +137,11 @@ impl Relay {
             .notify(|e: &anyhow::Error, wait: Duration| {
                 self.beat();
                 self.database_down(e);
+                retrying.note();
                 tracing::warn!(?wait, "settling a batch failed; retrying");
             })
             .await;
+        drop(retrying);
         let report = match report {
             Ok(r) => r,
             Err(e) => {
@@ -271,6 +275,59 @@ impl Relay {
         }
     }
 }
+
+/// Counts a settle among those retrying on the database (`Relay::settles_retrying`)
+/// from its first failure until it ends, however it ends (dropped at shutdown too).
+struct SettleRetrying<'a> {
+    count: &'a AtomicUsize,
+    noted: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> SettleRetrying<'a> {
+    fn new(count: &'a AtomicUsize) -> SettleRetrying<'a> {
+        SettleRetrying {
+            count,
+            noted: false.into(),
+        }
+    }
+
+    fn note(&self) {
+        if !self.noted.swap(true, Ordering::SeqCst) {
+            self.count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for SettleRetrying<'_> {
+    fn drop(&mut self) {
+        if *self.noted.get_mut() {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Relay {
+    /// Wait while settles retry on the database (until `finished`). Their rows'
+    /// leases may have run out meanwhile (an outage longer than a lease), and a claim
+    /// made first, as the database comes back, would take this relay's own rows again
+    /// and send them a second time, though it holds their answers (every row of a
+    /// 2xx then delivered twice, its settle finding the lease lost). Settled first,
+    /// they are gone from the outbox. A settle retries at most 5 s apart
+    /// (`db_backoff_builder`), so claims resume that soon after the database does.
+    pub(super) async fn wait_for_settles(&self, finished: &CancellationToken) {
+        if self.settles_retrying.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        tracing::info!("claims wait for the settles retrying on the database");
+        while self.settles_retrying.load(Ordering::SeqCst) > 0 && !finished.is_cancelled() {
+            self.with_heartbeat(tokio::time::sleep(SETTLES_RETRYING_POLL))
+                .await;
+        }
+    }
+}
+
+/// How often a claim waiting for settles retrying on the database looks again.
+const SETTLES_RETRYING_POLL: Duration = Duration::from_millis(20);
 
 /// A claim's outcome as decided: the settlement to write, and the log lines of its
 /// failed rows.

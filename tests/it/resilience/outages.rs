@@ -934,3 +934,68 @@ async fn rows_whose_claim_a_database_crash_lost_are_not_sent_twice_at_once() {
     }
     relay.stop_cleanly().await;
 }
+
+/// A batch is answered 2xx, and its settle fails on the database and is retried
+/// (here a serialization failure injected by a trigger; an outage does the same),
+/// while its leases cannot be renewed and run out. A claim made meanwhile took the
+/// relay's own rows again, and once the settle got through it found their lease
+/// lost, and the rows went out a second time: seen in an audit, after an outage
+/// longer than the lease, for every row answered during it. Claims now wait for the
+/// settles retrying on the database: each row is sent once.
+#[tokio::test]
+async fn rows_whose_settle_retries_on_the_database_are_not_claimed_again() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("dispatch.lease_duration", "1s")
+        .set("dispatch.poll_interval", "100ms");
+    env.db
+        .execute(
+            "CREATE TABLE injected_failures (on_ boolean);
+             INSERT INTO injected_failures VALUES (true);
+             CREATE FUNCTION injected_failure() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF EXISTS (SELECT 1 FROM injected_failures) THEN
+                     RAISE EXCEPTION 'injected failure' USING ERRCODE = '40001';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER failing_archive BEFORE INSERT ON sync_outbox_sent
+                 FOR EACH ROW EXECUTE FUNCTION injected_failure();
+             CREATE TRIGGER failing_renewal BEFORE UPDATE ON sync_outbox FOR EACH ROW
+                 WHEN (OLD.claim_token IS NOT DISTINCT FROM NEW.claim_token
+                       AND OLD.lease_until IS DISTINCT FROM NEW.lease_until)
+                 EXECUTE FUNCTION injected_failure();",
+        )
+        .await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(insert_one(&env).await);
+    }
+    let relay = env.spawn_run(&[]);
+    env.sink.wait_for_entries(20, Duration::from_secs(15)).await;
+    // the settle retries; the leases run out; idle workers poll
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    env.db.execute("DELETE FROM injected_failures").await;
+    wait_until(Duration::from_secs(30), "every row settled", || async {
+        let sent = env.sent_ids().await;
+        ids.iter().all(|id| sent.contains(id))
+    })
+    .await;
+    let out = relay.stop_cleanly().await;
+    let received: Vec<i64> = env.sink.entries().iter().map(|e| e.outbox_id).collect();
+    for id in &ids {
+        assert_eq!(
+            received.iter().filter(|r| *r == id).count(),
+            1,
+            "row {id} sent once: {received:?}\n{}",
+            out.stderr
+        );
+    }
+    assert!(
+        out.stderr
+            .contains("claims wait for the settles retrying on the database")
+            && !out.stderr.contains("claimed again"),
+        "{}",
+        out.stderr
+    );
+}
