@@ -271,6 +271,13 @@ impl Relay {
             // only a claim made now says the database answers
             self.database_up();
         }
+        if finished.is_cancelled() {
+            // the relay began to stop while this claim was out (a database stall can
+            // hold one for seconds), or the batch was claimed ahead for it: nothing new
+            // is started (SPEC 3.7: stop claiming); its rows go back, uncharged
+            let _ = self.release_unsent(&[batch]).await;
+            return Step::Idle;
+        }
         self.wait_for_earlier_deliveries(batch, &claim).await;
         let n = claim.rows.len();
         if let Some(drain) = self.drain.as_ref().filter(|d| d.max_rows.is_none()) {

@@ -276,3 +276,59 @@ async fn a_drain_held_by_a_lock_on_the_outbox_still_ends_at_its_timeout() {
     sent.sort_unstable();
     assert_eq!(sent, ids, "every row delivered once the lock is gone");
 }
+
+/// SIGTERM while a claim is held up in the database (here a statement trigger
+/// that sleeps; a lock or a stall does the same): the claim that ends after the
+/// signal starts nothing, and its rows go back to the outbox unleased and
+/// uncharged (SPEC 3.7: stop claiming). They used to be sent after the signal,
+/// seen in an audit, which with a short grace makes redeliveries.
+#[tokio::test]
+async fn a_claim_that_ends_after_sigterm_sends_nothing() {
+    let env = TestEnv::migrated().await;
+    let n = 50;
+    env.db
+        .execute(&format!(
+            "CREATE TABLE claim_stalls (on_ boolean);
+             INSERT INTO claim_stalls VALUES (true);
+             CREATE FUNCTION claim_stall() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF EXISTS (SELECT 1 FROM claim_stalls) THEN
+                     PERFORM pg_sleep(3);
+                 END IF;
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER stalling_claims BEFORE UPDATE ON sync_outbox
+                 FOR EACH STATEMENT EXECUTE FUNCTION claim_stall();
+             INSERT INTO sync_outbox (entity_type, entity_id, payload)
+             SELECT 'call_log', gen_random_uuid(), '{{}}' FROM generate_series(1, {n});"
+        ))
+        .await;
+    let relay = env.spawn_run(&[]);
+    crate::harness::wait_until(Duration::from_secs(15), "a claim stalled", || async {
+        let stalled: i64 = env
+            .db
+            .scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+            .await;
+        stalled > 0
+    })
+    .await;
+    relay.signal(libc::SIGTERM);
+    env.db.execute("DELETE FROM claim_stalls").await;
+    let out = relay.wait(Duration::from_secs(20)).await;
+    out.assert_success().assert_no_panic();
+    assert!(
+        env.sink.entries().is_empty(),
+        "nothing sent after SIGTERM\n{out}"
+    );
+    let outbox = env.outbox().await;
+    assert_eq!(outbox.len(), n as usize);
+    assert!(
+        outbox.iter().all(|r| r.attempts == 0),
+        "uncharged: {outbox:#?}"
+    );
+    let leased: i64 = env
+        .db
+        .scalar("SELECT count(*) FROM sync_outbox WHERE lease_until IS NOT NULL")
+        .await;
+    assert_eq!(leased, 0, "given back unleased\n{out}");
+}
