@@ -497,7 +497,7 @@ impl Relay {
                         let timed_out = f.error_type == ErrorType::Timeout;
                         let ask = timed_out && chunk.len() > 1 && !answered && !sink_answers;
                         if ask && (self.sink.is_down() || !self.answers_an_empty_batch().await) {
-                            let charged = self.account(&f);
+                            let charged = self.account(&f).await;
                             attempts.extend(chunk.iter().map(|row| {
                                 let failure = f.clone();
                                 (row.id, Attempt::Failed { failure, charged })
@@ -539,7 +539,7 @@ impl Relay {
                         }
                     }
                     Err(failure) => {
-                        let charged = self.account(&failure);
+                        let charged = self.account(&failure).await;
                         for row in chunk {
                             attempts.insert(
                                 row.id,
@@ -671,10 +671,10 @@ impl Relay {
                         Verdict::Charge(true)
                     }
                 }
-                Err(f) => Verdict::Charge(self.account(&f)),
+                Err(f) => Verdict::Charge(self.account(&f).await),
             };
         }
-        Verdict::Charge(self.account(failure))
+        Verdict::Charge(self.account(failure).await)
     }
 
     /// Whether the sink answers an empty batch (in `ingest.timeout`): a 2xx, or a
@@ -689,12 +689,18 @@ impl Relay {
     }
 
     /// Tell the sink-health tracker about a failure; returns whether it is charged.
-    pub(super) fn account(&self, failure: &Failure) -> bool {
+    /// A sink-level failure this relay would charge (below its own outage threshold)
+    /// is not charged when another relay has recorded the sink as down meanwhile
+    /// (`Relay::taken_as_down_elsewhere`): the failure is the outage's, and this relay
+    /// takes the sink as down too.
+    pub(super) async fn account(&self, failure: &Failure) -> bool {
         match failure.error_type {
             // counted towards the outage either way; never charged when the request
             // did not get through (SPEC 3.6: a refused connection burns no attempt)
             t if t.is_sink_level() => {
-                self.sink.on_sink_failure(t.as_str(), failure.retry_after) && !failure.unsent
+                self.sink.on_sink_failure(t.as_str(), failure.retry_after)
+                    && !failure.unsent
+                    && !self.taken_as_down_elsewhere().await
             }
             ErrorType::Http4xx => {
                 self.sink.on_answer();

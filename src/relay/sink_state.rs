@@ -37,6 +37,36 @@ impl Relay {
         }
     }
 
+    /// Whether another relay has recorded the sink as down (and none has seen it
+    /// answer since) while this one still takes it as up; if so, this relay takes it
+    /// as down too, and probes. Asked before a sink-level failure is charged: each
+    /// relay otherwise charged up to `outage_threshold - 1` failures of its own, and
+    /// with several relays a row could use up its attempts in one outage. A database
+    /// that does not answer says no.
+    pub(super) async fn taken_as_down_elsewhere(&self) -> bool {
+        if self.sink.is_down() {
+            return false;
+        }
+        match self.store.sink_down_since(&self.sink_name()).await {
+            Ok(Some(since)) => {
+                if !self.sink.is_down() {
+                    self.sink.start_down();
+                    tracing::error!(
+                        since = %since,
+                        "ingest sink is DOWN, as another relay found: pausing all delivery, \
+                         probing until it answers; rows are not charged attempts while it is down"
+                    );
+                }
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(error = %crate::app::causes(&e), "cannot read the recorded sink state");
+                false
+            }
+        }
+    }
+
     /// Record every transition of the sink's state in the database, for relays that
     /// start later (cron drains, restarts, other instances); the last one is written
     /// before `done` lets this task end.

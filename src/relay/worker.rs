@@ -229,7 +229,7 @@ impl Relay {
             Err(f) => {
                 // as for any request: a 4xx is an answer, a sink-level failure counts;
                 // whatever it was, this probe is over
-                self.account(&f);
+                self.account(&f).await;
                 self.sink.probe_abandoned();
             }
         }

@@ -999,3 +999,62 @@ async fn rows_whose_settle_retries_on_the_database_are_not_claimed_again() {
         out.stderr
     );
 }
+
+/// Another relay has recorded the sink as down while this one, running, still
+/// takes it as up (it had nothing to send): its first failures are the outage's,
+/// and it charges none of them; it takes the sink as down too and probes. Each
+/// relay used to charge up to `outage_threshold - 1` failures of its own before it
+/// found the outage itself, so with several relays a row could use up its attempts
+/// in one outage (seen in an audit with three relays and `max_attempts = 4`).
+#[tokio::test]
+async fn a_relay_charges_nothing_for_an_outage_another_relay_recorded() {
+    let mut env = TestEnv::migrated().await;
+    env.sink.set_mode(Mode::Reply(Reply::status(503)));
+    env.config
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "100ms")
+        .set("retry.max_delay", "100ms")
+        .set("dispatch.outage_threshold", 1)
+        .set("dispatch.probe_interval", "200ms")
+        .set("dispatch.max_probe_interval", "400ms");
+    // a drain records the outage, which gives the sink's name as recorded
+    insert_one(&env).await;
+    env.drain().await.assert_code(3);
+    assert_eq!(sinks_recorded_down(&env).await, 1);
+    env.db.execute("DELETE FROM sync_outbox").await;
+    // the sink came back, as far as the table knows; a relay starts and sees it up
+    env.db
+        .execute("UPDATE sync_outbox_sink_state SET down_since = NULL")
+        .await;
+    env.config.set("dispatch.outage_threshold", 3);
+    let relay = env.spawn_run(&[]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // another relay takes it as down
+    env.db
+        .execute("UPDATE sync_outbox_sink_state SET down_since = now()")
+        .await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(insert_one(&env).await);
+    }
+    env.sink.wait_for_requests(2, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success();
+    let charged: Vec<(i64, i32)> = env
+        .outbox()
+        .await
+        .iter()
+        .filter(|r| r.attempts > 0)
+        .map(|r| (r.id, r.attempts))
+        .collect();
+    assert!(
+        charged.is_empty(),
+        "charged for the outage another relay recorded: {charged:?}\n{out}"
+    );
+    assert!(
+        out.stderr.contains("as another relay found"),
+        "{}",
+        out.stderr
+    );
+}
