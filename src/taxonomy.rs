@@ -209,6 +209,11 @@ impl Failure {
         f
     }
 
+    /// No complete answer within the request's deadline (the request went out).
+    pub fn timeout(message: impl Into<String>) -> Failure {
+        Failure::new(ErrorType::Timeout, true, message)
+    }
+
     pub fn file_missing(message: impl Into<String>) -> Failure {
         Failure::new(ErrorType::FileMissing, true, message)
     }

@@ -204,8 +204,9 @@ impl Dispatcher {
         for certificate in &settings.ca_certificates {
             client = client.add_root_certificate(certificate.clone());
         }
+        // the whole request's deadline is `Dispatcher::execute`'s own, not the
+        // client's (`answer_within`)
         let client = client
-            .timeout(settings.timeout)
             .connect_timeout(settings.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
@@ -271,7 +272,8 @@ impl Dispatcher {
             }
         }
         request = self.authorize(request);
-        self.execute(request.body(bytes), "sync").await
+        self.execute(request.body(bytes), "sync", self.timeout)
+            .await
     }
 
     /// Stream one recording file (and its meta file) to `/api/ingest/recording-file`.
@@ -290,7 +292,6 @@ impl Dispatcher {
         let mut request = self
             .client
             .post(self.file_url.clone())
-            .timeout(self.upload_deadline(audio.len))
             .header(reqwest::header::CONTENT_TYPE, form.content_type())
             .header(reqwest::header::CONTENT_LENGTH, form.len(audio.len))
             .header("Idempotency-Key", &idempotency_key);
@@ -346,7 +347,11 @@ impl Dispatcher {
         );
         let request = request.body(reqwest::Body::wrap_stream(body));
         let result = self
-            .execute(self.authorize(request), "recording_file")
+            .execute(
+                self.authorize(request),
+                "recording_file",
+                self.upload_deadline(audio.len),
+            )
             .await;
         match (result, read_error.take()) {
             (Err(_), Some(cause)) => Err(Failure::file_unreadable(format!(
@@ -393,10 +398,21 @@ impl Dispatcher {
         &self,
         request: reqwest::RequestBuilder,
         endpoint: &str,
+        deadline: Duration,
     ) -> Result<(), Failure> {
         let started = Instant::now();
+        let outcome = answer_within(deadline, Self::exchange(request)).await;
+        self.metrics
+            .http_duration
+            .with_label_values(&[endpoint])
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// Send `request` and read its answer to the end.
+    async fn exchange(request: reqwest::RequestBuilder) -> Result<(), Failure> {
         let result = request.send().await;
-        let outcome = match result {
+        match result {
             Err(e) => Err(Failure::from_transport(&e.without_url())),
             Ok(mut response) if response.status().is_success() => {
                 // read a short body to its end, so the connection goes back to the
@@ -433,12 +449,37 @@ impl Dispatcher {
                 }
             }
             Ok(response) => Err(failure_from_response(response).await),
-        };
-        self.metrics
-            .http_duration
-            .with_label_values(&[endpoint])
-            .observe(started.elapsed().as_secs_f64());
-        outcome
+        }
+    }
+}
+
+/// How long an answer is still waited for once its request's deadline has passed.
+/// An answer can be in the socket, unread, when the deadline's timer fires: the
+/// process was paused (a VM or cgroup freeze, SIGSTOP) or starved while the sink
+/// answered, and on waking the timer may be seen before the answer. Taken as a
+/// timeout, the rows of a batch the sink had accepted went again (seen in an audit:
+/// every row of the batches out during a 3 s pause delivered twice).
+const LATE_ANSWER_GRACE: Duration = Duration::from_millis(100);
+
+/// `exchange` within `deadline` (`ingest.timeout`, or an upload's), plus
+/// `LATE_ANSWER_GRACE` for an answer already there when the deadline passes. The
+/// client has no timeout of its own: its timer would win that race.
+async fn answer_within(
+    deadline: Duration,
+    exchange: impl std::future::Future<Output = Result<(), Failure>>,
+) -> Result<(), Failure> {
+    tokio::pin!(exchange);
+    tokio::select! {
+        biased;
+        done = &mut exchange => return done,
+        () = tokio::time::sleep(deadline) => {}
+    }
+    match tokio::time::timeout(LATE_ANSWER_GRACE, &mut exchange).await {
+        Ok(done) => done,
+        Err(_) => Err(Failure::timeout(format!(
+            "operation timed out: no complete answer within {}",
+            humantime::format_duration(deadline)
+        ))),
     }
 }
 

@@ -410,3 +410,40 @@ async fn a_slow_claim_refreshes_the_outboxs_statistics() {
     let out = relay.stop_cleanly().await;
     assert!(out.stderr.contains("a claim was slow"), "{out}");
 }
+
+/// A relay paused (SIGSTOP; a VM or cgroup freeze does the same) for longer than
+/// `ingest.timeout` but not a lease, while the sink answers its requests 2xx: on
+/// waking, the answers waiting in its sockets are taken, not the timers that ran
+/// out meanwhile. It used to see the timeouts first, and send every row of those
+/// batches again (seen in an audit: 61 rows twice after a 3 s pause), with no crash
+/// and no lease lost (SPEC 3.3).
+#[tokio::test]
+async fn a_relay_paused_past_its_request_timeout_takes_the_answers_waiting() {
+    let mut env = TestEnv::migrated().await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(300))));
+    env.config
+        .set("ingest.timeout", "1s")
+        .set("dispatch.batch_size", 10)
+        .set("dispatch.lease_duration", "30s");
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        ids.push(insert_one(&env).await);
+    }
+    let relay = env.spawn_run(&[]);
+    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    relay.signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    relay.signal(libc::SIGCONT);
+    wait_until(Duration::from_secs(30), "every row settled", || async {
+        env.count("sync_outbox").await == 0
+    })
+    .await;
+    let out = relay.stop_cleanly().await;
+    let received = by_id(env.sink.entries());
+    let twice: Vec<&i64> = ids
+        .iter()
+        .filter(|id| received.get(id).map_or(0, Vec::len) != 1)
+        .collect();
+    assert!(twice.is_empty(), "not sent exactly once: {twice:?}\n{out}");
+}
