@@ -252,9 +252,11 @@ pub struct Relay {
     /// The ordering keys of the rows this relay is delivering (by a 64-bit hash of
     /// the key): the row out for each (`Relay::take_keys`).
     keys_out: Mutex<HashMap<u64, i64>>,
-    /// Settles retrying on the database (`Relay::write_settlement`): no claim is made
-    /// meanwhile (`Relay::wait_for_settles`).
+    /// Settles retrying on the database (`Relay::write_settlement`): while lease
+    /// renewals fail too, no claim is made (`Relay::wait_for_settles`).
     settles_retrying: AtomicUsize,
+    /// The latest lease renewal failed (`Relay::renew_leases`).
+    renewals_failing: AtomicBool,
     next_batch: AtomicU64,
     heartbeat: AtomicU64,
     started: Instant,
@@ -345,6 +347,7 @@ impl Relay {
             in_flight: Mutex::new(HashMap::new()),
             keys_out: Mutex::new(HashMap::new()),
             settles_retrying: AtomicUsize::new(0),
+            renewals_failing: AtomicBool::new(false),
             next_batch: AtomicU64::new(0),
             heartbeat: AtomicU64::new(0),
             started: Instant::now(),

@@ -307,19 +307,27 @@ impl Drop for SettleRetrying<'_> {
 }
 
 impl Relay {
-    /// Wait while settles retry on the database (until `finished`). Their rows'
-    /// leases may have run out meanwhile (an outage longer than a lease), and a claim
-    /// made first, as the database comes back, would take this relay's own rows again
-    /// and send them a second time, though it holds their answers (every row of a
-    /// 2xx then delivered twice, its settle finding the lease lost). Settled first,
-    /// they are gone from the outbox. A settle retries at most 5 s apart
-    /// (`db_backoff_builder`), so claims resume that soon after the database does.
+    /// Wait while settles retry on the database and lease renewals fail too (until
+    /// `finished`). The settles' rows are still this relay's, in flight, but their
+    /// leases may have run out (an outage longer than a lease): a claim made first,
+    /// as the database comes back, would take the relay's own answered rows again and
+    /// send them a second time (every row of a 2xx delivered twice, its settle then
+    /// finding the lease lost). The first renewal that goes through gives them fresh
+    /// leases (it is tried again within a second), and then no claim can take them;
+    /// so a settle that keeps failing while the database answers (a row it cannot
+    /// archive) holds no claim for longer than a renewal.
     pub(super) async fn wait_for_settles(&self, finished: &CancellationToken) {
-        if self.settles_retrying.load(Ordering::SeqCst) == 0 {
+        let waiting = || {
+            self.settles_retrying.load(Ordering::SeqCst) > 0
+                && self.renewals_failing.load(Ordering::SeqCst)
+        };
+        if !waiting() {
             return;
         }
-        tracing::info!("claims wait for the settles retrying on the database");
-        while self.settles_retrying.load(Ordering::SeqCst) > 0 && !finished.is_cancelled() {
+        tracing::info!(
+            "claims wait for the settles retrying on the database, until a lease renewal goes through"
+        );
+        while waiting() && !finished.is_cancelled() {
             self.with_heartbeat(tokio::time::sleep(SETTLES_RETRYING_POLL))
                 .await;
         }

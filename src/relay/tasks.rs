@@ -35,7 +35,10 @@ impl Relay {
                 wait = every;
                 continue;
             }
-            match self.store.renew(&held, lease).await {
+            let renewed = self.store.renew(&held, lease).await;
+            self.renewals_failing
+                .store(renewed.is_err(), Ordering::SeqCst);
+            match renewed {
                 Ok(_) => {
                     if failing {
                         tracing::info!("renewing leases works again");

@@ -1058,3 +1058,65 @@ async fn a_relay_charges_nothing_for_an_outage_another_relay_recorded() {
         out.stderr
     );
 }
+
+/// One settle that keeps failing while the database answers (a row it cannot
+/// archive: here a trigger refusing one entity with a serialization failure) holds
+/// its own worker, retrying, but no other claim: lease renewals go through, so its
+/// rows keep their leases and no claim can take them again. (The first form of the
+/// wait for settles retrying stopped every claim of the relay for as long as that
+/// settle failed, the relay looking healthy meanwhile; audit.)
+#[tokio::test]
+async fn a_settle_failing_while_the_database_answers_holds_no_other_claim() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("dispatch.lease_duration", "3s")
+        .set("dispatch.poll_interval", "100ms");
+    let poison = uuid::Uuid::new_v4();
+    env.db
+        .execute(&format!(
+            "CREATE FUNCTION refuse_archive() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.entity_id = '{poison}' THEN
+                     RAISE EXCEPTION 'injected failure' USING ERRCODE = '40001';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER refusing_archive BEFORE INSERT ON sync_outbox_sent
+                 FOR EACH ROW EXECUTE FUNCTION refuse_archive();"
+        ))
+        .await;
+    env.insert("call_log", poison, serde_json::json!({"n": 0}))
+        .await;
+    let relay = env.spawn_run(&[]);
+    env.sink.wait_for_entries(1, Duration::from_secs(15)).await;
+    // its settle retries; a lease renewal goes through meanwhile
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(insert_one(&env).await);
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the other rows delivered",
+        || async {
+            let sent = env.sent_ids().await;
+            ids.iter().all(|id| sent.contains(id))
+        },
+    )
+    .await;
+    env.db
+        .execute("DROP TRIGGER refusing_archive ON sync_outbox_sent")
+        .await;
+    wait_until(
+        Duration::from_secs(20),
+        "the poison row settled",
+        || async { env.count("sync_outbox").await == 0 },
+    )
+    .await;
+    let out = relay.stop_cleanly().await;
+    let received = by_id(env.sink.entries());
+    assert!(
+        received.values().all(|e| e.len() == 1),
+        "each row sent once: {received:?}\n{out}"
+    );
+}
