@@ -73,6 +73,8 @@ struct State {
     probe_delay: Duration,
     /// While down: next probe. While up: end of a Retry-After pause.
     not_before: Instant,
+    /// When the sink last answered (`on_answer`), or when this relay started.
+    last_answer: Instant,
 }
 
 pub struct SinkHealth {
@@ -103,6 +105,7 @@ impl SinkHealth {
                 probing: false,
                 probe_delay: probe_base,
                 not_before: Instant::now(),
+                last_answer: Instant::now(),
             }),
             up: tokio::sync::watch::channel(true).0,
             threshold: threshold.max(1),
@@ -150,6 +153,23 @@ impl SinkHealth {
         s.not_before = Instant::now();
         self.metrics.sink_up.set(0);
         self.up.send_replace(false);
+    }
+
+    /// How long ago the sink last answered this relay (or the relay started).
+    pub fn since_last_answer(&self) -> Duration {
+        self.lock().last_answer.elapsed()
+    }
+
+    /// Take the sink as down, as another relay found it after this one last saw it
+    /// answer: charge nothing, probe, but not before a `Retry-After` pause ends.
+    pub fn adopt_down(&self) {
+        let pause_until = {
+            let s = self.lock();
+            s.not_before
+        };
+        self.start_down();
+        let mut s = self.lock();
+        s.not_before = s.not_before.max(pause_until);
     }
 
     pub fn gate(&self) -> Gate {
@@ -228,6 +248,7 @@ impl SinkHealth {
     /// The sink answered (2xx, or a 4xx about the request itself).
     pub fn on_answer(&self) {
         let mut s = self.lock();
+        s.last_answer = Instant::now();
         s.consecutive_failures = 0;
         s.failing_rows.clear();
         s.probing = false;
@@ -646,5 +667,20 @@ mod tests {
         assert!(matches!(h.gate(), Gate::WaitUntil(_)));
         tokio::time::advance(Duration::from_secs(3)).await;
         assert_eq!(h.gate(), Gate::Open);
+    }
+
+    /// Taking the sink as down because another relay found it so keeps a
+    /// `Retry-After` pause the sink asked for: the first probe waits for its end.
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_found_elsewhere_keeps_the_retry_after_pause() {
+        let h = health(5);
+        h.on_sink_failure("http_429", Some(Duration::from_secs(20)));
+        h.adopt_down();
+        assert!(h.is_down());
+        assert_eq!(h.metrics.sink_up.get(), 0);
+        tokio::time::advance(Duration::from_secs(19)).await;
+        assert!(matches!(h.gate(), Gate::WaitUntil(_)), "still paused");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(h.gate(), Gate::Probe);
     }
 }

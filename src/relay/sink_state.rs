@@ -37,20 +37,24 @@ impl Relay {
         }
     }
 
-    /// Whether another relay has recorded the sink as down (and none has seen it
-    /// answer since) while this one still takes it as up; if so, this relay takes it
-    /// as down too, and probes. Asked before a sink-level failure is charged: each
-    /// relay otherwise charged up to `outage_threshold - 1` failures of its own, and
-    /// with several relays a row could use up its attempts in one outage. A database
-    /// that does not answer says no.
+    /// Whether another relay has recorded the sink as down since this one last saw
+    /// it answer (and none has seen it answer since) while this one still takes it
+    /// as up; if so, this relay takes it as down too, and probes. Asked before a
+    /// sink-level failure is charged: each relay otherwise charged up to
+    /// `outage_threshold - 1` failures of its own, and with several relays a row
+    /// could use up its attempts in one outage. A record older than this relay's
+    /// last answer is stale (a relay that stopped while the sink was down leaves
+    /// one): one bad row's 500 then must not pause the relay. A database that does
+    /// not answer says no.
     pub(super) async fn taken_as_down_elsewhere(&self) -> bool {
         if self.sink.is_down() {
             return false;
         }
-        match self.store.sink_down_since(&self.sink_name()).await {
+        let age = self.sink.since_last_answer();
+        match self.store.sink_down_within(&self.sink_name(), age).await {
             Ok(Some(since)) => {
                 if !self.sink.is_down() {
-                    self.sink.start_down();
+                    self.sink.adopt_down();
                     tracing::error!(
                         since = %since,
                         "ingest sink is DOWN, as another relay found: pausing all delivery, \

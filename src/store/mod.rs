@@ -612,6 +612,15 @@ impl Store {
         delegate!(self, s => s.sink_down_since(sink).await)
     }
 
+    /// `sink_down_since`, only when the sink was taken as down within `age`.
+    pub async fn sink_down_within(
+        &self,
+        sink: &str,
+        age: Duration,
+    ) -> anyhow::Result<Option<String>> {
+        delegate!(self, s => s.sink_down_within(sink, age).await)
+    }
+
     /// Every ingest sink some relay recorded as down and no relay has seen answering
     /// since, with when (UTC, RFC 3339), for `status`.
     pub async fn sinks_down(&self) -> anyhow::Result<Vec<(String, String)>> {

@@ -750,6 +750,24 @@ impl PgStore {
         Ok(since.flatten())
     }
 
+    pub async fn sink_down_within(
+        &self,
+        sink: &str,
+        age: Duration,
+    ) -> anyhow::Result<Option<String>> {
+        let since: Option<Option<String>> = sqlx::query_scalar(concat!(
+            "SELECT ",
+            down_since_utc!(),
+            " FROM sync_outbox_sink_state WHERE sink = $1 \
+             AND down_since > now() - $2 * interval '1 millisecond'"
+        ))
+        .bind(sink)
+        .bind(millis(age))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(since.flatten())
+    }
+
     pub async fn sinks_down(&self) -> anyhow::Result<Vec<(String, String)>> {
         Ok(sqlx::query_as(concat!(
             "SELECT sink, ",

@@ -1120,3 +1120,67 @@ async fn a_settle_failing_while_the_database_answers_holds_no_other_claim() {
         "each row sent once: {received:?}\n{out}"
     );
 }
+
+/// A record of the sink as down that is older than this relay's last answer from
+/// it is stale (a relay that stopped while the sink was down leaves one): a row the
+/// Frontend fails on is charged as usual, and the relay does not pause. (It read
+/// any record as another relay's outage, and one bad row's 500 paused it, its
+/// `serversync_sink_up` 0, for as long as that row was all it had to send; audit.)
+#[tokio::test]
+async fn a_stale_record_of_the_sink_as_down_does_not_pause_a_relay() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "100ms")
+        .set("retry.max_delay", "100ms")
+        .set("retry.max_attempts", 3)
+        .set("dispatch.outage_threshold", 1);
+    // a drain records the outage, naming the sink as relays do; it is an hour old
+    env.sink.set_mode(Mode::Reply(Reply::status(503)));
+    insert_one(&env).await;
+    env.drain().await.assert_code(3);
+    assert_eq!(sinks_recorded_down(&env).await, 1);
+    env.db.execute("DELETE FROM sync_outbox").await;
+    env.config.set("dispatch.outage_threshold", 5);
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        crate::harness::Incoming::Sync(req)
+            if req.entries().iter().any(|e| e.payload["crash"] == true) =>
+        {
+            Reply::status(500)
+        }
+        _ => Reply::ok(),
+    }));
+    let relay = env.spawn_run(&[]);
+    let fine = insert_one(&env).await;
+    env.sink.wait_for_entries(1, Duration::from_secs(15)).await;
+    // the sink answered this relay, which recorded it as up; then the record says
+    // down, since an hour ago
+    wait_until(
+        Duration::from_secs(5),
+        "the sink recorded as up",
+        || async { sinks_recorded_down(&env).await == 0 },
+    )
+    .await;
+    env.db
+        .execute("UPDATE sync_outbox_sink_state SET down_since = now() - interval '1 hour'")
+        .await;
+    let poison = env
+        .insert(
+            "call_log",
+            uuid::Uuid::new_v4(),
+            serde_json::json!({"crash": true}),
+        )
+        .await;
+    wait_until(Duration::from_secs(15), "the poison row dead", || async {
+        env.count("sync_outbox_dead_letters").await == 1
+    })
+    .await;
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success();
+    assert!(env.sent_ids().await.contains(&fine));
+    assert!(
+        !out.stderr.contains("as another relay found"),
+        "one row's 500 paused the relay on a stale record (row {poison})\n{}",
+        out.stderr
+    );
+}
