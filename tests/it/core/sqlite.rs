@@ -174,7 +174,31 @@ async fn values_bound_as_bytes_or_spelled_otherwise_are_delivered_in_order() {
             rec_c = Uuid::new_v4(),
         ))
         .await;
-    let rows = env.outbox().await;
+    // a key of 16 printable characters bound as bytes is its text, as bound as text
+    env.db
+        .execute(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload, ordering_key) VALUES \
+             ('note', '00000000-0000-4000-8000-000000000001', '{}', CAST('order-0000000042' AS BLOB)), \
+             ('note', '00000000-0000-4000-8000-000000000002', '{}', 'order-0000000042'), \
+             ('note', '00000000-0000-4000-8000-000000000003', '{}', \
+              X'00eebc999c0b4ef8bb6d6bb9bd380a11')",
+        )
+        .await;
+    let mut rows = env.outbox().await;
+    let notes = rows.split_off(6);
+    let note_keys: Vec<Option<&str>> = notes.iter().map(|r| r.ordering_key.as_deref()).collect();
+    assert_eq!(
+        note_keys,
+        [
+            Some("order-0000000042"),
+            Some("order-0000000042"),
+            // a UUID whose first byte is 0 is still a UUID
+            Some("00eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+        ]
+    );
+    env.db
+        .execute("DELETE FROM sync_outbox WHERE entity_type = 'note'")
+        .await;
     let keys: Vec<Option<String>> = rows.iter().map(|r| r.ordering_key.clone()).collect();
     assert_eq!(
         keys,
