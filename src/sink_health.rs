@@ -433,6 +433,23 @@ impl UploadHealth {
         true
     }
 
+    /// No recording file waits in the outbox (the failing ones were delivered by
+    /// another relay, dead-lettered or deleted): the endpoint is no longer taken as
+    /// down, for there is nothing its state holds back, and `serversync_upload_up`
+    /// would say files wait when none do. The next files are tried as usual.
+    pub fn nothing_waiting(&self) {
+        let mut s = self.lock();
+        s.failing.clear();
+        if s.down {
+            s.down = false;
+            self.up.set(1);
+            tracing::info!(
+                "no recording files wait in the outbox any more: the recording-file endpoint \
+                 is no longer taken as down"
+            );
+        }
+    }
+
     /// `rows` are dead-lettered: they no longer count among the failing files.
     pub fn forget(&self, rows: &[i64]) {
         self.lock().failing.forget(rows);
@@ -539,6 +556,13 @@ mod tests {
         assert_eq!(u.rotation_delay(), Duration::from_secs(8));
         u.on_upload();
         assert_eq!(up.get(), 1);
+        assert!(!u.hold_files());
+        for row in [10, 11, 12] {
+            u.on_upload_failure(row);
+        }
+        assert_eq!(up.get(), 0);
+        u.nothing_waiting();
+        assert_eq!(up.get(), 1, "no file waits: nothing is held back");
         assert!(!u.hold_files());
         assert!(!u.on_upload_failure(5), "a new streak");
         assert!(!u.on_upload_failure(6));

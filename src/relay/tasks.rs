@@ -97,6 +97,18 @@ impl Relay {
         }
     }
 
+    /// An exact count of the backlog with no recording file in it ends the upload
+    /// endpoint's down state (`UploadHealth::nothing_waiting`).
+    fn note_files_waiting(&self, backlog: &crate::store::Backlog) {
+        let pending = &backlog.pending_by_entity_type;
+        let exact = u64::try_from(pending.values().sum::<i64>())
+            .is_ok_and(|n| n < u64::from(self.settings.metrics.backlog_exact_rows));
+        let mut files = self.settings.dispatch.file_entity_types.iter();
+        if exact && !files.any(|t| pending.get(t).is_some_and(|n| *n > 0)) {
+            self.upload_health.nothing_waiting();
+        }
+    }
+
     /// Refresh the backlog gauges and the database health on an interval.
     pub async fn refresh_gauges(self: Arc<Self>, stop: CancellationToken) {
         let every = self.settings.metrics.refresh_interval;
@@ -109,6 +121,7 @@ impl Relay {
             {
                 Ok(backlog) => {
                     self.metrics.set_backlog(ticket, &backlog);
+                    self.note_files_waiting(&backlog);
                     self.database_up();
                     self.check_schema().await;
                 }

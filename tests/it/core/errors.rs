@@ -1833,3 +1833,40 @@ async fn a_huge_entity_type_is_dead_lettered_with_a_log_line_of_normal_length() 
         d.error_message
     );
 }
+
+both_stores!(the_upload_endpoint_is_no_longer_taken_as_down_once_no_file_waits);
+/// The upload endpoint is taken as down (three files failed); then the files leave
+/// the outbox by other means (here deleted, as another relay's delivery or an
+/// operator would): with no file waiting, `serversync_upload_up` is 1 again, not 0
+/// for good with nothing held back (audit).
+async fn the_upload_endpoint_is_no_longer_taken_as_down_once_no_file_waits(backend: Backend) {
+    let mut env = an_outage_of_many_quick_retries(backend).await;
+    let metrics = MetricsEndpoint::enable(&mut env);
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::File(_) => Reply::status(500).body("blob storage unavailable"),
+        Incoming::Sync(_) => Reply::ok(),
+    }));
+    for n in 0..3 {
+        let call = Uuid::new_v4();
+        env.insert("call_log", call, json!({"n": n})).await;
+        a_recording_file_row(&env, call).await;
+    }
+    let relay = env.spawn_run(&metrics.flag());
+    metrics
+        .wait_for_sample("serversync_upload_up", 0.0, Duration::from_secs(15))
+        .await;
+    env.db
+        .execute("DELETE FROM sync_outbox WHERE entity_type = 'recording_file'")
+        .await;
+    metrics
+        .wait_for_sample("serversync_upload_up", 1.0, Duration::from_secs(10))
+        .await;
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success();
+    assert!(
+        out.stderr
+            .contains("no recording files wait in the outbox any more"),
+        "{}",
+        out.stderr
+    );
+}
