@@ -381,8 +381,13 @@ impl Relay {
         // answered, they are out no more (and stay in the outbox until the settle
         // commits, so no claim takes their keys' later rows before)
         self.give_back_keys(answered.keys().filter_map(|id| claim.row(*id)));
+        let ids: Vec<i64> = answered.keys().copied().collect();
         let settlement = self.settlement(claim, answered);
         self.settle(claim, settlement).await;
+        // settled, they are no longer this relay's: one due again at once (a failure
+        // not charged) may be claimed by another batch, which must not wait for this
+        // claim's end as for a row given out twice (`wait_for_earlier_deliveries`)
+        self.forget_in_flight(claim.token, &ids);
         *settle_at = tokio::time::Instant::now() + SETTLE_ANSWERED_EVERY;
     }
 

@@ -273,6 +273,18 @@ impl Relay {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `ids` of the claim `token` are settled while the rest of its batches are out:
+    /// no longer renewed, released or waited for as this relay's.
+    pub(super) fn forget_in_flight(&self, token: i64, ids: &[i64]) {
+        let ids: HashSet<i64> = ids.iter().copied().collect();
+        let mut in_flight = self.lock_in_flight();
+        for (held, rows) in in_flight.values_mut() {
+            if *held == token {
+                rows.retain(|id| !ids.contains(id));
+            }
+        }
+    }
+
     fn lock_keys_out(&self) -> std::sync::MutexGuard<'_, HashMap<u64, i64>> {
         self.keys_out.lock().unwrap_or_else(|e| e.into_inner())
     }

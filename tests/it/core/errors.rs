@@ -1870,3 +1870,53 @@ async fn the_upload_endpoint_is_no_longer_taken_as_down_once_no_file_waits(backe
         out.stderr
     );
 }
+
+both_stores!(a_row_retried_while_its_claims_other_rows_are_out_goes_again_without_waiting);
+/// A row fails (500) and is settled for a retry while the other rows of its claim
+/// are still out (a slow sink): once due, another worker claims it and sends it at
+/// once. It used to stay listed as this relay's in flight, so the new claim took it
+/// for a row given out twice, waited for the first claim's end, and logged that the
+/// database had lost a claim (audit).
+async fn a_row_retried_while_its_claims_other_rows_are_out_goes_again_without_waiting(
+    backend: Backend,
+) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config
+        .set("dispatch.batch_size", 1)
+        .set("ingest.timeout", "10s")
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "50ms")
+        .set("retry.max_delay", "50ms")
+        .set("dispatch.outage_threshold", 10);
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::Sync(req) if req.entries().iter().any(|e| e.payload["flaky"] == true) => {
+            Reply::status(500)
+        }
+        _ => Reply::ok().delay(Duration::from_secs(3)),
+    }));
+    let flaky = env
+        .insert("call_log", Uuid::new_v4(), json!({"flaky": true}))
+        .await;
+    for n in 0..5 {
+        env.insert("call_log", Uuid::new_v4(), json!({"n": n}))
+            .await;
+    }
+    let relay = env.spawn_run(&[]);
+    // the flaky row is tried a few times while the slow requests are out
+    crate::harness::wait_until(
+        Duration::from_secs(10),
+        "the flaky row tried thrice",
+        || async {
+            env.sink
+                .sync_requests()
+                .iter()
+                .filter(|r| r.entries().iter().any(|e| e.outbox_id == flaky))
+                .count()
+                >= 3
+        },
+    )
+    .await;
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success();
+    assert!(!out.stderr.contains("claimed again"), "{}", out.stderr);
+}
