@@ -609,7 +609,7 @@ impl Store {
     /// When the ingest sink `sink` was taken as down by some relay, if it still is
     /// (UTC, RFC 3339), for a relay starting up.
     pub async fn sink_down_since(&self, sink: &str) -> anyhow::Result<Option<String>> {
-        delegate!(self, s => s.sink_down_since(sink).await)
+        delegate!(self, s => s.sink_down_since(sink, None).await)
     }
 
     /// `sink_down_since`, only when the sink was taken as down within `age`.
@@ -618,7 +618,7 @@ impl Store {
         sink: &str,
         age: Duration,
     ) -> anyhow::Result<Option<String>> {
-        delegate!(self, s => s.sink_down_within(sink, age).await)
+        delegate!(self, s => s.sink_down_since(sink, Some(age)).await)
     }
 
     /// Every ingest sink some relay recorded as down and no relay has seen answering

@@ -738,31 +738,21 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
-    pub async fn sink_down_since(&self, sink: &str) -> anyhow::Result<Option<String>> {
-        let since: Option<Option<String>> = sqlx::query_scalar(concat!(
-            "SELECT ",
-            down_since_utc!(),
-            " FROM sync_outbox_sink_state WHERE sink = $1"
-        ))
-        .bind(sink)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(since.flatten())
-    }
-
-    pub async fn sink_down_within(
+    /// When `sink` was taken as down, if it is (and, with `within`, was taken so
+    /// within that long).
+    pub async fn sink_down_since(
         &self,
         sink: &str,
-        age: Duration,
+        within: Option<Duration>,
     ) -> anyhow::Result<Option<String>> {
         let since: Option<Option<String>> = sqlx::query_scalar(concat!(
             "SELECT ",
             down_since_utc!(),
             " FROM sync_outbox_sink_state WHERE sink = $1 \
-             AND down_since > now() - $2 * interval '1 millisecond'"
+             AND ($2::bigint IS NULL OR down_since > now() - $2 * interval '1 millisecond')"
         ))
         .bind(sink)
-        .bind(millis(age))
+        .bind(within.map(millis))
         .fetch_optional(&self.pool)
         .await?;
         Ok(since.flatten())

@@ -479,26 +479,21 @@ impl SqliteStore {
         )
     }
 
-    pub async fn sink_down_since(&self, sink: &str) -> anyhow::Result<Option<String>> {
-        let since: Option<Option<String>> =
-            sqlx::query_scalar("SELECT down_since FROM sync_outbox_sink_state WHERE sink = ?1")
-                .bind(sink)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(since.flatten())
-    }
-
-    pub async fn sink_down_within(
+    /// When `sink` was taken as down, if it is (and, with `within`, was taken so
+    /// within that long).
+    pub async fn sink_down_since(
         &self,
         sink: &str,
-        age: Duration,
+        within: Option<Duration>,
     ) -> anyhow::Result<Option<String>> {
         let since: Option<Option<String>> = sqlx::query_scalar(concat!(
-            "SELECT down_since FROM sync_outbox_sink_state WHERE sink = ?1 AND down_since > ",
-            now_plus_ms!("?2")
+            "SELECT down_since FROM sync_outbox_sink_state WHERE sink = ?1 \
+             AND (?2 IS NULL OR down_since > ",
+            now_plus_ms!("?2"),
+            ")"
         ))
         .bind(sink)
-        .bind(-millis(age))
+        .bind(within.map(|w| -millis(w)))
         .fetch_optional(&self.pool)
         .await?;
         Ok(since.flatten())

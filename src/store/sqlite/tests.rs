@@ -89,22 +89,40 @@ async fn migrate_is_idempotent_and_schema_state_follows() -> anyhow::Result<()> 
 async fn the_sink_state_keeps_the_first_down_since_until_it_is_up() -> anyhow::Result<()> {
     let (_dir, store) = fresh().await?;
     let sink = "http://127.0.0.1:3000/";
-    assert_eq!(store.sink_down_since(sink).await?, None);
+    assert_eq!(store.sink_down_since(sink, None).await?, None);
     store.set_sink_down(sink, true).await?;
-    let since = store.sink_down_since(sink).await?;
+    let since = store.sink_down_since(sink, None).await?;
     assert!(
         since.as_deref().is_some_and(|t| t.ends_with('Z')),
         "{since:?}"
     );
     store.set_sink_down(sink, true).await?;
     assert_eq!(
-        store.sink_down_since(sink).await?,
+        store.sink_down_since(sink, None).await?,
         since,
         "the outage's start is kept"
     );
-    assert_eq!(store.sink_down_since("http://elsewhere/").await?, None);
+    assert_eq!(
+        store.sink_down_since("http://elsewhere/", None).await?,
+        None
+    );
+    assert_eq!(
+        store
+            .sink_down_since(sink, Some(Duration::from_secs(60)))
+            .await?,
+        since,
+        "taken as down within the last minute"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        store
+            .sink_down_since(sink, Some(Duration::from_millis(10)))
+            .await?,
+        None,
+        "but not within the last 10 ms"
+    );
     store.set_sink_down(sink, false).await?;
-    assert_eq!(store.sink_down_since(sink).await?, None);
+    assert_eq!(store.sink_down_since(sink, None).await?, None);
     Ok(())
 }
 
