@@ -453,7 +453,7 @@ pub async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
     }
     // what relays starting now would find: they probe before delivering anything
     if let Some(store) = &current {
-        if let Ok(Some(since)) = store.sink_down_since(&base).await {
+        if let Ok(Some(since)) = store.sink_down_since(&base, None).await {
             say!(
                 "warn  ingest {base} recorded as down by a relay since {since}: relays \
                  probe it before delivering, until one sees it answer"

@@ -145,12 +145,17 @@ impl SinkHealth {
     /// Start as down (another relay, or an earlier run, took the sink as down and
     /// nobody has seen it answer since): probe at once, charge nothing meanwhile.
     pub fn start_down(&self) {
+        self.go_down_probing_from(Instant::now());
+    }
+
+    /// Down, charging nothing, the first probe at `first_probe`.
+    fn go_down_probing_from(&self, first_probe: Instant) {
         let mut s = self.lock();
         s.down = true;
         s.probing = false;
         s.consecutive_failures = self.threshold;
         s.probe_delay = self.probe_base;
-        s.not_before = Instant::now();
+        s.not_before = first_probe;
         self.metrics.sink_up.set(0);
         self.up.send_replace(false);
     }
@@ -163,13 +168,8 @@ impl SinkHealth {
     /// Take the sink as down, as another relay found it after this one last saw it
     /// answer: charge nothing, probe, but not before a `Retry-After` pause ends.
     pub fn adopt_down(&self) {
-        let pause_until = {
-            let s = self.lock();
-            s.not_before
-        };
-        self.start_down();
-        let mut s = self.lock();
-        s.not_before = s.not_before.max(pause_until);
+        let pause_until = self.lock().not_before;
+        self.go_down_probing_from(pause_until.max(Instant::now()));
     }
 
     pub fn gate(&self) -> Gate {
@@ -401,13 +401,20 @@ impl UploadHealth {
 
     /// An upload went through.
     pub fn on_upload(&self) {
-        let mut s = self.lock();
-        s.failing.clear();
-        if s.down {
-            s.down = false;
-            self.up.set(1);
+        if self.end_outage() {
             tracing::warn!("the recording-file endpoint takes uploads again: recordings go on");
         }
+    }
+
+    /// A new streak, and the endpoint no longer taken as down; whether it was.
+    fn end_outage(&self) -> bool {
+        let mut s = self.lock();
+        s.failing.clear();
+        let was_down = std::mem::replace(&mut s.down, false);
+        if was_down {
+            self.up.set(1);
+        }
+        was_down
     }
 
     /// The upload of `row` failed as one file could make it fail (a server error, a
@@ -438,11 +445,7 @@ impl UploadHealth {
     /// down, for there is nothing its state holds back, and `serversync_upload_up`
     /// would say files wait when none do. The next files are tried as usual.
     pub fn nothing_waiting(&self) {
-        let mut s = self.lock();
-        s.failing.clear();
-        if s.down {
-            s.down = false;
-            self.up.set(1);
+        if self.end_outage() {
             tracing::info!(
                 "no recording files wait in the outbox any more: the recording-file endpoint \
                  is no longer taken as down"

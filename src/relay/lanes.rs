@@ -320,10 +320,7 @@ impl Relay {
                  gone (its lease ran out while the database stalled or was unreachable, or a \
                  database crash lost it); they go out again once the earlier requests end"
             );
-            while earlier() {
-                self.with_heartbeat(tokio::time::sleep(EARLIER_DELIVERY_POLL))
-                    .await;
-            }
+            self.poll_until(|| !earlier(), EARLIER_DELIVERY_POLL).await;
         }
         if self.take_keys(claim) {
             return;
@@ -334,10 +331,8 @@ impl Relay {
              delivering (rows of the key committed out of id order, or a dead letter \
              requeued): it goes once that row is answered, never two of a key at once"
         );
-        while !self.take_keys(claim) {
-            self.with_heartbeat(tokio::time::sleep(EARLIER_DELIVERY_POLL))
-                .await;
-        }
+        self.poll_until(|| self.take_keys(claim), EARLIER_DELIVERY_POLL)
+            .await;
     }
 
     /// Note the ordering keys of `claim`'s rows as out, all or none: none when another

@@ -665,6 +665,13 @@ impl Relay {
         first
     }
 
+    /// Look at `until` every `every`, the watchdog fed meanwhile, until it holds.
+    async fn poll_until(&self, mut until: impl FnMut() -> bool, every: Duration) {
+        while !until() {
+            self.with_heartbeat(tokio::time::sleep(every)).await;
+        }
+    }
+
     async fn with_heartbeat<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
         tokio::pin!(fut);
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -327,10 +327,11 @@ impl Relay {
         tracing::info!(
             "claims wait for the settles retrying on the database, until a lease renewal goes through"
         );
-        while waiting() && !finished.is_cancelled() {
-            self.with_heartbeat(tokio::time::sleep(SETTLES_RETRYING_POLL))
-                .await;
-        }
+        self.poll_until(
+            || !waiting() || finished.is_cancelled(),
+            SETTLES_RETRYING_POLL,
+        )
+        .await;
     }
 }
 

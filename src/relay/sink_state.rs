@@ -19,7 +19,7 @@ impl Relay {
     /// as down and none has seen it answer since: probe first, charge nothing.
     /// Returns whether it did.
     pub(super) async fn restore_sink_state(&self, sink: &str) -> bool {
-        match self.store.sink_down_since(sink).await {
+        match self.store.sink_down_since(sink, None).await {
             Ok(Some(since)) => {
                 self.sink.start_down();
                 tracing::warn!(
@@ -51,7 +51,11 @@ impl Relay {
             return false;
         }
         let age = self.sink.since_last_answer();
-        match self.store.sink_down_within(&self.sink_name(), age).await {
+        match self
+            .store
+            .sink_down_since(&self.sink_name(), Some(age))
+            .await
+        {
             Ok(Some(since)) => {
                 if !self.sink.is_down() {
                     self.sink.adopt_down();

@@ -607,18 +607,14 @@ impl Store {
     }
 
     /// When the ingest sink `sink` was taken as down by some relay, if it still is
-    /// (UTC, RFC 3339), for a relay starting up.
-    pub async fn sink_down_since(&self, sink: &str) -> anyhow::Result<Option<String>> {
-        delegate!(self, s => s.sink_down_since(sink, None).await)
-    }
-
-    /// `sink_down_since`, only when the sink was taken as down within `age`.
-    pub async fn sink_down_within(
+    /// (UTC, RFC 3339), for a relay starting up; with `within`, only if it was taken
+    /// so within that long (for a running relay, since it last saw the sink answer).
+    pub async fn sink_down_since(
         &self,
         sink: &str,
-        age: Duration,
+        within: Option<Duration>,
     ) -> anyhow::Result<Option<String>> {
-        delegate!(self, s => s.sink_down_since(sink, Some(age)).await)
+        delegate!(self, s => s.sink_down_since(sink, within).await)
     }
 
     /// Every ingest sink some relay recorded as down and no relay has seen answering
