@@ -195,7 +195,7 @@ impl Relay {
         let sent = Sent::default();
         let batches: Vec<_> = runs(&fresh, max_rows, max_bytes)
             .chain(runs(&failed_before, max_rows, max_bytes))
-            .map(|batch| self.deliver_json(batch, &requests, &sent))
+            .map(|batch| self.deliver_json(claim.token, batch, &requests, &sent))
             .collect();
         // as many batches under way as they may have requests out
         let mut outcomes =
@@ -223,7 +223,7 @@ impl Relay {
         let started = Started::default();
         let mut futures = Vec::with_capacity(files.len());
         for (row, job) in &files {
-            futures.push(self.upload(row, job, finished, &started));
+            futures.push(self.upload(claim.token, row, job, finished, &started));
         }
         let mut uploads = futures_util::stream::iter(futures)
             .buffer_unordered(self.settings.dispatch.file_concurrency as usize);
@@ -307,7 +307,11 @@ impl Relay {
                     let again = || async {
                         match files.iter().find(|(row, _)| row.id == id) {
                             Some((row, job)) => {
-                                match self.upload(row, job, finished, started).await.1 {
+                                match self
+                                    .upload(claim.token, row, job, finished, started)
+                                    .await
+                                    .1
+                                {
                                     Some(result) => result,
                                     None => Err(failure.clone()),
                                 }
@@ -407,9 +411,12 @@ impl Relay {
     /// towards the outage threshold like any other.
     /// At most as many requests are out at once as `requests` has permits. Rows
     /// answered with a 2xx are told to `sent` as they are; the other attempts are
-    /// returned at the end.
+    /// returned at the end. A request whose turn comes after the lease of its claim
+    /// (`token`) ended is not sent (`Relay::lease_holds`): its rows are
+    /// `Attempt::NotSent`.
     pub(super) async fn deliver_json(
         &self,
+        token: i64,
         rows: &[&ClaimedRow],
         requests: &tokio::sync::Semaphore,
         sent: &Sent,
@@ -435,18 +442,37 @@ impl Relay {
         let mut suspects: Vec<(&ClaimedRow, Failure)> = Vec::new();
         // rows not sent when the isolating gave up, with the failure that stopped it
         let mut untried: Vec<(&ClaimedRow, Failure)> = Vec::new();
+        // rows not sent: their lease ended before their request's turn
+        let mut not_sent: Vec<i64> = Vec::new();
         while let Some(group) = pending.pop() {
             let results = futures_util::future::join_all(group.iter().map(|chunk| async {
                 // the semaphore is never closed; were it, sending unbounded is harmless
                 let _permit = requests.acquire().await.ok();
+                if !self.lease_holds(token) {
+                    return None;
+                }
                 let result = self.dispatcher.send_json(chunk).await;
                 if result.is_ok() {
                     // told now, not when the group's slowest part is in
                     sent.push(chunk);
                 }
-                result
+                Some(result)
             }))
             .await;
+            let (group, results): (Vec<_>, Vec<_>) = group
+                .into_iter()
+                .zip(results)
+                .filter_map(|(chunk, result)| match result {
+                    Some(result) => Some((chunk, result)),
+                    None => {
+                        not_sent.extend(chunk.iter().map(|row| row.id));
+                        None
+                    }
+                })
+                .unzip();
+            if group.is_empty() {
+                continue;
+            }
             let hung = |r: &Result<(), Failure>| match r {
                 Err(f) => f.error_type == ErrorType::Timeout && may_be_an_entrys_doing(f),
                 Ok(()) => false,
@@ -566,6 +592,10 @@ impl Relay {
                     charged: false,
                 },
             );
+        }
+        if !not_sent.is_empty() {
+            self.lease_ended_before_sending(not_sent.len());
+            attempts.extend(not_sent.into_iter().map(|id| (id, Attempt::NotSent)));
         }
         if suspects.is_empty() {
             return attempts;
@@ -754,9 +784,11 @@ impl Relay {
     /// One upload, once the relay has room for it (the wait is not part of the
     /// request's timeout; the lease is renewed meanwhile); none (`None`) if the relay
     /// is `finished` by then: stopping, it starts no upload, which could outlast the
-    /// shutdown grace and be cut off at its end.
+    /// shutdown grace and be cut off at its end. None either once the lease of its
+    /// claim (`token`) has ended (`Relay::lease_holds`).
     async fn upload(
         &self,
+        token: i64,
         row: &ClaimedRow,
         job: &FileJob,
         finished: &CancellationToken,
@@ -764,6 +796,10 @@ impl Relay {
     ) -> (i64, Option<Result<(), Failure>>) {
         // the semaphore is never closed; were it, uploading unbounded is harmless
         let _permit = self.uploads.acquire().await.ok();
+        if !self.lease_holds(token) {
+            self.lease_ended_before_sending(1);
+            return (row.id, None);
+        }
         if !started.begin(row.id, finished) {
             return (row.id, None);
         }

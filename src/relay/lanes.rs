@@ -210,6 +210,7 @@ impl Relay {
             return Ok(None);
         }
         let token = claim.token;
+        self.lock_lease_ends().insert(token, started + lease);
         let mut batches: Vec<(u64, Claim)> = Vec::new();
         let mut rows = claim.rows;
         // a worker's share: `limit` rows (their bytes are bounded by the claim's, and
@@ -283,6 +284,55 @@ impl Relay {
                 rows.retain(|id| !ids.contains(id));
             }
         }
+    }
+
+    fn lock_lease_ends(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Instant>> {
+        self.lease_ends.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the lease of claim `token` still holds by this relay's clock, for a
+    /// request about to carry its rows. It ends a lease after the claim or the last
+    /// renewal that went through (`leases_renewed`), counted from before the
+    /// statement, so never after the database's end of it. A relay paused longer
+    /// than a lease (SIGSTOP, a frozen cgroup, a starved host) wakes with batches
+    /// claimed and not yet sent: claimed ahead, left for its workers, parts of a
+    /// batch not yet out, uploads waiting for a slot. Another relay may have taken
+    /// their rows over meanwhile and delivered them, and their keys' later rows
+    /// after them; sent now, they would arrive twice, after those later rows.
+    /// Claims unknown here (none should be) hold.
+    pub(super) fn lease_holds(&self, token: i64) -> bool {
+        self.lock_lease_ends()
+            .get(&token)
+            .is_none_or(|end| Instant::now() < *end)
+    }
+
+    /// Rows not sent because their claim's lease had ended (`lease_holds`).
+    pub(super) fn lease_ended_before_sending(&self, rows: usize) {
+        tracing::warn!(
+            rows,
+            lease = ?self.settings.dispatch.lease_duration,
+            "rows claimed by this relay were not sent: their lease ended before their \
+             request could start (the relay was paused or starved for longer than \
+             dispatch.lease_duration); another relay may hold them now, else they are \
+             claimed again"
+        );
+    }
+
+    /// A renewal of `tokens`' leases, sent at `sent`, went through: a lease that
+    /// still held when it did is extended from `sent`. One that had ended by then is
+    /// left ended: another relay may have claimed its rows before the renewal
+    /// reached them (renewals are fenced on the token, so it extended none of those).
+    /// Claims neither renewed nor holding are forgotten.
+    pub(super) fn leases_renewed(&self, tokens: &[i64], sent: Instant) {
+        let lease = self.settings.dispatch.lease_duration;
+        let now = Instant::now();
+        let mut ends = self.lock_lease_ends();
+        for token in tokens {
+            if let Some(end) = ends.get_mut(token).filter(|end| now < **end) {
+                *end = sent + lease;
+            }
+        }
+        ends.retain(|token, end| now < *end || tokens.contains(token));
     }
 
     fn lock_keys_out(&self) -> std::sync::MutexGuard<'_, HashMap<u64, i64>> {

@@ -252,6 +252,10 @@ pub struct Relay {
     /// The ordering keys of the rows this relay is delivering (by a 64-bit hash of
     /// the key): the row out for each (`Relay::take_keys`).
     keys_out: Mutex<HashMap<u64, i64>>,
+    /// When each claim's lease ends by this relay's clock (by claim token): from
+    /// before the claim or the renewal that set it, so never later than the
+    /// database's end (`Relay::lease_holds`).
+    lease_ends: Mutex<HashMap<i64, std::time::Instant>>,
     /// Settles retrying on the database (`Relay::write_settlement`): while lease
     /// renewals fail too, no claim is made (`Relay::wait_for_settles`).
     settles_retrying: AtomicUsize,
@@ -346,6 +350,7 @@ impl Relay {
             wake: watch::channel(0).0,
             in_flight: Mutex::new(HashMap::new()),
             keys_out: Mutex::new(HashMap::new()),
+            lease_ends: Mutex::new(HashMap::new()),
             settles_retrying: AtomicUsize::new(0),
             renewals_failing: AtomicBool::new(false),
             next_batch: AtomicU64::new(0),

@@ -32,10 +32,16 @@ impl Relay {
             }
             let held = self.held();
             if held.ids.is_empty() {
+                // nothing renewed: claims whose leases ended are forgotten
+                self.leases_renewed(&[], std::time::Instant::now());
                 wait = every;
                 continue;
             }
+            let sent = std::time::Instant::now();
             let renewed = self.store.renew(&held, lease).await;
+            if renewed.is_ok() {
+                self.leases_renewed(&held.tokens, sent);
+            }
             self.renewals_failing
                 .store(renewed.is_err(), Ordering::SeqCst);
             match renewed {

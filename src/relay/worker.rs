@@ -279,6 +279,14 @@ impl Relay {
             return Step::Idle;
         }
         self.wait_for_earlier_deliveries(batch, &claim).await;
+        if !self.lease_holds(claim.token) {
+            // claimed ahead, or left for this worker, before the relay stopped for
+            // longer than a lease: its rows may be another relay's by now
+            self.lease_ended_before_sending(claim.rows.len());
+            self.give_back_keys(claim.rows.iter());
+            let _ = self.release_unsent(&[batch]).await;
+            return Step::Delivered(0);
+        }
         let n = claim.rows.len();
         if let Some(drain) = self.drain.as_ref().filter(|d| d.max_rows.is_none()) {
             drain.claimed.fetch_add(n as u64, Ordering::SeqCst);

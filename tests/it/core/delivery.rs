@@ -1497,3 +1497,41 @@ async fn rows_answered_are_settled_while_a_slow_request_of_their_claim_is_out(ba
     let batches = env.sink.accepted_batches();
     assert_eq!(batches.len(), 2, "one request each: {batches:?}");
 }
+
+/// One worker's recording files wait for the only upload slot, one after another,
+/// for longer than a lease (1.5 s; each upload is answered after 1 s): the relay is
+/// alive and renews the claim's lease, so each upload starts when its turn comes,
+/// once. A relay checks its claim's lease before each request (`Relay::lease_holds`,
+/// for one that was paused past it), and that check follows the renewals.
+#[tokio::test]
+async fn uploads_waiting_longer_than_a_lease_for_their_slot_go_once_each() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("dispatch.concurrency", 1)
+        .set("dispatch.batches_per_settle", 1)
+        .set("dispatch.file_concurrency", 1)
+        .set("dispatch.lease_duration", "1500ms")
+        .set("ingest.upload_timeout", "20s");
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::File(_) => Reply::ok().delay(Duration::from_secs(1)),
+        Incoming::Sync(_) => Reply::ok(),
+    }));
+    let mut files = Vec::new();
+    for _ in 0..4 {
+        files.push(a_recording_file_row(&env, Uuid::new_v4()).await);
+    }
+    let relay = env.spawn_run(&[]);
+    wait_until(Duration::from_secs(30), "every file settled", || async {
+        let sent = env.sent_ids().await;
+        files.iter().all(|id| sent.contains(id))
+    })
+    .await;
+    let out = relay.stop_cleanly().await;
+    assert_eq!(
+        env.sink.uploads().len(),
+        files.len(),
+        "each file uploaded once\n{out}"
+    );
+    assert!(!out.stderr.contains("lease ended"), "{out}");
+    assert!(!out.stderr.contains("lease lost"), "{out}");
+}

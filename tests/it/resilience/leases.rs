@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::support::{by_id, insert_one, tables};
+use super::support::{by_id, insert_one, seed_adjacent_calls, tables};
 use crate::harness::relay::{Output, Running};
 use crate::harness::{wait_until, MetricsEndpoint, Mode, Reply, Sink, TestEnv};
 
@@ -446,4 +446,87 @@ async fn a_relay_paused_past_its_request_timeout_takes_the_answers_waiting() {
         .filter(|id| received.get(id).map_or(0, Vec::len) != 1)
         .collect();
     assert!(twice.is_empty(), "not sent exactly once: {twice:?}\n{out}");
+}
+
+/// A relay paused (SIGSTOP) for longer than its lease while it holds batches claimed
+/// and not yet sent (claimed ahead, left for its queued workers): another relay takes
+/// the rows over and delivers them, and their calls' later rows after them. On
+/// waking, the paused relay must not send those batches: they would reach the
+/// Frontend a second time, after their keys' later rows (SPEC 3.4). Only the rows of
+/// requests already out when it stopped may arrive twice (they were sent).
+#[tokio::test]
+async fn a_relay_paused_past_its_lease_sends_nothing_it_claimed_before() {
+    let mut env = TestEnv::migrated().await;
+    let n = 3000;
+    seed_adjacent_calls(&env, n, 3).await;
+    env.sink
+        .set_mode(Mode::Reply(Reply::ok().delay(Duration::from_millis(400))));
+    env.config
+        .set("dispatch.lease_duration", "2s")
+        .set("dispatch.poll_interval", "50ms")
+        .set("dispatch.batch_size", 10)
+        .set("ingest.timeout", "30s");
+    let a = env.spawn_run(&[]);
+    env.sink.wait_for_requests(1, Duration::from_secs(15)).await;
+    // its workers claim ahead while their first requests are out
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let paused_at = Instant::now();
+    let b = env.spawn_run(&[]);
+    wait_until(
+        Duration::from_secs(60),
+        "every row settled by B",
+        || async { env.count("sync_outbox").await == 0 },
+    )
+    .await;
+    a.signal(libc::SIGCONT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a_out = a.terminate(Duration::from_secs(10)).await;
+    a_out.assert_success().assert_no_panic();
+    b.stop_cleanly().await;
+
+    let requests = env.sink.sync_requests();
+    let mut arrivals: Vec<(u64, Instant, i64)> = Vec::new();
+    for request in &requests {
+        for entry in request.entries() {
+            arrivals.push((request.seq, request.received_at, entry.outbox_id));
+        }
+    }
+    arrivals.sort_by_key(|(seq, _, _)| *seq);
+    let mut first_at: std::collections::HashMap<i64, Instant> = Default::default();
+    let mut twice_after_the_pause = Vec::new();
+    for (_, at, id) in &arrivals {
+        match first_at.get(id) {
+            Some(first) if *first > paused_at => twice_after_the_pause.push(*id),
+            Some(_) => {}
+            None => {
+                first_at.insert(*id, *at);
+            }
+        }
+    }
+    assert_eq!(first_at.len(), n as usize, "every row delivered");
+    assert!(
+        twice_after_the_pause.is_empty(),
+        "{} rows first delivered after A stopped arrived twice, e.g. {:?}\n{a_out}",
+        twice_after_the_pause.len(),
+        &twice_after_the_pause[..twice_after_the_pause.len().min(10)]
+    );
+    // a call's rows (ids 3k+1..3k+3) never arrive before an earlier one's last copy
+    let mut last_of: std::collections::HashMap<i64, i64> = Default::default();
+    for (_, _, id) in &arrivals {
+        let call = (id - 1) / 3;
+        let latest = last_of.entry(call).or_insert(*id);
+        assert!(
+            *id >= *latest,
+            "row {id} arrived after row {latest} of its call\n{a_out}"
+        );
+        *latest = *id;
+    }
+    assert!(
+        a_out
+            .stderr
+            .contains("their lease ended before their request could start"),
+        "{a_out}"
+    );
 }
