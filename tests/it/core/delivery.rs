@@ -191,6 +191,72 @@ async fn a_call_id_spelled_otherwise_in_a_payload_keys_the_call_together(backend
     assert_eq!(keys, expected);
 }
 
+/// A producer needs INSERT on `sync_outbox` (and USAGE on its id sequence), nothing
+/// more (SPEC 1.1): not SELECT on `sync_outbox_ordering_rules`, which the insert
+/// trigger reads, nor the outbox's schema on its search_path. Both used to fail every
+/// insert ("permission denied for table sync_outbox_ordering_rules", "relation
+/// … does not exist"). The keys are derived all the same.
+#[tokio::test]
+async fn a_producer_with_insert_alone_can_write_the_outbox() {
+    let env = TestEnv::migrated().await;
+    let role = format!("producer_{}", Uuid::new_v4().simple());
+    let pool = env.db.pg();
+    for grant in [
+        format!("CREATE ROLE {role} NOLOGIN"),
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT INSERT ON public.sync_outbox TO {role}"),
+        format!("GRANT USAGE ON SEQUENCE public.sync_outbox_id_seq TO {role}"),
+    ] {
+        sqlx::query(&grant)
+            .execute(pool)
+            .await
+            .expect("set up the role");
+    }
+    let call = Uuid::new_v4();
+    let mut producer = pool.acquire().await.expect("a connection");
+    sqlx::query(&format!("SET ROLE {role}"))
+        .execute(&mut *producer)
+        .await
+        .expect("SET ROLE");
+    let mut written = Vec::new();
+    for search_path in ["public", "pg_catalog"] {
+        sqlx::query(&format!("SET search_path = {search_path}"))
+            .execute(&mut *producer)
+            .await
+            .expect("SET search_path");
+        for (entity_type, entity_id) in [("call_log", call), ("recording", Uuid::new_v4())] {
+            let inserted = sqlx::query(
+                "INSERT INTO public.sync_outbox (entity_type, entity_id, payload) \
+                 VALUES ($1, $2, jsonb_build_object('callLogId', $3::text))",
+            )
+            .bind(entity_type)
+            .bind(entity_id)
+            .bind(call.to_string())
+            .execute(&mut *producer)
+            .await;
+            written.push(format!("{search_path} {entity_type}: {inserted:?}"));
+        }
+    }
+    // not back to the pool as the producer
+    drop(producer.detach());
+    for cleanup in [
+        format!("REVOKE ALL ON public.sync_outbox FROM {role}"),
+        format!("REVOKE ALL ON SEQUENCE public.sync_outbox_id_seq FROM {role}"),
+        format!("REVOKE ALL ON SCHEMA public FROM {role}"),
+        format!("DROP ROLE {role}"),
+    ] {
+        let _ = sqlx::query(&cleanup).execute(pool).await;
+    }
+    assert!(written.iter().all(|w| w.contains(": Ok(")), "{written:#?}");
+    let keys: Vec<Option<String>> = env
+        .outbox()
+        .await
+        .iter()
+        .map(|r| r.ordering_key.clone())
+        .collect();
+    assert_eq!(keys, vec![Some(call.to_string()); 4]);
+}
+
 both_stores!(a_recording_id_defaults_to_the_entity_id_and_no_meta_part_without_a_meta_file);
 async fn a_recording_id_defaults_to_the_entity_id_and_no_meta_part_without_a_meta_file(
     backend: Backend,
