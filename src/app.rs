@@ -430,7 +430,8 @@ pub async fn drain(
             DrainEnd::Empty => "",
             DrainEnd::MaxRows => " — stopped at --max-rows",
             DrainEnd::SinkDown => " — stopped: the ingest sink is down",
-            DrainEnd::RateLimited => " — stopped: the ingest sink is rate-limiting (429)",
+            DrainEnd::RateLimited =>
+                " — stopped: the ingest sink asked to wait (Retry-After on a 429 or 503)",
             DrainEnd::Stopped => " — stopped before the outbox was empty",
             DrainEnd::DatabaseDown => " — stopped: the database stayed unreachable",
         }

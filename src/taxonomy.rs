@@ -130,7 +130,7 @@ impl Failure {
             | ErrorType::PathDenied
             | ErrorType::PayloadInvalid
             | ErrorType::UnknownEntityType => {
-                "details in the row's last_error, not logged: they quote its payload"
+                "details in the row's last_error, not logged: they quote what the producer wrote"
             }
             _ => &self.message,
         }

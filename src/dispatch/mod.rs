@@ -478,7 +478,10 @@ async fn answer_within(
         Ok(done) => done,
         Err(_) => Err(Failure::timeout(format!(
             "operation timed out: no complete answer within {}",
-            humantime::format_duration(deadline)
+            // in whole milliseconds: an upload's deadline is computed to the nanosecond
+            humantime::format_duration(Duration::from_millis(
+                u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX)
+            ))
         ))),
     }
 }

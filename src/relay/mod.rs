@@ -188,7 +188,8 @@ pub enum DrainEnd {
     MaxRows,
     /// The sink is down; what is left waits for it.
     SinkDown,
-    /// The sink answered 429; what is left waits for its Retry-After.
+    /// The sink asked to wait longer than a drain sits out (a 429, or a 503, with
+    /// `Retry-After`); what is left waits for it.
     RateLimited,
     /// Stopped by a signal or `--timeout`.
     Stopped,

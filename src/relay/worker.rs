@@ -97,7 +97,7 @@ impl Relay {
                                     tracing::error!("ingest sink is down: drain stops");
                                 }
                                 _ => tracing::warn!(
-                                    "ingest sink asked to slow down (429): drain stops"
+                                    "ingest sink asked to wait (Retry-After on a 429 or 503): drain stops"
                                 ),
                             }
                         }

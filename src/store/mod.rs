@@ -593,8 +593,26 @@ impl Store {
     }
 
     /// Move dead letters back to the outbox (same outbox id, attempts reset).
+    /// Put dead letters back in the outbox under their ids, in one statement: all or
+    /// none. One whose id is in the outbox already (a row inserted with that id, or
+    /// the id sequence set back) makes it fail with that said, not the database's
+    /// duplicate key error.
     pub async fn dlq_requeue(&self, selection: &DlqSelection) -> anyhow::Result<u64> {
-        delegate!(self, s => s.dlq_requeue(selection).await)
+        let requeued: anyhow::Result<u64> = delegate!(self, s => s.dlq_requeue(selection).await);
+        requeued.map_err(|e| {
+            let taken = e
+                .downcast_ref::<sqlx::Error>()
+                .and_then(sqlx::Error::as_database_error)
+                .is_some_and(|d| d.is_unique_violation());
+            if taken {
+                e.context(
+                    "nothing was requeued: a row with the id of a selected dead letter is in \
+                     sync_outbox already (inserted with that id, or the id sequence was set back)",
+                )
+            } else {
+                e
+            }
+        })
     }
 
     pub async fn dlq_purge(&self, selection: &DlqSelection) -> anyhow::Result<u64> {

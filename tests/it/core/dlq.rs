@@ -226,6 +226,30 @@ async fn requeue_all_empties_the_dead_letters(backend: Backend) {
     requeue_moves(&env, &["--all"], &ids, &[]).await;
 }
 
+both_stores!(a_requeue_whose_id_is_taken_in_the_outbox_says_so_and_moves_nothing);
+/// A dead letter whose outbox id a row in `sync_outbox` has already (inserted with
+/// that id, or the sequence set back): `dlq requeue` moves nothing, exits 1, and says
+/// why in one line, not only the database's duplicate key error.
+async fn a_requeue_whose_id_is_taken_in_the_outbox_says_so_and_moves_nothing(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    let ids = dead_faxes(&mut env, 2).await;
+    env.db
+        .execute(&format!(
+            "INSERT INTO sync_outbox (id, entity_type, entity_id, payload) \
+             VALUES ({}, 'call_log', '{}', '{{}}')",
+            ids[1],
+            Uuid::new_v4()
+        ))
+        .await;
+    let out = env.run(&["dlq", "requeue", "--all"]).await;
+    out.assert_code(1).assert_no_panic();
+    let said: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(said.len(), 1, "{out}");
+    assert!(said[0].contains("nothing was requeued"), "{out}");
+    assert!(said[0].contains("in sync_outbox already"), "{out}");
+    assert_eq!(dead_outbox_ids(&env).await, ids, "both still dead letters");
+}
+
 both_stores!(a_requeued_row_goes_before_the_later_rows_of_its_key);
 /// `dlq requeue` puts a row back under its original id, older than the rows its key
 /// got while it was dead: it is the key's head again, and they wait for it.
