@@ -401,7 +401,8 @@ impl Dispatcher {
         deadline: Duration,
     ) -> Result<(), Failure> {
         let started = Instant::now();
-        let outcome = answer_within(deadline, Self::exchange(request)).await;
+        let body_by = tokio::time::Instant::now() + deadline;
+        let outcome = answer_within(deadline, Self::exchange(request, body_by)).await;
         self.metrics
             .http_duration
             .with_label_values(&[endpoint])
@@ -409,8 +410,12 @@ impl Dispatcher {
         outcome
     }
 
-    /// Send `request` and read its answer to the end.
-    async fn exchange(request: reqwest::RequestBuilder) -> Result<(), Failure> {
+    /// Send `request` and read its answer to the end (for an error status, until
+    /// `body_by`: `failure_from_response`).
+    async fn exchange(
+        request: reqwest::RequestBuilder,
+        body_by: tokio::time::Instant,
+    ) -> Result<(), Failure> {
         let result = request.send().await;
         match result {
             Err(e) => Err(Failure::from_transport(&e.without_url())),
@@ -448,7 +453,7 @@ impl Dispatcher {
                     }
                 }
             }
-            Ok(response) => Err(failure_from_response(response).await),
+            Ok(response) => Err(failure_from_response(response, body_by).await),
         }
     }
 }
@@ -490,7 +495,12 @@ async fn answer_within(
 /// dropped instead.
 const ACK_BODY_LIMIT: usize = 64 * 1024;
 
-async fn failure_from_response(mut response: Response) -> Failure {
+/// The failure an error status says, with the start of its body, read until
+/// `body_by` (the request's deadline) at the latest: a body that stalls after the
+/// status line does not turn the answer into a timeout. A 400 whose body never ended
+/// used to be retried as `timeout` for ever instead of dead-lettered (the same 400
+/// cut off mid-body was an `http_4xx`).
+async fn failure_from_response(mut response: Response, body_by: tokio::time::Instant) -> Failure {
     let status = response.status().as_u16();
     let location = if response.status().is_redirection() {
         redirect_target(&response)
@@ -504,8 +514,8 @@ async fn failure_from_response(mut response: Response) -> Failure {
         .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
     let mut body = Vec::new();
     while body.len() < RESPONSE_BODY_LIMIT {
-        match response.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+        match tokio::time::timeout_at(body_by, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
             _ => break,
         }
     }

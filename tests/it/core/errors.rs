@@ -1548,6 +1548,41 @@ async fn answers_that_are_no_complete_http_answer_are_retried(backend: Backend) 
     }
 }
 
+both_stores!(an_error_status_whose_body_stalls_is_that_status);
+/// A 400 whose body stops after its first bytes, the connection left open, past
+/// `ingest.timeout`: the status line is the Frontend's answer, so the row is a dead
+/// letter `http_4xx` at once, with what came of the body. It used to be a `timeout`,
+/// retried for ever (the same 400 cut off mid-body was an `http_4xx`). A 2xx whose
+/// body stalls stays no complete answer (`answers_that_are_no_complete_http_answer_are_retried`).
+async fn an_error_status_whose_body_stalls_is_that_status(backend: Backend) {
+    let mut env = TestEnv::migrated_on(backend).await;
+    env.config.set("ingest.timeout", "1s");
+    env.sink.set_mode(Mode::Reply(
+        Reply::status(400)
+            .body(r#"{"error":"callLogId is"#)
+            .stall(Duration::from_secs(5)),
+    ));
+    let id = env
+        .insert("call_log", Uuid::new_v4(), json!({"n": 1}))
+        .await;
+    let out = env.drain().await;
+    out.assert_code(3).assert_no_panic();
+    let dead = env.dead_letters().await;
+    assert_eq!(dead.len(), 1, "{out}");
+    assert_eq!(dead[0].outbox_id, id);
+    assert_eq!(dead[0].error_type, "http_4xx", "{out}");
+    assert_eq!(dead[0].http_status, Some(400));
+    assert_eq!(
+        dead[0].response_body.as_deref(),
+        Some(r#"{"error":"callLogId is"#)
+    );
+    assert!(
+        out.elapsed < Duration::from_secs(4),
+        "the drain waited for the body: {:?}",
+        out.elapsed
+    );
+}
+
 both_stores!(a_file_that_cannot_be_read_is_unreadable);
 async fn a_file_that_cannot_be_read_is_unreadable(backend: Backend) {
     let mut env = TestEnv::migrated_on(backend).await;

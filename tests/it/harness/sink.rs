@@ -73,6 +73,8 @@ pub struct Reply {
     pub endless: bool,
     /// After `body`, the connection is cut: the answer never ends properly.
     pub cut: bool,
+    /// After `body`, nothing for this long before the answer ends.
+    pub stall: Duration,
 }
 
 impl Reply {
@@ -88,7 +90,14 @@ impl Reply {
             delay: Duration::ZERO,
             endless: false,
             cut: false,
+            stall: Duration::ZERO,
         }
+    }
+
+    /// A body that stops after `body`, the connection open, for `stall`.
+    pub fn stall(mut self, stall: Duration) -> Reply {
+        self.stall = stall;
+        self
     }
 
     /// A body cut off after `body`: see [`Reply::cut`].
@@ -667,6 +676,16 @@ async fn respond(shared: &Shared, kind: Kind, index: usize, reply: Reply) -> Res
             Err(std::io::Error::other("the sink cuts its answer")),
         ]);
         return (status, headers, axum::body::Body::from_stream(body)).into_response();
+    }
+    if !reply.stall.is_zero() {
+        let stall = reply.stall;
+        let head = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(reply.body))]);
+        let tail = futures_util::stream::once(async move {
+            tokio::time::sleep(stall).await;
+            Ok::<_, std::io::Error>(Bytes::new())
+        });
+        let body = axum::body::Body::from_stream(futures_util::StreamExt::chain(head, tail));
+        return (status, headers, body).into_response();
     }
     if reply.endless {
         let head = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(reply.body))]);
