@@ -123,6 +123,9 @@ enum Verdict {
     Postpone(std::time::Duration),
     /// The sink answered an empty batch, and then the row itself.
     SentAgain,
+    /// The sink answered an empty batch, and the row was not sent again: the lease
+    /// of its claim had ended (`Relay::lease_holds`), or the relay is stopping.
+    NotSentAgain,
 }
 
 pub(super) enum Route {
@@ -307,22 +310,18 @@ impl Relay {
                     let again = || async {
                         match files.iter().find(|(row, _)| row.id == id) {
                             Some((row, job)) => {
-                                match self
-                                    .upload(claim.token, row, job, finished, started)
+                                self.upload(claim.token, row, job, finished, started)
                                     .await
                                     .1
-                                {
-                                    Some(result) => result,
-                                    None => Err(failure.clone()),
-                                }
                             }
-                            None => Err(failure.clone()),
+                            None => Some(Err(failure.clone())),
                         }
                     };
                     match self.row_or_sink(&failure, &[id], true, again).await {
                         Verdict::Charge(charged) => Attempt::Failed { failure, charged },
                         Verdict::Postpone(delay) => Attempt::put_off(failure, delay),
                         Verdict::SentAgain => Attempt::Sent,
+                        Verdict::NotSentAgain => Attempt::NotSent,
                     }
                 }
             };
@@ -448,7 +447,7 @@ impl Relay {
             let results = futures_util::future::join_all(group.iter().map(|chunk| async {
                 // the semaphore is never closed; were it, sending unbounded is harmless
                 let _permit = requests.acquire().await.ok();
-                if !self.lease_holds(token) {
+                if !self.lease_holds(token, chunk.len()) {
                     return None;
                 }
                 let result = self.dispatcher.send_json(chunk).await;
@@ -593,10 +592,7 @@ impl Relay {
                 },
             );
         }
-        if !not_sent.is_empty() {
-            self.lease_ended_before_sending(not_sent.len());
-            attempts.extend(not_sent.into_iter().map(|id| (id, Attempt::NotSent)));
-        }
+        attempts.extend(not_sent.into_iter().map(|id| (id, Attempt::NotSent)));
         if suspects.is_empty() {
             return attempts;
         }
@@ -608,7 +604,12 @@ impl Relay {
         } else {
             let failing: Vec<i64> = suspects.iter().map(|(row, _)| row.id).collect();
             let again_rows: Vec<&ClaimedRow> = suspects.iter().map(|(row, _)| *row).collect();
-            let again = || self.dispatcher.send_json(&again_rows);
+            let again = || async {
+                if !self.lease_holds(token, again_rows.len()) {
+                    return None;
+                }
+                Some(self.dispatcher.send_json(&again_rows).await)
+            };
             match self
                 .row_or_sink(&suspects[0].1, &failing, rows.len() == 1, again)
                 .await
@@ -620,6 +621,10 @@ impl Relay {
                 }
                 Verdict::SentAgain => {
                     attempts.extend(again_rows.iter().map(|row| (row.id, Attempt::Sent)));
+                    return attempts;
+                }
+                Verdict::NotSentAgain => {
+                    attempts.extend(again_rows.iter().map(|row| (row.id, Attempt::NotSent)));
                     return attempts;
                 }
             }
@@ -673,7 +678,7 @@ impl Relay {
     ) -> Verdict
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<(), Failure>>,
+        Fut: std::future::Future<Output = Option<Result<(), Failure>>>,
     {
         let down = self.sink.is_down();
         let ask = may_be_an_entrys_doing(failure)
@@ -689,11 +694,12 @@ impl Relay {
                 return Verdict::Charge(true);
             }
             return match again().await {
-                Ok(()) => {
+                None => Verdict::NotSentAgain,
+                Some(Ok(())) => {
                     self.sink.on_answer();
                     Verdict::SentAgain
                 }
-                Err(f) if may_be_an_entrys_doing(&f) => {
+                Some(Err(f)) if may_be_an_entrys_doing(&f) => {
                     self.sink
                         .on_sink_failure(f.error_type.as_str(), f.retry_after);
                     if self.sink.rows_failing() >= ROWS_FAILING_ARE_AN_OUTAGE {
@@ -706,7 +712,7 @@ impl Relay {
                         Verdict::Charge(true)
                     }
                 }
-                Err(f) => Verdict::Charge(self.account(&f).await),
+                Some(Err(f)) => Verdict::Charge(self.account(&f).await),
             };
         }
         Verdict::Charge(self.account(failure).await)
@@ -796,8 +802,7 @@ impl Relay {
     ) -> (i64, Option<Result<(), Failure>>) {
         // the semaphore is never closed; were it, uploading unbounded is harmless
         let _permit = self.uploads.acquire().await.ok();
-        if !self.lease_holds(token) {
-            self.lease_ended_before_sending(1);
+        if !self.lease_holds(token, 1) {
             return (row.id, None);
         }
         if !started.begin(row.id, finished) {

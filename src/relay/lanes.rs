@@ -13,6 +13,14 @@ use tokio_util::sync::CancellationToken;
 use super::Relay;
 use crate::store::{Claim, ClaimedRow, Held, KeyShare, Want};
 
+/// Where a claim's lease ends by this relay's clock (`Relay::lease_holds`), and
+/// whether a request found it ended already (said once).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LeaseEnd {
+    at: Instant,
+    told: bool,
+}
+
 /// A claim this slow refreshes the outbox's statistics (`refresh_statistics_after`),
 /// at most once per `ANALYZE_AT_MOST_EVERY`.
 const SLOW_CLAIM: Duration = Duration::from_secs(1);
@@ -210,7 +218,8 @@ impl Relay {
             return Ok(None);
         }
         let token = claim.token;
-        self.lock_lease_ends().insert(token, started + lease);
+        let ids: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
+        self.note_lease(token, &ids, started).await;
         let mut batches: Vec<(u64, Claim)> = Vec::new();
         let mut rows = claim.rows;
         // a worker's share: `limit` rows (their bytes are bounded by the claim's, and
@@ -286,53 +295,106 @@ impl Relay {
         }
     }
 
-    fn lock_lease_ends(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Instant>> {
+    fn lock_lease_ends(&self) -> std::sync::MutexGuard<'_, HashMap<i64, LeaseEnd>> {
         self.lease_ends.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Note where claim `token`'s lease ends by this relay's clock: a whole lease
+    /// from `started`, the moment before the claim statement was sent, so never after
+    /// the database's end. A claim that took most of a lease would leave little or
+    /// none of it that way, though the database gave it a whole one from the claim's
+    /// end (a claim slowed down by a lock, a stall): its lease is confirmed at once by
+    /// a renewal of its rows (`lease_confirmed`).
+    pub(super) async fn note_lease(&self, token: i64, ids: &[i64], started: Instant) {
+        let lease = self.settings.dispatch.lease_duration;
+        let mut at = started + lease;
+        if at.saturating_duration_since(Instant::now()) < lease / 3 {
+            at = self.lease_confirmed(token, ids).await.unwrap_or(at).max(at);
+        }
+        self.lock_lease_ends()
+            .insert(token, LeaseEnd { at, told: false });
+    }
+
+    /// A renewal of claim `token`'s rows `ids`, when it extends every one of them:
+    /// then the database's lease ends a lease after the renewal, and its end by this
+    /// relay's clock is a lease from the moment before it was sent.
+    async fn lease_confirmed(&self, token: i64, ids: &[i64]) -> Option<Instant> {
+        let held = Held {
+            tokens: vec![token],
+            ids: ids.to_vec(),
+        };
+        let sent = Instant::now();
+        let renewed = self
+            .store
+            .renew(&held, self.settings.dispatch.lease_duration)
+            .await
+            .ok()?;
+        ids.iter()
+            .all(|id| renewed.contains(id))
+            .then(|| sent + self.settings.dispatch.lease_duration)
+    }
+
     /// Whether the lease of claim `token` still holds by this relay's clock, for a
-    /// request about to carry its rows. It ends a lease after the claim or the last
-    /// renewal that went through (`leases_renewed`), counted from before the
-    /// statement, so never after the database's end of it. A relay paused longer
-    /// than a lease (SIGSTOP, a frozen cgroup, a starved host) wakes with batches
-    /// claimed and not yet sent: claimed ahead, left for its workers, parts of a
-    /// batch not yet out, uploads waiting for a slot. Another relay may have taken
-    /// their rows over meanwhile and delivered them, and their keys' later rows
-    /// after them; sent now, they would arrive twice, after those later rows.
-    /// Claims unknown here (none should be) hold.
-    pub(super) fn lease_holds(&self, token: i64) -> bool {
+    /// request about to carry its rows (`note_lease`, `leases_renewed`). A relay
+    /// paused longer than a lease (SIGSTOP, a frozen cgroup, a starved host) wakes
+    /// with batches claimed and not yet sent: claimed ahead, left for its workers,
+    /// parts of a batch not yet out, uploads waiting for a slot. Another relay may
+    /// have taken their rows over meanwhile and delivered them, and their keys' later
+    /// rows after them; sent now, they would arrive twice, after those later rows.
+    /// When it has ended, the first caller for the claim says so in the log (`rows`
+    /// not sent). Claims unknown here (none should be) hold.
+    pub(super) fn lease_holds(&self, token: i64, rows: usize) -> bool {
+        let mut ends = self.lock_lease_ends();
+        let Some(end) = ends.get_mut(&token) else {
+            return true;
+        };
+        if Instant::now() < end.at {
+            return true;
+        }
+        if !std::mem::replace(&mut end.told, true) {
+            tracing::warn!(
+                rows,
+                lease = ?self.settings.dispatch.lease_duration,
+                "rows claimed by this relay are not sent: the lease of their claim ended \
+                 before their requests could start (the relay was paused or starved, or \
+                 its database stalled, for longer than dispatch.lease_duration); another \
+                 relay may hold them now, else they are claimed again"
+            );
+        }
+        false
+    }
+
+    /// `lease_holds`, saying nothing.
+    pub(super) fn lease_holds_quietly(&self, token: i64) -> bool {
         self.lock_lease_ends()
             .get(&token)
-            .is_none_or(|end| Instant::now() < *end)
+            .is_none_or(|end| Instant::now() < end.at)
     }
 
-    /// Rows not sent because their claim's lease had ended (`lease_holds`).
-    pub(super) fn lease_ended_before_sending(&self, rows: usize) {
-        tracing::warn!(
-            rows,
-            lease = ?self.settings.dispatch.lease_duration,
-            "rows claimed by this relay were not sent: their lease ended before their \
-             request could start (the relay was paused or starved for longer than \
-             dispatch.lease_duration); another relay may hold them now, else they are \
-             claimed again"
-        );
-    }
-
-    /// A renewal of `tokens`' leases, sent at `sent`, went through: a lease that
-    /// still held when it did is extended from `sent`. One that had ended by then is
-    /// left ended: another relay may have claimed its rows before the renewal
-    /// reached them (renewals are fenced on the token, so it extended none of those).
-    /// Claims neither renewed nor holding are forgotten.
-    pub(super) fn leases_renewed(&self, tokens: &[i64], sent: Instant) {
+    /// A renewal of the claims `tokens`, sent at `sent`, went through, extending the
+    /// leases of the rows `renewed`. A claim's lease is extended from `sent` when the
+    /// renewal extended every row of it still in flight now (none was another
+    /// relay's by then; those settled meanwhile are out of flight, or about to be),
+    /// or when it still held as the renewal ended (none could have been taken before
+    /// the renewal reached it). Otherwise it is left ended: another relay may have
+    /// claimed its rows first. Claims neither renewed nor holding are forgotten.
+    pub(super) fn leases_renewed(&self, tokens: &[i64], renewed: &HashSet<i64>, sent: Instant) {
         let lease = self.settings.dispatch.lease_duration;
         let now = Instant::now();
-        let mut ends = self.lock_lease_ends();
-        for token in tokens {
-            if let Some(end) = ends.get_mut(token).filter(|end| now < **end) {
-                *end = sent + lease;
+        let mut all: HashMap<i64, bool> = tokens.iter().map(|token| (*token, true)).collect();
+        for (token, ids) in self.lock_in_flight().values() {
+            if let Some(all) = all.get_mut(token) {
+                *all = *all && ids.iter().all(|id| renewed.contains(id));
             }
         }
-        ends.retain(|token, end| now < *end || tokens.contains(token));
+        let mut ends = self.lock_lease_ends();
+        tracing::debug!(?all, renewed = renewed.len(), took = ?sent.elapsed(), "leases renewed");
+        for (token, all) in &all {
+            if let Some(end) = ends.get_mut(token).filter(|end| *all || now < end.at) {
+                end.at = end.at.max(sent + lease);
+            }
+        }
+        ends.retain(|token, end| now < end.at || all.contains_key(token));
     }
 
     fn lock_keys_out(&self) -> std::sync::MutexGuard<'_, HashMap<u64, i64>> {

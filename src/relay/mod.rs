@@ -256,7 +256,7 @@ pub struct Relay {
     /// When each claim's lease ends by this relay's clock (by claim token): from
     /// before the claim or the renewal that set it, so never later than the
     /// database's end (`Relay::lease_holds`).
-    lease_ends: Mutex<HashMap<i64, std::time::Instant>>,
+    lease_ends: Mutex<HashMap<i64, lanes::LeaseEnd>>,
     /// Settles retrying on the database (`Relay::write_settlement`): while lease
     /// renewals fail too, no claim is made (`Relay::wait_for_settles`).
     settles_retrying: AtomicUsize,

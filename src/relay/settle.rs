@@ -183,28 +183,31 @@ impl Relay {
         self.record(claim, &s.without(lost));
     }
 
-    /// Give back the rows of `claim` the relay did not send because it was stopping
-    /// (`Attempt::NotSent`): unleased at once, fenced on the claim's token, so that
-    /// another relay (or this one restarted) takes them now rather than when their
-    /// lease expires. Nothing else of them changes: no attempt is charged.
+    /// Give back the rows of `claim` the relay did not send (`Attempt::NotSent`):
+    /// it was stopping, or their claim's lease had ended (`Relay::lease_holds`).
+    /// Unleased at once, fenced on the claim's token, so that another relay (or this
+    /// one restarted) takes them now rather than when their lease expires (a no-op
+    /// for rows another relay holds). Nothing else of them changes: no attempt is
+    /// charged.
     pub(super) async fn release_not_sent(&self, claim: &Claim, ids: Vec<i64>) {
         let held = Held {
             tokens: vec![claim.token],
             ids,
         };
+        let why = if self.lease_holds_quietly(claim.token) {
+            "stopping: recording uploads not started yet are released for redelivery"
+        } else {
+            "rows whose claim's lease ended before they were sent are released for redelivery"
+        };
         match self.release_held(&held).await {
-            // none: given back already, as the relay began to stop (`Relay::deliver`)
+            // none: given back already, as the relay began to stop (`Relay::deliver`),
+            // or another relay holds them
             Ok(0) => {}
-            Ok(n) => tracing::info!(
-                rows = n,
-                outbox_ids = %ids_in_brief(&held.ids),
-                "stopping: recording uploads not started yet are released for redelivery"
-            ),
+            Ok(n) => tracing::info!(rows = n, outbox_ids = %ids_in_brief(&held.ids), "{why}"),
             Err(e) => tracing::warn!(
                 rows = held.ids.len(),
                 error = %crate::app::causes(&e),
-                "stopping: releasing the recording uploads not started failed; \
-                 their rows return when their lease expires"
+                "releasing rows not sent failed; they return when their lease expires"
             ),
         }
     }

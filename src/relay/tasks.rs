@@ -15,7 +15,8 @@ use crate::store::SchemaState;
 
 impl Relay {
     /// Extend the leases of batches in flight every third of the lease, so a slow
-    /// sink never makes a live relay lose its rows. A renewal that fails (the
+    /// sink never makes a live relay lose its rows (counted from the start of the
+    /// renewal before, so a slow renewal does not delay the next). A renewal that fails (the
     /// database restarting) is tried again within a second, not a third of the lease
     /// later: waiting that long, an outage shorter than the lease could outlast it,
     /// and another relay take over rows this one is still delivering.
@@ -31,16 +32,16 @@ impl Relay {
                 _ = tokio::time::sleep(wait) => {}
             }
             let held = self.held();
+            let sent = std::time::Instant::now();
             if held.ids.is_empty() {
                 // nothing renewed: claims whose leases ended are forgotten
-                self.leases_renewed(&[], std::time::Instant::now());
+                self.leases_renewed(&[], &Default::default(), sent);
                 wait = every;
                 continue;
             }
-            let sent = std::time::Instant::now();
             let renewed = self.store.renew(&held, lease).await;
-            if renewed.is_ok() {
-                self.leases_renewed(&held.tokens, sent);
+            if let Ok(renewed) = &renewed {
+                self.leases_renewed(&held.tokens, renewed, sent);
             }
             self.renewals_failing
                 .store(renewed.is_err(), Ordering::SeqCst);
@@ -49,7 +50,11 @@ impl Relay {
                     if failing {
                         tracing::info!("renewing leases works again");
                     }
-                    (wait, failing) = (every, false);
+                    // a third of a lease from this renewal's start, not its end: a
+                    // renewal the database takes long over (a lock, a stall) would
+                    // otherwise leave a gap after the lease it confirmed, by the
+                    // relay's clock (`Relay::lease_holds`), before the next one
+                    (wait, failing) = (every.saturating_sub(sent.elapsed()), false);
                 }
                 Err(e) => {
                     if !failing {

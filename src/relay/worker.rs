@@ -279,10 +279,9 @@ impl Relay {
             return Step::Idle;
         }
         self.wait_for_earlier_deliveries(batch, &claim).await;
-        if !self.lease_holds(claim.token) {
+        if !self.lease_holds(claim.token, claim.rows.len()) {
             // claimed ahead, or left for this worker, before the relay stopped for
             // longer than a lease: its rows may be another relay's by now
-            self.lease_ended_before_sending(claim.rows.len());
             self.give_back_keys(claim.rows.iter());
             let _ = self.release_unsent(&[batch]).await;
             return Step::Delivered(0);

@@ -530,9 +530,15 @@ impl Store {
     /// Extend the leases of claims still in flight; returns the rows still held.
     /// Rows are found by id (the primary key) and fenced on their claim's token, so
     /// a renewal costs the claim's size, never a scan of the queue.
-    pub async fn renew(&self, held: &Held, lease: Duration) -> anyhow::Result<u64> {
+    /// Extend the leases of `held` rows still under their tokens; returns the ids it
+    /// extended (one missing was settled, or taken over by another relay).
+    pub async fn renew(
+        &self,
+        held: &Held,
+        lease: Duration,
+    ) -> anyhow::Result<std::collections::HashSet<i64>> {
         if held.ids.is_empty() {
-            return Ok(0);
+            return Ok(std::collections::HashSet::new());
         }
         delegate!(self, s => s.renew(held, lease).await)
     }

@@ -474,17 +474,21 @@ impl PgStore {
         })
     }
 
-    pub async fn renew(&self, held: &Held, lease: Duration) -> anyhow::Result<u64> {
-        let done = sqlx::query(
+    pub async fn renew(
+        &self,
+        held: &Held,
+        lease: Duration,
+    ) -> anyhow::Result<std::collections::HashSet<i64>> {
+        let renewed: Vec<i64> = sqlx::query_scalar(
             "UPDATE sync_outbox SET lease_until = clock_timestamp() + $3 * interval '1 millisecond' \
-             WHERE id = ANY($1) AND claim_token = ANY($2)",
+             WHERE id = ANY($1) AND claim_token = ANY($2) RETURNING id",
         )
         .bind(&held.ids)
         .bind(&held.tokens)
         .bind(millis(lease))
-        .execute(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(done.rows_affected())
+        Ok(renewed.into_iter().collect())
     }
 
     pub async fn release(&self, held: &Held) -> anyhow::Result<u64> {

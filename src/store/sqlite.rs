@@ -331,22 +331,27 @@ impl SqliteStore {
         })
     }
 
-    pub async fn renew(&self, held: &Held, lease: Duration) -> anyhow::Result<u64> {
+    pub async fn renew(
+        &self,
+        held: &Held,
+        lease: Duration,
+    ) -> anyhow::Result<std::collections::HashSet<i64>> {
         let sql = concat!(
             "UPDATE sync_outbox SET lease_until = ",
             now_plus_ms!("?3"),
             " WHERE id IN (SELECT value FROM json_each(?1))",
-            " AND claim_token IN (SELECT value FROM json_each(?2))"
+            " AND claim_token IN (SELECT value FROM json_each(?2))",
+            " RETURNING id"
         );
         let mut tx = self.write_tx().await?;
-        let done = sqlx::query(sql)
+        let renewed: Vec<i64> = sqlx::query_scalar(sql)
             .bind(serde_json::to_string(&held.ids)?)
             .bind(serde_json::to_string(&held.tokens)?)
             .bind(offset_ms(lease))
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(done.rows_affected())
+        Ok(renewed.into_iter().collect())
     }
 
     pub async fn release(&self, held: &Held) -> anyhow::Result<u64> {

@@ -209,9 +209,12 @@ async fn claim_returns_the_row_and_leases_it() -> anyhow::Result<()> {
         tokens: vec![8],
         ids: vec![id],
     };
-    assert_eq!(store.renew(&wrong_token, LEASE).await?, 0);
+    assert!(store.renew(&wrong_token, LEASE).await?.is_empty());
     assert_eq!(store.release(&wrong_token).await?, 0);
-    assert_eq!(store.renew(&held, LEASE).await?, 1);
+    assert_eq!(
+        store.renew(&held, LEASE).await?,
+        std::collections::HashSet::from([id])
+    );
     assert_eq!(store.release(&held).await?, 1);
     assert_eq!(claim_ids(&store, 9).await?, vec![id]);
     Ok(())

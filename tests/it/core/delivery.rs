@@ -1571,19 +1571,48 @@ async fn rows_answered_are_settled_while_a_slow_request_of_their_claim_is_out(ba
 /// for one that was paused past it), and that check follows the renewals.
 #[tokio::test]
 async fn uploads_waiting_longer_than_a_lease_for_their_slot_go_once_each() {
+    uploads_wait_longer_than_a_lease("1500ms", false).await;
+}
+
+/// As above, while each lease renewal takes 1.3 s in the database (a statement
+/// trigger sleeps; leases of 3 s, renewed every second): renewals are a third of a
+/// lease apart from their starts, not from their ends, so each comes back before the
+/// lease the one before confirmed has ended by the relay's clock. From their ends,
+/// one came back after it, and the uploads waiting for their slot went back unsent.
+#[tokio::test]
+async fn uploads_waiting_while_renewals_are_slow_go_once_each() {
+    uploads_wait_longer_than_a_lease("3s", true).await;
+}
+
+/// One worker, four recording files uploaded one at a time, each answered after
+/// 1 s, with leases of `lease`; eight, and renewals slowed down by 1.3 s, when
+/// `slow_renewals`.
+async fn uploads_wait_longer_than_a_lease(lease: &str, slow_renewals: bool) {
     let mut env = TestEnv::migrated().await;
+    if slow_renewals {
+        env.db
+            .execute(
+                "CREATE FUNCTION slow_renewals() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN IF current_query() LIKE '%SET lease_until = clock_timestamp()%' THEN \
+                 PERFORM pg_sleep(1.3); END IF; RETURN NULL; END $$; \
+                 CREATE TRIGGER slow_renewals BEFORE UPDATE ON sync_outbox \
+                 FOR EACH STATEMENT EXECUTE FUNCTION slow_renewals();",
+            )
+            .await;
+    }
     env.config
         .set("dispatch.concurrency", 1)
         .set("dispatch.batches_per_settle", 1)
         .set("dispatch.file_concurrency", 1)
-        .set("dispatch.lease_duration", "1500ms")
+        .set("dispatch.lease_duration", lease)
         .set("ingest.upload_timeout", "20s");
     env.sink.set_mode(Mode::custom(|incoming| match incoming {
         Incoming::File(_) => Reply::ok().delay(Duration::from_secs(1)),
         Incoming::Sync(_) => Reply::ok(),
     }));
     let mut files = Vec::new();
-    for _ in 0..4 {
+    let files_waiting = if slow_renewals { 8 } else { 4 };
+    for _ in 0..files_waiting {
         files.push(a_recording_file_row(&env, Uuid::new_v4()).await);
     }
     let relay = env.spawn_run(&[]);

@@ -526,7 +526,47 @@ async fn a_relay_paused_past_its_lease_sends_nothing_it_claimed_before() {
     assert!(
         a_out
             .stderr
-            .contains("their lease ended before their request could start"),
+            .contains("the lease of their claim ended before their requests could start"),
         "{a_out}"
     );
+}
+
+/// Every claim takes 1.3 s in the database (a statement trigger sleeps before its
+/// update), longer than the lease (1 s): the database gives each claimed row a whole
+/// lease from the claim's end, so the relay delivers them. By its own clock, counted
+/// from before the claim was sent, the lease had ended on arrival, and it gave every
+/// claim back unsent, for ever; it now confirms such a lease with a renewal of the
+/// claim's rows.
+#[tokio::test]
+async fn claims_slower_than_a_lease_are_still_delivered() {
+    let mut env = TestEnv::migrated().await;
+    env.db
+        .execute(
+            "CREATE FUNCTION slow_claims() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF current_query() LIKE '%WITH cand AS%' THEN PERFORM pg_sleep(1.3); \
+             END IF; RETURN NULL; END $$; \
+             CREATE TRIGGER slow_claims BEFORE UPDATE ON sync_outbox \
+             FOR EACH STATEMENT EXECUTE FUNCTION slow_claims();",
+        )
+        .await;
+    env.config
+        .set("dispatch.lease_duration", "1s")
+        .set("dispatch.poll_interval", "50ms");
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(insert_one(&env).await);
+    }
+    let relay = env.spawn_run(&[]);
+    wait_until(Duration::from_secs(30), "every row delivered", || async {
+        env.count("sync_outbox_sent").await == ids.len() as i64
+    })
+    .await;
+    let out = relay.stop_cleanly().await;
+    let received = by_id(env.sink.entries());
+    assert!(
+        ids.iter()
+            .all(|id| received.get(id).map_or(0, Vec::len) == 1),
+        "each row once: {received:?}\n{out}"
+    );
+    assert!(!out.stderr.contains("are not sent"), "{out}");
 }
