@@ -1263,16 +1263,24 @@ async fn rows_answered_are_settled_without_waiting_for_the_uploads_claimed_with_
 /// after 6 s (within `ingest.upload_timeout`), with `file_concurrency` upload slots.
 async fn uploads_held_for_six_seconds(backend: Backend, file_concurrency: u32) -> TestEnv {
     let mut env = TestEnv::migrated_on(backend).await;
+    uploads_answered_after(&mut env, 2, file_concurrency, Duration::from_secs(6));
+    env
+}
+
+/// `workers` workers of one batch each, `file_concurrency` upload slots, and a
+/// Frontend that answers every upload after `delay` (within `ingest.upload_timeout`)
+/// and JSON at once.
+fn uploads_answered_after(env: &mut TestEnv, workers: u32, file_concurrency: u32, delay: Duration) {
     env.config
-        .set("dispatch.concurrency", 2)
+        .set("dispatch.concurrency", workers)
         .set("dispatch.batches_per_settle", 1)
         .set("dispatch.file_concurrency", file_concurrency)
         .set("ingest.upload_timeout", "20s");
-    env.sink.set_mode(Mode::custom(|incoming| match incoming {
-        Incoming::File(_) => Reply::ok().delay(Duration::from_secs(6)),
-        Incoming::Sync(_) => Reply::ok(),
-    }));
-    env
+    env.sink
+        .set_mode(Mode::custom(move |incoming| match incoming {
+            Incoming::File(_) => Reply::ok().delay(delay),
+            Incoming::Sync(_) => Reply::ok(),
+        }));
 }
 
 /// The call log `log` was the first entry delivered, while the uploads so far (at
@@ -1600,16 +1608,8 @@ async fn uploads_wait_longer_than_a_lease(lease: &str, slow_renewals: bool) {
             )
             .await;
     }
-    env.config
-        .set("dispatch.concurrency", 1)
-        .set("dispatch.batches_per_settle", 1)
-        .set("dispatch.file_concurrency", 1)
-        .set("dispatch.lease_duration", lease)
-        .set("ingest.upload_timeout", "20s");
-    env.sink.set_mode(Mode::custom(|incoming| match incoming {
-        Incoming::File(_) => Reply::ok().delay(Duration::from_secs(1)),
-        Incoming::Sync(_) => Reply::ok(),
-    }));
+    uploads_answered_after(&mut env, 1, 1, Duration::from_secs(1));
+    env.config.set("dispatch.lease_duration", lease);
     let mut files = Vec::new();
     let files_waiting = if slow_renewals { 8 } else { 4 };
     for _ in 0..files_waiting {
