@@ -154,6 +154,15 @@ async fn a_call_log_its_recording_and_its_file_arrive_in_order_and_intact(backen
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
 }
 
+/// The `ordering_key` of every row in the outbox, in id order.
+async fn outbox_keys(env: &TestEnv) -> Vec<Option<String>> {
+    env.outbox()
+        .await
+        .into_iter()
+        .map(|r| r.ordering_key)
+        .collect()
+}
+
 both_stores!(a_call_id_spelled_otherwise_in_a_payload_keys_the_call_together);
 /// The key a recording and its file get from `payload.callLogId` is the call log's
 /// (its `entity_id` as text) however the producer spelled the UUID: upper case, in
@@ -180,12 +189,7 @@ async fn a_call_id_spelled_otherwise_in_a_payload_keys_the_call_together(backend
     }
     env.insert("recording", Uuid::new_v4(), json!({"callLogId": "Call-7"}))
         .await;
-    let keys: Vec<Option<String>> = env
-        .outbox()
-        .await
-        .iter()
-        .map(|r| r.ordering_key.clone())
-        .collect();
+    let keys = outbox_keys(&env).await;
     let mut expected = vec![Some(call.to_string()); 7];
     expected.push(Some("Call-7".to_string()));
     assert_eq!(keys, expected);
@@ -248,12 +252,7 @@ async fn a_producer_with_insert_alone_can_write_the_outbox() {
         let _ = sqlx::query(&cleanup).execute(pool).await;
     }
     assert!(written.iter().all(|w| w.contains(": Ok(")), "{written:#?}");
-    let keys: Vec<Option<String>> = env
-        .outbox()
-        .await
-        .iter()
-        .map(|r| r.ordering_key.clone())
-        .collect();
+    let keys = outbox_keys(&env).await;
     assert_eq!(keys, vec![Some(call.to_string()); 4]);
 }
 
