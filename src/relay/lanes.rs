@@ -21,6 +21,12 @@ pub(super) struct LeaseEnd {
     told: bool,
 }
 
+impl LeaseEnd {
+    fn holds(&self) -> bool {
+        Instant::now() < self.at
+    }
+}
+
 /// A claim this slow refreshes the outbox's statistics (`refresh_statistics_after`),
 /// at most once per `ANALYZE_AT_MOST_EVERY`.
 const SLOW_CLAIM: Duration = Duration::from_secs(1);
@@ -218,8 +224,7 @@ impl Relay {
             return Ok(None);
         }
         let token = claim.token;
-        let ids: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
-        self.note_lease(token, &ids, started).await;
+        self.note_lease(token, &claim.rows, started).await;
         let mut batches: Vec<(u64, Claim)> = Vec::new();
         let mut rows = claim.rows;
         // a worker's share: `limit` rows (their bytes are bounded by the claim's, and
@@ -305,11 +310,16 @@ impl Relay {
     /// none of it that way, though the database gave it a whole one from the claim's
     /// end (a claim slowed down by a lock, a stall): its lease is confirmed at once by
     /// a renewal of its rows (`lease_confirmed`).
-    pub(super) async fn note_lease(&self, token: i64, ids: &[i64], started: Instant) {
+    pub(super) async fn note_lease(&self, token: i64, rows: &[ClaimedRow], started: Instant) {
         let lease = self.settings.dispatch.lease_duration;
         let mut at = started + lease;
         if at.saturating_duration_since(Instant::now()) < lease / 3 {
-            at = self.lease_confirmed(token, ids).await.unwrap_or(at).max(at);
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            at = self
+                .lease_confirmed(token, &ids)
+                .await
+                .unwrap_or(at)
+                .max(at);
         }
         self.lock_lease_ends()
             .insert(token, LeaseEnd { at, told: false });
@@ -348,7 +358,7 @@ impl Relay {
         let Some(end) = ends.get_mut(&token) else {
             return true;
         };
-        if Instant::now() < end.at {
+        if end.holds() {
             return true;
         }
         if !std::mem::replace(&mut end.told, true) {
@@ -368,7 +378,7 @@ impl Relay {
     pub(super) fn lease_holds_quietly(&self, token: i64) -> bool {
         self.lock_lease_ends()
             .get(&token)
-            .is_none_or(|end| Instant::now() < end.at)
+            .is_none_or(LeaseEnd::holds)
     }
 
     /// A renewal of the claims `tokens`, sent at `sent`, went through, extending the

@@ -368,6 +368,13 @@ impl KeyShare {
     }
 }
 
+/// Whether a statement failed on a unique key (either store).
+pub(crate) fn is_unique_violation(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<sqlx::Error>()
+        .and_then(sqlx::Error::as_database_error)
+        .is_some_and(|d| d.is_unique_violation())
+}
+
 /// Rows a relay holds under its claims: every claimed id and every claim token.
 /// A row counts only if its current token is one of `tokens` (the fence).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -527,11 +534,10 @@ impl Store {
         }
     }
 
-    /// Extend the leases of claims still in flight; returns the rows still held.
-    /// Rows are found by id (the primary key) and fenced on their claim's token, so
-    /// a renewal costs the claim's size, never a scan of the queue.
-    /// Extend the leases of `held` rows still under their tokens; returns the ids it
-    /// extended (one missing was settled, or taken over by another relay).
+    /// Extend the leases of claims still in flight; returns the ids it extended (one
+    /// missing was settled, or taken over by another relay). Rows are found by id
+    /// (the primary key) and fenced on their claim's token, so a renewal costs the
+    /// claim's size, never a scan of the queue.
     pub async fn renew(
         &self,
         held: &Held,
@@ -598,19 +604,14 @@ impl Store {
         delegate!(self, s => s.dlq_get(id).await)
     }
 
-    /// Move dead letters back to the outbox (same outbox id, attempts reset).
-    /// Put dead letters back in the outbox under their ids, in one statement: all or
-    /// none. One whose id is in the outbox already (a row inserted with that id, or
-    /// the id sequence set back) makes it fail with that said, not the database's
-    /// duplicate key error.
+    /// Move dead letters back to the outbox (same outbox id, attempts reset), in one
+    /// statement: all or none. One whose id is in the outbox already (a row inserted
+    /// with that id, or the id sequence set back) makes it fail with that said, not
+    /// only the database's duplicate key error.
     pub async fn dlq_requeue(&self, selection: &DlqSelection) -> anyhow::Result<u64> {
         let requeued: anyhow::Result<u64> = delegate!(self, s => s.dlq_requeue(selection).await);
         requeued.map_err(|e| {
-            let taken = e
-                .downcast_ref::<sqlx::Error>()
-                .and_then(sqlx::Error::as_database_error)
-                .is_some_and(|d| d.is_unique_violation());
-            if taken {
+            if is_unique_violation(&e) {
                 e.context(
                     "nothing was requeued: a row with the id of a selected dead letter is in \
                      sync_outbox already (inserted with that id, or the id sequence was set back)",

@@ -562,9 +562,7 @@ enum Archive {
 /// pooler or a renamed constraint may not report: were the violation another one, the
 /// settle with the upsert fails again and its error is the one reported.
 fn is_archived_already(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<sqlx::Error>()
-        .and_then(|e| e.as_database_error())
-        .is_some_and(|d| d.is_unique_violation())
+    super::is_unique_violation(e)
 }
 
 async fn write_settlement(
