@@ -8,20 +8,24 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use sqlx::migrate::Migrator;
-use std::str::FromStr;
-
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 use sqlx::ConnectOptions as _;
 use sqlx::Connection;
 use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    millis, tally, Backlog, Claim, ClaimedRow, ConnectOptions, DeadLetter, DlqFilter, DlqSelection,
-    Held, KeyShare, NewRow, SchemaState, SettleReport, Settlement, Status, Want,
+    millis, Backlog, Claim, ClaimedRow, DeadLetter, DlqFilter, DlqSelection, Held, KeyShare,
+    NewRow, SchemaState, Status, Want,
 };
+use connect::connect_one;
 
 mod admin;
+mod connect;
+mod listen;
+mod settle;
+
+pub use listen::{Notifications, Wake};
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -101,145 +105,6 @@ RETURNING o.id, o.entity_type, o.entity_id, o.payload::text AS payload,
           o.attempts, o.ordering_key, (SELECT count(*) FROM cand) AS candidates
 "#;
 
-/// The connection parameters sqlx reads from a URL's query (and `options[…]`); it
-/// ignores any other, with a warning that quotes its value (a misspelt `passwd=`
-/// would be logged).
-const KNOWN_PARAMETERS: [&str; 18] = [
-    "sslmode",
-    "ssl-mode",
-    "sslrootcert",
-    "ssl-root-cert",
-    "ssl-ca",
-    "sslcert",
-    "ssl-cert",
-    "sslkey",
-    "ssl-key",
-    "statement-cache-capacity",
-    "host",
-    "hostaddr",
-    "port",
-    "dbname",
-    "user",
-    "password",
-    "application_name",
-    "options",
-];
-
-/// `url` without the query parameters sqlx would ignore (all but
-/// `KNOWN_PARAMETERS`), each named in a warning without its value.
-fn without_unknown_parameters(url: &str) -> String {
-    let Ok(mut parsed) = reqwest::Url::parse(url) else {
-        return url.to_string();
-    };
-    if parsed.query().is_none() {
-        return url.to_string();
-    }
-    let known = |key: &str| KNOWN_PARAMETERS.contains(&key) || key.starts_with("options[");
-    let pairs: Vec<(String, String)> = parsed
-        .query_pairs()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    if pairs.iter().all(|(key, _)| known(key)) {
-        return url.to_string();
-    }
-    for (key, _) in pairs.iter().filter(|(key, _)| !known(key)) {
-        tracing::warn!(
-            parameter = %key,
-            "ignoring an unrecognized connection parameter of database.url (its value is not shown)"
-        );
-    }
-    parsed
-        .query_pairs_mut()
-        .clear()
-        .extend_pairs(pairs.iter().filter(|(key, _)| known(key)));
-    if parsed.query() == Some("") {
-        parsed.set_query(None);
-    }
-    parsed.to_string()
-}
-
-/// The archive statement: sent rows leave the outbox (fenced on the claim token) and
-/// their records go to `sync_outbox_sent`, followed by `$tail`; it returns the ids it
-/// archived (as every settle statement does: the rest had lost their lease). One
-/// text for both forms below, so that they cannot drift apart.
-macro_rules! sent_archive_sql {
-    ($tail:literal) => {
-        concat!(
-            r#"
-WITH d AS (
-    DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2
-    RETURNING id, entity_type, entity_id, created_at, attempts
-), a AS (
-INSERT INTO sync_outbox_sent (id, entity_type, entity_id, created_at, attempts)
-SELECT id, entity_type, entity_id, created_at, GREATEST(LEAST(attempts, 2147483646), 0) + 1 FROM d
-"#,
-            $tail,
-            "RETURNING id) SELECT array_agg(id) FROM a"
-        )
-    };
-}
-
-/// Sent rows move to the archive with a plain `INSERT`: an id is normally archived
-/// once, and `ON CONFLICT` (a speculative insertion per row) cost the database 5–12 %
-/// more CPU per row in pgbench (docs/BENCHMARKS.md). An id can be archived already
-/// only when the outbox's sequence went back (`TRUNCATE … RESTART IDENTITY`, a
-/// restore) while its records were kept: the unique violation that follows rolls the
-/// settle back, and `settle` runs it again with `SENT_ARCHIVE_UPSERT_SQL`.
-const SENT_ARCHIVE_SQL: &str = sent_archive_sql!("");
-
-/// The archive for ids whose records are there already: the newer delivery's record
-/// replaces the older.
-const SENT_ARCHIVE_UPSERT_SQL: &str = sent_archive_sql!(
-    "ON CONFLICT (id) DO UPDATE SET entity_type = excluded.entity_type,
-    entity_id = excluded.entity_id, created_at = excluded.created_at,
-    sent_at = excluded.sent_at, attempts = excluded.attempts
-"
-);
-
-const SENT_DELETE_SQL: &str =
-    "WITH d AS (DELETE FROM sync_outbox WHERE id = ANY($1) AND claim_token = $2 \
-    RETURNING id) SELECT array_agg(id) FROM d";
-
-const RETRY_SQL: &str = r#"
-WITH r AS (
-UPDATE sync_outbox o SET
-    attempts = GREATEST(LEAST(o.attempts, 2147483646), 0) + CASE WHEN u.charged THEN 1 ELSE 0 END,
-    next_attempt_at = now() + u.delay_ms * interval '1 millisecond',
-    last_error_type = u.error_type,
-    last_error = u.message,
-    last_http_status = u.http_status,
-    attempt_errors = CASE WHEN u.charged THEN o.attempt_errors || jsonb_build_array(u.entry) ELSE o.attempt_errors END,
-    first_attempt_at = CASE WHEN u.charged THEN COALESCE(o.first_attempt_at, now()) ELSE o.first_attempt_at END,
-    claim_token = NULL, lease_owner = NULL, lease_until = NULL
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::bool[], $7::jsonb[])
-    AS u(id, delay_ms, error_type, message, http_status, charged, entry)
-WHERE o.id = u.id AND o.claim_token = $8
-RETURNING o.id
-) SELECT array_agg(id) FROM r
-"#;
-
-const DEAD_SQL: &str = r#"
-WITH u AS (
-    SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::jsonb[], $7::int[])
-        AS u(id, error_type, http_status, message, response_body, entry, max_attempts)
-), d AS (
-    DELETE FROM sync_outbox o USING u
-    WHERE o.id = u.id AND o.claim_token = $8
-    RETURNING o.id, o.entity_type, o.entity_id, o.payload, o.ordering_key, o.created_at, o.attempts,
-              o.attempt_errors, o.first_attempt_at,
-              u.error_type, u.http_status, u.message, u.response_body, u.entry, u.max_attempts
-), a AS (
-INSERT INTO sync_outbox_dead_letters
-    (outbox_id, entity_type, entity_id, payload, ordering_key, created_at, error_type, http_status,
-     error_message, response_body, attempts, max_attempts, attempt_errors, first_attempt_at, last_attempt_at)
-SELECT id, entity_type, entity_id, payload, ordering_key, created_at, error_type, http_status,
-       message, response_body, GREATEST(LEAST(attempts, 2147483646), 0) + 1, max_attempts, attempt_errors || jsonb_build_array(entry),
-       COALESCE(first_attempt_at, now()), now()
-FROM d
-RETURNING outbox_id
-) SELECT array_agg(outbox_id) FROM a
-"#;
-
 /// A sink's `down_since` as the relays and `status` show it: UTC, RFC 3339, seconds.
 macro_rules! down_since_utc {
     () => {
@@ -280,33 +145,6 @@ impl PgStore {
             .context("EXPLAIN of the claim")?;
         tx.rollback().await?;
         Ok(lines.join("\n"))
-    }
-
-    pub async fn connect(url: &str, options: &ConnectOptions) -> anyhow::Result<PgStore> {
-        let synchronous_commit = options.synchronous_commit;
-        let lock_timeout = options.lock_timeout;
-        let url = without_unknown_parameters(url);
-        let mut connect_options = PgConnectOptions::from_str(&url)?.application_name("serversync");
-        if lock_timeout.is_some() {
-            // an operator's command: a statement held up by a lock ends in one line
-            // saying so, which sqlx's slow-statement warning, with the statement's
-            // whole SQL, would come before
-            connect_options = connect_options.disable_statement_logging();
-        }
-        // One direct connection first: a pool would retry until its timeout and
-        // report only "timed out", hiding the cause (refused, auth, unknown db).
-        let probe = connect_one(&connect_options, options.acquire_timeout).await?;
-        let _ = probe.close().await;
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout)
-            .after_connect(move |conn, _| {
-                Box::pin(
-                    async move { session_settings(conn, synchronous_commit, lock_timeout).await },
-                )
-            })
-            .connect_lazy_with(connect_options);
-        Ok(PgStore { pool })
     }
 
     /// `ANALYZE sync_outbox`, giving up after a second's wait for a lock (another
@@ -502,159 +340,6 @@ impl PgStore {
         .await?;
         Ok(done.rows_affected())
     }
-
-    /// One transaction; when only one statement is needed (the common case: every
-    /// row sent) it runs alone, a statement being atomic by itself, which saves the
-    /// BEGIN and COMMIT round trips.
-    pub async fn settle(&self, s: &Settlement, keep_sent: bool) -> anyhow::Result<SettleReport> {
-        let archive = if keep_sent {
-            Archive::Insert
-        } else {
-            Archive::None
-        };
-        match self.settle_with(s, archive).await {
-            Err(e) if keep_sent && is_archived_already(&e) => {
-                tracing::warn!(
-                    "delivered rows' ids are in sync_outbox_sent already (the outbox's id \
-                     sequence went back?): their records are replaced"
-                );
-                self.settle_with(s, Archive::Upsert).await
-            }
-            other => other,
-        }
-    }
-
-    async fn settle_with(&self, s: &Settlement, archive: Archive) -> anyhow::Result<SettleReport> {
-        let parts = [
-            !s.sent.is_empty(),
-            !s.retries.is_empty(),
-            !s.dead.is_empty(),
-        ]
-        .iter()
-        .filter(|p| **p)
-        .count();
-        if parts > 1 {
-            let mut tx = self.pool.begin().await?;
-            let report = write_settlement(&mut tx, s, archive).await?;
-            tx.commit().await?;
-            Ok(report)
-        } else {
-            let mut conn = self.pool.acquire().await?;
-            write_settlement(&mut conn, s, archive).await
-        }
-    }
-}
-
-/// How a settle removes its sent rows from the outbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Archive {
-    /// `retention.delete_sent`: no record kept.
-    None,
-    /// Into `sync_outbox_sent`, ids new there (the common case).
-    Insert,
-    /// Into `sync_outbox_sent`, replacing records of the same ids.
-    Upsert,
-}
-
-/// Whether a settle failed on a unique violation: a sent row's id in
-/// `sync_outbox_sent` already (`sync_outbox_sent_pkey`), the only unique key an
-/// archiving settle can collide on. Not matched by the constraint's name, which a
-/// pooler or a renamed constraint may not report: were the violation another one, the
-/// settle with the upsert fails again and its error is the one reported.
-fn is_archived_already(e: &anyhow::Error) -> bool {
-    super::is_unique_violation(e)
-}
-
-async fn write_settlement(
-    conn: &mut sqlx::PgConnection,
-    s: &Settlement,
-    archive: Archive,
-) -> anyhow::Result<SettleReport> {
-    let mut report = SettleReport::default();
-    if !s.sent.is_empty() {
-        let sql = match archive {
-            Archive::None => SENT_DELETE_SQL,
-            Archive::Insert => SENT_ARCHIVE_SQL,
-            Archive::Upsert => SENT_ARCHIVE_UPSERT_SQL,
-        };
-        let written: Option<Vec<i64>> = sqlx::query_scalar(sql)
-            .bind(&s.sent)
-            .bind(s.token)
-            .fetch_one(&mut *conn)
-            .await?;
-        report.sent = tally(
-            &mut report.lost,
-            s.sent.iter().copied(),
-            &written.unwrap_or_default(),
-        );
-    }
-    if !s.retries.is_empty() {
-        let r = &s.retries;
-        let written: Option<Vec<i64>> = sqlx::query_scalar(RETRY_SQL)
-            .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
-            .bind(r.iter().map(|x| millis(x.delay)).collect::<Vec<_>>())
-            .bind(
-                r.iter()
-                    .map(|x| x.error.error_type.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                r.iter()
-                    .map(|x| x.error.message.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(r.iter().map(|x| x.error.http_status).collect::<Vec<_>>())
-            .bind(r.iter().map(|x| x.charged).collect::<Vec<_>>())
-            .bind(
-                r.iter()
-                    .map(|x| x.error.history_entry.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(s.token)
-            .fetch_one(&mut *conn)
-            .await?;
-        report.retried = tally(
-            &mut report.lost,
-            r.iter().map(|x| x.id),
-            &written.unwrap_or_default(),
-        );
-    }
-    if !s.dead.is_empty() {
-        let d = &s.dead;
-        let written: Option<Vec<i64>> = sqlx::query_scalar(DEAD_SQL)
-            .bind(d.iter().map(|x| x.id).collect::<Vec<_>>())
-            .bind(
-                d.iter()
-                    .map(|x| x.error.error_type.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(d.iter().map(|x| x.error.http_status).collect::<Vec<_>>())
-            .bind(
-                d.iter()
-                    .map(|x| x.error.message.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                d.iter()
-                    .map(|x| x.error.response_body.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                d.iter()
-                    .map(|x| x.error.history_entry.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(d.iter().map(|x| x.max_attempts).collect::<Vec<_>>())
-            .bind(s.token)
-            .fetch_one(&mut *conn)
-            .await?;
-        report.dead = tally(
-            &mut report.lost,
-            d.iter().map(|x| x.id),
-            &written.unwrap_or_default(),
-        );
-    }
-    Ok(report)
 }
 
 impl PgStore {
@@ -782,85 +467,6 @@ impl PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
-    }
-
-    pub async fn notifications(&self) -> anyhow::Result<Notifications> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(CHANNEL).await?;
-        Ok(Notifications { listener })
-    }
-}
-
-/// Insert notifications. sqlx reconnects the listener by itself after a dropped
-/// connection; notifications sent meanwhile are lost, which `next` reports.
-pub struct Notifications {
-    listener: PgListener,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wake {
-    /// A row was committed.
-    Inserted,
-    /// The connection was re-established; notifications may have been missed.
-    Reconnected,
-}
-
-impl Notifications {
-    pub async fn next(&mut self) -> anyhow::Result<Wake> {
-        match self.listener.try_recv().await? {
-            Some(_) => Ok(Wake::Inserted),
-            None => Ok(Wake::Reconnected),
-        }
-    }
-}
-
-/// Turn JIT compilation off for the relay's sessions. Its statements are short, but
-/// the claim's estimated cost grows with the backlog and with how few rows look due
-/// (a backlog mostly waiting for retries): past `jit_above_cost` every claim was
-/// compiled, and a 600-row claim took 196 ms instead of 82 (docs/BENCHMARKS.md).
-/// Unless `synchronous_commit`, also stop the session's commits waiting for the WAL
-/// flush (`ConnectOptions::synchronous_commit`). `SET`s rather than startup options,
-/// which poolers such as PgBouncer refuse; a server that refuses them too only keeps
-/// its defaults.
-async fn session_settings(
-    conn: &mut PgConnection,
-    synchronous_commit: bool,
-    lock_timeout: Option<Duration>,
-) -> Result<(), sqlx::Error> {
-    if let Some(wait) = lock_timeout {
-        let set = format!("SET lock_timeout = '{}ms'", wait.as_millis());
-        if let Err(e) = sqlx::query(&set).execute(&mut *conn).await {
-            tracing::debug!(error = %e, "cannot set lock_timeout for this session");
-        }
-    }
-    if let Err(e) = sqlx::query("SET jit = off").execute(&mut *conn).await {
-        tracing::debug!(error = %e, "cannot turn JIT off for this session");
-    }
-    if !synchronous_commit {
-        if let Err(e) = sqlx::query("SET synchronous_commit = off")
-            .execute(&mut *conn)
-            .await
-        {
-            tracing::debug!(error = %e, "cannot turn synchronous_commit off for this session");
-        }
-    }
-    Ok(())
-}
-
-/// sqlx's "error communicating with database: Connection refused (os error 111)" is
-/// clear enough; only name the common cases more plainly.
-/// One direct connection, waited for at most `wait`, its error described.
-async fn connect_one(options: &PgConnectOptions, wait: Duration) -> anyhow::Result<PgConnection> {
-    tokio::time::timeout(wait, PgConnection::connect_with(options))
-        .await
-        .map_err(|_| anyhow::anyhow!("timed out after {wait:?}"))?
-        .map_err(describe_connect_error)
-}
-
-fn describe_connect_error(err: sqlx::Error) -> anyhow::Error {
-    match &err {
-        sqlx::Error::PoolTimedOut => anyhow::anyhow!("timed out waiting for a database connection"),
-        _ => anyhow::Error::new(err),
     }
 }
 
