@@ -9,7 +9,7 @@ use super::support::{
 };
 use crate::harness::pg::PrivatePg;
 use crate::harness::relay::Running;
-use crate::harness::{wait_until, Mode, Output, Reply, Sink, TestEnv};
+use crate::harness::{wait_until, Mode, NewRow, Output, Reply, Sink, TestEnv};
 
 /// `rows` rows of `calls` calls on a PostgreSQL server of the test's own (to stop
 /// and start), for a drain of a few seconds: small batches, a sink that answers
@@ -1033,10 +1033,20 @@ async fn a_relay_charges_nothing_for_an_outage_another_relay_recorded() {
     env.db
         .execute("UPDATE sync_outbox_sink_state SET down_since = now()")
         .await;
-    let mut ids = Vec::new();
-    for _ in 0..5 {
-        ids.push(insert_one(&env).await);
-    }
+    // in one statement, so that they fail in one request: requests failing at once
+    // can reach the outage threshold before the recorded state has been read (none
+    // charged all the same, but taken as down by this relay's own count)
+    let rows: Vec<NewRow> = (0..5)
+        .map(|_| {
+            let id = uuid::Uuid::new_v4();
+            NewRow::new(
+                "call_log",
+                id,
+                serde_json::json!({"id": id, "answered": true}),
+            )
+        })
+        .collect();
+    env.insert_rows(&rows).await;
     env.sink.wait_for_requests(2, Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let out = relay.terminate(Duration::from_secs(10)).await;
