@@ -257,6 +257,10 @@ pub struct Relay {
     /// before the claim or the renewal that set it, so never later than the
     /// database's end (`Relay::lease_holds`).
     lease_ends: Mutex<HashMap<i64, lanes::LeaseEnd>>,
+    /// The earliest moment a row this relay put back for a retry is due again: an
+    /// idle worker looks then, not only at its next `dispatch.poll_interval`
+    /// (`Relay::until_retry_due`).
+    retry_due: Mutex<Option<Instant>>,
     /// Settles retrying on the database (`Relay::write_settlement`): while lease
     /// renewals fail too, no claim is made (`Relay::wait_for_settles`).
     settles_retrying: AtomicUsize,
@@ -352,6 +356,7 @@ impl Relay {
             in_flight: Mutex::new(HashMap::new()),
             keys_out: Mutex::new(HashMap::new()),
             lease_ends: Mutex::new(HashMap::new()),
+            retry_due: Mutex::new(None),
             settles_retrying: AtomicUsize::new(0),
             renewals_failing: AtomicBool::new(false),
             next_batch: AtomicU64::new(0),
@@ -373,6 +378,28 @@ impl Relay {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// A row settled for a retry is due again in `delay` (from its settle's commit,
+    /// which `next_attempt_at` is not later than).
+    fn note_retry_due(&self, delay: Duration) {
+        let at = Instant::now() + delay;
+        let mut due = self.retry_due.lock().unwrap_or_else(|e| e.into_inner());
+        *due = Some(due.map_or(at, |d| d.min(at)));
+    }
+
+    /// How long until the earliest retry noted is due (`note_retry_due`); `None` when
+    /// none is ahead (one that has come is forgotten: the worker that waited for it
+    /// has looked).
+    fn until_retry_due(&self) -> Option<Duration> {
+        let mut due = self.retry_due.lock().unwrap_or_else(|e| e.into_inner());
+        let left = (*due)?
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero());
+        if left.is_none() {
+            *due = None;
+        }
+        left
     }
 
     /// Wake idle workers (a row was committed, or notifications may have been lost).

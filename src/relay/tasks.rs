@@ -75,6 +75,18 @@ impl Relay {
         if !self.settings.dispatch.listen {
             return;
         }
+        let connections = self.settings.database.max_connections;
+        if connections < 2 && self.store.backend() == "postgres" {
+            // the listener would hold the pool's only connection for good, and every
+            // claim and settle wait for it
+            tracing::warn!(
+                poll_interval = ?self.settings.dispatch.poll_interval,
+                "database.max_connections = {connections} leaves no connection to LISTEN on: \
+                 new rows are found by polling every dispatch.poll_interval (allow 2 or more \
+                 connections for wake-ups within milliseconds)"
+            );
+            return;
+        }
         let mut backoff = db_backoff();
         loop {
             let mut notifications = tokio::select! {

@@ -60,8 +60,10 @@ impl Relay {
                         continue;
                     }
                     // waiting for work is the loop alive, not stuck: the watchdog is
-                    // fed through a `poll_interval` longer than its own
-                    self.with_heartbeat(wait(finished, poll, &mut wake)).await;
+                    // fed through a `poll_interval` longer than its own. A retry this
+                    // relay set goes out when due, not at the next poll after it
+                    let nap = self.until_retry_due().map_or(poll, |d| d.min(poll));
+                    self.with_heartbeat(wait(finished, nap, &mut wake)).await;
                 }
                 Step::Paused(until) => {
                     if self.drain.is_some() && self.sink.is_probing() {

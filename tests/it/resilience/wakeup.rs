@@ -113,3 +113,79 @@ async fn an_idle_relay_is_woken_by_notify_and_falls_back_to_polling() {
         .await
         .assert_success();
 }
+
+/// A row that failed is sent again when its retry is due, not at the idle relay's
+/// next poll: with a 30 s `poll_interval` (LISTEN makes polling rare), a retry due in
+/// 300 ms used to wait the whole 30 s, while the log said `retry_in=300ms`.
+#[tokio::test]
+async fn an_idle_relay_sends_a_retry_when_it_is_due_not_at_its_next_poll() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("dispatch.poll_interval", "30s")
+        .set("retry.policy", "fixed")
+        .set("retry.base_delay", "300ms")
+        .set("retry.max_delay", "300ms");
+    env.sink.fail_next(1, 500);
+    let relay = env.spawn_run(&[]);
+    wait_until(Duration::from_secs(15), "the relay to LISTEN", || {
+        someone_listens(env.db.pg())
+    })
+    .await;
+    let id = insert_one(&env).await;
+    wait_until(Duration::from_secs(10), "the row sent again", || async {
+        env.sink.entries().iter().any(|e| e.outbox_id == id)
+    })
+    .await;
+    let tries: Vec<_> = env.sink.sync_requests();
+    assert_eq!(tries.len(), 2, "one failure, one retry: {tries:?}");
+    let gap = tries[1].received_at - tries[0].received_at;
+    assert!(
+        gap >= Duration::from_millis(250) && gap < Duration::from_secs(5),
+        "the retry went out {gap:?} after the failure; it was due after 300ms\n{}",
+        relay.stderr()
+    );
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success();
+    assert_eq!(env.count("sync_outbox").await, 0);
+}
+
+/// `database.max_connections = 1` leaves nothing to LISTEN on: the relay polls
+/// instead, and says so. The listener used to hold the pool's one connection for
+/// good: nothing was delivered, and the relay reported the database as unavailable.
+#[tokio::test]
+async fn a_relay_with_one_database_connection_polls_and_delivers() {
+    let mut env = TestEnv::migrated().await;
+    env.config
+        .set("database.max_connections", 1)
+        .set("dispatch.poll_interval", "100ms");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(insert_one(&env).await);
+    }
+    let relay = env.spawn_run(&[]);
+    wait_until(Duration::from_secs(15), "the rows delivered", || async {
+        let got = env.sink.entries();
+        ids.iter().all(|id| got.iter().any(|e| e.outbox_id == *id))
+    })
+    .await;
+    // and a row inserted later, found by a poll
+    let later = insert_one(&env).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the later row delivered",
+        || async { env.sink.entries().iter().any(|e| e.outbox_id == later) },
+    )
+    .await;
+    let out = relay.terminate(Duration::from_secs(10)).await;
+    out.assert_success();
+    assert!(
+        out.stderr.contains("leaves no connection to LISTEN on"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("database unavailable"),
+        "{}",
+        out.stderr
+    );
+}
