@@ -460,16 +460,10 @@ pub async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let root = &settings.storage.recordings_root;
-    if root.is_dir() {
-        say!("ok    recordings root {}", root.display());
-    } else if root.exists() {
-        say!(
-            "warn  recordings root {} is not a directory",
-            root.display()
-        );
-    } else {
-        say!("warn  recordings root {} does not exist", root.display());
+    let root = RecordingsRoot::new(settings.storage.recordings_root.clone());
+    match root.problem() {
+        None => say!("ok    recordings root {}", root.path().display()),
+        Some(problem) => say!("warn  recordings root {} {problem}", root.path().display()),
     }
     Ok(if healthy {
         ExitCode::SUCCESS

@@ -247,6 +247,17 @@ async fn prepare(
     health.db_up.store(true, Ordering::Relaxed);
     health.schema_current.store(true, Ordering::Relaxed);
     let root = RecordingsRoot::new(settings.storage.recordings_root.clone());
+    if let Some(problem) = root
+        .problem()
+        .filter(|_| !settings.dispatch.file_entity_types.is_empty())
+    {
+        // a mount missing is the deployment's fault: said once here, not only row by row
+        tracing::warn!(
+            "storage.recordings_root {} {problem}: recording files cannot be read until it is \
+             there (their rows fail as file_missing or file_unreadable, retried until dead)",
+            root.path().display()
+        );
+    }
     let dispatcher = Dispatcher::new(&settings.ingest, root, metrics.clone())?;
     Ok((
         RelayParts {

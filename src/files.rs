@@ -44,6 +44,19 @@ impl RecordingsRoot {
         &self.root
     }
 
+    /// What is wrong with the root as a directory to read recordings from, if
+    /// anything (`check`, and the relay's start): "does not exist", "is not a
+    /// directory".
+    pub fn problem(&self) -> Option<&'static str> {
+        if self.root.is_dir() {
+            None
+        } else if self.root.exists() {
+            Some("is not a directory")
+        } else {
+            Some("does not exist")
+        }
+    }
+
     /// Open `path` (relative to the root, or absolute inside it) for reading.
     pub fn open(&self, path: &str) -> Result<OpenedFile, Failure> {
         let (file, meta, relative) = self.open_entry(path)?;

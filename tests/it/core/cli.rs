@@ -607,6 +607,26 @@ async fn check_reports_each_part_and_exits_1_when_one_is_wrong() {
         .assert_single_stderr_line();
 }
 
+/// A relay started without its recordings root says so once, naming the key: a
+/// mount missing used to show only as each recording's `file_missing`, retried
+/// until dead. Not when no entity type is a file type (no recordings to read).
+#[tokio::test]
+async fn a_relay_started_without_its_recordings_root_says_so() {
+    let mut env = TestEnv::migrated().await;
+    let gone = env.work_dir().join("no-such-root");
+    env.config.set("storage.recordings_root", gone.as_path());
+    let out = env.drain().await;
+    out.assert_success();
+    let line = format!("storage.recordings_root {} does not exist", gone.display());
+    assert!(out.stderr.contains(&line), "missing {line:?}\n{out}");
+
+    env.config
+        .set("dispatch.file_entity_types", [] as [&str; 0]);
+    let out = env.drain().await;
+    out.assert_success();
+    assert!(!out.stderr.contains("recordings_root"), "{out}");
+}
+
 /// `check` sends the ingest API what the relay sends it when the outbox is empty
 /// (an empty batch, with the token): a Frontend that fails, refuses the token or is
 /// not at `ingest.base_url`'s path fails the check, naming what to look at. (It used
