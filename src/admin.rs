@@ -431,6 +431,9 @@ pub async fn check(settings: &Settings) -> anyhow::Result<ExitCode> {
                 healthy = false;
                 let hint = if f.message.contains("UnknownIssuer") {
                     " (a CA the relay does not trust: give its PEM file as ingest.ca_file)"
+                } else if f.message.contains("InvalidContentType") {
+                    " (the server does not speak TLS: an https:// ingest.base_url for an \
+                     http:// server?)"
                 } else if f.message.contains("CaUsedAsEndEntity") {
                     " (the Frontend presents a CA certificate as its own, which TLS refuses \
                      even when trusted: give it a certificate issued by that CA)"

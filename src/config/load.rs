@@ -383,13 +383,29 @@ fn read_config_file(path: &Path) -> anyhow::Result<String> {
             let column = line_start.trim_start_matches('\u{feff}').chars().count() + 1;
             format!(" at line {line}, column {column}")
         });
+        let message = e.message().trim_end();
+        // a key given twice is named: the span is the key (or the table's name) alone,
+        // never its value
+        let key = e
+            .span()
+            .and_then(|span| text.get(span))
+            .filter(|key| message == "duplicate key" && is_bare_name(key))
+            .map_or(String::new(), |key| format!(" {key}"));
         bail!(
-            "invalid configuration: config file {} is not valid TOML{at}: {}",
+            "invalid configuration: config file {} is not valid TOML{at}: {message}{key}",
             path.display(),
-            e.message().trim_end()
         );
     }
     Ok(text)
+}
+
+/// A TOML key as written, quoted or not, and short: what may be named in an error.
+fn is_bare_name(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 64
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.'\" ".contains(c))
 }
 
 /// A `SERVERSYNC__…` (the prefix in any case, as the `config` crate reads it) or

@@ -292,7 +292,7 @@ async fn config_errors_never_quote_a_secret() {
         ),
         (
             format!("[ingest]\nauth_token = \"x\"\nauth_token = \"{TOKEN}\"\n"),
-            "line 3, column 1: duplicate key",
+            "line 3, column 1: duplicate key auth_token",
         ),
         (
             format!("[database]\nurl = \"postgres://u:{DB_PASSWORD}@127.0.0.1/x\" more\n"),

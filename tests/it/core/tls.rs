@@ -197,3 +197,21 @@ async fn a_bad_ingest_ca_file_is_named_at_start() {
         "the row was kept for the good config"
     );
 }
+
+/// An `https://` URL for a Frontend that speaks plain HTTP: `check` says what is
+/// likely wrong, where rustls says only "received corrupt message of type
+/// InvalidContentType".
+#[tokio::test]
+async fn check_names_an_https_url_given_for_a_plain_http_server() {
+    let mut env = TestEnv::migrated().await;
+    let plain = env.sink.url();
+    assert!(plain.starts_with("http://127.0.0.1:"));
+    env.config
+        .set("ingest.base_url", plain.replacen("http://", "https://", 1));
+    let out = env.run(&["check"]).await;
+    out.assert_code(1).assert_no_panic();
+    assert!(
+        out.stdout.contains("FAIL  ingest") && out.stdout.contains("does not speak TLS"),
+        "{out}"
+    );
+}
