@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde_json::value::RawValue;
 use sqlx::migrate::Migrator;
@@ -167,7 +168,18 @@ impl SqliteStore {
             pool = pool.max_connections(options.max_connections.max(1));
         }
         let path = (!memory).then(|| connect.get_filename().to_path_buf());
-        let pool = pool.connect_with(connect).await?;
+        // A file being created, or switched to WAL, by another process at this moment
+        // (every instance running `migrate` at start) answers SQLITE_BUSY at once,
+        // without waiting out the busy timeout: open again in a moment.
+        let pool = (|| pool.clone().connect_with(connect.clone()))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(20))
+                    .with_max_delay(Duration::from_millis(500))
+                    .with_max_times(12),
+            )
+            .when(is_busy)
+            .await?;
         // the file exists now; an absolute path keeps the lock file in place if the
         // working directory changes
         let path = path.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
@@ -653,6 +665,14 @@ mod admin;
 
 /// The `what` lock file beside the database file `db` (`<db>.<what>.lock`), opened
 /// (created if need be) for locking, with its path.
+/// SQLITE_BUSY, with its extended codes (`database is locked`).
+fn is_busy(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| code & 0xff == 5)
+}
+
 fn lock_file(db: &std::path::Path, what: &str) -> anyhow::Result<(File, PathBuf)> {
     let mut path = db.as_os_str().to_owned();
     path.push(format!(".{what}.lock"));
