@@ -102,6 +102,13 @@ impl PgStore {
 /// the claim's estimated cost grows with the backlog and with how few rows look due
 /// (a backlog mostly waiting for retries): past `jit_above_cost` every claim was
 /// compiled, and a 600-row claim took 196 ms instead of 82 (docs/BENCHMARKS.md).
+/// Plan every statement for the outbox as it is now (`plan_cache_mode =
+/// force_custom_plan`): an idle relay's claims, repeated every poll, otherwise get a
+/// generic plan cached, and one made while a vacuum had left the emptied outbox
+/// without pages (sequential scans, the head-of-key probe a scan per candidate)
+/// served the next burst: 20,000 rows waited 30–40 s for their first claim. Under
+/// load the claim was planned anew each time already (its `LIMIT` keeps the custom
+/// plan the cheaper); the other statements are small to plan.
 /// Unless `synchronous_commit`, also stop the session's commits waiting for the WAL
 /// flush (`ConnectOptions::synchronous_commit`). `SET`s rather than startup options,
 /// which poolers such as PgBouncer refuse; a server that refuses them too only keeps
@@ -119,6 +126,12 @@ async fn session_settings(
     }
     if let Err(e) = sqlx::query("SET jit = off").execute(&mut *conn).await {
         tracing::debug!(error = %e, "cannot turn JIT off for this session");
+    }
+    if let Err(e) = sqlx::query("SET plan_cache_mode = force_custom_plan")
+        .execute(&mut *conn)
+        .await
+    {
+        tracing::debug!(error = %e, "cannot turn cached generic plans off for this session");
     }
     if !synchronous_commit {
         if let Err(e) = sqlx::query("SET synchronous_commit = off")

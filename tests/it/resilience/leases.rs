@@ -411,6 +411,44 @@ async fn a_slow_claim_refreshes_the_outboxs_statistics() {
     assert!(out.stderr.contains("a claim was slow"), "{out}");
 }
 
+/// A burst after a quiet spell on an outbox that a vacuum emptied is claimed at once.
+/// An idle relay claims again and again; PostgreSQL then caches a generic plan for
+/// the claim, made while the table had no pages: sequential scans, the head-of-key
+/// probe one per candidate. The burst was then claimed with that plan, every row
+/// probed by a scan of the whole table: 20,000 rows took 30–40 s before their first
+/// claim returned (an audit), with nothing to see but the growing age of the oldest
+/// row. The relay's sessions plan each statement for the table as it is.
+#[tokio::test]
+async fn a_burst_after_an_idle_spell_on_an_emptied_outbox_is_claimed_at_once() {
+    let env = TestEnv::migrated().await;
+    let relay = env.spawn_run(&[]);
+    insert_one(&env).await;
+    env.sink.wait_for_entries(1, Duration::from_secs(15)).await;
+    // emptied, truncated to no pages and analyzed, as autovacuum leaves it
+    env.db.execute("VACUUM ANALYZE sync_outbox").await;
+    let pages: i64 = env
+        .db
+        .scalar("SELECT relpages::bigint FROM pg_class WHERE relname = 'sync_outbox'")
+        .await;
+    assert_eq!(pages, 0, "the vacuum truncated the emptied outbox");
+    // idle: a claim every 50 ms, a few dozen on each of the pool's connections
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    env.db
+        .execute(
+            "INSERT INTO sync_outbox (entity_type, entity_id, payload) \
+             SELECT 'call_log', gen_random_uuid(), '{}' FROM generate_series(1, 20000)",
+        )
+        .await;
+    let inserted = Instant::now();
+    env.sink.wait_for_entries(2, Duration::from_secs(30)).await;
+    let took = inserted.elapsed();
+    let out = relay.stop_cleanly().await;
+    assert!(
+        took < Duration::from_secs(5),
+        "the burst's first rows arrived {took:?} after its commit\n{out}"
+    );
+}
+
 /// A relay paused (SIGSTOP; a VM or cgroup freeze does the same) for longer than
 /// `ingest.timeout` but not a lease, while the sink answers its requests 2xx: on
 /// waking, the answers waiting in its sockets are taken, not the timers that ran
