@@ -47,7 +47,9 @@ pub struct PgStore {
 /// (a vacuum in a quiet moment), the probe can be served from the primary key
 /// instead, walking every older row: a burst of 20,000 rows then made claims take
 /// 10 s and more. A claim that slow makes the relay `ANALYZE` the outbox
-/// (`Relay::refresh_statistics_after`). (Writing the probe as a row comparison on
+/// (`Relay::refresh_statistics_after`). A generic plan cached while the outbox had
+/// no pages was worse still (a scan of the table per probe); the relay's sessions
+/// cache none (`connect::session_settings`). (Writing the probe as a row comparison on
 /// `(ordering_key_hash, id)`, which only that index serves, cost 2–9 % more
 /// PostgreSQL CPU per row in `bench ordering`; docs/BENCHMARKS.md.)
 /// The lease runs from the claim's end (`clock_timestamp()`, not the transaction's
