@@ -205,6 +205,9 @@ impl Relay {
             .store
             .claim(want, lease, &self.owner, keys, from_id)
             .await?;
+        // a claim made now, empty or not, says the database answers (an idle relay's
+        // `serversync_db_up` used to wait for the next gauge refresh)
+        self.database_up();
         self.refresh_statistics_after(started.elapsed()).await;
         let mut from_share = keys.is_some();
         if claim.rows.is_empty() && from_share {

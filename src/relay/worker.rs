@@ -256,7 +256,6 @@ impl Relay {
             let _ = self.release_unsent(&[*batch]).await;
             return Step::DatabaseUnavailable;
         }
-        let fresh = prefetched.is_none();
         let taken = match prefetched {
             Some(prefetched) => Ok(Some(prefetched)),
             None => self.take_batch(lane, limit, share, None, finished).await,
@@ -269,10 +268,6 @@ impl Relay {
                 return Step::DatabaseUnavailable;
             }
         };
-        if fresh {
-            // only a claim made now says the database answers
-            self.database_up();
-        }
         if finished.is_cancelled() {
             // the relay began to stop while this claim was out (a database stall can
             // hold one for seconds), or the batch was claimed ahead for it: nothing new

@@ -127,6 +127,35 @@ async fn a_drain_rides_out_postgresql_stopping_and_starting_again() {
     );
 }
 
+/// An idle relay's `serversync_db_up` follows the database both ways within a poll:
+/// its empty claims say whether the database answers. It used to stay 0 after the
+/// database came back until the next gauge refresh (`metrics.refresh_interval`),
+/// while `/readyz`, asking the database itself, already said 200.
+#[tokio::test]
+async fn an_idle_relays_db_up_follows_the_database_within_a_poll() {
+    let pg = PrivatePg::start_new().await;
+    let mut env = TestEnv::with_db(pg.create_database().await);
+    env.migrate().await;
+    let metrics = MetricsEndpoint::enable(&mut env);
+    env.config
+        .set("dispatch.poll_interval", "200ms")
+        .set("metrics.refresh_interval", "1h")
+        .set("database.acquire_timeout", "1s");
+    let relay = env.spawn_run(metrics.flag().as_slice());
+    metrics
+        .wait_for_sample("serversync_db_up", 1.0, Duration::from_secs(15))
+        .await;
+    pg.stop().await;
+    metrics
+        .wait_for_sample("serversync_db_up", 0.0, Duration::from_secs(10))
+        .await;
+    pg.start().await;
+    metrics
+        .wait_for_sample("serversync_db_up", 1.0, Duration::from_secs(5))
+        .await;
+    relay.stop_cleanly().await;
+}
+
 /// Delivery attempts recorded for each delivered row (`attempts` of the sent record
 /// counts the successful one too).
 async fn sent_attempts(env: &TestEnv) -> Vec<i32> {
