@@ -95,7 +95,18 @@ impl Relay {
         let mut untried: Vec<(&ClaimedRow, Failure)> = Vec::new();
         // rows not sent: their lease ended before their request's turn
         let mut not_sent: Vec<i64> = Vec::new();
+        // the failure that made the search split this batch (a 5xx, or a timeout)
+        let mut searching: Option<Failure> = None;
         while let Some(group) = pending.pop() {
+            if let Some(f) = searching.as_ref().filter(|_| self.sink.is_down()) {
+                // the sink was taken as down while this batch was searched for a bad
+                // entry (every batch out failing so): it is the sink's doing, and the
+                // parts not sent yet wait, uncharged, instead of each failing in turn
+                let why = "the ingest sink was taken as down while its batch was searched";
+                let rest = group.into_iter().chain(pending.drain(..).flatten());
+                give_up(rest, &mut untried, f, why);
+                break;
+            }
             let results = futures_util::future::join_all(group.iter().map(|chunk| async {
                 // the semaphore is never closed; were it, sending unbounded is harmless
                 let _permit = requests.acquire().await.ok();
@@ -163,8 +174,9 @@ impl Relay {
                     {
                         answered = true;
                         self.sink.on_answer();
-                        tracing::info!(
+                        tracing::debug!(
                             rows = chunk.len(),
+                            first_outbox_id = chunk[0].id,
                             http_status = f.http_status,
                             "batch rejected: splitting it to isolate the offending entries"
                         );
@@ -173,18 +185,30 @@ impl Relay {
                     // a 503: the Frontend says it is unavailable, not that an entry
                     // broke it; splitting would only multiply the requests it refuses
                     Err(f) if may_be_an_entrys_doing(&f) => {
-                        // nothing of this batch answered in time: a sink that hangs, or
-                        // an entry that hangs it? Halving a hung sink's batch would only
-                        // wait `ingest.timeout` per half
+                        // nothing of this batch answered in time, or a server error: a
+                        // sink that hangs or fails everything, or an entry that hangs or
+                        // breaks it? Halving a hung sink's batch would only wait
+                        // `ingest.timeout` per half, and a failing sink's would fail
+                        // half after half, each batch out in turn, before any of it
+                        // counted towards the outage: asked once with an empty batch
                         let timed_out = f.error_type == ErrorType::Timeout;
-                        let ask = timed_out && chunk.len() > 1 && !answered && !sink_answers;
+                        let ask = chunk.len() > 1 && !answered && !sink_answers;
                         if ask && (self.sink.is_down() || !self.answers_an_empty_batch().await) {
-                            let charged = self.account(&f).await;
-                            attempts.extend(chunk.iter().map(|row| {
-                                let failure = f.clone();
-                                (row.id, Attempt::Failed { failure, charged })
-                            }));
                             let why = "the ingest sink answered neither its batch nor an empty one";
+                            if timed_out {
+                                let charged = self.account(&f).await;
+                                attempts.extend(chunk.iter().map(|row| {
+                                    let failure = f.clone();
+                                    (row.id, Attempt::Failed { failure, charged })
+                                }));
+                            } else if let Some((first, others)) = chunk.split_first() {
+                                // one row stands for the batch, charged or counted
+                                // towards an outage as a lone failing row is (the
+                                // verdict below); the others are not charged for it
+                                failures += 1;
+                                suspects.push((first, f.clone()));
+                                give_up([others].into_iter(), &mut untried, &f, why);
+                            }
                             give_up(pending.drain(..).flatten(), &mut untried, &f, why);
                             continue;
                         }
@@ -200,17 +224,20 @@ impl Relay {
                                 format!("its batch was given up after {failures} failed requests");
                             give_up(pending.drain(..).flatten(), &mut untried, &f, &why);
                         } else if chunk.len() > 1 {
+                            searching = Some(f.clone());
                             if timed_out {
                                 let ways = hang_split_ways(chunk.len());
-                                tracing::info!(
+                                tracing::debug!(
                                     rows = chunk.len(),
+                                    first_outbox_id = chunk[0].id,
                                     parts = ways,
                                     "batch timed out while the sink answers: splitting it in case one entry hangs it"
                                 );
                                 pending.push(parts(chunk, ways));
                             } else {
-                                tracing::info!(
+                                tracing::debug!(
                                     rows = chunk.len(),
+                                    first_outbox_id = chunk[0].id,
                                     http_status = f.http_status,
                                     "batch failed with a server error: splitting it in case one entry causes it"
                                 );

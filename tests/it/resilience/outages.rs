@@ -156,6 +156,47 @@ async fn an_idle_relays_db_up_follows_the_database_within_a_poll() {
     relay.stop_cleanly().await;
 }
 
+/// A sink that answers 500 to every request while a backlog's batches are out: a
+/// batch that fails whole asks the sink with an empty batch before it is searched
+/// for an entry that causes the 500, and once that fails too (or the sink is taken
+/// as down meanwhile) its parts are not sent: they wait, uncharged, with one row
+/// standing for the batch. Each of the 24 batches out used to go on halving down
+/// to single rows, every part failing in turn, before any of it counted towards the
+/// outage (216 failing requests in an audit, nine seconds before the sink was
+/// taken as down with a Frontend slow to fail).
+#[tokio::test]
+async fn batches_out_stop_searching_for_a_bad_entry_once_the_sink_is_down() {
+    let mut env = TestEnv::migrated().await;
+    env.sink.set_mode(Mode::Reply(
+        Reply::status(500).delay(Duration::from_millis(300)),
+    ));
+    env.config
+        .set("dispatch.probe_interval", "10s")
+        .set("dispatch.max_probe_interval", "10s");
+    seed_calls(&env, 2_400, 2_400).await;
+    let relay = env.spawn_run(&[]);
+    wait_until(
+        Duration::from_secs(15),
+        "the sink taken as down",
+        || async { relay.stderr().contains("ingest sink is DOWN") },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out = relay.stop_cleanly().await;
+    let requests = env.sink.sync_requests();
+    let parts = requests
+        .iter()
+        .filter(|r| (2..100).contains(&r.entries().len()))
+        .count();
+    assert!(
+        parts <= 12,
+        "{parts} parts of batches were sent after the sink failed them all ({} requests)\n{out}",
+        requests.len()
+    );
+    assert_eq!(env.count("sync_outbox").await, 2_400, "nothing lost");
+    assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+}
+
 /// Delivery attempts recorded for each delivered row (`attempts` of the sent record
 /// counts the successful one too).
 async fn sent_attempts(env: &TestEnv) -> Vec<i32> {
