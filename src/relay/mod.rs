@@ -17,7 +17,7 @@ mod sink_state;
 mod tasks;
 mod worker;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -257,10 +257,11 @@ pub struct Relay {
     /// before the claim or the renewal that set it, so never later than the
     /// database's end (`Relay::lease_holds`).
     lease_ends: Mutex<HashMap<i64, lanes::LeaseEnd>>,
-    /// The earliest moment a row this relay put back for a retry is due again: an
-    /// idle worker looks then, not only at its next `dispatch.poll_interval`
-    /// (`Relay::until_retry_due`).
-    retry_due: Mutex<Option<Instant>>,
+    /// When the rows this relay put back for a retry are due again, in milliseconds
+    /// since `started` (rounded up to `RETRY_DUE_GRAIN`, at most `RETRY_DUE_KEPT`
+    /// of them): an idle worker looks then, not only at its next
+    /// `dispatch.poll_interval` (`Relay::until_retry_due`).
+    retry_due: Mutex<BTreeSet<u64>>,
     /// Settles retrying on the database (`Relay::write_settlement`): while lease
     /// renewals fail too, no claim is made (`Relay::wait_for_settles`).
     settles_retrying: AtomicUsize,
@@ -299,6 +300,13 @@ pub struct Relay {
     /// within `concurrency` batches however they are grouped.
     workers: usize,
 }
+
+/// The retries an idle relay wakes for are kept to this many milliseconds
+/// (`Relay::note_retries_due`): rows due within one grain are looked for together.
+const RETRY_DUE_GRAIN: u64 = 10;
+
+/// At most this many distinct retry times are kept; later ones wait for a poll.
+const RETRY_DUE_KEPT: usize = 4096;
 
 impl Relay {
     pub fn new(parts: RelayParts, mode: Mode) -> Arc<Relay> {
@@ -356,7 +364,7 @@ impl Relay {
             in_flight: Mutex::new(HashMap::new()),
             keys_out: Mutex::new(HashMap::new()),
             lease_ends: Mutex::new(HashMap::new()),
-            retry_due: Mutex::new(None),
+            retry_due: Mutex::new(BTreeSet::new()),
             settles_retrying: AtomicUsize::new(0),
             renewals_failing: AtomicBool::new(false),
             next_batch: AtomicU64::new(0),
@@ -380,26 +388,31 @@ impl Relay {
         &self.store
     }
 
-    /// A row settled for a retry is due again in `delay` (from its settle's commit,
-    /// which `next_attempt_at` is not later than).
-    fn note_retry_due(&self, delay: Duration) {
-        let at = Instant::now() + delay;
+    /// Rows settled for a retry are due again after `delays` (from their settle's
+    /// commit, which their `next_attempt_at` is not later than).
+    fn note_retries_due(&self, delays: impl Iterator<Item = Duration>) {
+        let now = self.started.elapsed();
         let mut due = self.retry_due.lock().unwrap_or_else(|e| e.into_inner());
-        *due = Some(due.map_or(at, |d| d.min(at)));
+        for delay in delays {
+            let at = u64::try_from((now + delay).as_millis()).unwrap_or(u64::MAX);
+            due.insert(at.div_ceil(RETRY_DUE_GRAIN) * RETRY_DUE_GRAIN);
+            if due.len() > RETRY_DUE_KEPT {
+                // the latest go: an idle worker's poll finds them
+                due.pop_last();
+            }
+        }
     }
 
-    /// How long until the earliest retry noted is due (`note_retry_due`); `None` when
-    /// none is ahead (one that has come is forgotten: the worker that waited for it
-    /// has looked).
+    /// How long until the next retry noted is due (`note_retries_due`); `None` when
+    /// none is ahead. Those whose time has come are forgotten: the workers woken
+    /// for them have looked.
     fn until_retry_due(&self) -> Option<Duration> {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut due = self.retry_due.lock().unwrap_or_else(|e| e.into_inner());
-        let left = (*due)?
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero());
-        if left.is_none() {
-            *due = None;
+        while due.first().is_some_and(|at| *at <= now) {
+            due.pop_first();
         }
-        left
+        due.first().map(|at| Duration::from_millis(at - now))
     }
 
     /// Wake idle workers (a row was committed, or notifications may have been lost).

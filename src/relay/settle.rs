@@ -152,9 +152,7 @@ impl Relay {
             }
         };
         self.database_up();
-        if let Some(delay) = s.retries.iter().map(|r| r.delay).min() {
-            self.note_retry_due(delay);
-        }
+        self.note_retries_due(s.retries.iter().map(|r| r.delay));
         {
             // written after all (a release of the same rows may have failed before)
             let mut unsettled = self.lock_unsettled();
