@@ -219,9 +219,17 @@ impl Relay {
                             // give up isolating: this chunk failed; what is left was never
                             // sent and is not charged for it (next time it goes without
                             // this chunk's rows, which back off)
-                            suspects.extend(chunk.iter().map(|row| (*row, f.clone())));
                             let why =
                                 format!("its batch was given up after {failures} failed requests");
+                            if answered && chunk.len() > 1 {
+                                // the sink answers other parts, and these rows were never
+                                // sent alone: nothing says one of them is at fault (a
+                                // Frontend that fails only requests over some size
+                                // charged them, and dead-lettered rows it takes alone)
+                                give_up(std::iter::once(chunk), &mut untried, &f, &why);
+                            } else {
+                                suspects.extend(chunk.iter().map(|row| (*row, f.clone())));
+                            }
                             give_up(pending.drain(..).flatten(), &mut untried, &f, &why);
                         } else if chunk.len() > 1 {
                             searching = Some(f.clone());

@@ -9,7 +9,7 @@ use super::support::{
 };
 use crate::harness::pg::PrivatePg;
 use crate::harness::relay::Running;
-use crate::harness::{wait_until, Mode, NewRow, Output, Reply, Sink, TestEnv};
+use crate::harness::{wait_until, Incoming, Mode, NewRow, Output, Reply, Sink, TestEnv};
 
 /// `rows` rows of `calls` calls on a PostgreSQL server of the test's own (to stop
 /// and start), for a drain of a few seconds: small batches, a sink that answers
@@ -195,6 +195,31 @@ async fn batches_out_stop_searching_for_a_bad_entry_once_the_sink_is_down() {
     );
     assert_eq!(env.count("sync_outbox").await, 2_400, "nothing lost");
     assert_eq!(env.count("sync_outbox_dead_letters").await, 0);
+}
+
+/// A Frontend that fails every request holding more than two entries with a 500
+/// (a size limit it breaks on) and takes smaller ones: every row is delivered,
+/// none is charged or dead-lettered. The search for a bad entry used to run out of
+/// requests on parts of several rows and charge them all, rows never sent alone;
+/// retried together, they failed together, and some were dead-lettered (an audit:
+/// 6 of 1,000 rows as `http_5xx`).
+#[tokio::test]
+async fn rows_failing_only_in_large_requests_are_delivered_and_never_charged() {
+    let mut env = TestEnv::migrated().await;
+    env.sink.set_mode(Mode::custom(|incoming| match incoming {
+        Incoming::Sync(req) if req.entries().len() > 2 => Reply::status(500),
+        _ => Reply::ok(),
+    }));
+    env.config.set("retry.max_attempts", 3);
+    seed_calls(&env, 300, 300).await;
+    env.drain().await.assert_success();
+    assert_eq!(tables(&env).await, (0, 300, 0), "(pending, sent, dead)");
+    let charged: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sync_outbox_sent WHERE attempts <> 1")
+            .fetch_one(env.db.pg())
+            .await
+            .unwrap();
+    assert_eq!(charged, 0, "rows never sent alone were charged");
 }
 
 /// Delivery attempts recorded for each delivered row (`attempts` of the sent record
