@@ -691,6 +691,13 @@ fn compare_schema(known: impl Iterator<Item = i64>, applied: &[i64]) -> SchemaSt
     }
 }
 
+/// SQLite's result codes for a lock another connection holds for a moment:
+/// SQLITE_BUSY (5) with BUSY_RECOVERY (261) and BUSY_SNAPSHOT (517), and
+/// SQLITE_LOCKED (6). No PostgreSQL SQLSTATE is that short.
+pub(crate) fn is_sqlite_busy(code: &str) -> bool {
+    matches!(code, "5" | "6" | "517" | "261")
+}
+
 /// Whether a store error is worth retrying as is: the connection or the server is
 /// unavailable, or a transaction lost a race. Anything else (a constraint violated,
 /// a type mismatch) would fail the same way again.
@@ -709,13 +716,11 @@ pub fn is_transient(err: &anyhow::Error) -> bool {
             let code = db.code().unwrap_or_default();
             // 08: connection exception; 57P0x: shutdown / cannot connect now;
             // 40001/40P01: serialization failure / deadlock; 53300: too many
-            // connections; SQLite 5/6: busy / locked
+            // connections; SQLite busy / locked
             code.starts_with("08")
                 || code.starts_with("57P0")
-                || matches!(
-                    &*code,
-                    "40001" | "40P01" | "53300" | "5" | "6" | "517" | "261"
-                )
+                || matches!(&*code, "40001" | "40P01" | "53300")
+                || is_sqlite_busy(&code)
         }
         _ => false,
     }

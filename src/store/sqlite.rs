@@ -663,16 +663,15 @@ fn parse_time(text: &str) -> anyhow::Result<DateTime<Utc>> {
 
 mod admin;
 
-/// The `what` lock file beside the database file `db` (`<db>.<what>.lock`), opened
-/// (created if need be) for locking, with its path.
-/// SQLITE_BUSY, with its extended codes (`database is locked`).
+/// `database is locked`: another connection holds the lock for a moment.
 fn is_busy(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|db| db.code())
-        .and_then(|code| code.parse::<i32>().ok())
-        .is_some_and(|code| code & 0xff == 5)
+        .is_some_and(|code| super::is_sqlite_busy(&code))
 }
 
+/// The `what` lock file beside the database file `db` (`<db>.<what>.lock`), opened
+/// (created if need be) for locking, with its path.
 fn lock_file(db: &std::path::Path, what: &str) -> anyhow::Result<(File, PathBuf)> {
     let mut path = db.as_os_str().to_owned();
     path.push(format!(".{what}.lock"));
